@@ -1,0 +1,1 @@
+"""Core library: networks, paths, objectives, data, EMA and the training loop."""
