@@ -68,6 +68,11 @@ def _numbered(folder: str | os.PathLike, pattern: re.Pattern[str]) -> list[tuple
     return sorted(found)
 
 
+def list_training_states(folder: str | os.PathLike) -> list[tuple[int, Path]]:
+    """All ``state-<nimg>.pt`` in ``folder`` as (nimg, path), ascending."""
+    return _numbered(folder, STATE_PATTERN)
+
+
 def latest_training_state(folder: str | os.PathLike) -> Path | None:
     """The training state with the highest image count in ``folder``, or None."""
     found = _numbered(folder, STATE_PATTERN)
@@ -75,7 +80,7 @@ def latest_training_state(folder: str | os.PathLike) -> Path | None:
 
 
 def list_snapshots(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """All ``snapshot-<kimg>.safetensors`` in ``folder`` as (kimg, path), ascending."""
+    """All primary ``snapshot-<nimg>.safetensors`` in ``folder`` as (kimg, path), ascending."""
     return _numbered(folder, SNAPSHOT_PATTERN)
 
 
