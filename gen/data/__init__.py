@@ -1,0 +1,26 @@
+"""Datasets (built-in, procedural, image folders, CIFAR-10), the per-rank infinite sampler and pixel helpers.
+
+Every dataset yields ``(image, label)`` with image uint8 (C, H, W) and label an int, and exposes
+``num_classes``, ``channels``, ``resolution``, ``name`` and ``len()``. In-memory datasets also have
+``tensors()`` so the training loop can index batches without a DataLoader.
+"""
+
+from __future__ import annotations
+
+from gen.data.base import TensorImageDataset, stratified_split
+from gen.data.builtin import MNIST5k, Digits
+from gen.data.sampler import InfiniteSampler
+from gen.data.transforms import center_crop_resize, pad_or_resize, random_hflip, to_model_input, to_uint8
+
+__all__ = [
+    "Digits",
+    "InfiniteSampler",
+    "MNIST5k",
+    "TensorImageDataset",
+    "center_crop_resize",
+    "pad_or_resize",
+    "random_hflip",
+    "stratified_split",
+    "to_model_input",
+    "to_uint8",
+]

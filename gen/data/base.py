@@ -1,0 +1,114 @@
+"""In-memory image dataset and the deterministic stratified split shared by the built-in datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from gen.utils.seed import derive_seed
+
+Split = Literal["train", "heldout", "all"]
+
+
+class TensorImageDataset(Dataset):
+    """Images and labels held as two tensors.
+
+    Items are ``(image, label)`` with image uint8 (C, H, W) and label an int. The training loop can
+    skip the DataLoader and index ``tensors()`` directly with indices from an ``InfiniteSampler``.
+
+    Args:
+        images: uint8 (N, C, H, W), square.
+        labels: int64 (N,) in [0, num_classes).
+        num_classes: number of classes (1 for unlabelled data).
+        name: short dataset name used in logs and snapshot metadata.
+        classes: optional class names, one per class.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        num_classes: int,
+        name: str,
+        classes: Sequence[str] | None = None,
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"images must be uint8 (N, C, H, H), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match {images.shape[0]} images")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes})")
+        self.images = images
+        self.labels = labels.to(torch.long)
+        self.num_classes = int(num_classes)
+        self.name = name
+        self.classes = list(classes) if classes is not None else [str(i) for i in range(num_classes)]
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[-1])
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All data at once: uint8 images (N, C, H, W) and int64 labels (N,). Shared, do not modify."""
+        return self.images, self.labels
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, n={len(self)}, channels={self.channels}, "
+            f"resolution={self.resolution}, num_classes={self.num_classes})"
+        )
+
+
+def stratified_split(labels: np.ndarray, heldout: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic class-stratified split into (train, held-out) index arrays.
+
+    Each class gives ``heldout // K`` items (the first ``heldout % K`` classes one more), drawn
+    with a generator seeded by ``key`` alone, so the split never changes between runs or machines.
+
+    Args:
+        labels: int (N,) class labels.
+        heldout: total held-out size.
+        key: names the split (e.g. the dataset name); different keys give independent splits.
+
+    Returns:
+        Sorted int64 index arrays (train, heldout) partitioning ``range(N)``.
+    """
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    q, r = divmod(int(heldout), len(classes))
+    rng = np.random.Generator(np.random.PCG64(derive_seed("split", key)))
+    picked = []
+    for j, c in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        quota = q + (1 if j < r else 0)
+        if quota > len(members):
+            raise ValueError(f"class {c} has {len(members)} items, fewer than its held-out quota {quota}")
+        picked.append(rng.permutation(members)[:quota])
+    held = np.sort(np.concatenate(picked)).astype(np.int64)
+    mask = np.ones(len(labels), dtype=bool)
+    mask[held] = False
+    return np.flatnonzero(mask).astype(np.int64), held
+
+
+def select_split(labels: np.ndarray, split: Split, heldout: int, key: str) -> np.ndarray:
+    """Indices of one split ("train", "heldout" or "all") of a labelled array; see ``stratified_split``."""
+    if split == "all":
+        return np.arange(len(labels), dtype=np.int64)
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    train, held = stratified_split(labels, heldout, key)
+    return train if split == "train" else held

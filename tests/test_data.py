@@ -1,0 +1,158 @@
+"""Data package: built-in datasets, sampler, pixel helpers, image folders and CIFAR-10."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from gen.data import InfiniteSampler, MNIST5k, random_hflip, stratified_split, to_model_input, to_uint8
+
+# ----------------------------------------------------------------------------------------------
+# Pixel helpers
+
+
+def test_uint8_round_trip_is_exact() -> None:
+    u = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).repeat(2, 3, 1, 1)
+    x = to_model_input(u)
+    assert x.dtype == torch.float32
+    assert x.min() == -1.0 and x.max() == 1.0
+    assert torch.equal(to_uint8(x), u)
+
+
+def test_to_uint8_rounds_and_clamps() -> None:
+    x = torch.tensor([-3.0, -1.0, 1.0, 5.0, 0.0])
+    assert to_uint8(x).tolist() == [0, 0, 255, 255, 128]  # 127.5 * 1 = 127.5 rounds to even -> 128
+    # Half a grey level below a level rounds to it, not down to the one below (truncation would).
+    assert to_uint8(torch.tensor([(100 - 0.4) / 127.5 - 1.0])).item() == 100
+
+
+def test_to_model_input_rejects_float() -> None:
+    with pytest.raises(TypeError):
+        to_model_input(torch.zeros(1, 1, 2, 2))
+
+
+def test_random_hflip_is_deterministic_and_per_sample() -> None:
+    x = torch.arange(64 * 3 * 4 * 4, dtype=torch.float32).view(64, 3, 4, 4)
+    a = random_hflip(x, torch.Generator().manual_seed(0))
+    b = random_hflip(x, torch.Generator().manual_seed(0))
+    c = random_hflip(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    flipped = torch.tensor([torch.equal(a[i], x[i].flip(-1)) for i in range(64)])
+    kept = torch.tensor([torch.equal(a[i], x[i]) for i in range(64)])
+    assert bool((flipped ^ kept).all())  # each sample either mirrored or untouched
+    assert 10 < int(flipped.sum()) < 54  # both outcomes occur
+    assert torch.equal(random_hflip(x, torch.Generator().manual_seed(0), p=0.0), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# InfiniteSampler
+
+
+def _take(sampler: InfiniteSampler, n: int) -> list[int]:
+    return list(itertools.islice(iter(sampler), n))
+
+
+def test_sampler_epochs_are_permutations() -> None:
+    s = InfiniteSampler(10, seed=3)
+    stream = _take(s, 30)
+    for e in range(3):
+        assert sorted(stream[10 * e : 10 * e + 10]) == list(range(10))
+    assert stream[:10] != stream[10:20]  # new permutation each epoch
+    assert stream[:10] != list(range(10))
+    assert _take(InfiniteSampler(10, seed=3), 30) == stream
+    assert _take(InfiniteSampler(10, seed=4), 30) != stream
+    assert _take(InfiniteSampler(10, shuffle=False), 12) == list(range(10)) + [0, 1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampler_ranks_interleave_to_global_stream(world: int) -> None:
+    size, n = 7, 40  # size not divisible by world: rank streams cross epoch boundaries mid-stride
+    glob = _take(InfiniteSampler(size, rank=0, world=1, seed=5), n * world)
+    per_rank = [_take(InfiniteSampler(size, rank=r, world=world, seed=5), n) for r in range(world)]
+    merged = [per_rank[k % world][k // world] for k in range(n * world)]
+    assert merged == glob
+
+
+def test_sampler_resume_continues_stream() -> None:
+    size, world, consumed = 13, 2, 18
+    full = [_take(InfiniteSampler(size, rank=r, world=world, seed=1), 30) for r in range(world)]
+    resumed = [_take(InfiniteSampler(size, rank=r, world=world, seed=1, start=consumed), 20) for r in range(world)]
+    for r in range(world):
+        assert resumed[r] == full[r][consumed // world : consumed // world + 20]
+    # index_at agrees with iteration.
+    s = InfiniteSampler(size, seed=1)
+    assert [s.index_at(p) for p in range(40)] == _take(InfiniteSampler(size, seed=1), 40)
+
+
+def test_sampler_batches_and_validation() -> None:
+    s = InfiniteSampler(10, rank=1, world=2, seed=0)
+    b = next(s.batches(4))
+    assert b.dtype == torch.long and b.shape == (4,)
+    assert b.tolist() == _take(InfiniteSampler(10, rank=1, world=2, seed=0), 4)
+    with pytest.raises(ValueError):
+        InfiniteSampler(0)
+    with pytest.raises(ValueError):
+        InfiniteSampler(5, rank=2, world=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in MNIST (5k)
+
+
+@pytest.fixture(scope="module")
+def mnist_all() -> MNIST5k:
+    return MNIST5k(split="all")
+
+
+def test_mnist5k_all(mnist_all: MNIST5k) -> None:
+    ds = mnist_all
+    assert len(ds) == 5000 and ds.num_classes == 10 and ds.channels == 1 and ds.resolution == 32
+    assert ds.name == "mnist5k"
+    img, label = ds[0]
+    assert img.dtype == torch.uint8 and img.shape == (1, 32, 32) and isinstance(label, int)
+    images, labels = ds.tensors()
+    assert images.shape == (5000, 1, 32, 32) and labels.shape == (5000,)
+    assert torch.bincount(labels, minlength=10).tolist() == [500] * 10
+    # 28x28 digit centred: 2 zero rows/columns on each side, ink inside.
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert int(images[:, :, border].max()) == 0
+    assert int(images[:, :, 2:30, 2:30].max()) == 255
+    assert images.float().mean() > 10  # real digits, not blank
+
+
+def test_mnist5k_splits(mnist_all: MNIST5k) -> None:
+    train, held = MNIST5k(split="train"), MNIST5k(split="heldout")
+    assert len(train) == 4500 and len(held) == 500
+    assert torch.bincount(held.tensors()[1], minlength=10).tolist() == [50] * 10
+    # Disjoint, together the whole set, and fixed across constructions.
+    all_imgs = mnist_all.tensors()[0].flatten(1)
+    key = {tuple(r.tolist()): i for i, r in enumerate(all_imgs)}
+    tr_idx = {key[tuple(r.tolist())] for r in train.tensors()[0].flatten(1)}
+    he_idx = {key[tuple(r.tolist())] for r in held.tensors()[0].flatten(1)}
+    assert len(tr_idx | he_idx) == len(set(key.values()))
+    assert not tr_idx & he_idx
+    assert torch.equal(MNIST5k(split="heldout").tensors()[0], held.tensors()[0])
+
+
+def test_mnist5k_resize_mode(mnist_all: MNIST5k) -> None:
+    ds = MNIST5k(split="heldout", mode="resize", resolution=32)
+    assert ds.tensors()[0].shape == (500, 1, 32, 32)
+    # Resampling stretches ink into the old padding band.
+    assert int(ds.tensors()[0][:, :, :2, :].max()) > 0 or int(ds.tensors()[0][:, :, :, :2].max()) > 0
+    with pytest.raises(ValueError, match="resize"):
+        MNIST5k(resolution=16, mode="pad")
+
+
+def test_stratified_split_quota_and_determinism() -> None:
+    labels = np.repeat(np.arange(3), [10, 20, 30])
+    tr, he = stratified_split(labels, 7, key="k")
+    assert np.bincount(labels[he], minlength=3).tolist() == [3, 2, 2]
+    assert len(tr) + len(he) == 60 and not set(tr) & set(he)
+    tr2, he2 = stratified_split(labels, 7, key="k")
+    assert np.array_equal(he, he2)
+    assert not np.array_equal(he, stratified_split(labels, 7, key="other")[1])
