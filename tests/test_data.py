@@ -156,3 +156,71 @@ def test_stratified_split_quota_and_determinism() -> None:
     tr2, he2 = stratified_split(labels, 7, key="k")
     assert np.array_equal(he, he2)
     assert not np.array_equal(he, stratified_split(labels, 7, key="other")[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Procedural shapes
+
+
+def test_shapes_deterministic_and_pure_in_index() -> None:
+    from gen.data import SHAPES, Shapes
+
+    a = Shapes(count=24, seed=7)
+    assert len(a) == 24 and a.channels == 3 and a.resolution == 32 and a.num_classes == 6 and a.name == "shapes"
+    img, label = a[5]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and label == 5
+    assert torch.equal(Shapes(count=24, seed=7).tensors()[0], a.tensors()[0])
+    assert not torch.equal(Shapes(count=24, seed=8).tensors()[0], a.tensors()[0])
+    # Image i depends on (seed, i) only: a window of the stream equals the same slice.
+    window = Shapes(count=10, seed=7, start=9)
+    assert torch.equal(window.tensors()[0], a.tensors()[0][9:19])
+    assert torch.equal(window.tensors()[1], a.tensors()[1][9:19])
+    everything = Shapes(count=8, classes=SHAPES)
+    assert everything.num_classes == len(SHAPES) and everything.classes == list(SHAPES)
+    with pytest.raises(ValueError, match="classes"):
+        Shapes(count=4, classes=["circle", "blob"])
+
+
+def test_shapes_classes_are_distinguishable() -> None:
+    from gen.data import Shapes
+
+    images, labels = Shapes(count=1200, seed=0).tensors()
+    assert torch.bincount(labels).tolist() == [200] * 6
+    # Silhouettes: pixels far from the image's median colour, re-centred on their centre of mass so the
+    # position jitter does not blur the class means. A nearest-class-mean rule on held-out images must
+    # then beat chance (1/6) by far; identical or invisible shapes would sit at chance.
+    x = images.float()
+    contrast = (x - x.flatten(2).median(-1).values[..., None, None]).abs().mean(1)  # (N, 32, 32)
+    masks = (contrast > 0.5 * contrast.flatten(1).amax(1)[:, None, None]).float()
+    grid = torch.arange(32.0)
+    area = masks.sum((1, 2))
+    cy = (masks.sum(2) * grid).sum(1) / area
+    cx = (masks.sum(1) * grid).sum(1) / area
+    masks = torch.stack(
+        [torch.roll(m, (16 - round(float(a)), 16 - round(float(b))), (0, 1)) for m, a, b in zip(masks, cy, cx)]
+    )
+    train, test = slice(0, 900), slice(900, None)
+    means = torch.stack([masks[train][labels[train] == k].mean(0) for k in range(6)])
+    pred = torch.cdist(masks[test].flatten(1), means.flatten(1)).argmin(1)
+    assert (pred == labels[test]).float().mean() > 0.6
+    # Textures vary: backgrounds are not flat.
+    assert x[:, :, :4, :4].flatten(2).std(-1).mean() > 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# sklearn digits
+
+
+def test_digits() -> None:
+    from gen.data import Digits
+
+    ds = Digits()
+    assert len(ds) == 1797 and ds.num_classes == 10 and ds.channels == 1 and ds.resolution == 8
+    images, labels = ds.tensors()
+    assert images.dtype == torch.uint8 and images.shape == (1797, 1, 8, 8)
+    assert int(images.max()) == 255 and int(images.min()) == 0
+    held = Digits(split="heldout")
+    assert len(held) == 200 and len(Digits(split="train")) == 1597
+    assert torch.bincount(held.tensors()[1], minlength=10).tolist() == [20] * 10
+    padded = Digits(resolution=16)
+    assert padded.resolution == 16 and torch.equal(padded.tensors()[0][:, :, 4:12, 4:12], images)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from gen.data.base import TensorImageDataset, stratified_split
 from gen.data.builtin import MNIST5k, Digits
 from gen.data.sampler import InfiniteSampler
+from gen.data.shapes import SHAPES, Shapes
 from gen.data.transforms import center_crop_resize, pad_or_resize, random_hflip, to_model_input, to_uint8
 
 __all__ = [
     "Digits",
     "InfiniteSampler",
     "MNIST5k",
+    "SHAPES",
+    "Shapes",
     "TensorImageDataset",
     "center_crop_resize",
     "pad_or_resize",
