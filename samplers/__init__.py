@@ -1,0 +1,17 @@
+"""Samplers: pure no-grad functions over ``model_fn(x, t, y) -> velocity`` and a descending time grid.
+
+Signature shared by every sampler (docs/architecture.md)::
+
+    sample_xxx(model_fn, noise, ts, *, path, y=None, callback=None, randn_like=torch.randn_like, **options)
+
+This package imports only ``gen.paths`` and ``gen.utils`` (enforced by the layering test).
+"""
+
+from __future__ import annotations
+
+from samplers.euler import sample_euler
+from samplers.grids import karras_grid, shifted_grid, uniform_grid
+from samplers.guidance import cfg
+from samplers.heun import sample_heun
+
+__all__ = ["sample_euler", "sample_heun", "uniform_grid", "shifted_grid", "karras_grid", "cfg"]

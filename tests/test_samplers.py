@@ -1,0 +1,248 @@
+"""Samplers against closed forms: Gaussian data has an exact velocity field and an affine ODE flow map."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path as FsPath
+
+import pytest
+import torch
+
+from gen.paths import CosinePath, EDMPath, LinearPath, Path, shift_time
+from samplers import cfg, karras_grid, sample_euler, sample_heun, shifted_grid, uniform_grid
+from samplers.heun import heun_nfe
+
+MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
+COV = torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)  # correlation 0.85
+
+
+class GaussianVelocity:
+    """Exact velocity ``E[alpha' x0 + sigma' eps | x_t]`` for data ``N(mu, cov)`` on any path (x of shape (B, 2)).
+
+    Gaussian conditioning with ``C_t = alpha^2 cov + sigma^2 I``:
+    ``E[x0 | x] = mu + alpha cov C_t^{-1} (x - alpha mu)``, ``E[eps | x] = sigma C_t^{-1} (x - alpha mu)``.
+    """
+
+    def __init__(self, path: Path, mu: torch.Tensor = MU, cov: torch.Tensor = COV) -> None:
+        self.path, self.mu, self.cov = path, mu, cov
+        self.lam, self.U = torch.linalg.eigh(cov)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        self.calls += 1
+        x = x.double()
+        t = t.double()
+        a, s = self.path.alpha(t)[:, None], self.path.sigma(t)[:, None]
+        da, ds = self.path.d_alpha(t)[:, None], self.path.d_sigma(t)[:, None]
+        r = x - a * self.mu
+        # C_t^{-1} r in the eigenbasis of cov (batch of different t).
+        z = r @ self.U
+        c = a**2 * self.lam + s**2
+        cinv_r = (z / c) @ self.U.T
+        ex0 = self.mu + a * (cinv_r @ self.cov)
+        eeps = s * cinv_r
+        return da * ex0 + ds * eeps
+
+    def flow_map(self, x: torch.Tensor, t_from: float, t_to: float) -> torch.Tensor:
+        """Exact ODE map: in the eigenbasis, ``x - alpha mu`` scales by ``sqrt(c(t_to) / c(t_from))``."""
+        tf, tt = torch.tensor(t_from, dtype=torch.float64), torch.tensor(t_to, dtype=torch.float64)
+        af, sf = self.path.alpha(tf), self.path.sigma(tf)
+        at, st = self.path.alpha(tt), self.path.sigma(tt)
+        scale = torch.sqrt((at**2 * self.lam + st**2) / (af**2 * self.lam + sf**2))
+        z = (x - af * self.mu) @ self.U
+        return at * self.mu + (z * scale) @ self.U.T
+
+
+def gaussian_noise(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def assert_moments(x: torch.Tensor, mu_tol: float, cov_tol: float) -> None:
+    mean = x.mean(0)
+    cov = torch.cov(x.T)
+    assert (mean - MU).abs().max().item() < mu_tol, mean
+    assert (cov - COV).abs().max().item() < cov_tol, cov
+
+
+def fit_order(errors: list[float], steps: list[int]) -> float:
+    ls = torch.tensor([math.log(s) for s in steps], dtype=torch.float64)
+    le = torch.tensor([math.log(e) for e in errors], dtype=torch.float64)
+    ls_c = ls - ls.mean()
+    return -float((ls_c * (le - le.mean())).sum() / (ls_c**2).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layering
+
+
+def test_samplers_import_only_paths_and_utils() -> None:
+    root = FsPath(__file__).resolve().parents[1] / "samplers"
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top == "gen":
+                    assert name == "gen.paths" or name.startswith("gen.utils"), f"{f.name} imports {name}"
+                assert top not in {"eval", "distill", "tokenizers", "hydra", "omegaconf"}, f"{f.name} imports {name}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grids
+
+
+def test_grid_endpoints_and_monotonicity() -> None:
+    for ts in (uniform_grid(10), uniform_grid(10, t_min=0.01), shifted_grid(10, 3.0), karras_grid(10),
+               karras_grid(10, path=LinearPath()), uniform_grid(5, 80.0)):
+        assert ts.dtype == torch.float64 and ts.ndim == 1
+        assert ts[-1].item() == 0.0 and bool((ts[1:] < ts[:-1]).all())
+    assert len(uniform_grid(10)) == 11 and uniform_grid(10)[0].item() == 1.0
+    torch.testing.assert_close(uniform_grid(4), torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64))
+    ts = uniform_grid(5, t_min=0.1)
+    assert len(ts) == 6 and ts[-2].item() == pytest.approx(0.1) and ts[0].item() == 1.0
+    k = karras_grid(18)
+    assert len(k) == 19 and k[0].item() == 80.0 and k[-2].item() == pytest.approx(0.002)
+    # Karras: uniform in sigma^(1/rho).
+    d = torch.diff(k[:-1] ** (1 / 7))
+    torch.testing.assert_close(d, d[0].expand_as(d))
+    kl = karras_grid(18, path=LinearPath())
+    torch.testing.assert_close(kl[:-1], k[:-1] / (1 + k[:-1]))
+    with pytest.raises(ValueError):
+        uniform_grid(0)
+    with pytest.raises(ValueError):
+        shifted_grid(4, 2.0, t_max=80.0)
+
+
+def test_shifted_grid_is_shift_of_uniform() -> None:
+    s = 1 / 0.3
+    torch.testing.assert_close(shifted_grid(8, s), torch.cat([shift_time(uniform_grid(8)[:-1], s),
+                                                             torch.zeros(1, dtype=torch.float64)]))
+    ts = shifted_grid(8, s, t_max=0.9)
+    assert ts[0].item() == 0.9 and ts[-1].item() == 0.0
+    # A shift > 1 concentrates steps near noise: the first interval is shorter than the uniform one.
+    assert (ts[0] - ts[1]).item() < 0.9 / 8
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Deterministic solvers on Gaussian data
+
+
+@pytest.mark.parametrize("sampler,steps", [(sample_euler, 200), (sample_heun, 20)], ids=["euler", "heun"])
+def test_ode_samplers_recover_gaussian_moments(sampler, steps) -> None:
+    model = GaussianVelocity(LinearPath())
+    x = sampler(model, gaussian_noise(20_000, 0), uniform_grid(steps), path=LinearPath())
+    # Sampling error of the mean ~ sqrt(1 / 20000) = 0.007; allow ~4 standard errors.
+    assert_moments(x, mu_tol=0.03, cov_tol=0.04)
+
+
+@pytest.mark.parametrize("path", [LinearPath(), CosinePath()], ids=["linear", "cosine"])
+@pytest.mark.parametrize("sampler,order", [(sample_euler, 1.0), (sample_heun, 2.0)], ids=["euler", "heun"])
+def test_ode_convergence_order(path, sampler, order) -> None:
+    model = GaussianVelocity(path)
+    noise = gaussian_noise(512, 1)
+    exact = model.flow_map(noise, path.t_max, 0.0)
+    steps = [8, 16, 32, 64]
+    errors = []
+    for n in steps:
+        x = sampler(model, noise, uniform_grid(n, path.t_max), path=path)
+        errors.append((x - exact).norm(dim=1).mean().item())
+    slope = fit_order(errors, steps)
+    assert order - 0.2 < slope < order + 0.3, (slope, errors)
+
+
+def test_heun_nfe_accounting_and_callback() -> None:
+    model = GaussianVelocity(LinearPath())
+    seen = []
+    sample_heun(model, gaussian_noise(4, 0), uniform_grid(7), path=LinearPath(), callback=seen.append)
+    assert model.calls == heun_nfe(7) == 13
+    assert [d["i"] for d in seen] == list(range(7)) and seen[0]["t"] == 1.0
+    assert set(seen[0]) >= {"x", "i", "t", "denoised"}
+    model.calls = 0
+    sample_euler(model, gaussian_noise(4, 0), uniform_grid(7), path=LinearPath())
+    assert model.calls == 7
+
+
+def test_edm_path_heun_with_karras_grid() -> None:
+    # EDM time is sigma; the prior x = sigma_max * noise ignores the data term (mu is tiny next to 80).
+    path = EDMPath(80.0)
+    model = GaussianVelocity(path)
+    x = sample_heun(model, gaussian_noise(20_000, 2), karras_grid(32), path=path)
+    assert_moments(x, mu_tol=0.04, cov_tol=0.05)
+
+
+def test_sampler_determinism_and_dtype() -> None:
+    model = GaussianVelocity(LinearPath())
+    noise = gaussian_noise(8, 3).float()
+    a = sample_heun(model, noise, uniform_grid(5), path=LinearPath())
+    b = sample_heun(model, noise, uniform_grid(5), path=LinearPath())
+    assert a.dtype == torch.float32 and torch.equal(a, b)
+    with pytest.raises(ValueError):
+        sample_euler(model, noise, torch.tensor([0.0, 1.0]), path=LinearPath())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Guidance
+
+
+def _label_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A toy conditional velocity whose output depends on x, t and the label (null label = 4)."""
+    return x * (1 + t.reshape(-1, 1, 1, 1)) + y.double().reshape(-1, 1, 1, 1) * torch.arange(
+        1.0, x.shape[1] + 1, dtype=x.dtype
+    ).reshape(1, -1, 1, 1)
+
+
+def test_cfg_scale_one_is_conditional_and_formula() -> None:
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    t = torch.full((3,), 0.5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    torch.testing.assert_close(cfg(_label_model, 1.0, 4)(x, t, y), _label_model(x, t, y))
+    v_c, v_u = _label_model(x, t, y), _label_model(x, t, torch.full_like(y, 4))
+    torch.testing.assert_close(cfg(_label_model, 3.0, 4)(x, t, y), v_u + 3.0 * (v_c - v_u))
+    torch.testing.assert_close(cfg(_label_model, 0.0, 4)(x, t, y), v_u)
+    # Legacy DiT mode: only the first 3 channels guided, the rest conditional.
+    legacy = cfg(_label_model, 3.0, 4, dit_legacy_channels=3)(x, t, y)
+    torch.testing.assert_close(legacy[:, :3], (v_u + 3.0 * (v_c - v_u))[:, :3])
+    torch.testing.assert_close(legacy[:, 3:], v_c[:, 3:])
+
+
+def test_cfg_batches_branches_in_one_call() -> None:
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        return _label_model(x, t, y)
+
+    x = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    cfg(model, 2.0, 4)(x, torch.full((3,), 0.5, dtype=torch.float64), torch.tensor([0, 1, 2]))
+    assert calls == [6]
+
+
+def test_guidance_interval_switching() -> None:
+    calls = []
+
+    def model(x, t, y):
+        calls.append(x.shape[0])
+        return _label_model(x, t, y)
+
+    guided = cfg(model, 4.0, 4, interval=(0.0, 0.7))
+    x = torch.randn(2, 4, 2, 2, dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    for tv, inside in ((0.9, False), (0.7, True), (0.3, True), (0.0, True)):
+        calls.clear()
+        t = torch.full((2,), tv, dtype=torch.float64)
+        out = guided(x, t, y)
+        v_c, v_u = _label_model(x, t, y), _label_model(x, t, torch.full_like(y, 4))
+        want = v_u + 4.0 * (v_c - v_u) if inside else v_c
+        torch.testing.assert_close(out, want)
+        assert calls == ([4] if inside else [2])  # outside: only the conditional branch is evaluated
+    # Mixed times in one batch are handled per sample.
+    t = torch.tensor([0.9, 0.2], dtype=torch.float64)
+    out = guided(x, t, y)
+    v_c, v_u = _label_model(x, t, y), _label_model(x, t, torch.full_like(y, 4))
+    torch.testing.assert_close(out[0], v_c[0])
+    torch.testing.assert_close(out[1], (v_u + 4.0 * (v_c - v_u))[1])
