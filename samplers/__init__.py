@@ -9,9 +9,18 @@ This package imports only ``gen.paths`` and ``gen.utils`` (enforced by the layer
 
 from __future__ import annotations
 
+from samplers.dpm_solver import sample_dpmpp_2m
 from samplers.euler import sample_euler
 from samplers.grids import karras_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
+from samplers.sde import sample_euler_maruyama
 
-__all__ = ["sample_euler", "sample_heun", "uniform_grid", "shifted_grid", "karras_grid", "cfg"]
+__all__ = [
+    "sample_euler",
+    "sample_heun",
+    "sample_euler_maruyama",
+    "sample_dpmpp_2m",
+    "uniform_grid", "shifted_grid", "karras_grid",
+    "cfg",
+]

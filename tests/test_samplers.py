@@ -10,7 +10,17 @@ import pytest
 import torch
 
 from gen.paths import CosinePath, EDMPath, LinearPath, Path, shift_time
-from samplers import cfg, karras_grid, sample_euler, sample_heun, shifted_grid, uniform_grid
+from gen.utils.seed import PerImageRandom
+from samplers import (
+    cfg,
+    karras_grid,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_euler_maruyama,
+    sample_heun,
+    shifted_grid,
+    uniform_grid,
+)
 from samplers.heun import heun_nfe
 
 MU = torch.tensor([1.0, -2.0], dtype=torch.float64)
@@ -132,7 +142,11 @@ def test_shifted_grid_is_shift_of_uniform() -> None:
 # Deterministic solvers on Gaussian data
 
 
-@pytest.mark.parametrize("sampler,steps", [(sample_euler, 200), (sample_heun, 20)], ids=["euler", "heun"])
+@pytest.mark.parametrize(
+    "sampler,steps",
+    [(sample_euler, 200), (sample_heun, 20), (sample_dpmpp_2m, 20)],
+    ids=["euler", "heun", "dpmpp_2m"],
+)
 def test_ode_samplers_recover_gaussian_moments(sampler, steps) -> None:
     model = GaussianVelocity(LinearPath())
     x = sampler(model, gaussian_noise(20_000, 0), uniform_grid(steps), path=LinearPath())
@@ -153,6 +167,74 @@ def test_ode_convergence_order(path, sampler, order) -> None:
         errors.append((x - exact).norm(dim=1).mean().item())
     slope = fit_order(errors, steps)
     assert order - 0.2 < slope < order + 0.3, (slope, errors)
+
+
+def test_dpmpp_2m_second_order_in_log_snr_and_path_invariant() -> None:
+    # On a grid uniform in lambda = log(alpha / sigma) that stops at t_min > 0, the error against the exact flow
+    # map falls at order 2; the solver only sees lambda, so all paths give the same trajectory up to x / alpha.
+    noise = gaussian_noise(512, 1)
+    finals = {}
+    for path in (LinearPath(), CosinePath(), EDMPath()):
+        model = GaussianVelocity(path)
+        steps, errors = [16, 32, 64, 128], []
+        for n in steps:
+            lam = torch.linspace(-3.0, 4.0, n + 1, dtype=torch.float64)
+            ts = path.t_from_noise_ratio(torch.exp(-lam))
+            exact = model.flow_map(noise * path.sigma(ts[0]), ts[0].item(), ts[-1].item())
+            x = sample_dpmpp_2m(model, noise, ts, path=path)
+            errors.append((x - exact).norm(dim=1).mean().item())
+        slope = fit_order(errors, steps)
+        assert 1.8 < slope < 2.3, (slope, errors)
+        finals[type(path).__name__] = x / path.alpha(ts[-1])
+    torch.testing.assert_close(finals["LinearPath"], finals["EDMPath"], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(finals["CosinePath"], finals["EDMPath"], rtol=1e-9, atol=1e-9)
+
+
+def test_dpmpp_2m_beats_euler_at_equal_nfe() -> None:
+    model = GaussianVelocity(LinearPath())
+    noise = gaussian_noise(512, 1)
+    exact = model.flow_map(noise, 1.0, 0.0)
+    err = {f.__name__: (f(model, noise, uniform_grid(16), path=LinearPath()) - exact).norm(dim=1).mean().item()
+           for f in (sample_euler, sample_dpmpp_2m)}
+    assert err["sample_dpmpp_2m"] < 0.2 * err["sample_euler"], err
+
+
+@pytest.mark.parametrize(
+    "diffusion,last_step", [("sigma", "euler"), ("sigma", "mean"), ("constant", "euler")]
+)
+def test_euler_maruyama_recovers_gaussian_moments(diffusion, last_step) -> None:
+    model = GaussianVelocity(LinearPath())
+    g = torch.Generator().manual_seed(7)
+    x = sample_euler_maruyama(
+        model, gaussian_noise(20_000, 0), uniform_grid(200), path=LinearPath(),
+        randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype),
+        diffusion=diffusion, last_step=last_step,
+    )
+    assert_moments(x, mu_tol=0.03, cov_tol=0.04)
+
+
+def test_euler_maruyama_is_stochastic_and_zero_diffusion_is_euler() -> None:
+    model = GaussianVelocity(LinearPath())
+    noise = gaussian_noise(64, 4)
+    ts = uniform_grid(10)
+    a = sample_euler_maruyama(model, noise, ts, path=LinearPath())
+    b = sample_euler_maruyama(model, noise, ts, path=LinearPath())
+    assert not torch.allclose(a, b)
+    ode = sample_euler_maruyama(model, noise, ts, path=LinearPath(), diffusion="constant", diffusion_norm=0.0)
+    torch.testing.assert_close(ode, sample_euler(model, noise, ts, path=LinearPath()))
+
+
+def test_per_image_noise_makes_sde_samples_batch_independent() -> None:
+    model = GaussianVelocity(LinearPath())
+    ts = uniform_grid(8)
+
+    def run(seeds: list[int]) -> torch.Tensor:
+        rnd = PerImageRandom(seeds)
+        noise = rnd.randn((2,), dtype=torch.float64)
+        return sample_euler_maruyama(model, noise, ts, path=LinearPath(), randn_like=rnd.randn_like)
+
+    both = run([10, 11])
+    torch.testing.assert_close(run([11])[0], both[1], rtol=0, atol=0)
 
 
 def test_heun_nfe_accounting_and_callback() -> None:

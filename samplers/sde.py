@@ -1,0 +1,91 @@
+"""Euler-Maruyama for the reverse-time SDE of a velocity model (SiT, Ma et al. 2024; backbones.md Sec. 2.3).
+
+For any ``w(t) >= 0`` the forward SDE ``dx = [v + w s] dt + sqrt(2 w) dW`` (``s`` the score) has the path's
+marginals (its Fokker-Planck equation reduces to the continuity equation of ``v``). Run backwards from ``t_max`` to
+0 with step ``h = t_{i+1} - t_i < 0``:
+
+    x_{i+1} = x_i + h (v - w s) + sqrt(2 w |h|) z,     z ~ N(0, I),
+
+with ``s = path.score_from_velocity(x, v, t)``. The interval that ends at ``t = 0`` is deterministic (the score is
+singular there): ``last_step="euler"`` takes the ODE step (on linear/EDM paths this lands on the x0 estimate,
+Tweedie's formula), ``"mean"`` takes the SDE drift without noise. NFE = number of intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from gen.paths import Path
+from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+
+DiffusionForm = Literal["sigma", "constant"]
+
+
+def diffusion_coefficient(
+    path: Path, t: float, form: DiffusionForm | Callable[[float], float] = "sigma", norm: float = 1.0
+) -> float:
+    """``w(t)``: ``"sigma"`` = ``norm * sigma_t`` (SiT's best), ``"constant"`` = ``norm``, or a callable of t."""
+    if callable(form):
+        return float(form(t))
+    if form == "sigma":
+        return norm * float(path.sigma(torch.tensor(t, dtype=torch.float64)))
+    if form == "constant":
+        return float(norm)
+    raise ValueError(f"unknown diffusion form {form!r}; expected 'sigma', 'constant' or a callable")
+
+
+@torch.no_grad()
+def sample_euler_maruyama(
+    model_fn: ModelFn,
+    noise: Tensor,
+    ts: Tensor,
+    *,
+    path: Path,
+    y: Tensor | None = None,
+    callback: Callback | None = None,
+    randn_like: RandnLike = torch.randn_like,
+    diffusion: DiffusionForm | Callable[[float], float] = "sigma",
+    diffusion_norm: float = 1.0,
+    last_step: Literal["euler", "mean"] = "euler",
+) -> Tensor:
+    """Sample with Euler-Maruyama steps of the reverse SDE and a final deterministic step.
+
+    Args:
+        model_fn: ``(x, t (B,), y) -> velocity``.
+        noise: unit Gaussian noise; the state starts at ``sigma(ts[0]) * noise``.
+        ts: descending grid ending at 0.
+        path: the path the model was trained on.
+        y: labels ``(B,)`` or None.
+        callback: called per step with ``{"x", "i", "t", "t_next", "denoised"}``.
+        randn_like: source of the step noise ``z`` (per-image generators keep a sample set batch-independent).
+        diffusion: ``w(t)`` form, or a callable ``t -> w``.
+        diffusion_norm: scale of the named forms.
+        last_step: deterministic step on the interval that ends at 0: ``"euler"`` (ODE) or ``"mean"`` (drift).
+
+    Returns:
+        Samples at ``t = 0``.
+    """
+    check_inputs(noise, ts)
+    if last_step not in ("euler", "mean"):
+        raise ValueError(f"unknown last_step {last_step!r}; expected 'euler' or 'mean'")
+    grid = [float(t) for t in ts]
+    x = prior(noise, grid[0], path)
+    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        h = t_next - t
+        v = call(model_fn, x, t, y)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "t_next": t_next, "denoised": denoised(path, x, v, t)})
+        if t_next == 0.0 and last_step == "euler":
+            x = x + h * v
+            continue
+        w = diffusion_coefficient(path, t, diffusion, diffusion_norm)
+        score = path.score_from_velocity(x, v, t).to(x.dtype)
+        x = x + h * (v - w * score)
+        if t_next > 0.0:
+            x = x + math.sqrt(2.0 * w * -h) * randn_like(x)
+    return x
