@@ -224,3 +224,209 @@ def test_digits() -> None:
     assert torch.bincount(held.tensors()[1], minlength=10).tolist() == [20] * 10
     padded = Digits(resolution=16)
     assert padded.resolution == 16 and torch.equal(padded.tensors()[0][:, :, 4:12, 4:12], images)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _write_class_folders(root, sizes=((40, 30), (64, 64), (17, 50))):  # noqa: ANN001, ANN202
+    from PIL import Image
+
+    colours = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}
+    for k, (cls, rgb) in enumerate(sorted(colours.items())):
+        (root / cls).mkdir(parents=True)
+        for j, size in enumerate(sizes):
+            ext = "png" if (j + k) % 2 == 0 else "jpg"
+            mode = "L" if (cls, j) == ("emu", 0) else "RGB"  # a grey file must come out RGB
+            colour = rgb[2] if mode == "L" else rgb
+            Image.new(mode, size, colour).save(root / cls / f"img{j}.{ext}")
+
+
+def test_class_folders_labels_and_shapes(tmp_path) -> None:  # noqa: ANN001
+    from gen.data import ImageFolder
+
+    _write_class_folders(tmp_path)
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolder(tmp_path, resolution=16)
+    assert ds.classes == ["cat", "dog", "emu"] and ds.num_classes == 3 and ds.channels == 3 and ds.resolution == 16
+    assert len(ds) == 9 and ds.targets == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for i in range(len(ds)):
+        img, label = ds[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 16, 16) and label == ds.targets[i]
+        if (label, ds.files[i].stem) == (2, "img0"):  # the grey file: converted to three equal channels
+            assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2]) and int(img.max()) == 255
+        else:  # red cats, green dogs, blue emus
+            assert int(img.float().mean((1, 2)).argmax()) == label
+    assert ds.verify() == []
+
+
+def test_flat_folder_is_unlabelled(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from gen.data import ImageFolder
+
+    for j in range(3):
+        Image.new("RGB", (20 + j, 30), (j * 50, 0, 0)).save(tmp_path / f"{j}.png")
+    ds = ImageFolder(tmp_path, resolution=8)
+    assert len(ds) == 3 and ds.num_classes == 1 and not ds.labelled
+    assert [ds[i][1] for i in range(3)] == [0, 0, 0] and ds[0][0].shape == (3, 8, 8)
+
+
+def test_center_crop_resize_is_adm_style() -> None:
+    from PIL import Image
+
+    from gen.data import center_crop_resize
+
+    # Left third black, right two thirds white, 300x100: crop keeps the central 100x100 square.
+    arr = np.zeros((100, 300, 3), dtype=np.uint8)
+    arr[:, 150:] = 255
+    out = np.asarray(center_crop_resize(Image.fromarray(arr), 20))
+    assert out.shape == (20, 20, 3)
+    assert out[:, :8].max() < 30 and out[:, 12:].min() > 225  # edge stays in the middle
+    big = np.asarray(center_crop_resize(Image.new("RGB", (1000, 700), (10, 200, 30)), 64))
+    assert big.shape == (64, 64, 3) and np.abs(big.astype(int) - [10, 200, 30]).max() <= 1
+
+
+def test_corrupt_image_raises_naming_file_and_verify_lists_it(tmp_path, capsys) -> None:  # noqa: ANN001
+    from gen.data import CorruptImageError, ImageFolder, verify_images
+
+    _write_class_folders(tmp_path)
+    garbage = tmp_path / "dog" / "zz_garbage.png"
+    garbage.write_bytes(b"this is not a png at all" * 10)
+    good = (tmp_path / "cat" / "img0.png").read_bytes()
+    truncated = tmp_path / "cat" / "zz_truncated.png"
+    truncated.write_bytes(good[: len(good) // 2])
+    ds = ImageFolder(tmp_path, resolution=8)
+    i = ds.files.index(garbage)
+    with pytest.raises(CorruptImageError, match="zz_garbage.png") as info:
+        ds[i]
+    assert "Remove or replace" in str(info.value)
+    with pytest.raises(CorruptImageError, match="zz_truncated.png"):
+        ds[ds.files.index(truncated)]
+    listed = [path for path, _ in verify_images(tmp_path)]
+    assert listed == sorted([str(truncated), str(garbage)])
+    assert [p for p, _ in ds.verify()] == listed
+    ds[0]  # good files still load
+    from gen.data.verify import main
+
+    assert main([str(tmp_path)]) == 1
+    assert str(garbage) in capsys.readouterr().out
+
+
+def test_folder_errors(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    from gen.data import ImageFolder
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolder(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolder(tmp_path)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "x.png")
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        ImageFolder(tmp_path)  # empty class "b" would shift labels
+    Image.new("RGB", (8, 8)).save(tmp_path / "b" / "y.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "top.png")
+    with pytest.raises(ValueError, match="labels="):
+        ImageFolder(tmp_path)
+    assert len(ImageFolder(tmp_path, labels="none")) == 3
+    assert len(ImageFolder(tmp_path, labels="folders")) == 2
+
+
+def test_folder_with_dataloader_and_sampler(tmp_path) -> None:  # noqa: ANN001
+    from gen.data import ImageFolder
+
+    _write_class_folders(tmp_path)
+    ds = ImageFolder(tmp_path, resolution=8)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=InfiniteSampler(len(ds), seed=0))
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 8, 8) and images.dtype == torch.uint8 and labels.dtype == torch.long
+    expected = _take(InfiniteSampler(len(ds), seed=0), 4)
+    assert labels.tolist() == [ds.targets[i] for i in expected]
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10
+
+
+def _write_fake_cifar(parent, per_batch: int = 3) -> None:  # noqa: ANN001
+    # torchvision's on-disk format: pickled dicts with uint8 "data" (N, 3072, channel-major) and "labels".
+    import pickle
+
+    folder = parent / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for b, name in enumerate(names):
+        labels = [(b * per_batch + j) % 10 for j in range(per_batch)]
+        data = np.zeros((per_batch, 3, 32, 32), dtype=np.uint8)
+        for j, y in enumerate(labels):
+            data[j, y % 3] = 10 * y + 5  # channel and value encode the label
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": data.reshape(per_batch, -1), "labels": labels}, f)
+    meta = {"label_names": [f"class{k}" for k in range(10)]}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+
+
+def test_cifar10_from_local_folder(tmp_path) -> None:  # noqa: ANN001
+    from gen.data import CIFAR10
+
+    _write_fake_cifar(tmp_path)
+    train = CIFAR10(tmp_path, split="train", check_md5=False)
+    test = CIFAR10(tmp_path / "cifar-10-batches-py", split="test", check_md5=False)
+    assert len(train) == 15 and len(test) == 3
+    assert train.num_classes == 10 and train.channels == 3 and train.resolution == 32 and train.name == "cifar10"
+    assert train.classes[3] == "class3"
+    for i in range(len(train)):
+        img, y = train[i]
+        assert img.dtype == torch.uint8 and img.shape == (3, 32, 32)
+        assert int(img[y % 3].max()) == 10 * y + 5 and int(img.sum()) == (10 * y + 5) * 1024
+    assert test.tensors()[1].tolist() == [5, 6, 7]
+    # The hand-made files do not match the official checksums.
+    with pytest.raises(RuntimeError, match="checksums"):
+        CIFAR10(tmp_path, split="train")
+
+
+def test_cifar10_missing_folder_error(tmp_path) -> None:  # noqa: ANN001
+    from gen.data import CIFAR10
+
+    with pytest.raises(FileNotFoundError, match="cifar-10-python.tar.gz") as info:
+        CIFAR10(tmp_path / "data")
+    assert "data_batch_1" in str(info.value) and str(tmp_path / "data") in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs: the plain keys other groups interpolate must describe the dataset that gets built.
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "shapes", "digits", "imagefolder", "cifar10"])
+def test_data_configs_match_datasets(name: str, tmp_path) -> None:  # noqa: ANN001
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    data = OmegaConf.load(root / "data" / f"{name}.yaml")
+    cfg = OmegaConf.create({"paths": {"data": str(tmp_path)}, "data": data})
+    assert set(cfg.data) >= {"name", "channels", "resolution", "num_classes", "hflip", "dataset"}
+    assert cfg.data.hflip == (name not in ("mnist5k", "digits"))  # mirrored digits are wrong digits
+    overrides: dict = {}
+    if name == "shapes":
+        overrides = {"count": 60}
+    elif name == "imagefolder":
+        _write_class_folders(tmp_path / "imagenet" / "train")
+    elif name == "cifar10":
+        _write_fake_cifar(tmp_path / "cifar10")
+        overrides = {"check_md5": False}
+    ds = instantiate(cfg.data.dataset, **overrides)
+    assert ds.name == cfg.data.name
+    assert (ds.channels, ds.resolution) == (cfg.data.channels, cfg.data.resolution)
+    if name != "imagefolder":  # the ImageNet preset says 1000 classes; the test folder has 3
+        assert ds.num_classes == cfg.data.num_classes
+    img, _ = ds[0]
+    assert img.shape == (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+

@@ -57,3 +57,17 @@ def test_base_normalisation_and_shapes() -> None:
     assert "latent_mean" in tok.state_dict() and "latent_std" in tok.state_dict()
     with pytest.raises(ValueError, match="divisible"):
         tok.encode(torch.zeros(1, 1, 5, 5, dtype=torch.uint8))
+
+
+def test_tokenizer_config_builds_pixel_tokenizer() -> None:
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = OmegaConf.create(
+        {"data": OmegaConf.load(root / "data" / "mnist5k.yaml"), "tokenizer": OmegaConf.load(root / "tokenizer" / "pixels.yaml")}
+    )
+    tok = instantiate(cfg.tokenizer)
+    assert tok.latent_channels == cfg.tokenizer.latent_channels == 1 and tok.downsample == cfg.tokenizer.downsample == 1

@@ -8,22 +8,30 @@ Every dataset yields ``(image, label)`` with image uint8 (C, H, W) and label an 
 from __future__ import annotations
 
 from gen.data.base import TensorImageDataset, stratified_split
-from gen.data.builtin import MNIST5k, Digits
+from gen.data.builtin import Digits, MNIST5k
+from gen.data.cifar import CIFAR10
+from gen.data.folder import CorruptImageError, ImageFolder, find_images, load_image, verify_images
 from gen.data.sampler import InfiniteSampler
 from gen.data.shapes import SHAPES, Shapes
 from gen.data.transforms import center_crop_resize, pad_or_resize, random_hflip, to_model_input, to_uint8
 
 __all__ = [
+    "CIFAR10",
+    "CorruptImageError",
     "Digits",
+    "ImageFolder",
     "InfiniteSampler",
     "MNIST5k",
     "SHAPES",
     "Shapes",
     "TensorImageDataset",
     "center_crop_resize",
+    "find_images",
+    "load_image",
     "pad_or_resize",
     "random_hflip",
     "stratified_split",
     "to_model_input",
     "to_uint8",
+    "verify_images",
 ]
