@@ -15,12 +15,14 @@ from samplers.grids import karras_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
 from samplers.sde import sample_euler_maruyama
+from samplers.sharing import sample_euler_shared
 
 __all__ = [
     "sample_euler",
     "sample_heun",
     "sample_euler_maruyama",
     "sample_dpmpp_2m",
+    "sample_euler_shared",
     "uniform_grid", "shifted_grid", "karras_grid",
     "cfg",
 ]

@@ -328,3 +328,172 @@ def test_guidance_interval_switching() -> None:
     v_c, v_u = _label_model(x, t, y), _label_model(x, t, torch.full_like(y, 4))
     torch.testing.assert_close(out[0], v_c[0])
     torch.testing.assert_close(out[1], (v_u + 4.0 * (v_c - v_u))[1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DDT encoder sharing
+
+
+class FakeTwoStage(torch.nn.Module):
+    """A small two-stage net with DDT's interface: the encoder output conditions a decoder; counts encoder runs."""
+
+    def __init__(self, channels: int = 3, dim: int = 8, num_classes: int = 4) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w_enc = torch.nn.Parameter(torch.randn(channels, dim, generator=g) / channels**0.5)
+        self.w_x = torch.nn.Parameter(torch.randn(channels, dim, generator=g) / channels**0.5)
+        self.w_out = torch.nn.Parameter(torch.randn(dim, channels, generator=g) / dim**0.5)
+        self.label = torch.nn.Parameter(torch.randn(num_classes + 1, dim, generator=g))
+        self.encoder_runs = 0
+
+    def forward(self, x, t, y, *, encoder_out=None, return_encoder_out=False):
+        tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        if encoder_out is None:
+            self.encoder_runs += 1
+            encoder_out = torch.tanh(tokens @ self.w_enc + t.reshape(-1, 1, 1) + self.label[y][:, None, :])
+        h = torch.tanh(tokens @ self.w_x) * (1 + encoder_out)  # decoder sees t and y only through the encoder
+        v = (h @ self.w_out).transpose(1, 2).reshape(x.shape)
+        return (v, encoder_out) if return_encoder_out else v
+
+
+def _random_sim(n: int, gen: torch.Generator) -> torch.Tensor:
+    z = torch.randn(n, 6, generator=gen, dtype=torch.float64).cumsum(0)  # drifting features: realistic structure
+    z = torch.nn.functional.normalize(z, dim=1)
+    return z @ z.T
+
+
+def test_sharing_disabled_equals_plain_euler() -> None:
+    from samplers.sharing import sample_euler_shared, shared_model_fn
+
+    net = FakeTwoStage().double()
+    noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, ts = torch.tensor([0, 1, 2, 3]), uniform_grid(12)
+    with torch.no_grad():
+        plain = sample_euler(lambda x, t, y: net(x, t, y), noise, ts, path=LinearPath(), y=y)
+        shared = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
+        assert torch.equal(plain, shared)
+        # Guided: cfg_shared without sharing equals cfg around the plain model, interval included.
+        from samplers.sharing import cfg_shared
+
+        g_plain = sample_euler(cfg(lambda x, t, y: net(x, t, y), 2.5, 4, interval=(0.0, 0.6)), noise, ts,
+                               path=LinearPath(), y=y)
+        g_shared = sample_euler_shared(cfg_shared(shared_model_fn(net), 2.5, 4, interval=(0.0, 0.6)), noise, ts,
+                                       path=LinearPath(), y=y)
+        torch.testing.assert_close(g_plain, g_shared, rtol=0, atol=1e-12)
+
+
+def test_sharing_runs_encoder_only_at_scheduled_steps() -> None:
+    from samplers.sharing import cfg_shared, sample_euler_shared, shared_model_fn
+
+    net = FakeTwoStage().double()
+    noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y, ts = torch.tensor([1, 2]), uniform_grid(10)
+    seen = []
+    with torch.no_grad():
+        full = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
+        net.encoder_runs = 0
+        part = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=[3, 7],
+                                   callback=lambda d: seen.append(d["recomputed"]))
+    assert net.encoder_runs == 3  # step 0 is added
+    assert seen == [i in (0, 3, 7) for i in range(10)]
+    assert not torch.allclose(full, part)
+    with pytest.raises(ValueError):
+        sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=[10])
+
+    # Guidance interval (0, 0.45): steps 0-5 (t >= 0.5) are unguided; the first guided step (6) is a reuse step
+    # without an unconditional cache, so it recomputes both branches: encoder runs at steps 0 and 6 only.
+    net.encoder_runs = 0
+    with torch.no_grad():
+        sample_euler_shared(cfg_shared(shared_model_fn(net), 2.0, 4, interval=(0.0, 0.45)), noise, ts,
+                            path=LinearPath(), y=y, recompute=[0])
+    assert net.encoder_runs == 2
+
+
+def test_encoder_similarity() -> None:
+    from samplers.sharing import encoder_similarity
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, 5, 7, generator=g)
+    w = torch.randn(2, 5, 7, generator=g)
+    sim = encoder_similarity([z, -z, 3 * z, w])
+    assert sim.shape == (4, 4) and sim.dtype == torch.float64
+    torch.testing.assert_close(sim, sim.T)
+    assert sim[0, 0].item() == pytest.approx(1.0) and sim[0, 1].item() == pytest.approx(-1.0)
+    assert sim[0, 2].item() == pytest.approx(1.0)
+    want = torch.nn.functional.cosine_similarity(z, w, dim=-1).mean().item()
+    assert sim[0, 3].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_dp_schedule_matches_brute_force_and_beats_uniform() -> None:
+    from samplers.sharing import (
+        brute_force_schedule,
+        dp_schedule,
+        reuse_error_matrix,
+        schedule_error,
+        uniform_schedule_error,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 5, 8, 9):
+        for _ in range(3):
+            sim = _random_sim(n, g)
+            for k in range(1, n + 1):
+                steps, err = dp_schedule(sim, k)
+                assert len(steps) == k and steps[0] == 0 and steps == sorted(set(steps))
+                assert err == pytest.approx(schedule_error(sim, steps), abs=1e-12)
+                bf_steps, bf_err = brute_force_schedule(sim, k)
+                assert err == pytest.approx(bf_err, abs=1e-12), (n, k, steps, bf_steps)
+                assert err <= uniform_schedule_error(sim, k) + 1e-12
+    # Larger random matrices: DP never loses to uniform spacing, and K = N costs nothing.
+    for n, k in ((50, 10), (100, 25), (64, 64)):
+        sim = _random_sim(n, g)
+        err = dp_schedule(sim, k)[1]
+        assert err <= uniform_schedule_error(sim, k) + 1e-12
+    assert dp_schedule(_random_sim(20, g), 20)[1] == pytest.approx(0.0, abs=1e-12)
+    # E[i, j] = sum_{k=j..i} (1 - sim[k, j]).
+    sim = _random_sim(6, g)
+    e = reuse_error_matrix(sim)
+    assert e[4, 1].item() == pytest.approx(sum(1 - sim[m, 1].item() for m in range(1, 5)))
+    assert e[1, 4].item() == math.inf
+    with pytest.raises(ValueError):
+        dp_schedule(sim, 0)
+
+
+def test_dp_schedule_prefers_recomputing_at_changes() -> None:
+    from samplers.sharing import dp_schedule
+
+    # Three blocks of identical features: two extra recomputations must land on the block starts.
+    blocks = torch.tensor([0] * 4 + [1] * 3 + [2] * 5)
+    basis = torch.eye(3, dtype=torch.float64)[blocks]
+    steps, err = dp_schedule(basis @ basis.T, 3)
+    assert steps == [0, 4, 7] and err == pytest.approx(0.0)
+
+
+def test_schedule_json_round_trip(tmp_path) -> None:
+    from samplers.sharing import (
+        collect_encoder_outputs,
+        dp_schedule,
+        encoder_similarity,
+        load_schedule,
+        sample_euler_shared,
+        save_schedule,
+        shared_model_fn,
+    )
+
+    net = FakeTwoStage().double()
+    noise = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y, ts = torch.tensor([0, 1, 2]), uniform_grid(16)
+    with torch.no_grad():
+        outs = collect_encoder_outputs(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
+    assert len(outs) == 16 and outs[0].shape == (3, 16, 8)
+    steps, err = dp_schedule(encoder_similarity(outs), 5)
+    f = tmp_path / "sched.json"
+    save_schedule(f, steps, num_steps=16, estimated_error=err, meta={"grid": "uniform", "steps": 16})
+    data = load_schedule(f, num_steps=16)
+    assert data["recompute"] == steps and data["estimated_error"] == pytest.approx(err)
+    assert data["meta"]["grid"] == "uniform"
+    with pytest.raises(ValueError, match="schedule is for 16 steps"):
+        load_schedule(f, num_steps=20)
+    with torch.no_grad():
+        x = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=data["recompute"])
+    assert x.shape == noise.shape and bool(torch.isfinite(x).all())
