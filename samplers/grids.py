@@ -2,6 +2,8 @@
 
 A grid with ``steps`` intervals has ``steps + 1`` entries. ``t_min`` (optional) is the smallest non-zero time:
 the grid runs from ``t_max`` to ``t_min`` in ``steps - 1`` intervals and then jumps to 0 (EDM's sigma_min).
+DDT's grid (250 points on [0, 0.96] in its flipped time, then a last step to the data) is
+``uniform_grid(250, t_min=0.04)``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ marginals (its Fokker-Planck equation reduces to the continuity equation of ``v`
 with ``s = path.score_from_velocity(x, v, t)``. The interval that ends at ``t = 0`` is deterministic (the score is
 singular there): ``last_step="euler"`` takes the ODE step (on linear/EDM paths this lands on the x0 estimate,
 Tweedie's formula), ``"mean"`` takes the SDE drift without noise. NFE = number of intervals.
+
+Euler-Maruyama needs small steps: for a well-trained model the drift contracts ``x - alpha x0`` by about
+``1 - |h| (sigma' + w / sigma) / sigma`` per step, which overshoots once ``|h|`` is comparable to sigma (e.g. a coarse
+Karras grid on the EDM path with ``w = sigma``). SiT uses 250 steps; the Gaussian tests use 200.
 """
 
 from __future__ import annotations

@@ -200,13 +200,16 @@ def test_dpmpp_2m_beats_euler_at_equal_nfe() -> None:
 
 
 @pytest.mark.parametrize(
-    "diffusion,last_step", [("sigma", "euler"), ("sigma", "mean"), ("constant", "euler")]
+    "path,diffusion,last_step",
+    [(LinearPath(), "sigma", "euler"), (LinearPath(), "sigma", "mean"), (LinearPath(), "constant", "euler"),
+     (CosinePath(), "sigma", "euler")],
+    ids=["linear-sigma-euler", "linear-sigma-mean", "linear-constant-euler", "cosine-sigma-euler"],
 )
-def test_euler_maruyama_recovers_gaussian_moments(diffusion, last_step) -> None:
-    model = GaussianVelocity(LinearPath())
+def test_euler_maruyama_recovers_gaussian_moments(path, diffusion, last_step) -> None:
+    model = GaussianVelocity(path)
     g = torch.Generator().manual_seed(7)
     x = sample_euler_maruyama(
-        model, gaussian_noise(20_000, 0), uniform_grid(200), path=LinearPath(),
+        model, gaussian_noise(20_000, 0), uniform_grid(200), path=path,
         randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype),
         diffusion=diffusion, last_step=last_step,
     )
