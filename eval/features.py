@@ -1,0 +1,435 @@
+"""Feature extractors behind one small interface, and the loading of their weights.
+
+Every extractor maps uint8 images (B, 3 or 1, H, W) to float features (B, D) and describes itself in a
+``manifest()`` (extractor name, weights SHA-256, resize mode, feature dim). Statistics files carry that
+manifest, and loading them checks it (``eval.stats``), so features from different networks or resize
+modes are never compared.
+
+- ``InceptionFeatures``: the FID network (TF "inception-2015-12-05" ported by torch-fidelity; the same
+  module class that torchmetrics' ``FrechetInceptionDistance`` builds). pool3 (2048-d) for FID and
+  precision/recall, the 1008 bias-free logits for the Inception Score, and the first 7 channels of the
+  ``mixed_6/conv`` map (2023-d) for sFID.
+- ``DINOv2Features``: a timm DINOv2 ViT, class token after the final norm (FD-DINOv2).
+- ``YardstickFeatures``: the penultimate layer of the small classifier trained on the built-in data
+  (``eval.classifier``; DESIGN.md §5).
+
+Pretrained weights are never fetched silently: a file is looked up at an explicit path, then in the
+cache directories, and downloaded only with ``download=True``. A missing file raises
+``WeightsNotFoundError`` naming the file, its expected SHA-256 and where to put it. Tests use randomly
+initialised networks of the identical architecture (``make_random_inception_weights``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+InceptionResize = Literal["tf1-bilinear", "bilinear-antialias"]
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
+
+# DINOv2 weights in timm's format (Hugging Face hub repo ``timm/<arch>.lvd142m``, file
+# ``model.safetensors``) or Meta's original ``dinov2_vit*14_pretrain.pth``; the checkpoint filter of
+# timm converts either. Their hashes are not pinned here: the file's SHA-256 is recorded in the manifest.
+DINOV2_FILES: dict[str, str] = {
+    "vit_small_patch14_dinov2": "dinov2_vits14_pretrain.pth",
+    "vit_base_patch14_dinov2": "dinov2_vitb14_pretrain.pth",
+    "vit_large_patch14_dinov2": "dinov2_vitl14_pretrain.pth",
+    "vit_giant_patch14_dinov2": "dinov2_vitg14_pretrain.pth",
+}
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{short}/{file}"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights files.
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A pretrained weights file is not on this machine (message says which, its hash and where to put it)."""
+
+
+def weights_cache_dir() -> Path:
+    """``${GEN_CACHE:-~/.cache/gen}/weights``: where pretrained feature-network files are looked up."""
+    return Path(os.environ.get("GEN_CACHE", Path.home() / ".cache" / "gen")).expanduser() / "weights"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_weights(
+    filename: str,
+    expected_sha256: str | None,
+    url: str | None,
+    weights_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> tuple[Path, str]:
+    """Find a pretrained weights file and return (path, its SHA-256).
+
+    Search order: ``weights_path`` (any file is accepted, e.g. a custom conversion; its hash is recorded),
+    then ``cache_dir`` (default ``weights_cache_dir()``) and torch.hub's checkpoint folder under
+    ``filename``, which must match ``expected_sha256`` when that is known. With ``download=True`` a
+    missing file is fetched from ``url`` into ``cache_dir`` and verified.
+
+    Raises:
+        WeightsNotFoundError: no file; the message names it, its expected hash and the folders searched.
+        ValueError: a cached file with the wrong hash (a truncated or foreign download).
+    """
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"weights file {path} does not exist (expected the file {filename}, SHA-256 "
+                f"{expected_sha256 or 'not pinned'}{'; download it from ' + url if url else ''})"
+            )
+        return path, file_sha256(path)
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
+    candidates = [cache / filename, Path(torch.hub.get_dir()) / "checkpoints" / filename]
+    for path in candidates:
+        if path.is_file():
+            sha = file_sha256(path)
+            if expected_sha256 is not None and sha != expected_sha256:
+                raise ValueError(
+                    f"{path} has SHA-256 {sha}, expected {expected_sha256}; the file is damaged or not "
+                    f"the original {filename}. Delete it and fetch it again, or pass it as an explicit path."
+                )
+            return path, sha
+    if download and url is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / filename
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+        return resolve_weights(filename, expected_sha256, None, None, cache, False)
+    raise WeightsNotFoundError(
+        f"pretrained weights {filename} (SHA-256 {expected_sha256 or 'not pinned'}) not found. Looked in: "
+        + ", ".join(str(p) for p in candidates)
+        + f". Put the file in {cache} (or set GEN_CACHE), pass its path explicitly"
+        + (f", or allow downloading it from {url} (download=True) on a machine with internet." if url else ".")
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Interface.
+
+
+class FeatureExtractor(ABC):
+    """uint8 images (B, C, H, W) -> float32 features (B, dim), with a manifest naming the network.
+
+    Attributes:
+        name: extractor name, e.g. ``inception-v3-pool3`` or ``lenet-mnist5k-v1``.
+        dim: feature dimension D.
+        resize: how images are brought to the network's input size.
+        weights_sha256: SHA-256 of the weights that were loaded.
+    """
+
+    name: str
+    dim: int
+    resize: str
+    weights_sha256: str
+
+    @abstractmethod
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3|1, H, W) -> float32 (B, dim)."""
+
+    def manifest(self) -> dict[str, Any]:
+        """The identity of these features, stored with every statistics file."""
+        return {"extractor": self.name, "weights_sha256": self.weights_sha256, "resize": self.resize, "dim": self.dim}
+
+
+def check_uint8_images(images: torch.Tensor, channels: Sequence[int] = (1, 3)) -> None:
+    """Refuse anything but uint8 (B, C, H, W) with C in ``channels``; the message says what was given."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor of uint8 images, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert with to_uint8()")
+    if images.ndim != 4 or images.shape[1] not in channels:
+        raise ValueError(f"expected images (B, C, H, W) with C in {tuple(channels)}, got shape {tuple(images.shape)}")
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """Grey images are repeated to 3 channels (the usual convention for Inception on MNIST)."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception-v3.
+
+
+def _inception_class() -> type[nn.Module]:
+    # torchmetrics' subclass of torch-fidelity's module: identical weights and layers, plus the choice
+    # between TF1-compatible bilinear resizing and torch's antialiased bilinear resizing.
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    class _Inception(NoTrainInceptionV3):
+        # torch-fidelity's constructor unpickles its weights file with weights_only=False; it is handed an
+        # empty placeholder instead, and the real state dict is loaded afterwards with weights_only=True.
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+            if isinstance(state_dict, dict) and not state_dict:
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    return _Inception
+
+
+_EMPTY_STATE: Path | None = None
+
+
+def _empty_state_file() -> Path:
+    global _EMPTY_STATE
+    if _EMPTY_STATE is None or not _EMPTY_STATE.exists():
+        fd, tmp = tempfile.mkstemp(suffix=".pth", prefix="gen-empty-state-")
+        os.close(fd)
+        torch.save({}, tmp)
+        _EMPTY_STATE = Path(tmp)
+    return _EMPTY_STATE
+
+
+def build_inception(
+    state_dict: dict[str, torch.Tensor] | None, resize: InceptionResize = "tf1-bilinear"
+) -> nn.Module:
+    """The torch-fidelity / torchmetrics Inception-v3 module, with given weights or PyTorch's default init."""
+    if resize not in ("tf1-bilinear", "bilinear-antialias"):
+        raise ValueError(f"resize must be 'tf1-bilinear' or 'bilinear-antialias', got {resize!r}")
+    net = _inception_class()(
+        name="inception-v3-compat",
+        features_list=["2048", "logits_unbiased"],
+        feature_extractor_weights_path=str(_empty_state_file()),
+        antialias=resize == "bilinear-antialias",
+    )
+    if state_dict is not None:
+        nn.Module.load_state_dict(net, state_dict, strict=True)
+    return net.eval().requires_grad_(False)
+
+
+def make_random_inception_weights(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write randomly initialised weights of the exact FID Inception architecture (for tests and benches).
+
+    Convolutions get He-normal weights and the batch-norm statistics are set from one forward pass over
+    noise images, so features keep a sensible scale through all 94 layers (PyTorch's default init
+    shrinks them towards zero). The file is a plain state dict, loadable by torch-fidelity/torchmetrics.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_inception(None)
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration pass
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features**-0.5)
+                nn.init.zeros_(m.bias)
+        noise = torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8)
+        nn.Module.train(net, True)  # NoTrainInceptionV3.train() refuses training mode
+        with torch.no_grad():
+            net._torch_fidelity_forward(noise)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.clone() for k, v in net.state_dict().items()}, path)
+    return path
+
+
+class InceptionFeatures(FeatureExtractor):
+    """Inception-v3 pool3 features (2048-d), the FID network.
+
+    Args:
+        weights_path: explicit weights file; else looked up in the cache (see ``resolve_weights``).
+        resize: ``tf1-bilinear`` (torch-fidelity, ADM-compatible; default) or ``bilinear-antialias``
+            (torchmetrics' default). Images of any size are resized to 299x299 inside.
+        cache_dir: folder for the weights file.
+        download: fetch the weights when missing (needs internet).
+        device: where the network runs.
+    """
+
+    SPATIAL_CHANNELS = 7  # sFID: first 7 channels of mixed_6/conv, 7 * 17 * 17 = 2023 features
+
+    def __init__(
+        self,
+        weights_path: str | os.PathLike | None = None,
+        resize: InceptionResize = "tf1-bilinear",
+        cache_dir: str | os.PathLike | None = None,
+        download: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        path, sha = resolve_weights(INCEPTION_FILE, INCEPTION_SHA256, INCEPTION_URL, weights_path, cache_dir, download)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.net = build_inception(state, resize).to(device)
+        self.device = torch.device(device)
+        self.name = "inception-v3-pool3"
+        self.dim = 2048
+        self.resize = resize
+        self.weights_sha256 = sha
+        self.weights_path = path
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor, spatial: bool = False) -> dict[str, torch.Tensor]:
+        """All Inception outputs of one forward pass.
+
+        Returns:
+            ``pool3`` (B, 2048), ``logits`` (B, 1008) without the bias (as ADM's Inception Score), and with
+            ``spatial=True`` also ``spatial`` (B, 2023): the first 7 channels of the 17x17 output of the
+            1x1 branch of Mixed_6d (the TF graph's ``mixed_6/conv``, after its ReLU), flattened.
+        """
+        check_uint8_images(images)
+        captured: list[torch.Tensor] = []
+        hook = None
+        if spatial:
+            hook = self.net.Mixed_6d.branch1x1.register_forward_hook(
+                lambda _m, _i, out: captured.append(out[:, : self.SPATIAL_CHANNELS].flatten(1))
+            )
+        try:
+            pool3, logits = self.net._torch_fidelity_forward(to_rgb(images).to(self.device))
+        finally:
+            if hook is not None:
+                hook.remove()
+        out = {"pool3": pool3.float(), "logits": logits.float()}
+        if spatial:
+            out["spatial"] = captured[0].float()
+        return out
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        check_uint8_images(images)
+        # Only pool3: stop before the logits by asking the network for the first feature only.
+        self.net.features_list = ["2048"]
+        try:
+            (pool3,) = self.net._torch_fidelity_forward(to_rgb(images).to(self.device))
+        finally:
+            self.net.features_list = ["2048", "logits_unbiased"]
+        return pool3.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOv2.
+
+
+class DINOv2Features(FeatureExtractor):
+    """DINOv2 class-token features through timm (FD-DINOv2, and the REPA/REG encoders).
+
+    Images are resized to ``image_size`` with antialiased bicubic interpolation on float [0, 1] values
+    (EDM2's "torch" mode, close to dgm-eval's PIL resize), then normalised with ImageNet mean/std.
+
+    Args:
+        arch: timm name, e.g. ``vit_large_patch14_dinov2`` (FD-DINOv2) or ``vit_base_patch14_dinov2``.
+        weights_path: explicit weights file (timm safetensors or Meta's ``.pth``); else the cache.
+        random_init: use random weights (tests only); the manifest records ``random-init-<seed>``.
+        seed: seed of the random init.
+        image_size: side fed to the ViT (multiple of 14).
+        download: fetch Meta's file when missing (needs internet).
+    """
+
+    def __init__(
+        self,
+        arch: str = "vit_large_patch14_dinov2",
+        weights_path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        download: bool = False,
+        random_init: bool = False,
+        seed: int = 0,
+        image_size: int = 224,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        import timm
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        if arch not in DINOV2_FILES:
+            raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
+        if random_init:
+            sha = f"random-init-{seed}"
+        else:
+            file = DINOV2_FILES[arch]
+            short = file.split("_")[1]
+            path, sha = resolve_weights(
+                file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download
+            )
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+            self.net.load_state_dict(checkpoint_filter_fn(state, self.net), strict=True)
+        self.net = self.net.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+        self.image_size = image_size
+        self.name = f"dinov2-{arch}-cls"
+        self.dim = int(self.net.num_features)
+        self.resize = f"bicubic-antialias-{image_size}"
+        self.weights_sha256 = sha
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3|1, H, W) -> normalised float (B, 3, S, S)."""
+        x = to_rgb(images).to(self.device).float() / 255.0
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x.clamp(0, 1) - mean) / std
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All output tokens after the final norm, (B, prefix + patches, dim) (REPA aligns the patch tokens)."""
+        check_uint8_images(images)
+        return self.net.forward_features(self.preprocess(images))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tokens(images)[:, 0].float()  # class token (B, dim)
+
+
+# ----------------------------------------------------------------------------------------------
+# Yardstick classifier.
+
+
+class YardstickFeatures(FeatureExtractor):
+    """Penultimate features of the small classifier trained on a built-in dataset (DESIGN.md §5).
+
+    Args:
+        dataset_name: ``mnist5k`` or ``shapes``.
+        cache_dir: the classifier cache (default ``${GEN_CACHE:-~/.cache/gen}/yardstick``).
+        kind: ``lenet`` (the FID network) or ``foundation`` (the alignment encoder).
+    """
+
+    def __init__(self, dataset_name: str = "mnist5k", cache_dir: str | os.PathLike | None = None, kind: str = "lenet") -> None:
+        from eval.classifier import load_or_train_classifier
+
+        self.yardstick = load_or_train_classifier(dataset_name, cache_dir, kind=kind)  # type: ignore[arg-type]
+        self.name = self.yardstick.name
+        self.dim = int(self.yardstick.net.feature_dim)
+        self.resize = "none-32"
+        self.weights_sha256 = self.yardstick.weights_sha256
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        check_uint8_images(images)
+        if images.shape[-2:] != (32, 32):
+            raise ValueError(f"{self.name} takes 32x32 images (no resizing), got shape {tuple(images.shape)}")
+        if images.shape[1] != self.yardstick.net.config["in_channels"]:
+            raise ValueError(
+                f"{self.name} takes {self.yardstick.net.config['in_channels']}-channel images, got shape {tuple(images.shape)}"
+            )
+        return self.yardstick.features(images.cpu())

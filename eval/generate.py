@@ -1,0 +1,228 @@
+"""Seed-sharded generation for evaluation, streamed into reducible statistics.
+
+Image k of a sample set is made from seed k alone (``gen.utils.seed.PerImageRandom`` inside the
+``generate_fn``), the seeds are cut into batches and dealt round-robin to the processes
+(``gen.utils.seed.shard_seeds``, EDM2's scheme), and each process adds its features to float64 sums that
+are reduced with one all-reduce at the end. The metric therefore does not depend on the number of
+processes or the batch size (methods/evaluation.md §4.3). No PNG is written unless ``png_dir`` is given.
+
+The model side is one callable, ``generate_fn(seeds: list[int]) -> (uint8 images (B, C, H, W), labels (B,)
+or None)``; the entry points build it from a snapshot and a sampler.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eval.features import FeatureExtractor, InceptionFeatures, check_uint8_images
+from eval.fid import InceptionScoreStats, fid_from_stats
+from eval.stats import FeatureStats, GaussianStats, load_stats, save_stats
+from gen.utils import dist
+from gen.utils.seed import shard_seeds
+
+GenerateFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+@dataclass
+class Collected:
+    """Reduced accumulators of one image set (identical on every process).
+
+    Attributes:
+        stats: features' Σf, Σffᵀ, n.
+        spatial: sFID features' sums (Inception with ``spatial=True`` only).
+        inception_score: IS sums (Inception with ``inception_score=True`` only).
+        correct: images whose yardstick class equals their label (with ``classifier``), and
+        labelled: how many had labels.
+        features: this process's raw features, kept only with ``keep_features=True`` (precision/recall).
+    """
+
+    stats: FeatureStats
+    spatial: FeatureStats | None = None
+    inception_score: InceptionScoreStats | None = None
+    correct: int = 0
+    labelled: int = 0
+    features: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def class_accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+
+def collect(
+    generate_fn: GenerateFn,
+    seeds: Sequence[int],
+    extractor: FeatureExtractor,
+    batch_size: int = 64,
+    *,
+    spatial: bool = False,
+    inception_score: bool = False,
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    keep_features: bool = False,
+    png_dir: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Collected:
+    """Generate images for ``seeds`` across processes and accumulate their features.
+
+    Every process must call this with the same arguments; it contains the collective reduce.
+
+    Args:
+        generate_fn: ``seeds -> (uint8 images (B, C, H, W), labels (B,) or None)``.
+        seeds: the global list of per-image seeds (image k <- seeds[k]).
+        extractor: the feature network.
+        batch_size: images per ``generate_fn`` call on one process.
+        spatial, inception_score: also accumulate sFID / IS sums (``InceptionFeatures`` only).
+        classifier: ``uint8 images -> predicted labels``, for class accuracy of labelled images.
+        keep_features: keep this process's raw features (for precision/recall).
+        png_dir: also write ``<seed>.png`` per image there.
+        progress: called with the number of images this process finished so far.
+    """
+    seeds = [int(s) for s in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("seeds must be distinct: a repeated seed repeats an image")
+    position = {s: i for i, s in enumerate(seeds)}
+    needs_inception = spatial or inception_score
+    if needs_inception and not isinstance(extractor, InceptionFeatures):
+        raise ValueError("sFID and Inception Score need the Inception extractor")
+    stats = FeatureStats(extractor.dim)
+    out = Collected(stats=stats)
+    if spatial:
+        out.spatial = FeatureStats(InceptionFeatures.SPATIAL_CHANNELS * 17 * 17)
+    if inception_score:
+        out.inception_score = InceptionScoreStats(len(seeds))
+    done = 0
+    for batch in shard_seeds(seeds, batch_size, dist.rank(), dist.world_size()):
+        if not batch:
+            continue
+        images, labels = generate_fn(batch)
+        check_uint8_images(images)
+        if images.shape[0] != len(batch):
+            raise ValueError(f"generate_fn returned {images.shape[0]} images for {len(batch)} seeds")
+        if needs_inception:
+            feats = extractor.extract(images, spatial=spatial)  # type: ignore[attr-defined]
+            f = feats["pool3"]
+            if out.spatial is not None:
+                out.spatial.update(feats["spatial"])
+            if out.inception_score is not None:
+                out.inception_score.update(feats["logits"], torch.tensor([position[s] for s in batch]))
+        else:
+            f = extractor(images)
+        stats.update(f)
+        if keep_features:
+            out.features.append(f.cpu())
+        if classifier is not None and labels is not None:
+            out.correct += int((classifier(images).cpu() == labels.long().cpu()).sum())
+            out.labelled += len(batch)
+        if png_dir is not None:
+            _write_pngs(png_dir, images, batch)
+        done += len(batch)
+        if progress is not None:
+            progress(done)
+    out.stats = stats.reduce()
+    if out.spatial is not None:
+        out.spatial = out.spatial.reduce()
+    if out.inception_score is not None:
+        out.inception_score = out.inception_score.reduce()
+    if classifier is not None:
+        counts = torch.tensor([float(out.correct), float(out.labelled)], dtype=torch.float64)
+        dist.all_reduce_sum(counts)
+        out.correct, out.labelled = int(counts[0]), int(counts[1])
+    return out
+
+
+def _write_pngs(folder: str | os.PathLike, images: torch.Tensor, seeds: Sequence[int]) -> None:
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for img, s in zip(images.cpu(), seeds):
+        arr = img.permute(1, 2, 0).numpy()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{s:06d}.png")
+
+
+def images_fn(images: torch.Tensor, labels: torch.Tensor | None = None) -> GenerateFn:
+    """A ``generate_fn`` over stored images: "seed" k returns image k (for reference statistics, folders, npz)."""
+
+    def fn(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = torch.tensor(indices, dtype=torch.long)
+        return images[idx], (labels[idx] if labels is not None else None)
+
+    return fn
+
+
+def image_stats(
+    images: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 64, spatial: bool = False
+) -> Collected:
+    """Statistics of a stored uint8 image set (N, C, H, W), split over processes by index."""
+    check_uint8_images(images)
+    return collect(images_fn(images), range(images.shape[0]), extractor, batch_size, spatial=spatial)
+
+
+# ----------------------------------------------------------------------------------------------
+# The yardstick hook.
+
+
+def yardstick_reference(
+    dataset_name: str = "mnist5k",
+    split: str = "train",
+    cache_dir: str | os.PathLike | None = None,
+    extractor: FeatureExtractor | None = None,
+) -> tuple[FeatureExtractor, GaussianStats]:
+    """The yardstick extractor and the statistics of a built-in dataset split, cached next to the network."""
+    from eval.classifier import default_cache_dir, load_dataset_tensors
+    from eval.features import YardstickFeatures
+
+    ext = extractor if extractor is not None else YardstickFeatures(dataset_name, cache_dir)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = folder / f"ref-{dataset_name}-{split}-{ext.name}-{ext.weights_sha256[:12]}.npz"
+    if path.exists():
+        return ext, load_stats(path, expect=ext.manifest())
+    images, _ = load_dataset_tensors(dataset_name, split)
+    stats = image_stats(images, ext, batch_size=500).stats.gaussian({**ext.manifest(), "dataset": f"{dataset_name}/{split}"})
+    if dist.rank() == 0:
+        save_stats(path, stats)
+    return ext, stats
+
+
+def yardstick_metrics(
+    generate_fn: GenerateFn,
+    num_images: int = 5000,
+    dataset_name: str = "mnist5k",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 250,
+    seed_offset: int = 0,
+) -> dict[str, float]:
+    """Yardstick FID (and class accuracy when labels are returned) of ``num_images`` generated images.
+
+    Seeds are ``seed_offset .. seed_offset + num_images - 1``. Reference: the dataset's training split.
+
+    Returns:
+        ``{"fid": ..., "class_accuracy": ...}`` (the latter only for labelled samples).
+    """
+    ext, ref = yardstick_reference(dataset_name, "train", cache_dir)
+    clf = ext.yardstick.predict  # type: ignore[attr-defined]
+    seeds = range(seed_offset, seed_offset + num_images)
+    got = collect(generate_fn, seeds, ext, batch_size, classifier=clf)
+    out = {"fid": fid_from_stats(got.stats.gaussian(ext.manifest()), ref)}
+    if got.class_accuracy is not None:
+        out["class_accuracy"] = got.class_accuracy
+    return out
+
+
+def yardstick_fid(
+    generate_fn: GenerateFn,
+    num_images: int = 5000,
+    dataset_name: str = "mnist5k",
+    cache_dir: str | os.PathLike | None = None,
+    batch_size: int = 250,
+    seed_offset: int = 0,
+) -> float:
+    """Training hook: the yardstick FID of ``num_images`` samples against the training images (DESIGN.md §5).
+
+    Call it on every process (it reduces across them) every N kimg and log the value beside the loss.
+    """
+    return yardstick_metrics(generate_fn, num_images, dataset_name, cache_dir, batch_size, seed_offset)["fid"]
