@@ -24,8 +24,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, (H/p)(W/p), D), tokens in row-major order."""
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """x: (B, C, H, W) -> (B, (H/p)(W/p), D), tokens in row-major order, contiguous.
+
+        The conv output is channel-first; without the explicit copy the transposed strides propagate
+        through every residual add, and each LayerNorm and Linear then makes its own contiguous copy.
+        """
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
     def init_xavier(self) -> None:
         """Xavier-uniform on the kernel viewed as a Linear (D, C·p·p), zero bias (DiT's init)."""
