@@ -1,0 +1,133 @@
+"""LightningDiT backbone: exact parameter counts, init, RoPE wiring, features, REG extra token, validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gen.models import build_model
+from gen.models.lightningdit import LightningDiT, lightningdit
+from gen.nn import RMSNorm, SwiGLU, rope_2d_axial
+
+# Official (total, trainable) parameter counts of hustvl/LightningDiT models/lightningdit.py with the final
+# config (SwiGLU, RMSNorm, RoPE, no qk-norm, learn_sigma=False), input 16x16x32, 1000 classes. The total
+# includes the frozen pos_embed stored as a Parameter.
+OFFICIAL_COUNTS = {
+    "B/1": (130_556_192, 130_359_584),
+    "B/2": (130_556_288, 130_507_136),
+    "L/2": (458_153_056, 458_087_520),
+    "XL/1": (675_256_736, 674_961_824),
+    "XL/2": (675_256_832, 675_183_104),
+    "1p0B/1": (1_029_401_120, 1_029_007_904),
+    "1p6B/1": (1_631_767_120, 1_631_308_368),
+}
+
+
+def counts(m: torch.nn.Module) -> tuple[int, int]:
+    ps = list(m.parameters())
+    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+
+@pytest.mark.parametrize("preset", sorted(OFFICIAL_COUNTS))
+def test_official_parameter_counts(preset: str) -> None:
+    with torch.device("meta"):
+        m = lightningdit(preset, input_size=16, in_channels=32, num_classes=1000)
+    assert counts(m) == OFFICIAL_COUNTS[preset]
+
+
+def micro(**kw) -> LightningDiT:
+    torch.manual_seed(0)
+    return lightningdit("micro", input_size=16, in_channels=3, num_classes=10, **kw)
+
+
+def perturb(m: torch.nn.Module) -> None:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+
+
+def test_structure() -> None:
+    m = micro()
+    blk = m.blocks[0]
+    assert isinstance(blk.norm1, RMSNorm) and isinstance(blk.mlp, SwiGLU)
+    assert blk.mlp.hidden == int(2 / 3 * 4 * 64) and blk.mlp.w12.bias is not None
+    assert blk.attn.qkv.bias is not None and blk.attn.q_norm is None
+    cos, sin = rope_2d_axial(32, 4, 4)
+    assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
+    assert "rope_cos" not in m.state_dict()
+    # qk-norm adds an RMSNorm weight of size d_h for q and for k in every block
+    assert counts(micro(qk_norm=True))[1] - counts(m)[1] == 2 * 2 * 32
+
+
+def test_zero_output_at_init() -> None:
+    m = micro()
+    out = m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 10]))
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out, torch.zeros_like(out))
+    assert micro(learn_sigma=True)(torch.randn(1, 3, 16, 16), 0.5, None).shape == (1, 6, 16, 16)
+
+
+def test_rope_and_qknorm_change_output_and_train() -> None:
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 2])
+    with_rope, without = micro(), micro(rope=False)
+    perturb(with_rope)
+    without.load_state_dict(with_rope.state_dict())
+    a, b = with_rope(x, t, y), without(x, t, y)
+    assert not torch.allclose(a, b)
+    q = micro(qk_norm=True)
+    perturb(q)
+    out = q(x, t, y)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
+
+
+def test_label_dropout_only_in_train() -> None:
+    m = micro(label_dropout=1.0)
+    perturb(m)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    dropped = m.train()(x, t, torch.tensor([1, 2]))
+    torch.testing.assert_close(dropped, m.eval()(x, t, torch.tensor([10, 10])))
+
+
+def test_return_features_and_extra_token() -> None:
+    base, m = micro(), micro(extra_token_dim=8)
+    assert counts(m)[1] - counts(base)[1] == (8 * 64 + 64) + 2 * 64 + (64 * 8 + 8)
+    x, t, y, e = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 8)
+    out, feats = base(x, t, y, return_features=[1, 2])
+    assert out.shape == (2, 3, 16, 16) and [f.shape for f in feats] == [(2, 16, 64)] * 2
+    out, extra, feats = m(x, t, y, extra_token=e, return_features=[2])
+    assert extra.shape == (2, 8) and torch.equal(extra, torch.zeros_like(extra))
+    assert feats[0].shape == (2, 17, 64)
+    perturb(m)
+    out, extra = m(x, t, y, extra_token=e)
+    assert extra.abs().sum() > 0
+    assert not torch.allclose(out, m(x, t, y, extra_token=e + 1)[0])
+    with pytest.raises(ValueError, match="extra_token_dim"):
+        base(x, t, y, extra_token=e)
+    with pytest.raises(ValueError, match="return_features"):
+        base(x, t, y, return_features=[3])
+
+
+def test_bad_inputs_raise() -> None:
+    m = micro()
+    t, y = torch.rand(2), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match=r"in_channels=3.*32 channels"):
+        m(torch.randn(2, 32, 16, 16), t, y)
+    with pytest.raises(ValueError, match=r"not divisible by patch_size=4"):
+        m(torch.randn(2, 3, 14, 14), t, y)
+    with pytest.raises(ValueError, match=r"input_size=16.*8x8"):
+        m(torch.randn(2, 3, 8, 8), t, y)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        LightningDiT(input_size=8, patch_size=1, in_channels=3, hidden_size=36, depth=1, num_heads=6)
+    with pytest.raises(ValueError, match="unknown LightningDiT preset"):
+        lightningdit("XXL/1")
+
+
+def test_config_roundtrip() -> None:
+    m = micro(qk_norm=True, extra_token_dim=4)
+    m2 = build_model(json.loads(json.dumps(m.config)))
+    assert type(m2) is LightningDiT and m2.config == m.config
+    m2.load_state_dict(m.state_dict())
