@@ -204,33 +204,39 @@ def train_classifier(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gen = torch.Generator().manual_seed(recipe.seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(recipe.seed)  # parameter initialisation
-            net = _build(recipe, images.shape[1], num_classes)
-        x_all = to_unit_range(images)
-        y_all = labels.long()
-        n = x_all.shape[0]
-        steps_per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
-        opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.15
-        )
-        net.train()
-        for _ in range(recipe.epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(steps_per_epoch):
-                idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-                x = x_all[idx]
-                shifts = torch.randint(-recipe.max_shift, recipe.max_shift + 1, (2, len(idx)), generator=gen)
-                x = _shift(x, shifts[0], shifts[1], recipe.max_shift)
-                loss = F.cross_entropy(net(x), y_all[idx], label_smoothing=recipe.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+            # The global generator (parameter init, dropout masks) is seeded inside a fork, so training
+            # is reproducible and leaves the caller's random state untouched.
+            torch.manual_seed(recipe.seed)
+            return _train(images, labels, recipe, num_classes)
     finally:
         torch.set_num_threads(threads)
+
+
+def _train(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int) -> nn.Module:
+    gen = torch.Generator().manual_seed(recipe.seed)  # data order and augmentation
+    net = _build(recipe, images.shape[1], num_classes)
+    x_all = to_unit_range(images)
+    y_all = labels.long()
+    n = x_all.shape[0]
+    steps_per_epoch = (n + recipe.batch_size - 1) // recipe.batch_size
+    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=recipe.lr, total_steps=recipe.epochs * steps_per_epoch, pct_start=0.15
+    )
+    net.train()
+    for _ in range(recipe.epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            x = x_all[idx]
+            shifts = torch.randint(-recipe.max_shift, recipe.max_shift + 1, (2, len(idx)), generator=gen)
+            x = _shift(x, shifts[0], shifts[1], recipe.max_shift)
+            loss = F.cross_entropy(net(x), y_all[idx], label_smoothing=recipe.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
     return net.eval().requires_grad_(False)
 
 
