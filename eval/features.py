@@ -433,3 +433,47 @@ class YardstickFeatures(FeatureExtractor):
                 f"{self.name} takes {self.yardstick.net.config['in_channels']}-channel images, got shape {tuple(images.shape)}"
             )
         return self.yardstick.features(images.cpu())
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction by name.
+
+
+def build_extractor(
+    name: str,
+    *,
+    weights_path: str | os.PathLike | None = None,
+    resize: str | None = None,
+    dataset: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    device: torch.device | str = "cpu",
+) -> FeatureExtractor:
+    """An extractor from its manifest name, so a statistics file says how to rebuild its features.
+
+    Args:
+        name: ``inception-v3-pool3``; ``dinov2-<timm arch>-cls``; ``lenet-<dataset>-v<k>`` or
+            ``yardstick`` (with ``dataset``); ``foundation-<dataset>-v<k>``.
+        weights_path: pretrained file (Inception, DINOv2).
+        resize: Inception resize mode (default ``tf1-bilinear``).
+        dataset: built-in dataset of a yardstick network when ``name`` is ``yardstick``.
+        cache_dir: weights cache (Inception, DINOv2) or yardstick cache.
+    """
+    if name == "inception-v3-pool3" or name == "inception":
+        return InceptionFeatures(weights_path, resize or "tf1-bilinear", cache_dir, download, device)  # type: ignore[arg-type]
+    if name.startswith("dinov2-") and name.endswith("-cls"):
+        return DINOv2Features(name[len("dinov2-") : -len("-cls")], weights_path, cache_dir, download, device=device)
+    if name == "yardstick":
+        if dataset is None:
+            raise ValueError("the yardstick extractor needs a built-in dataset name (mnist5k or shapes)")
+        return YardstickFeatures(dataset, cache_dir)
+    for kind in ("lenet", "foundation"):
+        if name.startswith(kind + "-"):
+            ds = name[len(kind) + 1 :].rsplit("-v", 1)[0]
+            ext = YardstickFeatures(ds, cache_dir, kind=kind)
+            if ext.name != name:
+                raise ValueError(f"{name} was requested but this toolkit's yardstick for {ds} is {ext.name}")
+            return ext
+    raise ValueError(
+        f"unknown feature extractor {name!r}; use inception-v3-pool3, dinov2-<arch>-cls, yardstick, lenet-<dataset>-v1"
+    )

@@ -38,7 +38,8 @@ class Collected:
         inception_score: IS sums (Inception with ``inception_score=True`` only).
         correct: images whose yardstick class equals their label (with ``classifier``), and
         labelled: how many had labels.
-        features: this process's raw features, kept only with ``keep_features=True`` (precision/recall).
+        features: this process's raw features, kept only with ``keep_features=True`` (precision/recall),
+        indices: and their positions in the global seed list (``all_features`` puts them together).
     """
 
     stats: FeatureStats
@@ -47,6 +48,7 @@ class Collected:
     correct: int = 0
     labelled: int = 0
     features: list[torch.Tensor] = field(default_factory=list)
+    indices: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def class_accuracy(self) -> float | None:
@@ -114,6 +116,7 @@ def collect(
         stats.update(f)
         if keep_features:
             out.features.append(f.cpu())
+            out.indices.append(torch.tensor([position[s] for s in batch]))
         if classifier is not None and labels is not None:
             out.correct += int((classifier(images).cpu() == labels.long().cpu()).sum())
             out.labelled += len(batch)
@@ -132,6 +135,18 @@ def collect(
         dist.all_reduce_sum(counts)
         out.correct, out.labelled = int(counts[0]), int(counts[1])
     return out
+
+
+def all_features(collected: Collected, num_images: int) -> torch.Tensor:
+    """Every process's kept features in global seed order, (N, D) float32, on every process.
+
+    Assembled with one all-reduce of a zero-filled (N, D) buffer in which each process writes its own
+    rows, so the result does not depend on the split. Only precision/recall needs raw features.
+    """
+    buf = torch.zeros(num_images, collected.stats.dim, dtype=torch.float64)
+    for f, idx in zip(collected.features, collected.indices):
+        buf[idx] = f.double()
+    return dist.all_reduce_sum(buf).float()
 
 
 def _write_pngs(folder: str | os.PathLike, images: torch.Tensor, seeds: Sequence[int]) -> None:
@@ -160,6 +175,63 @@ def image_stats(
     """Statistics of a stored uint8 image set (N, C, H, W), split over processes by index."""
     check_uint8_images(images)
     return collect(images_fn(images), range(images.shape[0]), extractor, batch_size, spatial=spatial)
+
+
+def evaluate(
+    generate_fn: GenerateFn,
+    seeds: Sequence[int],
+    extractor: FeatureExtractor,
+    ref: GaussianStats,
+    *,
+    batch_size: int = 64,
+    real_images: torch.Tensor | None = None,
+    allow_singular: bool = False,
+    png_dir: str | os.PathLike | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float | int]:
+    """All metrics of a generated (or stored) image set against reference statistics.
+
+    FID always; with the Inception extractor also the Inception Score and, when ``ref`` holds
+    ``mu_s``/``sigma_s``, sFID; with a yardstick extractor and labelled images the class accuracy; with
+    ``real_images`` (an ADM reference batch) improved precision/recall (k=3). FD-DINOv2 is the FID
+    entry with a DINOv2 extractor.
+
+    Returns:
+        ``{"fid", "num_images", ["sfid"], ["inception_score", "inception_score_std"],
+        ["class_accuracy"], ["precision", "recall"]}``.
+    """
+    from eval.features import YardstickFeatures
+    from eval.fid import precision_recall
+    from eval.stats import check_compatible
+
+    manifest = extractor.manifest()
+    check_compatible(ref.manifest, manifest)
+    inception = isinstance(extractor, InceptionFeatures)
+    spatial = inception and "mu_s" in ref.extra
+    classifier = extractor.yardstick.predict if isinstance(extractor, YardstickFeatures) else None
+    got = collect(
+        generate_fn, seeds, extractor, batch_size, spatial=spatial, inception_score=inception,
+        classifier=classifier, keep_features=real_images is not None, png_dir=png_dir, progress=progress,
+    )
+    out: dict[str, float | int] = {
+        "fid": fid_from_stats(got.stats.gaussian(manifest), ref, allow_singular=allow_singular),
+        "num_images": got.stats.n,
+    }
+    if got.spatial is not None:
+        from eval.fid import check_enough_images, frechet_distance
+
+        check_enough_images(got.spatial.n, got.spatial.dim, "sFID samples", allow_singular)
+        out["sfid"] = frechet_distance(got.spatial.mu(), got.spatial.sigma(), ref.extra["mu_s"], ref.extra["sigma_s"])
+    if got.inception_score is not None:
+        out["inception_score"], out["inception_score_std"] = got.inception_score.score()
+    if got.class_accuracy is not None:
+        out["class_accuracy"] = got.class_accuracy
+    if real_images is not None:
+        real = collect(images_fn(real_images), range(len(real_images)), extractor, batch_size, keep_features=True)
+        out["precision"], out["recall"] = precision_recall(
+            all_features(real, len(real_images)), all_features(got, len(seeds)), k=3
+        )
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
