@@ -84,3 +84,103 @@ def test_yardstick_features_refuse_wrong_images(cache) -> None:
         ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(TypeError, match="uint8"):
         ext(torch.zeros(2, 1, 32, 32))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line on the yardstick.
+
+
+def test_cli_ref_then_npz_and_folder(cache, tmp_path, capsys) -> None:
+    import json
+
+    from PIL import Image
+
+    from eval.__main__ import main
+    from eval.stats import load_stats, save_image_npz
+
+    ref = tmp_path / "ref.npz"
+    assert main(["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--cache-dir", str(cache), "--out", str(ref)]) == 0
+    manifest = load_stats(ref).manifest
+    assert manifest["extractor"] == "lenet-mnist5k-v1" and manifest["num_images"] == 4500
+    assert manifest["dataset"] == "mnist5k/train" and len(manifest["weights_sha256"]) == 64
+    capsys.readouterr()
+
+    images, labels = load_dataset_tensors("mnist5k", "heldout")
+    save_image_npz(tmp_path / "held.npz", images, labels)
+    out = tmp_path / "m.json"
+    assert main(["npz", str(tmp_path / "held.npz"), "--ref", str(ref), "--cache-dir", str(cache), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed == written
+    assert written["fid"] < 5 and written["class_accuracy"] >= 0.97 and written["num_images"] == 500
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(200):
+        Image.fromarray(images[i, 0].numpy()).save(folder / f"{i:04d}.png")
+    assert main(["folder", str(folder), "--ref", str(ref), "--cache-dir", str(cache), "--out", str(out)]) == 0
+    from_folder = json.loads(out.read_text())
+    capsys.readouterr()
+    # The same 200 images through the npz path give the same FID.
+    save_image_npz(tmp_path / "first200.npz", images[:200])
+    assert main(["npz", str(tmp_path / "first200.npz"), "--ref", str(ref), "--cache-dir", str(cache), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["fid"] == pytest.approx(from_folder["fid"], rel=1e-12)
+
+
+def test_cli_refuses_bad_samples_and_foreign_stats(cache, tmp_path, capsys) -> None:
+    import numpy as np
+
+    from eval.__main__ import main
+    from eval.stats import GaussianStats, save_stats
+
+    foreign = tmp_path / "foreign.npz"
+    save_stats(foreign, GaussianStats(np.zeros(128), np.eye(128), 4500,
+                                      {"extractor": "lenet-mnist5k-v1", "weights_sha256": "0" * 64, "resize": "none-32"}))
+    images, _ = load_dataset_tensors("mnist5k", "heldout")
+    from eval.stats import save_image_npz
+
+    save_image_npz(tmp_path / "held.npz", images)
+    assert main(["npz", str(tmp_path / "held.npz"), "--ref", str(foreign), "--cache-dir", str(cache)]) == 2
+    assert "weights_sha256" in capsys.readouterr().err
+    np.savez(tmp_path / "float.npz", arr_0=np.random.rand(10, 32, 32, 1).astype(np.float32))
+    assert main(["npz", str(tmp_path / "float.npz"), "--ref", str(foreign), "--cache-dir", str(cache)]) == 2
+    assert "expected uint8" in capsys.readouterr().err
+    few = tmp_path / "few.npz"
+    save_image_npz(few, images[:50])
+    ref = tmp_path / "ref.npz"
+    main(["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--cache-dir", str(cache), "--out", str(ref)])
+    capsys.readouterr()
+    assert main(["npz", str(few), "--ref", str(ref), "--cache-dir", str(cache)]) == 2
+    assert "singular" in capsys.readouterr().err
+    assert main(["npz", str(few), "--ref", str(ref), "--cache-dir", str(cache), "--allow-singular"]) == 0
+
+
+def test_cli_preset_with_a_generator_factory(cache, tmp_path, capsys, monkeypatch) -> None:
+    import json
+    import sys
+    import types
+
+    from eval.__main__ import main
+
+    ref = tmp_path / "ref.npz"
+    main(["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--cache-dir", str(cache), "--out", str(ref)])
+    images, labels = load_dataset_tensors("mnist5k", "heldout")
+    seen: dict[str, object] = {}
+
+    def factory(snapshot: str, **options: str):
+        seen.update(snapshot=snapshot, **options)
+
+        def generate(seeds: list[int]):
+            idx = PerImageRandom(seeds).randint(len(images))
+            return images[idx], labels[idx]
+
+        return generate
+
+    monkeypatch.setitem(sys.modules, "fake_sampler", types.SimpleNamespace(make=factory))
+    out = tmp_path / "m.json"
+    argv = ["fid5k", "snap.safetensors", "--generator", "fake_sampler:make", "--option", "steps=8",
+            "--num-images", "300", "--ref", str(ref), "--cache-dir", str(cache), "--out", str(out)]
+    assert main(argv) == 0
+    got = json.loads(out.read_text())
+    assert seen == {"snapshot": "snap.safetensors", "steps": "8"}
+    assert got["num_images"] == 300 and got["seeds"] == "0-299" and got["class_accuracy"] >= 0.97
