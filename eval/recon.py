@@ -16,16 +16,12 @@ import torch
 from eval.features import FeatureExtractor, check_uint8_images
 from eval.fid import fid_from_stats
 from eval.stats import FeatureStats
+from gen.data.transforms import to_uint8  # round-to-nearest, the inverse of the model input mapping
 from gen.utils import dist
 from gen.utils.seed import shard_seeds
 
 # MSE floor so identical images give a large finite PSNR (~148 dB) instead of inf, which JSON cannot hold.
 MSE_FLOOR = 1e-10
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 with round-to-nearest (⌊127.5 x + 128⌋ after clamping; no truncation bias)."""
-    return (x.float() * 127.5 + 128.0).clamp(0, 255).floor().to(torch.uint8)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
