@@ -190,8 +190,3 @@ def test_training_reduces_loss(make) -> None:
         opt.step()
     after = eval_loss()
     assert after < 0.6 * before, (before, after)
-
-
-def test_align_and_aug_must_be_none_for_now() -> None:
-    with pytest.raises(NotImplementedError):
-        RectifiedFlow(align=nn.Identity())

@@ -29,8 +29,6 @@ class EDMLoss(Objective):
         p_std: standard deviation of ln sigma.
         sigma_data: data standard deviation used by the preconditioning and the weight.
         sigma_max: largest noise level used at sampling time (the path's ``t_max``; stored in the spec).
-        align: must be None until the alignment interface lands.
-        aug: must be None until the augmentation interface lands.
     """
 
     def __init__(
@@ -39,8 +37,6 @@ class EDMLoss(Objective):
         p_std: float = 1.2,
         sigma_data: float = 0.5,
         sigma_max: float = 80.0,
-        align: nn.Module | None = None,
-        aug: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if sigma_data <= 0:
@@ -48,10 +44,6 @@ class EDMLoss(Objective):
         self.path = EDMPath(sigma_max)
         self.time_sampler = LogNormalSigma(p_mean, p_std)
         self.sigma_data = float(sigma_data)
-        if align is not None or aug is not None:
-            raise NotImplementedError("align/aug modules are not wired into EDMLoss yet; pass None")
-        self.align = align
-        self.aug = aug
 
     def forward(
         self, net: nn.Module, x0: Tensor, y: Tensor | None, *, generator: torch.Generator | None = None

@@ -35,8 +35,6 @@ class FlowMatching(Objective):
         shift: timestep shift ``s`` applied on top of the time sampler's own (``t' = s t / (1 + (s - 1) t)``);
             1 = none.
         cos_velocity_weight: weight of the velocity-direction (cosine) loss; 0 disables it.
-        align: alignment module (REPA/REG); must be None until its interface lands (packaged at ``objective.align``).
-        aug: augmentation module (ScoreAug); must be None until its interface lands (``objective.aug``).
     """
 
     def __init__(
@@ -45,8 +43,6 @@ class FlowMatching(Objective):
         time_sampler: TimeSampler | Mapping[str, Any] | str = "uniform",
         shift: float = 1.0,
         cos_velocity_weight: float = 0.0,
-        align: nn.Module | None = None,
-        aug: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.path = path if isinstance(path, Path) else path_from_spec(path)
@@ -58,10 +54,6 @@ class FlowMatching(Objective):
         if cos_velocity_weight < 0:
             raise ValueError(f"cos_velocity_weight must be >= 0, got {cos_velocity_weight}")
         self.cos_velocity_weight = float(cos_velocity_weight)
-        if align is not None or aug is not None:
-            raise NotImplementedError("align/aug modules are not wired into FlowMatching yet; pass None")
-        self.align = align
-        self.aug = aug
 
     def predict(self, net: nn.Module, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
         """The network's velocity in float32 (the only place the input meets the network's dtype)."""
@@ -98,7 +90,5 @@ class RectifiedFlow(FlowMatching):
         time_sampler: TimeSampler | Mapping[str, Any] | str = "uniform",
         shift: float = 1.0,
         cos_velocity_weight: float = 0.0,
-        align: nn.Module | None = None,
-        aug: nn.Module | None = None,
     ) -> None:
-        super().__init__(LinearPath(), time_sampler, shift, cos_velocity_weight, align, aug)
+        super().__init__(LinearPath(), time_sampler, shift, cos_velocity_weight)
