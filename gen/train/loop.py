@@ -27,9 +27,10 @@ from torch import nn
 from gen.data import InfiniteSampler, random_hflip
 from gen.ema import EMA, EMAProfile
 from gen.utils import ckpt
+from gen.utils.config import ConfigError
 from gen.utils.dist import print0
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
-from gen.utils.seed import step_generator
+from gen.utils.seed import derive_seed, step_generator
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -155,8 +156,10 @@ def _lr_factor(cfg: TrainConfig, nimg: int) -> float:
     return f
 
 
-def _crossed(prev_nimg: int, nimg: int, interval_kimg: float) -> bool:
-    """True when [prev, nimg) passed a multiple of the interval."""
+def _crossed(prev_nimg: int, nimg: int, interval_kimg: float | None) -> bool:
+    """True when [prev, nimg) passed a multiple of the interval (never for None or inf)."""
+    if interval_kimg is None or not math.isfinite(interval_kimg):
+        return False
     interval = max(int(round(interval_kimg * 1000)), 1)
     return prev_nimg // interval != nimg // interval
 
@@ -241,6 +244,8 @@ def train(
     accelerator.wait_for_everyone()
 
     module = _TrainModule(net, objective).to(device)
+    if isinstance(tokenizer, nn.Module):
+        tokenizer.to(device).eval().requires_grad_(False)
     ema = EMA(net, ema_profiles).to(device)
     opt = optimizer(param_groups(module, weight_decay))
     base_lrs = [g["lr"] for g in opt.param_groups]
@@ -326,7 +331,9 @@ def train(
     # ---- main loop ----------------------------------------------------------------------------
     module.train()
     while nimg < total_nimg:
-        gen = step_generator(cfg.seed, rank, nimg, device="cpu")
+        gen = step_generator(cfg.seed, rank, nimg, device=device)
+        # Modules that draw from the global RNG (label dropout, dropout) are reseeded too.
+        torch.manual_seed(derive_seed("global", cfg.seed, rank, nimg))
         for g in opt.param_groups:
             g["lr"] = base_lrs[opt.param_groups.index(g)] * _lr_factor(cfg, nimg)
         opt.zero_grad(set_to_none=True)
@@ -426,7 +433,7 @@ def _check_resume_config(state: Mapping[str, Any], config: Mapping[str, Any], pa
     for key in ("model", "objective", "data", "tokenizer"):
         a, b = old.get(key), json.loads(json.dumps(config.get(key), default=str))
         if a is not None and b is not None and a != b:
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was written with a different '{key}' config than this run:\n  state: {a}\n  now:   {b}\n"
                 "Use another experiment name (name=...) for a new run, or delete the run folder to start over."
             )
