@@ -27,7 +27,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., dim) -> (..., dim)."""
         xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # vector_norm is one fused reduction pass (pow + mean would be two, plus a temporary).
+        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square() / self.dim  # (..., 1)
+        rstd = torch.rsqrt(ms + self.eps)  # (..., 1)
+        if x.dtype == torch.float32 and self.weight is not None:
+            return xf * (rstd * self.weight)  # one full-size multiply instead of two
+        y = (xf * rstd).to(x.dtype)
         return y * self.weight if self.weight is not None else y
 
     def extra_repr(self) -> str:

@@ -90,6 +90,14 @@ def rotate_pairs(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of ``x`` (B, heads, N, d_h) by the table (N, d_h); computed in fp32."""
+    """Rotate channel pairs of ``x`` (B, heads, N, d_h) by the table (N, d_h); computed in fp32.
+
+    Implemented as one complex multiply ``(a + ib) · (cos + i sin)`` on a complex view of x (about half
+    the time of ``x cos + rotate_pairs(x) sin``, which needs a stack and three full-size passes).
+    """
     xf = x.float()
-    return (xf * cos + rotate_pairs(xf) * sin).to(x.dtype)
+    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(s % 2 for s in xf.stride()[:-1]):
+        xf = xf.contiguous()  # view_as_complex needs (real, imag) adjacent and even strides
+    rot = torch.complex(cos[..., 0::2], sin[..., 0::2])  # (N, d_h/2)
+    out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * rot).flatten(-2)
+    return out.to(x.dtype)
