@@ -172,3 +172,38 @@ def test_config_roundtrip_and_build_model() -> None:
 def test_presets_table() -> None:
     assert len([k for k in PRESETS if "/" in k]) == 12
     assert PRESETS["XL/2"] == {"depth": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 2}
+
+
+def test_matches_reference_formulas() -> None:
+    """DiT written out from the paper's equations (timm-style attention, explicit unpatchify)."""
+    import math
+
+    import torch.nn.functional as F
+
+    m = micro(learn_sigma=True).eval()
+    perturb(m)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([4, 10])
+    D, p, nh = 64, 4, 2
+    h = m.x_embedder.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+    args = (t * 1000)[:, None] * freqs[None]
+    c = m.t_embedder.mlp(torch.cat([args.cos(), args.sin()], -1)) + m.y_embedder.embedding_table.weight[y]
+    for blk in m.blocks:
+        sh1, sc1, g1, sh2, sc2, g2 = blk.adaLN_modulation(c).chunk(6, -1)
+        a = F.layer_norm(h, (D,), eps=1e-6) * (1 + sc1[:, None]) + sh1[:, None]
+        q, k, v = blk.attn.qkv(a).reshape(2, -1, 3, nh, D // nh).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // nh), -1) @ v
+        h = h + g1[:, None] * blk.attn.proj(att.transpose(1, 2).reshape(2, -1, D))
+        a = F.layer_norm(h, (D,), eps=1e-6) * (1 + sc2[:, None]) + sh2[:, None]
+        h = h + g2[:, None] * blk.mlp.fc2(F.gelu(blk.mlp.fc1(a), approximate="tanh"))
+    sh, sc = m.final_layer.adaLN_modulation(c).chunk(2, -1)
+    out = m.final_layer.linear(F.layer_norm(h, (D,), eps=1e-6) * (1 + sc[:, None]) + sh[:, None])
+    out = out.reshape(2, 4, 4, p, p, 6).permute(0, 5, 1, 3, 2, 4).reshape(2, 6, 16, 16)  # (n h w p q c) -> (n c h p w q)
+    torch.testing.assert_close(m(x, t, y), out, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_switch_keeps_state_dict_layout() -> None:
+    eager, compiled = micro(), micro(compile=True)
+    assert list(eager.state_dict()) == list(compiled.state_dict())
+    assert compiled.config["compile"] is True

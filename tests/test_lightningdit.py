@@ -131,3 +131,48 @@ def test_config_roundtrip() -> None:
     m2 = build_model(json.loads(json.dumps(m.config)))
     assert type(m2) is LightningDiT and m2.config == m.config
     m2.load_state_dict(m.state_dict())
+
+
+def test_matches_reference_formulas() -> None:
+    """LightningDiT written out from the reference formulas (EVA-02 RoPE with rotate-half on pairs)."""
+    import math
+
+    import torch.nn.functional as F
+
+    m = micro(qk_norm=True).eval()
+    perturb(m)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([4, 10])
+    D, nh, g = 64, 2, 4
+    dh = D // nh
+    # rope: dim = dh/2 per axis, freqs theta^(-(0, 2, ..)/dim), each repeated twice; rows then columns
+    dim = dh // 2
+    freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    f = torch.outer(torch.arange(g).float(), freqs).repeat_interleave(2, -1)  # (g, dim)
+    ang = torch.cat([f[:, None, :].expand(g, g, dim), f[None, :, :].expand(g, g, dim)], -1).reshape(g * g, dh)
+
+    def rot_half(v):
+        a, b = v.reshape(*v.shape[:-1], -1, 2).unbind(-1)
+        return torch.stack([-b, a], -1).flatten(-2)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+    h = m.x_embedder.proj(x).flatten(2).transpose(1, 2) + m.pos_embed
+    half = 128
+    args = (t * 1000)[:, None] * torch.exp(-math.log(10000) * torch.arange(half) / half)[None]
+    c = m.t_embedder.mlp(torch.cat([args.cos(), args.sin()], -1)) + m.y_embedder.embedding_table.weight[y]
+    for blk in m.blocks:
+        sh1, sc1, g1, sh2, sc2, g2 = (v[:, None] for v in blk.adaLN_modulation(c).chunk(6, -1))
+        a = rms(h, blk.norm1.weight) * (1 + sc1) + sh1
+        q, k, v = blk.attn.qkv(a).reshape(2, -1, 3, nh, dh).permute(2, 0, 3, 1, 4)
+        q, k = rms(q, blk.attn.q_norm.weight), rms(k, blk.attn.k_norm.weight)
+        q, k = (z * ang.cos() + rot_half(z) * ang.sin() for z in (q, k))
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
+        h = h + g1 * blk.attn.proj(att.transpose(1, 2).reshape(2, -1, D))
+        a = rms(h, blk.norm2.weight) * (1 + sc2) + sh2
+        u, w = blk.mlp.w12(a).chunk(2, -1)
+        h = h + g2 * blk.mlp.w3(F.silu(u) * w)
+    sh, sc = (v[:, None] for v in m.final_layer.adaLN_modulation(c).chunk(2, -1))
+    out = m.final_layer.linear(rms(h, m.final_layer.norm_final.weight) * (1 + sc) + sh)
+    out = out.reshape(2, g, g, 4, 4, 3).permute(0, 5, 1, 3, 2, 4).reshape(2, 3, 16, 16)
+    torch.testing.assert_close(m(x, t, y), out, atol=1e-5, rtol=1e-4)

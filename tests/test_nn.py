@@ -213,3 +213,30 @@ def test_attention_matches_manual() -> None:
     cos, sin = rope_2d_axial(8, 1, 5)
     assert qk(x, (cos, sin)).shape == (2, 5, 16)
     assert sum(p.numel() for p in qk.parameters()) == 16 * 48 + 48 + 16 * 16 + 16 + 2 * 8
+
+
+def test_rmsnorm_without_weight_and_bf16_path() -> None:
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(RMSNorm(8, affine=False)(x), x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6))
+    assert RMSNorm(8, affine=False).weight is None
+
+
+def test_apply_rope_strided_and_bf16_inputs() -> None:
+    torch.manual_seed(0)
+    cos, sin = rope_2d_axial(8, 2, 3)
+    base = torch.randn(2, 6, 3, 2, 8)  # (B, N, 3, heads, d) like a fused qkv output
+    k = base.permute(2, 0, 3, 1, 4)[1]  # strided view, as k from a fused qkv projection
+    expected = k.contiguous() * cos + rotate_pairs(k.contiguous()) * sin
+    torch.testing.assert_close(apply_rope(k, cos, sin), expected)
+    odd = torch.randn(2, 1, 6, 9)[..., 1:]  # odd storage offset forces the contiguous fallback
+    torch.testing.assert_close(apply_rope(odd, cos, sin), odd * cos + rotate_pairs(odd) * sin)
+    out = apply_rope(k.bfloat16(), cos, sin)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=0.05, rtol=0.02)
+
+
+def test_gated_residual() -> None:
+    from gen.nn import gated_residual
+
+    x, h, g = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(2, 4)
+    torch.testing.assert_close(gated_residual(x, g, h), x + g[:, None] * h)
