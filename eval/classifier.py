@@ -152,7 +152,7 @@ class Recipe:
 
 RECIPES: dict[Kind, Recipe] = {
     "lenet": Recipe(),
-    "foundation": Recipe(kind="foundation", seed=1234, epochs=6, lr=2e-3, width=32, feature_dim=64),
+    "foundation": Recipe(kind="foundation", seed=1234, epochs=6, lr=2e-3, dropout=0.0, width=32, feature_dim=64),
 }
 
 

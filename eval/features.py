@@ -434,6 +434,16 @@ class YardstickFeatures(FeatureExtractor):
             )
         return self.yardstick.features(images.cpu())
 
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, 16, D) of the ``foundation`` encoder, the yardstick's stand-in for DINOv2's."""
+        from eval.classifier import FoundationNet, to_unit_range
+
+        if not isinstance(self.yardstick.net, FoundationNet):
+            raise TypeError(f"{self.name} has no patch tokens; build the extractor with kind='foundation'")
+        check_uint8_images(images)
+        return self.yardstick.net.tokens(to_unit_range(images.cpu()))
+
 
 # ----------------------------------------------------------------------------------------------
 # Construction by name.
