@@ -103,3 +103,21 @@ def test_build_extractor_names() -> None:
         build_extractor("vgg16")
     with pytest.raises(ValueError, match="needs a built-in dataset"):
         build_extractor("yardstick")
+
+
+def test_eval_configs_match_the_functions_they_wire() -> None:
+    import inspect
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from eval.generate import yardstick_metrics
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "eval"
+    hook_keys = {"enabled", "metric", "interval_kimg"}
+    ys = OmegaConf.load(root / "yardstick.yaml")
+    params = set(inspect.signature(yardstick_metrics).parameters) - {"generate_fn"}
+    assert set(ys.keys()) - hook_keys == params
+    for name in ("fid5k", "fid10k", "fid50k"):
+        cfg = OmegaConf.load(root / f"{name}.yaml")
+        assert cfg.num_images == int(name[3:-1]) * 1000 and cfg.resize in ("tf1-bilinear", "bilinear-antialias")
