@@ -36,7 +36,7 @@ from gen.utils import dist
 from gen.utils.ckpt import atomic_write
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import save_grid
-from gen.utils.seed import shard_seeds
+from gen.utils.seed import derive_seed, shard_seeds
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "objective", "sampler", "ema", "optim",
@@ -123,6 +123,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"data.{key}={c['data'][key]} but the dataset has {key}={getattr(dataset, key)}; fix data.{key}"
             )
     tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
+    # Same initial weights on every process and every re-run (DDP also broadcasts rank 0's).
+    torch.manual_seed(derive_seed("init", c["seed"]))
     net = _instantiate(cfg.model, "model")
     objective = _instantiate(cfg.objective, "objective")
     optimizer = _instantiate(cfg.optim, "optim")

@@ -120,6 +120,28 @@ def run_sampler(
     return fn(model_fn, noise, ts, path=path, y=y, **kwargs)
 
 
+class MinRows(nn.Module):
+    """Calls ``net`` on at least ``min_rows`` rows, padding small batches with copies of row 0.
+
+    CPU GEMM libraries switch to other kernels (another summation order) for matrices of very few
+    rows, so without padding a batch of 4 images can differ in the last bit from the same images
+    inside a batch of 16, and after rounding to uint8 an occasional pixel differs. Padding keeps
+    every call in the large-matrix regime, so an image depends only on its seed.
+    """
+
+    def __init__(self, net: nn.Module, min_rows: int = 16) -> None:
+        super().__init__()
+        self.net, self.min_rows = net, int(min_rows)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Tensor:
+        n = x.shape[0]
+        if n >= self.min_rows:
+            return self.net(x, t, y, **kwargs)
+        idx = torch.cat([torch.arange(n), torch.zeros(self.min_rows - n, dtype=torch.long)]).to(x.device)
+        out = self.net(x[idx], t[idx], None if y is None else y[idx], **kwargs)
+        return out[:n]
+
+
 @dataclass
 class Generator:
     """Everything needed to turn seeds into images.
@@ -130,6 +152,7 @@ class Generator:
         tokenizer: decodes model outputs to images in [-1, 1].
         input_shape: model input shape (C, H, W).
         num_classes: number of real classes; label ``num_classes`` is the null label.
+        min_rows: network calls are padded to at least this many rows (see ``MinRows``).
     """
 
     net: nn.Module
@@ -137,6 +160,7 @@ class Generator:
     tokenizer: Any
     input_shape: tuple[int, int, int]
     num_classes: int
+    min_rows: int = 16
 
     @torch.no_grad()
     def generate(
@@ -156,7 +180,8 @@ class Generator:
         y = drawn if labels is None else labels.to(torch.long).cpu()
         noise = rnd.randn(self.input_shape).to(device)
         path = path_from_spec(self.prediction["path"])
-        model_fn = guided_model_fn(velocity_model(self.net, self.prediction), sampler, self.num_classes)
+        net = MinRows(self.net) if self.min_rows > 1 else self.net
+        model_fn = guided_model_fn(velocity_model(net, self.prediction), sampler, self.num_classes)
         x = run_sampler(model_fn, noise, y.to(device), path, sampler, randn_like=rnd.randn_like)
         images = to_uint8(self.tokenizer.decode(x).float().clamp(-1, 1))
         return images.cpu(), y
