@@ -1,17 +1,20 @@
 """Training throughput of our backbones against diffusers' ``DiTTransformer2DModel`` of the same size.
 
-One training step = forward + MSE loss + backward + AdamW step, fp32. Each row builds our model and the
-diffusers DiT with the same width, depth, heads and patch size, warms both up, then alternates timed
-steps (ours, reference, ours, ...) so that load from other processes affects both alike. Reported:
-median seconds per step, images/s, analytic GFLOP per step (``torch.utils.flop_counter.FlopCounterMode``
-over forward + backward: matmuls, convolutions and attention) and achieved GFLOP/s, and the ratio
-ours / diffusers in images/s.
+One training step = forward + MSE loss + backward + fused AdamW step, fp32 weights (``--precision bf16``
+wraps the forward of both models in bf16 autocast). Each row builds our model and the diffusers DiT with
+the same width, depth, heads and patch size, warms both up, then alternates timed steps (ours, reference,
+ours, ...) so that load from other processes affects both alike. Reported per model: median wall seconds
+per step, median process CPU seconds per step (robust on a shared machine when run with ``--threads 1``),
+images/s, analytic GFLOP per step (``torch.utils.flop_counter.FlopCounterMode`` over forward + backward:
+matmuls, convolutions, attention) and achieved GFLOP/s; then ours / diffusers ratios (images/s from wall
+time, and the same ratio from CPU time). LightningDiT and DDT rows compare against a diffusers DiT of
+equal width and depth.
 
 Examples (from the repository root)::
 
-    OMP_NUM_THREADS=2 python bench/train_throughput.py                       # DiT-S/2 and tiny rows
-    python bench/train_throughput.py --models dit_s2,tiny_dit,tiny_lightningdit,tiny_ddt --steps 10
-    python bench/train_throughput.py --models tiny_dit --batch 64 --threads 2
+    python bench/train_throughput.py --threads 2                                 # DiT-S/2 and tiny DiT
+    python bench/train_throughput.py --models dit_s2,tiny_dit,tiny_lightningdit,tiny_ddt --threads 1
+    python bench/train_throughput.py --models tiny_dit --precision bf16 --compile --steps 10
 """
 
 from __future__ import annotations
@@ -101,17 +104,22 @@ def diffusers_reference(row: Row) -> nn.Module:
     )
 
 
-def make_step(model: nn.Module, kind: str, batch: tuple[torch.Tensor, ...]) -> Callable[[], None]:
-    """A closure doing one fp32 training step (forward, MSE, backward, AdamW)."""
+def make_step(
+    model: nn.Module, kind: str, batch: tuple[torch.Tensor, ...], precision: str = "fp32"
+) -> Callable[[], None]:
+    """A closure doing one training step (forward, MSE, backward, AdamW); fp32 weights, optional bf16 autocast."""
     params = [p for p in model.parameters() if p.requires_grad]
     # The fused kernel is ~7x faster than the per-tensor loop on CPU; both models get the same optimizer.
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
     x, t, y, target = batch
 
     def forward() -> torch.Tensor:
-        if kind.startswith("ours"):
-            return model(x, t, y)
-        return model(x, timestep=t * 1000, class_labels=y, return_dict=False)[0]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if kind.startswith("ours"):
+                out = model(x, t, y)
+            else:
+                out = model(x, timestep=t * 1000, class_labels=y, return_dict=False)[0]
+        return out.float()
 
     def step() -> None:
         loss = F.mse_loss(forward(), target)
@@ -145,7 +153,7 @@ def run_row(row: Row, args: argparse.Namespace, device: torch.device) -> dict:
     if args.compile:
         models["ours+cmp"] = build_model({**row.config, "compile": True}).to(device).train()
     models["diffusers"] = diffusers_reference(row).to(device).train()
-    steps = {k: make_step(m, k, batch) for k, m in models.items()}
+    steps = {k: make_step(m, k, batch, args.precision) for k, m in models.items()}
     # Counted in eager mode (compiled graphs are opaque to the counter; the FLOPs are the same).
     flops = {k: count_flops(models[k], steps[k].forward) for k in models if k != "ours+cmp"}  # type: ignore[attr-defined]
     if args.compile:
@@ -187,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per model (interleaved)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (weights stay fp32)")
     p.add_argument("--compile", action="store_true", help="add a row for our model with compile=True")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, fp32")
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.precision}")
     header = f"{'row':34s} {'model':9s} {'params M':>9s} {'s/step':>8s} {'cpu s':>7s} {'img/s':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}"
     print(header)
     print("-" * len(header))
