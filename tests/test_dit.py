@@ -161,6 +161,11 @@ def test_config_roundtrip_and_build_model() -> None:
     m2 = build_model(cfg)
     assert type(m2) is DiT and m2.config == m.config
     m2.load_state_dict(m.state_dict())
+    import gen.models
+
+    assert gen.models.DiT is DiT  # lazy re-export
+    with pytest.raises(AttributeError):
+        gen.models.UNet  # noqa: B018
     with pytest.raises(ValueError, match="unknown model arch"):
         build_model({"arch": "unet"})
     with pytest.raises(ValueError, match="'arch'"):

@@ -44,4 +44,12 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     return cls(**kwargs)
 
 
-__all__ = ["ARCHS", "build_model", "model_class"]
+def __getattr__(name: str) -> Any:
+    """``from gen.models import DiT`` etc. without importing every backbone up front."""
+    for arch, (_, cls) in ARCHS.items():
+        if name == cls:
+            return model_class(arch)
+    raise AttributeError(f"module 'gen.models' has no attribute {name!r}")
+
+
+__all__ = ["ARCHS", "DDT", "DiT", "LightningDiT", "build_model", "model_class"]
