@@ -3,9 +3,10 @@
 For each extractor (the FID Inception-v3 and the yardstick LeNet) both pipelines see the same network
 weights and the same uint8 images: ours is ``extractor(images)`` + ``FeatureStats.update`` (float64 sums),
 torchmetrics' is ``FrechetInceptionDistance.update(images, real=False)`` (its own copy of the same module,
-or the same LeNet passed as a custom feature module). Timed batches alternate (ours, theirs, ours, ...)
+or the same LeNet passed as a custom feature module; ours runs the Inception channels-last, the
+reported ``sum_rel_diff`` shows the features agree to float32 rounding). Timed batches alternate (ours, theirs, ours, ...)
 so load from other processes on the machine affects both alike; reported are images/s from the median
-batch time and the ratio ours / torchmetrics (also from the fastest batch, less disturbed by load). Both end with the same statistics (checked).
+batch time and the ratio ours / torchmetrics (also from the fastest batch, less disturbed by load).
 
 Scaling: ``eval.generate.collect`` over all images (each process one thread, gloo), wall time including
 the all-reduce, with 1 and with 2 processes; scaling = t(1) / t(2) (2.0 is perfect).
@@ -106,13 +107,14 @@ def bench_vs_torchmetrics(row: str, weights: str, images: torch.Tensor, batch: i
             # Alternate which pipeline goes first so neither always runs on a warm cache.
             for step in (ours_step, theirs_step) if i % 2 == 0 else (theirs_step, ours_step):
                 step(b)
-    same = torch.allclose(stats.sum, tm.fake_features_sum.double(), rtol=1e-5, atol=1e-6)
+    # Our Inception runs channels-last (faster); its features differ from torchmetrics' by float32 rounding.
+    rel_diff = float((stats.sum - tm.fake_features_sum.double()).abs().max() / tm.fake_features_sum.abs().max())
     ours, theirs = batch / statistics.median(ours_t), batch / statistics.median(theirs_t)
     # On a shared machine the fastest batch is the least disturbed estimate of the cost.
     ours_best, theirs_best = batch / min(ours_t), batch / min(theirs_t)
     return {"row": row, "images": len(images), "batch": batch, "timed_batches": len(ours_t),
             "ours_img_s": ours, "torchmetrics_img_s": theirs, "ratio": ours / theirs,
-            "ratio_best": ours_best / theirs_best, "same_stats": bool(same)}
+            "ratio_best": ours_best / theirs_best, "sum_rel_diff": rel_diff}
 
 
 def _collect_worker(rank: int, world: int, port: int, row: str, weights: str, n: int, res: int, batch: int,
@@ -152,7 +154,7 @@ def bench_scaling(row: str, weights: str, n: int, res: int, batch: int) -> dict:
             res_json = json.loads(Path(out).read_text())
             walls[world], sums[world] = res_json["wall_s"], res_json["sum0"]
     return {"row": row, "images": n, "wall_1proc_s": walls[1], "wall_2proc_s": walls[2],
-            "scaling": walls[1] / walls[2], "same_stats": abs(sums[1] - sums[2]) <= 1e-9 * abs(sums[1])}
+            "scaling": walls[1] / walls[2], "scaling_same_stats": abs(sums[1] - sums[2]) <= 1e-9 * abs(sums[1])}
 
 
 def main() -> None:

@@ -90,10 +90,12 @@ def collect(
     needs_inception = spatial or inception_score
     if needs_inception and not isinstance(extractor, InceptionFeatures):
         raise ValueError("sFID and Inception Score need the Inception extractor")
-    stats = FeatureStats(extractor.dim)
+    # Sums live where the extractor runs (float64 Gram updates on a GPU are far faster than on a CPU).
+    device = getattr(extractor, "device", "cpu")
+    stats = FeatureStats(extractor.dim, device=device)
     out = Collected(stats=stats)
     if spatial:
-        out.spatial = FeatureStats(InceptionFeatures.SPATIAL_CHANNELS * 17 * 17)
+        out.spatial = FeatureStats(InceptionFeatures.SPATIAL_CHANNELS * 17 * 17, device=device)
     if inception_score:
         out.inception_score = InceptionScoreStats(len(seeds))
     done = 0
