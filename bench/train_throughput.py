@@ -15,6 +15,7 @@ Examples (from the repository root)::
     python bench/train_throughput.py --threads 2                                 # DiT-S/2 and tiny DiT
     python bench/train_throughput.py --models dit_s2,tiny_dit,tiny_lightningdit,tiny_ddt --threads 1
     python bench/train_throughput.py --models tiny_dit --precision bf16 --compile --steps 10
+    python bench/train_throughput.py --models dit_s2 --matmul-precision medium --threads 1
 """
 
 from __future__ import annotations
@@ -196,18 +197,27 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or None)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast (weights stay fp32)")
+    p.add_argument(
+        "--matmul-precision",
+        choices=["highest", "high", "medium"],
+        default="highest",
+        help="torch.set_float32_matmul_precision for both models; 'medium' runs fp32 GEMMs on bf16 units "
+        "(AMX on recent Xeons; the CPU analogue of TF32)",
+    )
     p.add_argument("--compile", action="store_true", help="add a row for our model with compile=True")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     device = torch.device(args.device)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, {args.precision}")
+          f"{args.steps} timed steps after {args.warmup} warm-up, {args.precision}, "
+          f"float32 matmul precision {args.matmul_precision}")
     header = f"{'row':34s} {'model':9s} {'params M':>9s} {'s/step':>8s} {'cpu s':>7s} {'img/s':>8s} {'GFLOP/step':>11s} {'GFLOP/s':>8s}"
     print(header)
     print("-" * len(header))
