@@ -160,7 +160,7 @@ def check_uint8_images(images: torch.Tensor, channels: Sequence[int] = (1, 3)) -
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of uint8 images, got {type(images).__name__}")
     if images.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert with to_uint8()")
+        raise TypeError(f"expected uint8 images in [0, 255], got dtype {images.dtype}; convert with gen.data.transforms.to_uint8")
     if images.ndim != 4 or images.shape[1] not in channels:
         raise ValueError(f"expected images (B, C, H, W) with C in {tuple(channels)}, got shape {tuple(images.shape)}")
 
@@ -190,31 +190,21 @@ def _inception_class() -> type[nn.Module]:
     return _Inception
 
 
-_EMPTY_STATE: Path | None = None
-
-
-def _empty_state_file() -> Path:
-    global _EMPTY_STATE
-    if _EMPTY_STATE is None or not _EMPTY_STATE.exists():
-        fd, tmp = tempfile.mkstemp(suffix=".pth", prefix="gen-empty-state-")
-        os.close(fd)
-        torch.save({}, tmp)
-        _EMPTY_STATE = Path(tmp)
-    return _EMPTY_STATE
-
-
 def build_inception(
     state_dict: dict[str, torch.Tensor] | None, resize: InceptionResize = "tf1-bilinear"
 ) -> nn.Module:
     """The torch-fidelity / torchmetrics Inception-v3 module, with given weights or PyTorch's default init."""
     if resize not in ("tf1-bilinear", "bilinear-antialias"):
         raise ValueError(f"resize must be 'tf1-bilinear' or 'bilinear-antialias', got {resize!r}")
-    net = _inception_class()(
-        name="inception-v3-compat",
-        features_list=["2048", "logits_unbiased"],
-        feature_extractor_weights_path=str(_empty_state_file()),
-        antialias=resize == "bilinear-antialias",
-    )
+    with tempfile.TemporaryDirectory(prefix="gen-inception-") as tmp:
+        placeholder = os.path.join(tmp, "empty.pth")
+        torch.save({}, placeholder)
+        net = _inception_class()(
+            name="inception-v3-compat",
+            features_list=["2048", "logits_unbiased"],
+            feature_extractor_weights_path=placeholder,
+            antialias=resize == "bilinear-antialias",
+        )
     if state_dict is not None:
         nn.Module.load_state_dict(net, state_dict, strict=True)
     return net.eval().requires_grad_(False)

@@ -2,7 +2,7 @@
 
 Image k of a sample set is made from seed k alone (``gen.utils.seed.PerImageRandom`` inside the
 ``generate_fn``), the seeds are cut into batches and dealt round-robin to the processes
-(``gen.utils.seed.shard_seeds``, EDM2's scheme), and each process adds its features to float64 sums that
+(``fixed_batches``: EDM2's scheme, with batches that do not change with the world size), and each process adds its features to float64 sums that
 are reduced with one all-reduce at the end. The metric therefore does not depend on the number of
 processes or the batch size (methods/evaluation.md §4.3). No PNG is written unless ``png_dir`` is given.
 
@@ -23,7 +23,6 @@ from eval.features import FeatureExtractor, InceptionFeatures, check_uint8_image
 from eval.fid import InceptionScoreStats, fid_from_stats
 from eval.stats import FeatureStats, GaussianStats, load_stats, save_stats
 from gen.utils import dist
-from gen.utils.seed import shard_seeds
 
 GenerateFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor | None]"]
 
@@ -99,7 +98,7 @@ def collect(
     if inception_score:
         out.inception_score = InceptionScoreStats(len(seeds))
     done = 0
-    for batch in shard_seeds(seeds, batch_size, dist.rank(), dist.world_size()):
+    for batch in fixed_batches(seeds, batch_size, dist.rank(), dist.world_size()):
         if not batch:
             continue
         images, labels = generate_fn(batch)
@@ -137,6 +136,22 @@ def collect(
         dist.all_reduce_sum(counts)
         out.correct, out.labelled = int(counts[0]), int(counts[1])
     return out
+
+
+def fixed_batches(seeds: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:
+    """Cut seeds into consecutive batches of ``batch_size`` and deal them round-robin to the processes.
+
+    Unlike ``gen.utils.seed.shard_seeds`` (equal batch counts per process, sizes depending on the world
+    size), every batch here is the same whatever the number of processes. Convolution kernels may round
+    differently for different batch sizes, so this keeps each image's features bit-identical and the
+    reduced statistics equal to float64 summation order. No collective runs per batch, so processes
+    may get different numbers of batches.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    seeds = list(seeds)
+    batches = [seeds[i : i + batch_size] for i in range(0, len(seeds), batch_size)]
+    return batches[rank::world]
 
 
 def all_features(collected: Collected, num_images: int) -> torch.Tensor:
@@ -193,13 +208,13 @@ def evaluate(
 ) -> dict[str, float | int]:
     """All metrics of a generated (or stored) image set against reference statistics.
 
-    FID always; with the Inception extractor also the Inception Score and, when ``ref`` holds
+    FID always; with the Inception extractor also the Inception Score (10 splits; at least 10 images) and, when ``ref`` holds
     ``mu_s``/``sigma_s``, sFID; with a yardstick extractor and labelled images the class accuracy; with
     ``real_images`` (an ADM reference batch) improved precision/recall (k=3). FD-DINOv2 is the FID
     entry with a DINOv2 extractor.
 
     Returns:
-        ``{"fid", "num_images", ["sfid"], ["inception_score", "inception_score_std"],
+        ``{"fid" (or "fd_dinov2"), "num_images", ["sfid"], ["inception_score", "inception_score_std"],
         ["class_accuracy"], ["precision", "recall"]}``.
     """
     from eval.features import YardstickFeatures
@@ -210,13 +225,19 @@ def evaluate(
     check_compatible(ref.manifest, manifest)
     inception = isinstance(extractor, InceptionFeatures)
     spatial = inception and "mu_s" in ref.extra
+    # The Inception Score uses 10 fixed splits (ADM, torch-fidelity); with fewer images it is left out.
+    with_is = inception and len(seeds) >= 10
     classifier = extractor.yardstick.predict if isinstance(extractor, YardstickFeatures) else None
     got = collect(
-        generate_fn, seeds, extractor, batch_size, spatial=spatial, inception_score=inception,
+        generate_fn, seeds, extractor, batch_size, spatial=spatial, inception_score=with_is,
         classifier=classifier, keep_features=real_images is not None, png_dir=png_dir, progress=progress,
     )
+    from eval.features import DINOv2Features
+
+    # The same Fréchet distance; named FD-DINOv2 when the features are DINOv2's (Stein et al. 2023).
+    key = "fd_dinov2" if isinstance(extractor, DINOv2Features) else "fid"
     out: dict[str, float | int] = {
-        "fid": fid_from_stats(got.stats.gaussian(manifest), ref, allow_singular=allow_singular),
+        key: fid_from_stats(got.stats.gaussian(manifest), ref, allow_singular=allow_singular),
         "num_images": got.stats.n,
     }
     if got.spatial is not None:

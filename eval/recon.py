@@ -15,10 +15,10 @@ import torch
 
 from eval.features import FeatureExtractor, check_uint8_images
 from eval.fid import fid_from_stats
+from eval.generate import fixed_batches
 from eval.stats import FeatureStats
 from gen.data.transforms import to_uint8  # round-to-nearest, the inverse of the model input mapping
 from gen.utils import dist
-from gen.utils.seed import shard_seeds
 
 # MSE floor so identical images give a large finite PSNR (~148 dB) instead of inf, which JSON cannot hold.
 MSE_FLOOR = 1e-10
@@ -66,7 +66,7 @@ def reconstruction_metrics(
     check_uint8_images(images)
     real, recon = FeatureStats(extractor.dim), FeatureStats(extractor.dim)
     psnr_sum = torch.zeros(2, dtype=torch.float64)  # (Σ psnr, count)
-    for batch in shard_seeds(range(images.shape[0]), batch_size, dist.rank(), dist.world_size()):
+    for batch in fixed_batches(range(images.shape[0]), batch_size, dist.rank(), dist.world_size()):
         if not batch:
             continue
         x = images[torch.tensor(batch)]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-NUM_IMAGES = 37  # does not divide evenly into 2 processes x batches of 4
+NUM_IMAGES = 37  # 13 batches of 3 (the last of 1): 7 on one process, 6 on the other
 
 
 class _RandomLeNetFeatures:
@@ -48,12 +48,13 @@ def _generate(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 def _evaluate() -> dict[str, np.ndarray | float]:
     from eval.fid import InceptionScoreStats, fid_from_stats
     from eval.generate import collect
-    from gen.utils.seed import PerImageRandom, shard_seeds
+    from eval.generate import fixed_batches
     from gen.utils import dist
+    from gen.utils.seed import PerImageRandom
 
     ext = _RandomLeNetFeatures()
     seeds = list(range(100, 100 + NUM_IMAGES))
-    got = collect(_generate, seeds, ext, batch_size=4, classifier=ext.predict)  # type: ignore[arg-type]
+    got = collect(_generate, seeds, ext, batch_size=3, classifier=ext.predict)  # type: ignore[arg-type]
     # A fixed reference: the first 300 seeds after the sample set, computed locally in every process.
     ref_images, _ = _generate(list(range(1000, 1300)))
     from eval.stats import FeatureStats
@@ -63,7 +64,7 @@ def _evaluate() -> dict[str, np.ndarray | float]:
     fid = fid_from_stats(got.stats.gaussian(), ref.gaussian(), allow_singular=True)
     # Inception Score sums: logits are a function of the seed, the split a function of its index.
     iss = InceptionScoreStats(NUM_IMAGES, splits=5, num_classes=10)
-    for batch in shard_seeds(seeds, 4, dist.rank(), dist.world_size()):
+    for batch in fixed_batches(seeds, 3, dist.rank(), dist.world_size()):
         if batch:
             iss.update(PerImageRandom(batch).randn((10,)) * 3, torch.tensor([s - 100 for s in batch]))
     return {
@@ -112,9 +113,53 @@ def test_two_processes_match_one(tmp_path) -> None:
     assert single["fid"] > 0
 
 
-def test_seed_sharding_covers_every_seed_once() -> None:
-    from gen.utils.seed import shard_seeds
+def test_batches_cover_every_seed_once_and_do_not_depend_on_world_size() -> None:
+    from eval.generate import fixed_batches
 
-    seeds = list(range(NUM_IMAGES))
-    shards = [sum(shard_seeds(seeds, 4, r, 2), []) for r in range(2)]
-    assert sorted(shards[0] + shards[1]) == seeds and shards[0] and shards[1]
+    seeds = list(range(100, 100 + NUM_IMAGES))
+    one = fixed_batches(seeds, 3, 0, 1)
+    two = [fixed_batches(seeds, 3, r, 2) for r in range(2)]
+    assert sorted(sum(two[0] + two[1], [])) == seeds
+    assert sorted(two[0] + two[1]) == sorted(one)  # the same batches, only dealt differently
+    assert (len(two[0]), len(two[1])) == (7, 6)
+
+
+def _inception_worker(rank: int, world: int, port: int, out_dir: str, weights: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from gen.utils import dist
+
+    dist.init_distributed(timeout_s=300)
+    try:
+        res = _inception_stats(weights)
+        if rank == 0:
+            np.savez(os.path.join(out_dir, "inception.npz"), **res)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _inception_stats(weights: str) -> dict[str, np.ndarray]:
+    from eval.features import InceptionFeatures
+    from eval.generate import collect
+
+    def generate(seeds: list[int]) -> tuple[torch.Tensor, None]:
+        from gen.utils.seed import PerImageRandom
+
+        return PerImageRandom(seeds).randn((3, 24, 24)).mul(70).add(128).clamp(0, 255).to(torch.uint8), None
+
+    got = collect(generate, list(range(11)), InceptionFeatures(weights), batch_size=2, inception_score=True)
+    return {"mu": got.stats.mu(), "sigma": got.stats.sigma(), "is": np.asarray(got.inception_score.score()[0])}
+
+
+def test_two_processes_match_one_with_inception(tmp_path) -> None:
+    """The real FID network (random weights): batches are identical in both runs, so features are too."""
+    from eval.features import make_random_inception_weights
+
+    weights = str(make_random_inception_weights(tmp_path / "random.pth"))
+    torch.set_num_threads(1)
+    single = _inception_stats(weights)
+    mp.spawn(_inception_worker, args=(2, _free_port(), str(tmp_path), weights), nprocs=2, join=True)
+    with np.load(tmp_path / "inception.npz") as d:
+        for key in ("mu", "sigma", "is"):
+            assert _rel(d[key], single[key]) <= 1e-9, key

@@ -121,3 +121,16 @@ def test_eval_configs_match_the_functions_they_wire() -> None:
     for name in ("fid5k", "fid10k", "fid50k"):
         cfg = OmegaConf.load(root / f"{name}.yaml")
         assert cfg.num_images == int(name[3:-1]) * 1000 and cfg.resize in ("tf1-bilinear", "bilinear-antialias")
+
+
+def test_fd_dinov2_through_evaluate() -> None:
+    from eval.generate import evaluate, image_stats, images_fn
+
+    ext = DINOv2Features("vit_small_patch14_dinov2", random_init=True, image_size=28)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randint(0, 256, (6, 3, 16, 16), generator=g, dtype=torch.uint8)
+    ref = image_stats(real, ext, batch_size=4).stats.gaussian(ext.manifest())
+    same = evaluate(images_fn(real), range(6), ext, ref, allow_singular=True)
+    other = evaluate(images_fn(255 - real), range(6), ext, ref, allow_singular=True)
+    assert set(same) == {"fd_dinov2", "num_images"}
+    assert same["fd_dinov2"] < 1e-6 < other["fd_dinov2"]
