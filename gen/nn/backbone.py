@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -67,8 +68,12 @@ def unpatchify(x: Tensor, patch_size: int, channels: int, grid: int) -> Tensor:
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, w=grid, p=patch_size, q=patch_size, c=channels)
 
 
-def pack_outputs(out: Tensor, extra_out: Tensor | None, feats: list[Tensor] | None) -> object:
-    """Return convention shared by all backbones (see module docstrings)."""
+def pack_outputs(out: Tensor, extra_out: Tensor | None, feats: list[Tensor] | None) -> Any:
+    """Return convention shared by all backbones.
+
+    ``out`` alone; ``(out, feats)`` with features; ``(out, extra_out)`` with REG's extra token;
+    ``(out, extra_out, feats)`` with both. ``out`` always comes first and ``feats`` always last.
+    """
     if extra_out is None:
         return out if feats is None else (out, feats)
     return (out, extra_out) if feats is None else (out, extra_out, feats)
