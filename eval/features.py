@@ -485,3 +485,41 @@ def build_extractor(
     raise ValueError(
         f"unknown feature extractor {name!r}; use inception-v3-pool3, dinov2-<arch>-cls, yardstick, lenet-<dataset>-v1"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Alignment encoders (REPA / REG): one code path for DINOv2 and the yardstick's foundation network.
+
+
+class PatchEncoder:
+    """Frozen image encoder giving patch tokens and a global embedding, for representation alignment.
+
+    ``dinov2-<timm arch>`` wraps ``DINOv2Features`` (prefix tokens dropped from the patch tokens);
+    ``foundation-<dataset>`` wraps the yardstick's separately trained residual network (DESIGN.md §5),
+    so alignment on the small benchmark runs through the same calls as with DINOv2.
+
+    Attributes:
+        name: as given.
+        dim: token width D.
+        extractor: the underlying feature extractor (its manifest names the weights).
+    """
+
+    def __init__(self, name: str, **kwargs: Any) -> None:
+        self.name = name
+        if name.startswith("dinov2-"):
+            self.extractor: FeatureExtractor = DINOv2Features(name[len("dinov2-") :], **kwargs)
+            self._prefix = 1 + int(getattr(self.extractor.net, "num_reg_tokens", 0))  # type: ignore[attr-defined]
+        elif name.startswith("foundation-"):
+            self.extractor = YardstickFeatures(name[len("foundation-") :], kwargs.get("cache_dir"), kind="foundation")
+            self._prefix = 0
+        else:
+            raise ValueError(f"unknown encoder {name!r}; use dinov2-<timm arch> or foundation-<dataset>")
+        self.dim = self.extractor.dim
+
+    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> patch tokens (B, N, D)."""
+        return self.extractor.tokens(images)[:, self._prefix :]  # type: ignore[attr-defined]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, C, H, W) -> global embedding (B, D) (class token / mean token)."""
+        return self.extractor(images)

@@ -184,3 +184,18 @@ def test_cli_preset_with_a_generator_factory(cache, tmp_path, capsys, monkeypatc
     got = json.loads(out.read_text())
     assert seen == {"snapshot": "snap.safetensors", "steps": "8"}
     assert got["num_images"] == 300 and got["seeds"] == "0-299" and got["class_accuracy"] >= 0.97
+
+
+@pytest.mark.slow  # trains the second network (about 30 s on 2 cores)
+def test_foundation_encoder_is_a_different_network_behind_the_encoder_interface(cache) -> None:
+    from eval.features import PatchEncoder
+
+    enc = PatchEncoder("foundation-mnist5k", cache_dir=cache)
+    lenet = load_or_train_classifier("mnist5k", cache)
+    assert enc.extractor.name == "foundation-mnist5k-v1" and enc.extractor.weights_sha256 != lenet.weights_sha256
+    images, labels = load_dataset_tensors("mnist5k", "heldout")
+    tokens = enc.patch_tokens(images[:8])
+    assert tokens.shape == (8, 16, enc.dim) and enc.embed(images[:8]).shape == (8, enc.dim)
+    assert enc.extractor.yardstick.class_accuracy(images, labels) >= 0.9
+    dino = PatchEncoder("dinov2-vit_small_patch14_dinov2", random_init=True, image_size=28)
+    assert dino.patch_tokens(images[:2]).shape == (2, 4, 384)
