@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     from gen.utils import dist
 
     args = build_parser().parse_args(argv)
-    if args.command == "ref" and not args.out:
-        raise SystemExit("error: ref needs --out FILE.npz")
+    if args.command == "ref" and not (args.out and args.extractor):
+        raise SystemExit("error: ref needs --extractor (inception | dinov2 | yardstick) and --out FILE.npz")
     if args.extractor == "yardstick" and args.command != "ref":
         raise SystemExit("error: with npz/folder the yardstick network comes from --ref's manifest; drop --extractor")
     dist.init_distributed()
