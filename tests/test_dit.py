@@ -212,3 +212,23 @@ def test_compile_switch_keeps_state_dict_layout() -> None:
     eager, compiled = micro(), micro(compile=True)
     assert list(eager.state_dict()) == list(compiled.state_dict())
     assert compiled.config["compile"] is True
+
+
+@pytest.mark.parametrize("arch", ["dit", "lightningdit", "ddt"])
+def test_bf16_autocast_forward_backward(arch: str) -> None:
+    """Mixed precision (as the training loop may use on CPU/GPU): finite outputs and fp32 grads."""
+    cfg = {"arch": arch, "input_size": 16, "patch_size": 4, "in_channels": 3, "hidden_size": 64, "depth": 2,
+           "num_heads": 2, "num_classes": 10}  # fmt: skip
+    if arch == "ddt":
+        cfg["num_encoder_blocks"] = 1
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    perturb(m)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 10])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, feats = m(x, t, y, return_features=[2])
+    assert torch.isfinite(out).all() and out.shape == (2, 3, 16, 16)
+    ref = m(x, t, y)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
