@@ -298,14 +298,14 @@ class Yardstick:
     def features(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """uint8 (B, C, 32, 32) -> float32 penultimate features (B, D)."""
         _check_images(images)
-        outs = [self.net.features(to_unit_range(b)) for b in images.split(batch_size)]
+        outs = [self.net.features(to_unit_range(b)) for b in images.cpu().split(batch_size)]
         return torch.cat(outs) if outs else torch.zeros(0, self.net.feature_dim)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """uint8 (B, C, 32, 32) -> predicted labels (B,)."""
         _check_images(images)
-        return torch.cat([self.net(to_unit_range(b)).argmax(1) for b in images.split(batch_size)])
+        return torch.cat([self.net(to_unit_range(b)).argmax(1) for b in images.cpu().split(batch_size)])
 
     def class_accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Fraction of images whose predicted class equals the given label (conditioning label for samples)."""
