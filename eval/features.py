@@ -362,7 +362,7 @@ class DINOv2Features(FeatureExtractor):
             sha = f"random-init-{seed}"
         else:
             file = DINOV2_FILES[arch]
-            short = file.split("_")[1]
+            short = "_".join(file.split("_")[:2])  # e.g. dinov2_vitl14
             path, sha = resolve_weights(
                 file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download
             )

@@ -83,8 +83,10 @@ def test_dinov2_random_init_shapes_and_missing_weights(tmp_path, monkeypatch) ->
     assert ext.tokens(x).shape[1] == 1 + (56 // 14) ** 2 + ext.net.num_reg_tokens
     assert ext.manifest()["extractor"] == "dinov2-vit_small_patch14_dinov2-cls"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="dinov2_vits14_pretrain.pth"):
+    with pytest.raises(FileNotFoundError, match="dinov2_vits14_pretrain.pth") as info:
         DINOv2Features("vit_small_patch14_dinov2", cache_dir=tmp_path, image_size=56)
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth" in str(info.value)
+    assert str(tmp_path) in str(info.value)
 
 
 def test_dinov2_loads_a_local_weights_file(tmp_path) -> None:
