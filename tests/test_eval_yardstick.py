@@ -199,3 +199,35 @@ def test_foundation_encoder_is_a_different_network_behind_the_encoder_interface(
     assert enc.extractor.yardstick.class_accuracy(images, labels) >= 0.9
     dino = PatchEncoder("dinov2-vit_small_patch14_dinov2", random_init=True, image_size=28)
     assert dino.patch_tokens(images[:2]).shape == (2, 4, 384)
+
+
+def test_cli_under_torchrun_matches_one_process(cache, tmp_path, capsys) -> None:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from eval.__main__ import main
+    from eval.stats import save_image_npz
+
+    ref = tmp_path / "ref.npz"
+    main(["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--cache-dir", str(cache), "--out", str(ref)])
+    images, labels = load_dataset_tensors("mnist5k", "heldout")
+    save_image_npz(tmp_path / "s.npz", images[:333], labels[:333])  # 333 images: 6 batches of 64 (last 13)
+    args = ["npz", str(tmp_path / "s.npz"), "--ref", str(ref), "--cache-dir", str(cache), "--batch-size", "64"]
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "eval", *args, "--out", str(tmp_path / "two.json")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["num_images"] == 333
+    assert abs(two["fid"] - one["fid"]) <= 1e-9 * one["fid"]
+    assert two["class_accuracy"] == one["class_accuracy"]
