@@ -62,8 +62,9 @@ class EDMPrecond(nn.Module):
         bshape = (-1,) + (1,) * (x.ndim - 1)
         xf = x.to(dtype)
         out = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
-        feats = None
+        rest: tuple[Any, ...] = ()
         if isinstance(out, tuple):
-            out, feats = out
+            # The backbone's tuple convention: image output first, then REG's extra output and/or features.
+            out, rest = out[0], tuple(out[1:])
         d = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * out.to(dtype)
-        return d if feats is None else (d, feats)  # type: ignore[return-value]
+        return (d, *rest) if rest else d  # type: ignore[return-value]
