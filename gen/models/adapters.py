@@ -237,5 +237,4 @@ class DDPMEpsilon(nn.Module):
 
     def prediction_spec(self) -> dict[str, Any]:
         """Spec for ``gen.objectives.velocity_model`` on the adapter's path."""
-        return {"path": self.path.spec(), "prediction": self.output if self.output == "eps" else "velocity",
-                "precond": None}
+        return {"path": self.path.spec(), "prediction": self.output, "precond": None}
