@@ -184,7 +184,7 @@ def main() -> None:
         rows = []
         for row in args.rows.split(","):
             res = args.resolution if row == "inception" else 32
-            n = args.num_images if row == "inception" else max(args.num_images, 2048)
+            n = args.num_images if row == "inception" else max(args.num_images, 16384)
             batch = args.batch if row == "inception" else 256
             r = bench_vs_torchmetrics(row, weights, _images(n, res), batch, args.repeats)
             r["resolution"] = res
