@@ -40,7 +40,7 @@ from gen.utils.seed import derive_seed, shard_seeds
 
 TOP_LEVEL_KEYS = {
     "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "objective", "sampler", "ema", "optim",
-    "trainer", "evaluate", "experiment",
+    "trainer", "preview", "eval", "experiment",
 }
 
 
@@ -75,36 +75,54 @@ class PreviewHook:
         return {}
 
 
-class FinalEvalHook:
-    """At the end (and every ``interval_kimg`` if set): class accuracy of samples and yardstick FID.
+class EvalHook:
+    """The ``eval`` group during training: yardstick or Inception metrics of generated samples.
 
-    Samples are split across processes by seed; accuracy counts and feature statistics are reduced
-    with sums, so the numbers do not depend on the number of processes.
+    Runs at the end (and every ``interval_kimg`` if set) on every process: seeds are split across
+    processes and the statistics reduced with sums, so the numbers do not depend on the world size.
+    Metric ``yardstick``: FID with the built-in data's yardstick network against its training images,
+    plus the class accuracy of the samples. Metric ``inception``: FID (and IS, sFID when the reference
+    has them) with the Inception network against ``ref_stats``.
     """
 
-    def __init__(self, make_generator: Any, sampler: SamplerSpec, data_name: str, num_images: int,
-                 batch_size: int, interval_kimg: float, cache_dir: str, fid: bool, accuracy: bool):
-        self.make_generator, self.sampler, self.data_name = make_generator, sampler, data_name
-        self.num_images, self.batch_size, self.interval_kimg = num_images, batch_size, interval_kimg
-        self.cache_dir, self.fid, self.accuracy = cache_dir, fid, accuracy
+    KEYS = {
+        "yardstick": {"enabled", "metric", "num_images", "dataset_name", "cache_dir", "batch_size", "seed_offset",
+                      "interval_kimg"},
+        "inception": {"enabled", "metric", "num_images", "ref_stats", "ref_batch", "weights", "resize", "batch_size",
+                      "seed_offset", "interval_kimg", "at_end_only"},
+    }
+
+    def __init__(self, make_generator: Any, sampler: SamplerSpec, cfg: Mapping[str, Any]):
+        metric = cfg.get("metric")
+        if metric not in self.KEYS:
+            raise ConfigError(f"eval.metric={metric!r} cannot run during training; use one of {sorted(self.KEYS)}")
+        unknown = set(cfg) - self.KEYS[metric]
+        if unknown:
+            raise ConfigError(f"unknown eval key(s) {sorted(unknown)} for metric {metric!r}")
+        self.make_generator, self.sampler, self.cfg = make_generator, sampler, dict(cfg)
+        self.interval_kimg = math.inf if cfg.get("at_end_only") or not cfg.get("interval_kimg") else cfg["interval_kimg"]
 
     def __call__(self, ctx: HookContext) -> Mapping[str, float]:
-        if not (self.fid or self.accuracy):
-            return {}
-        from eval.classifier import load_or_train_classifier
+        from eval import generate as evgen
 
         gen: Generator = self.make_generator(ctx.ema_net)
-        clf = load_or_train_classifier(self.data_name, self.cache_dir)
-        correct = torch.zeros(2, dtype=torch.float64)  # (correct, total), summed over processes
-        for seeds in shard_seeds(range(self.num_images), self.batch_size, dist.rank(), dist.world_size()):
-            if seeds:
-                images, labels = gen.generate(seeds, self.sampler, device=ctx.device)
-                correct += torch.tensor([float((clf.predict(images) == labels).sum()), len(seeds)], dtype=torch.float64)
-        dist.all_reduce_sum(correct)
-        out: dict[str, float] = {}
-        if self.accuracy:
-            out["class_accuracy"] = float(correct[0] / correct[1])
-        return out
+        c = self.cfg
+
+        def generate_fn(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return gen.generate(seeds, self.sampler, device=ctx.device)
+
+        if c["metric"] == "yardstick":
+            out = evgen.yardstick_metrics(generate_fn, c["num_images"], c["dataset_name"], c["cache_dir"],
+                                          c["batch_size"], c["seed_offset"])
+            return {f"yardstick_{k}" if k == "fid" else k: float(v) for k, v in out.items()}
+        from eval.features import InceptionFeatures
+        from eval.stats import load_stats
+
+        ext = InceptionFeatures(c["weights"], resize=c["resize"], device=ctx.device)
+        ref = load_stats(c["ref_stats"], expect=ext.manifest())
+        seeds = range(c["seed_offset"], c["seed_offset"] + c["num_images"])
+        out = evgen.evaluate(generate_fn, seeds, ext, ref, batch_size=c["batch_size"])
+        return {f"{k}{c['num_images'] // 1000}k" if k in ("fid", "sfid") else k: float(v) for k, v in out.items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -147,14 +165,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def make_generator(ema_net: torch.nn.Module) -> Generator:
         return Generator(ema_net, snapshot_config["prediction"], tokenizer, input_shape, dataset.num_classes)
 
-    ev = c["evaluate"]
+    pv = c["preview"]
+    unknown_pv = set(pv) - {"images", "nrow", "interval_kimg"}
+    if unknown_pv:
+        raise ConfigError(f"unknown preview key(s) {sorted(unknown_pv)}; known: images, nrow, interval_kimg")
     hooks: list[Any] = []
-    if ev["preview_images"] > 0:
-        hooks.append(PreviewHook(make_generator, sampler, ev["preview_images"], ev["preview_kimg"], ev["preview_nrow"]))
-    hooks.append(
-        FinalEvalHook(make_generator, sampler, c["data"]["name"], ev["num_images"], ev["batch_size"],
-                      ev["interval_kimg"] or math.inf, c["paths"]["cache"], ev["fid"], ev["accuracy"])
-    )
+    if pv["images"] > 0:
+        hooks.append(PreviewHook(make_generator, sampler, pv["images"], pv["interval_kimg"], pv["nrow"]))
+    if c["eval"].get("enabled", False):
+        hooks.append(EvalHook(make_generator, sampler, c["eval"]))
     result = train(
         net=net, objective=objective, dataset=dataset, tokenizer=tokenizer, optimizer=optimizer,
         ema_profiles=ema_profiles, cfg=trainer, run_dir=run_dir, config=c, snapshot_config=snapshot_config,

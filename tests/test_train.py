@@ -7,6 +7,7 @@ sampling is identical at any batch size and process count; bad input is refused 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ SMALL = [
     "trainer.batch_size=32", "trainer.total_kimg=0.512", "trainer.lr_warmup_kimg=0.064",
     "trainer.status_kimg=0.064", "trainer.checkpoint_kimg=0.128", "trainer.snapshot_kimg=0.256",
     "trainer.progress=false", "trainer.tensorboard=false",
-    "evaluate.preview_images=0", "evaluate.fid=false", "evaluate.accuracy=false",
+    "preview.images=0", "eval=none",
 ]
 
 
@@ -54,8 +55,9 @@ def _final_net(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_short_run_leaves_artefacts_and_resumes(tmp_path: Path) -> None:
-    _train(tmp_path, "a", ["evaluate.preview_images=20", "evaluate.preview_nrow=10", "evaluate.preview_kimg=0.256",
-                           "trainer.tensorboard=true"])
+    _train(tmp_path, "a", ["preview.images=20", "preview.nrow=10", "preview.interval_kimg=0.256",
+                           "trainer.tensorboard=true", "eval=yardstick_quick", "eval.num_images=160",
+                           "eval.batch_size=80", "sampler.steps=4"])
     run = tmp_path / "a"
     for f in ("config.yaml", "stats.jsonl", "loss.png", "results.json"):
         assert (run / f).is_file(), f
@@ -71,6 +73,10 @@ def test_short_run_leaves_artefacts_and_resumes(tmp_path: Path) -> None:
     stats = [r for r in read_stats(run / "stats.jsonl") if "loss" in r]
     assert [r["nimg"] for r in stats] == list(range(64, 513, 64))
     assert all(np.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in stats)
+    results = json.loads((run / "results.json").read_text())
+    assert 0.0 <= results["class_accuracy"] <= 1.0 and results["yardstick_fid"] > 0
+    logged = [r for r in read_stats(run / "stats.jsonl") if "yardstick_fid" in r]
+    assert len(logged) == 1 and logged[0]["nimg"] == 512
 
     # Same command again: resumes at the end, trains nothing, keeps the weights.
     before = _final_net(run)
