@@ -216,3 +216,39 @@ def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tu
     shape = tokenizer.latent_shape(int(data["resolution"]))
     gen = Generator(net, config["prediction"], tokenizer, shape, int(data["num_classes"]))
     return gen, config
+
+
+def snapshot_generate_fn(
+    snapshot: str,
+    kind: str | None = None,
+    steps: int | str | None = None,
+    cfg: float | str | None = None,
+    batch_device: str = "auto",
+) -> Callable[[list[int]], tuple[Tensor, Tensor]]:
+    """A ``generate_fn(seeds) -> (uint8 images, labels)`` for a snapshot, for the evaluation CLI.
+
+    The sampler is the one stored in the snapshot (the training run's), with ``kind``, ``steps`` and
+    the guidance scale ``cfg`` overridable (strings are accepted, as the CLI passes them)::
+
+        python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/x.npz \\
+            --generator gen.pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
+    """
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if batch_device == "auto" else batch_device)
+    if device.type == "cuda":
+        from gen.utils.dist import default_device
+
+        device = default_device()
+    gen, config = generator_from_snapshot(snapshot, device)
+    sampler_cfg = dict(config.get("sampler") or {"kind": "euler", "steps": 30})
+    if kind is not None:
+        sampler_cfg["kind"] = kind
+    if steps is not None:
+        sampler_cfg["steps"] = int(steps)
+    if cfg is not None:
+        sampler_cfg["guidance"] = {**dict(sampler_cfg.get("guidance") or {}), "scale": float(cfg)}
+    spec = SamplerSpec.from_config(sampler_cfg)
+
+    def generate_fn(seeds: list[int]) -> tuple[Tensor, Tensor]:
+        return gen.generate(seeds, spec, device=device)
+
+    return generate_fn

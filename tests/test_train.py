@@ -217,3 +217,23 @@ def test_snapshot_of_another_model_is_refused(tmp_path: Path) -> None:
     save_snapshot(bad, tensors, meta)
     with pytest.raises(ValueError, match="missing keys"):
         generator_from_snapshot(str(bad))
+
+
+def test_eval_cli_generates_from_a_snapshot(tmp_path: Path) -> None:
+    """`python -m eval fid5k SNAPSHOT --generator gen.pipeline:snapshot_generate_fn` end to end."""
+    _train(tmp_path, "e")
+    snap = sorted((tmp_path / "e").glob("snapshot-*.safetensors"))[-1]
+    ref = tmp_path / "ref.npz"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "eval", *a], cwd=ROOT, env=_env(), capture_output=True,  # noqa: E731
+                                    text=True, timeout=300)
+    proc = run("ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--cache-dir", str(ROOT / ".cache" / "yardstick"),
+               "--out", str(ref))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "m.json"
+    proc = run("fid5k", str(snap), "--ref", str(ref), "--generator", "gen.pipeline:snapshot_generate_fn",
+               "--option", "steps=4", "--option", "cfg=2", "--num-images", "160", "--batch-size", "80",
+               "--cache-dir", str(ROOT / ".cache" / "yardstick"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["num_images"] == 160 and metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
+    assert metrics["option.steps"] == "4"
