@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class TrainConfig:
         seed: the run's seed (data order, noise, flips).
         compile: wrap the network in ``torch.compile``.
         num_workers: DataLoader workers for datasets that are not held in memory.
-        tensorboard / progress: TensorBoard events; a tqdm bar on rank 0.
+        tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status
+            lines otherwise).
     """
 
     total_kimg: float = 50.0
@@ -270,7 +272,8 @@ def train(
     batches = _Batches(dataset, batch_per_gpu, rank, world, cfg.seed, nimg, cfg.num_workers)
 
     bar = None
-    if cfg.progress and accelerator.is_main_process:
+    # The bar only on a terminal: in a log file its redraws would bury the status lines.
+    if cfg.progress and accelerator.is_main_process and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, desc="train")
@@ -390,7 +393,7 @@ def train(
                 stats.write(record)
                 if bar is not None:
                     bar.set_postfix_str(f"loss {record.get('loss', float('nan')):.4f}")
-                if bar is None or not cfg.progress:
+                if bar is None:
                     print0(status_line(record))
             sums, count = {}, 0
             tick_time, tick_nimg = now, nimg
