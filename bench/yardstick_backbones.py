@@ -15,7 +15,11 @@ by snapshot and settings). The markdown tables are printed and written to ``<run
 Example (from the repository root; about 40 min on 2 free cores)::
 
     .venv/bin/python bench/yardstick_backbones.py --runs /tmp/yardstick --kimg 32 --num-images 2000 \
-        --steps 30 --parallel --threads 1 --uniform
+        --steps 20 --parallel --threads 1 --uniform
+
+The evaluations of different recipes may also run side by side once the runs exist
+(``--skip-train --recipes dit`` and ``--skip-train --recipes lightningdit`` in two shells); a last call with all
+recipes and ``--skip-train`` then prints the whole table from the cache.
 """
 
 from __future__ import annotations
@@ -184,19 +188,28 @@ def ddt_schedules(gen: Generator, steps: int, k: int, out_dir: Path) -> dict[str
 
 
 class EvalCache:
-    """``<runs>/evals.json``: results keyed by (snapshot, setting), so a re-run only evaluates what is missing."""
+    """``<runs>/evals.json``: results keyed by (snapshot, setting), so a re-run only evaluates what is missing.
+
+    The file is re-read before each write and replaced atomically, so several invocations (e.g. one per recipe,
+    ``--recipes dit`` and ``--recipes lightningdit`` side by side) can share it.
+    """
 
     def __init__(self, file: Path) -> None:
         self.file = file
-        self.data: dict[str, Any] = json.loads(file.read_text()) if file.exists() else {}
 
-    def get(self, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if key not in self.data:
-            self.data[key] = compute()
-            tmp = self.file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
+    def _load(self) -> dict[str, Any]:
+        return json.loads(self.file.read_text()) if self.file.exists() else {}
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        data = self._load()
+        if key not in data:
+            value = compute()
+            data = self._load()
+            data[key] = value
+            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=2))
             os.replace(tmp, self.file)
-        return self.data[key]
+        return data[key]
 
 
 def evaluate(fn: GenerateFn, num_images: int, cache_dir: str | None, batch_size: int) -> dict[str, Any]:
