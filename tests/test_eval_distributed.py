@@ -45,6 +45,17 @@ def _generate(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _evaluate() -> dict[str, np.ndarray | float]:
+    # One thread everywhere: oneDNN convolutions may sum in another order with another thread
+    # count, and the 1-process and 2-process runs must see bitwise the same features.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _evaluate_single_thread()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate_single_thread() -> dict[str, np.ndarray | float]:
     from eval.fid import InceptionScoreStats, fid_from_stats
     from eval.generate import collect
     from eval.generate import fixed_batches
