@@ -132,13 +132,17 @@ def test_torchrun_two_processes_matches_one(tmp_path: Path) -> None:
     _train(tmp_path, "one", extra)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
     _train(tmp_path, "two", extra, launcher=torchrun)
+    # Gradient accumulation: 2 rounds of 16 on one process fill the same global batch of 32.
+    _train(tmp_path, "accum", [*extra, "trainer.batch_per_gpu=16"])
     one = [r for r in read_stats(tmp_path / "one" / "stats.jsonl") if "loss" in r]
-    two = [r for r in read_stats(tmp_path / "two" / "stats.jsonl") if "loss" in r]
-    assert [r["nimg"] for r in one] == [r["nimg"] for r in two]
-    l1, l2 = np.array([r["loss"] for r in one]), np.array([r["loss"] for r in two])
+    l1 = np.array([r["loss"] for r in one])
     assert l1[-1] < 0.8 * l1[0], "the loss did not fall"
-    assert np.all(np.abs(l1 - l2) / l1 < 0.15), f"1 process {l1.round(4)} vs 2 processes {l2.round(4)}"
-    assert abs(l1.mean() - l2.mean()) / l1.mean() < 0.05
+    for other in ("two", "accum"):
+        rec = [r for r in read_stats(tmp_path / other / "stats.jsonl") if "loss" in r]
+        assert [r["nimg"] for r in one] == [r["nimg"] for r in rec]
+        l2 = np.array([r["loss"] for r in rec])
+        assert np.all(np.abs(l1 - l2) / l1 < 0.15), f"{other}: 1 process {l1.round(4)} vs {l2.round(4)}"
+        assert abs(l1.mean() - l2.mean()) / l1.mean() < 0.05
 
 
 def _sample(snapshot: Path, outdir: Path, extra: list[str] = (), launcher: list[str] | None = None) -> np.ndarray:
@@ -182,6 +186,14 @@ def test_bad_config_is_refused_before_work(tmp_path: Path, override: list[str], 
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert not list_training_states(tmp_path / "bad")
+
+
+def test_bf16_mixed_precision_trains(tmp_path: Path) -> None:
+    _train(tmp_path, "bf16", ["trainer.precision=bf16", "trainer.total_kimg=0.256"])
+    stats = [r for r in read_stats(tmp_path / "bf16" / "stats.jsonl") if "loss" in r]
+    assert stats[-1]["loss"] < stats[0]["loss"] and all(np.isfinite(r["loss"]) for r in stats)
+    _, meta = load_snapshot(sorted((tmp_path / "bf16").glob("snapshot-*.safetensors"))[-1])
+    assert meta["nimg"] == 256
 
 
 def test_nan_loss_stops_and_keeps_last_good_state(tmp_path: Path) -> None:
