@@ -57,7 +57,7 @@ def _final_net(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_short_run_leaves_artefacts_and_resumes(tmp_path: Path) -> None:
     _train(tmp_path, "a", ["preview.images=20", "preview.nrow=10", "preview.interval_kimg=0.256",
                            "trainer.tensorboard=true", "eval=yardstick_quick", "eval.num_images=160",
-                           "eval.batch_size=80", "sampler.steps=4"])
+                           "eval.batch_size=80", "eval.interval_kimg=0.256", "sampler.steps=4"])
     run = tmp_path / "a"
     for f in ("config.yaml", "stats.jsonl", "loss.png", "results.json"):
         assert (run / f).is_file(), f
@@ -76,7 +76,7 @@ def test_short_run_leaves_artefacts_and_resumes(tmp_path: Path) -> None:
     results = json.loads((run / "results.json").read_text())
     assert 0.0 <= results["class_accuracy"] <= 1.0 and results["yardstick_fid"] > 0
     logged = [r for r in read_stats(run / "stats.jsonl") if "yardstick_fid" in r]
-    assert len(logged) == 1 and logged[0]["nimg"] == 512
+    assert [r["nimg"] for r in logged] == [256, 512]  # every eval.interval_kimg, beside the loss
 
     # Same command again: resumes at the end, trains nothing, keeps the weights.
     before = _final_net(run)
