@@ -37,6 +37,7 @@ from gen.nn import (
     sincos_2d,
     swiglu_hidden,
 )
+from gen.models.dit import DiT
 from gen.nn.backbone import batch_labels, batch_time, check_image, feature_indices, pack_outputs, unpatchify
 
 NORM_EPS = 1e-6
@@ -186,26 +187,9 @@ class LightningDiT(nn.Module):
             for block in self.blocks:
                 block.compile()
 
-    def initialize_weights(self) -> None:
-        """DiT's init: Xavier Linears, sincos table, N(0, .02) embeddings, zeroed adaLN and output layers."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        self.pos_embed.data.copy_(sincos_2d(self.hidden_size, self.grid).unsqueeze(0))
-        self.x_embedder.init_xavier()
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        self.t_embedder.init_normal(0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[1].weight)
-            nn.init.zeros_(block.adaLN_modulation[1].bias)
-        for lin in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        if self.extra_token_dim > 0:
-            nn.init.zeros_(self.extra_head.weight)
-            nn.init.zeros_(self.extra_head.bias)
+    # The same init as DiT (Xavier Linears, sincos table, N(0, .02) embeddings, adaLN-Zero, zero output);
+    # the module layout it touches (pos_embed, embedders, blocks' adaLN, final layer) is identical.
+    initialize_weights = DiT.initialize_weights
 
     def forward(
         self,
