@@ -38,7 +38,15 @@ from gen.nn import (
     swiglu_hidden,
 )
 from gen.models.dit import DiT
-from gen.nn.backbone import batch_labels, batch_time, check_image, feature_indices, pack_outputs, unpatchify
+from gen.nn.backbone import (
+    batch_labels,
+    batch_time,
+    check_image,
+    embed_extra_token,
+    feature_indices,
+    pack_outputs,
+    unpatchify,
+)
 
 NORM_EPS = 1e-6
 
@@ -226,18 +234,7 @@ class LightningDiT(nn.Module):
         extra_out = self.extra_head(h[:, 0]) if n_extra else None  # (B, D_extra)
         return pack_outputs(out, extra_out, feats if want else None)
 
-    def _embed_extra(self, extra_token: Tensor, batch: int) -> Tensor:
-        """(B, D_extra) -> (B, 1, D) via Linear -> LayerNorm (REG's class-token input)."""
-        if self.extra_token_dim <= 0:
-            raise ValueError(
-                f"{type(self).__name__} got extra_token but was built with extra_token_dim=0; "
-                f"build it with extra_token_dim={extra_token.shape[-1]}"
-            )
-        if extra_token.shape != (batch, self.extra_token_dim):
-            raise ValueError(
-                f"extra_token must be ({batch}, {self.extra_token_dim}), got {tuple(extra_token.shape)}"
-            )
-        return self.extra_norm(self.extra_embed(extra_token)).unsqueeze(1)
+    _embed_extra = embed_extra_token  # (B, D_extra) -> (B, 1, D), shared by every backbone
 
 
 # Sizes from hustvl/LightningDiT models/lightningdit.py: (depth, width, heads).

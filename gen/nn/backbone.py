@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_image(x: Tensor, in_channels: int, input_size: int, patch_size: int, name: str) -> None:
@@ -77,3 +77,18 @@ def pack_outputs(out: Tensor, extra_out: Tensor | None, feats: list[Tensor] | No
     if extra_out is None:
         return out if feats is None else (out, feats)
     return (out, extra_out) if feats is None else (out, extra_out, feats)
+
+
+def embed_extra_token(model: nn.Module, extra_token: Tensor, batch: int) -> Tensor:
+    """REG's extra-token input: (B, D_extra) -> (B, 1, D) via ``model.extra_embed`` then ``model.extra_norm``.
+
+    Used as a method by every backbone built with ``extra_token_dim > 0``.
+    """
+    if model.extra_token_dim <= 0:
+        raise ValueError(
+            f"{type(model).__name__} got extra_token but was built with extra_token_dim=0; "
+            f"build it with extra_token_dim={extra_token.shape[-1]}"
+        )
+    if extra_token.shape != (batch, model.extra_token_dim):
+        raise ValueError(f"extra_token must be ({batch}, {model.extra_token_dim}), got {tuple(extra_token.shape)}")
+    return model.extra_norm(model.extra_embed(extra_token)).unsqueeze(1)
