@@ -12,6 +12,7 @@ Launch: ``python train.py`` (1 process), ``torchrun --nproc_per_node=N train.py`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -346,7 +347,7 @@ def train(
                 images = random_hflip(images, gen)
             x0 = tokenizer.encode(images.to(device))
             y = labels.to(device=device, dtype=torch.long)
-            sync = accelerator.no_sync(train_module) if r < rounds - 1 else _nullcontext()
+            sync = accelerator.no_sync(train_module) if r < rounds - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 out = train_module(x0, y, gen)
                 loss = out["loss"].float().mean() / rounds
@@ -417,14 +418,6 @@ def train(
         stats.close()
     accelerator.wait_for_everyone()
     return TrainResult(nimg, step, run_dir, last_state, last_snapshot, resumed_from, metrics)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def _check_resume_config(state: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
