@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gen.pipeline import SamplerSpec, generator_from_snapshot
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, list_snapshots
 from gen.utils.images import load_png, save_grid, save_png
 from gen.utils.seed import shard_seeds
+from pipeline import SamplerSpec, generator_from_snapshot
 
 
 def parse_seeds(spec: Any) -> list[int]:

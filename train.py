@@ -25,30 +25,33 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gen.ema import make_profiles
-from gen.pipeline import Generator, SamplerSpec
-from gen.train.loop import HookContext, NonFiniteLossError, TrainConfig, train
+from gen.train.loop import HookContext, NonFiniteError, TrainConfig, train
 from gen.utils import dist
+from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
 from gen.utils.ckpt import atomic_write
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import save_grid
-from gen.utils.seed import derive_seed, shard_seeds
+from gen.utils.seed import derive_seed
+from pipeline import Generator, SamplerSpec
 
 TOP_LEVEL_KEYS = {
-    "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "objective", "sampler", "ema", "optim",
-    "trainer", "preview", "eval", "experiment",
+    "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "method", "objective", "sampler", "ema",
+    "optim", "trainer", "preview", "eval", "experiment", "packages",
 }
 
 
-def _instantiate(node: DictConfig, group: str) -> Any:
+def _build(spec: Any, group: str, packages: tuple[str, ...], **kwargs: Any) -> Any:
+    """Build one config group with the project-restricted constructor; errors name the group."""
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise ConfigError(f"config group '{group}' needs a '_target_'; got {spec!r}")
     try:
-        return hydra.utils.instantiate(node)
-    except InstantiationException as e:
-        raise ConfigError(f"cannot build '{group}' from its config: {e}") from e
+        return build(spec, allow=packages, **kwargs)
+    except BuildError as e:
+        raise ConfigError(f"cannot build '{group}': {e}") from e
 
 
 def _container(cfg: DictConfig) -> dict[str, Any]:
@@ -125,45 +128,65 @@ class EvalHook:
         return {f"{k}{c['num_images'] // 1000}k" if k in ("fid", "sfid") else k: float(v) for k, v in out.items()}
 
 
+def _interface(target: str, packages: tuple[str, ...], available: Mapping[str, Any]) -> dict[str, Any]:
+    """The objects built here (network, objective, optimizer) that the method's constructor takes by name."""
+    import inspect
+
+    params = inspect.signature(resolve(target, packages)).parameters
+    return {k: v() for k, v in available.items() if k in params}
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Build everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
     if unknown:
         raise ConfigError(f"unknown top-level config key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
     c = _container(cfg)
+    # Training configs are written by the user: they may name optimizers and, through `packages`, their own code.
+    packages = TRAINING_PACKAGES + tuple(c.get("packages") or ())
     trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
     ema_profiles = _ema_profiles(c["ema"])
     sampler = SamplerSpec.from_config(c["sampler"])
-    dataset = _instantiate(cfg.data.dataset, "data.dataset")
+    dataset = _build(c["data"]["dataset"], "data.dataset", packages)
     for key in ("channels", "resolution", "num_classes"):
         if getattr(dataset, key) != c["data"][key]:
             raise ConfigError(
                 f"data.{key}={c['data'][key]} but the dataset has {key}={getattr(dataset, key)}; fix data.{key}"
             )
-    tokenizer = _instantiate(cfg.tokenizer, "tokenizer")
+    tokenizer = _build(c["tokenizer"], "tokenizer", packages)
+    channels, size, _ = tokenizer.latent_shape(dataset.resolution)
+    # The model's input shape comes from the tokenizer and its classes from the data ("interface" arguments).
+    shape_args = {"in_channels": channels, "input_size": size, "num_classes": dataset.num_classes}
+    clash = sorted(k for k in shape_args if k in c["model"])
+    if clash:
+        raise ConfigError(
+            f"model.{clash[0]} is set by the data and tokenizer ({clash[0]}={shape_args[clash[0]]} here); remove it "
+            "from the model config"
+        )
     # Same initial weights on every process and every re-run (DDP also broadcasts rank 0's).
     torch.manual_seed(derive_seed("init", c["seed"]))
-    net = _instantiate(cfg.model, "model")
-    objective = _instantiate(cfg.objective, "objective")
-    optimizer = _instantiate(cfg.optim, "optim")
-    input_shape = tokenizer.latent_shape(dataset.resolution)
-    _check_model_fits(net.config, input_shape, dataset.num_classes)
+    interface = {
+        "net": lambda: _build(c["model"], "model", packages, **shape_args),
+        "objective": lambda: _build(c["objective"], "objective", packages),
+        "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
+    }
+    method_spec = c["method"]
+    method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
 
     run_dir = Path(c["run_dir"])
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         text = OmegaConf.to_yaml(OmegaConf.create(c))
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
-    snapshot_config = {
-        "model": net.config,
-        "prediction": objective.prediction_spec(),
+    snapshot_meta = {
         "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},
         "tokenizer": tokenizer.config,
         "sampler": c["sampler"],
     }
+    input_shape = tokenizer.latent_shape(dataset.resolution)
 
     def make_generator(ema_net: torch.nn.Module) -> Generator:
-        return Generator(ema_net, snapshot_config["prediction"], tokenizer, input_shape, dataset.num_classes)
+        return Generator(ema_net, method.snapshot_config()["prediction"], tokenizer, input_shape, dataset.num_classes)
 
     pv = c["preview"]
     unknown_pv = set(pv) - {"images", "nrow", "interval_kimg"}
@@ -175,9 +198,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if c["eval"].get("enabled", False):
         hooks.append(EvalHook(make_generator, sampler, c["eval"]))
     result = train(
-        net=net, objective=objective, dataset=dataset, tokenizer=tokenizer, optimizer=optimizer,
-        ema_profiles=ema_profiles, cfg=trainer, run_dir=run_dir, config=c, snapshot_config=snapshot_config,
-        hooks=hooks, weight_decay=float(c["optim"].get("weight_decay", 0.0)),
+        method=method, dataset=dataset, tokenizer=tokenizer, ema_profiles=ema_profiles, cfg=trainer, run_dir=run_dir,
+        config=c, snapshot_meta=snapshot_meta, hooks=hooks,
     )
     summary = {
         "run_dir": str(run_dir), "kimg": result.nimg / 1000, "steps": result.step,
@@ -199,25 +221,6 @@ def _ema_profiles(c: Mapping[str, Any]) -> list:
         raise ConfigError(str(e)) from e
 
 
-def _check_model_fits(model_cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int) -> None:
-    c, h, w = input_shape
-    if model_cfg.get("in_channels") != c:
-        raise ConfigError(
-            f"the model takes {model_cfg.get('in_channels')} input channels but the data/tokenizer gives {c}; "
-            f"set model.in_channels={c} (or leave it as ${{data.channels}})"
-        )
-    if model_cfg.get("input_size") != h or h != w:
-        raise ConfigError(
-            f"the model expects {model_cfg.get('input_size')}x{model_cfg.get('input_size')} inputs but the "
-            f"data/tokenizer gives {h}x{w}; set model.input_size={h}"
-        )
-    if model_cfg.get("num_classes") != num_classes:
-        raise ConfigError(
-            f"the model has {model_cfg.get('num_classes')} classes but the data has {num_classes}; "
-            f"set model.num_classes={num_classes}"
-        )
-
-
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
@@ -225,7 +228,7 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr, flush=True)
         sys.exit(3)
 

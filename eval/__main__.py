@@ -13,7 +13,7 @@ split across processes by index/seed and the statistics reduced, so results do n
     python -m eval folder samples/ --ref refs/in256.npz --weights ... --ref-batch VIRTUAL_imagenet256_labeled.npz
     # generate N images from a snapshot (seeds 0..N-1) and evaluate them
     python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/in256.npz \\
-        --generator gen.pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
+        --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
 
 The extractor is rebuilt from the reference file's manifest unless ``--extractor`` is given. Metrics are
 printed as JSON (rank 0) and written to ``--out``.

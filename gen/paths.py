@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from gen.utils.build import capture_config
+from gen.utils.seed import Randomness
 
 PredictionKind = Literal["velocity", "x0", "eps"]
 
@@ -42,14 +44,12 @@ __all__ = [
     "LinearPath",
     "CosinePath",
     "EDMPath",
-    "path_from_spec",
     "shift_time",
     "TimeSampler",
     "UniformTime",
     "LogitNormalTime",
     "LogNormalSigma",
     "UShapedTime",
-    "time_sampler_from_spec",
 ]
 
 
@@ -88,7 +88,8 @@ class Path(ABC):
     """Affine Gaussian path ``x_t = alpha(t) x0 + sigma(t) eps`` (data at t=0, noise at ``t_max``).
 
     Subclasses give ``alpha``, ``sigma``, their time derivatives and ``t_from_noise_ratio``; every conversion
-    between predictions (velocity, x0, eps, score) is derived here once. All methods take ``t`` as a float,
+    between predictions (velocity, x0, eps, score) is derived here once. ``path.config`` is the ``_target_`` spec
+    that ``gen.utils.build.build`` turns back into the path. All methods take ``t`` as a float,
     a 0-d tensor or a ``(B,)`` tensor that is broadcast against ``(B, C, H, W)`` inputs.
     """
 
@@ -114,10 +115,6 @@ class Path(ABC):
     @abstractmethod
     def t_from_noise_ratio(self, r: Tensor) -> Tensor:
         """Inverse of ``r(t) = sigma(t) / alpha(t)`` (the VE / EDM sigma of the path at t)."""
-
-    @abstractmethod
-    def spec(self) -> dict[str, Any]:
-        """JSON-able description; ``path_from_spec(p.spec())`` rebuilds the path."""
 
     def coefficients(self, t: Tensor | float, like: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(alpha, sigma, d_alpha, d_sigma)`` at t, shaped to broadcast against ``like`` and in its dtype.
@@ -195,6 +192,7 @@ class Path(ABC):
         raise ValueError(f"unknown prediction kind {kind!r}; expected 'velocity', 'x0' or 'eps'")
 
 
+@capture_config
 class LinearPath(Path):
     """Rectified flow: ``alpha = 1 - t``, ``sigma = t``, ``t in [0, 1]``; velocity ``eps - x0``."""
 
@@ -215,10 +213,8 @@ class LinearPath(Path):
     def t_from_noise_ratio(self, r: Tensor) -> Tensor:
         return r / (1.0 + r)
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "linear"}
 
-
+@capture_config
 class CosinePath(Path):
     """Trigonometric (variance-preserving) path: ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)``."""
 
@@ -239,10 +235,8 @@ class CosinePath(Path):
     def t_from_noise_ratio(self, r: Tensor) -> Tensor:
         return torch.atan(r) * (2.0 / math.pi)
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "cosine"}
 
-
+@capture_config
 class EDMPath(Path):
     """EDM / variance-exploding path: ``alpha = 1``, ``sigma = t``, ``t in [0, sigma_max]`` (Karras et al. 2022)."""
 
@@ -266,21 +260,6 @@ class EDMPath(Path):
     def t_from_noise_ratio(self, r: Tensor) -> Tensor:
         return r
 
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "edm", "sigma_max": self.t_max}
-
-
-_PATHS: dict[str, type[Path]] = {"linear": LinearPath, "cosine": CosinePath, "edm": EDMPath}
-
-
-def path_from_spec(spec: Mapping[str, Any] | str) -> Path:
-    """Build a path from ``{"kind": "linear" | "cosine" | "edm", **kwargs}`` (or just the kind string)."""
-    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
-    kind = spec.pop("kind", None)
-    if kind not in _PATHS:
-        raise ValueError(f"unknown path kind {kind!r}; expected one of {sorted(_PATHS)}")
-    return _PATHS[kind](**spec)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Time samplers for training
@@ -300,36 +279,31 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
 
 
 class TimeSampler(ABC):
-    """Draws training times: ``sampler(n, generator, device) -> Tensor[n]`` (float32).
+    """Draws training times: ``sampler(rng) -> Tensor[B]`` (float32), one time per sample of ``rng``.
 
-    ``shift`` applies ``shift_time`` to every draw (only for samplers on ``[0, 1]``).
+    ``rng`` is a per-sample random source (``gen.utils.seed.SampleRandom`` in training, ``BatchRandom`` for a
+    plain generator); ``shift`` applies ``shift_time`` to every draw (only for samplers on ``[0, 1]``).
+    ``sampler.config`` is the ``_target_`` spec that rebuilds it.
     """
 
     def __init__(self, shift: float = 1.0) -> None:
-        if shift <= 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        if not shift > 0 or not math.isfinite(shift):
+            raise ValueError(f"shift must be a positive number, got {shift}")
         self.shift = float(shift)
 
     @abstractmethod
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        """n unshifted draws in float64."""
+    def _draw(self, rng: Randomness) -> Tensor:
+        """B unshifted draws in float64."""
 
-    @abstractmethod
-    def spec(self) -> dict[str, Any]:
-        """JSON-able description; ``time_sampler_from_spec(s.spec())`` rebuilds the sampler."""
-
-    def __call__(
-        self, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
-    ) -> Tensor:
-        if device is None and generator is not None:
-            device = generator.device
-        t = shift_time(self._draw(n, generator, device), self.shift)
+    def __call__(self, rng: Randomness) -> Tensor:
+        t = shift_time(self._draw(rng), self.shift)
         return t.float()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec()})"
+        return f"{type(self).__name__}({getattr(self, 'config', {})})"
 
 
+@capture_config
 class UniformTime(TimeSampler):
     """``t ~ U[t_min, t_max]`` (plain flow matching; Lipman et al. 2023, Liu et al. 2023)."""
 
@@ -339,16 +313,13 @@ class UniformTime(TimeSampler):
             raise ValueError(f"need 0 <= t_min < t_max <= 1, got {t_min}, {t_max}")
         self.t_min, self.t_max = float(t_min), float(t_max)
 
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        u = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        return self.t_min + (self.t_max - self.t_min) * u
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "uniform", "t_min": self.t_min, "t_max": self.t_max, "shift": self.shift}
+    def _draw(self, rng: Randomness) -> Tensor:
+        return self.t_min + (self.t_max - self.t_min) * rng.rand(dtype=torch.float64)
 
 
+@capture_config
 class LogitNormalTime(TimeSampler):
-    """``t = sigmoid(mean + std * n)``, ``n ~ N(0, 1)`` (SD3; LightningDiT's "lognorm", Sec. 3.2 of backbones.md).
+    """``t = sigmoid(mean + std * n)``, ``n ~ N(0, 1)`` (SD3; LightningDiT's "lognorm" time sampling).
 
     ``mean`` is in our convention (data at 0): a positive mean puts more draws near noise. LightningDiT's
     sampler (data at 1) with mean ``m`` corresponds to ``mean = -m`` here; the default ``m = 0`` is symmetric.
@@ -360,14 +331,11 @@ class LogitNormalTime(TimeSampler):
             raise ValueError(f"std must be > 0, got {std}")
         self.mean, self.std = float(mean), float(std)
 
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
-        return torch.sigmoid(self.mean + self.std * z)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "logit_normal", "mean": self.mean, "std": self.std, "shift": self.shift}
+    def _draw(self, rng: Randomness) -> Tensor:
+        return torch.sigmoid(self.mean + self.std * rng.randn(dtype=torch.float64))
 
 
+@capture_config
 class LogNormalSigma(TimeSampler):
     """EDM noise levels: ``ln sigma ~ N(p_mean, p_std^2)``; returns sigma, i.e. time on ``EDMPath`` (EDM Sec. 5)."""
 
@@ -377,20 +345,17 @@ class LogNormalSigma(TimeSampler):
             raise ValueError(f"p_std must be > 0, got {p_std}")
         self.p_mean, self.p_std = float(p_mean), float(p_std)
 
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        z = torch.randn(n, generator=generator, device=device, dtype=torch.float64)
-        return torch.exp(self.p_mean + self.p_std * z)
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "lognormal_sigma", "p_mean": self.p_mean, "p_std": self.p_std}
+    def _draw(self, rng: Randomness) -> Tensor:
+        return torch.exp(self.p_mean + self.p_std * rng.randn(dtype=torch.float64))
 
 
+@capture_config
 class UShapedTime(TimeSampler):
     """RF++'s U-shaped times: density ``prop. to exp(a t) + exp(a (1 - t))`` on ``[eps, 1 - eps]``.
 
     Draw ``u`` from the truncated exponential ``a e^{a u} / (e^a - 1)`` on [0, 1] by inverting its CDF,
     mirror each draw with probability 1/2 (the mixture gives the symmetric density), then rescale to
-    ``[eps, 1 - eps]`` (Lee et al. 2024, "Improving the Training of Rectified Flows"; distillation.md Sec. 3.2).
+    ``[eps, 1 - eps]`` (Lee et al. 2024, "Improving the Training of Rectified Flows", sangyun884/rfpp).
     """
 
     def __init__(self, a: float = 4.0, eps: float = 1e-5, shift: float = 1.0) -> None:
@@ -401,31 +366,9 @@ class UShapedTime(TimeSampler):
             raise ValueError(f"eps must be in [0, 0.5), got {eps}")
         self.a, self.eps = float(a), float(eps)
 
-    def _draw(self, n: int, generator: torch.Generator | None, device: torch.device | str | None) -> Tensor:
-        w = torch.rand(n, generator=generator, device=device, dtype=torch.float64)
-        flip = torch.rand(n, generator=generator, device=device, dtype=torch.float64) < 0.5
+    def _draw(self, rng: Randomness) -> Tensor:
+        w = rng.rand(dtype=torch.float64)
+        flip = rng.rand(dtype=torch.float64) < 0.5
         u = torch.log1p(w * math.expm1(self.a)) / self.a  # inverse CDF of the truncated exponential
         u = torch.where(flip, 1.0 - u, u)
         return self.eps + (1.0 - 2.0 * self.eps) * u
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "u_shaped", "a": self.a, "eps": self.eps, "shift": self.shift}
-
-
-_TIME_SAMPLERS: dict[str, type[TimeSampler]] = {
-    "uniform": UniformTime,
-    "logit_normal": LogitNormalTime,
-    "lognormal_sigma": LogNormalSigma,
-    "u_shaped": UShapedTime,
-}
-
-
-def time_sampler_from_spec(spec: Mapping[str, Any] | str | TimeSampler) -> TimeSampler:
-    """Build a time sampler from ``{"kind": "uniform" | "logit_normal" | "lognormal_sigma" | "u_shaped", ...}``."""
-    if isinstance(spec, TimeSampler):
-        return spec
-    spec = {"kind": spec} if isinstance(spec, str) else dict(spec)
-    kind = spec.pop("kind", None)
-    if kind not in _TIME_SAMPLERS:
-        raise ValueError(f"unknown time sampler kind {kind!r}; expected one of {sorted(_TIME_SAMPLERS)}")
-    return _TIME_SAMPLERS[kind](**spec)

@@ -15,14 +15,14 @@ from samplers.grids import karras_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
 from samplers.sde import sample_euler_maruyama
-from samplers.sharing import sample_euler_shared
+from samplers.sharing import EncoderSharing
 
 __all__ = [
     "sample_euler",
     "sample_heun",
     "sample_euler_maruyama",
     "sample_dpmpp_2m",
-    "sample_euler_shared",
+    "EncoderSharing",
     "uniform_grid", "shifted_grid", "karras_grid",
     "cfg",
 ]

@@ -1,6 +1,8 @@
 """Time grids for the samplers: descending 1-D float64 tensors from ``t_max`` to exactly ``0``.
 
-A grid with ``steps`` intervals has ``steps + 1`` entries. ``t_min`` (optional) is the smallest non-zero time:
+A grid with ``steps`` intervals has ``steps + 1`` entries. Every builder is called the same way by the sampling
+pipeline, ``builder(steps, path=path, **options)`` (its ``_target_`` spec holds the options); ``t_max`` defaults to
+the path's. ``t_min`` (optional) is the smallest non-zero time:
 the grid runs from ``t_max`` to ``t_min`` in ``steps - 1`` intervals and then jumps to 0 (EDM's sigma_min).
 DDT's grid (250 points on [0, 0.96] in its flipped time, then a last step to the data) is
 ``uniform_grid(250, t_min=0.04)``.
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gen.paths import Path, shift_time
+from gen.paths import EDMPath, Path, shift_time
 
 __all__ = ["uniform_grid", "shifted_grid", "karras_grid", "check_grid"]
 
@@ -44,20 +46,30 @@ def check_grid(ts: Tensor) -> None:
         raise ValueError("a time grid must be strictly decreasing")
 
 
-def uniform_grid(steps: int, t_max: float = 1.0, *, t_min: float | None = None) -> Tensor:
+def _t_max(t_max: float | None, path: Path | None) -> float:
+    return float(t_max) if t_max is not None else (float(path.t_max) if path is not None else 1.0)
+
+
+def uniform_grid(
+    steps: int, t_max: float | None = None, *, t_min: float | None = None, path: Path | None = None
+) -> Tensor:
     """Equally spaced times from ``t_max`` to 0 (or to ``t_min``, then 0). Shape ``(steps + 1,)``, float64."""
+    t_max = _t_max(t_max, path)
     _validate(steps, t_max, t_min)
     if t_min is None:
         return _finish(torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)[:-1])
     return _finish(torch.linspace(t_max, t_min, steps, dtype=torch.float64))
 
 
-def shifted_grid(steps: int, shift: float, t_max: float = 1.0, *, t_min: float | None = None) -> Tensor:
+def shifted_grid(
+    steps: int, shift: float, t_max: float | None = None, *, t_min: float | None = None, path: Path | None = None
+) -> Tensor:
     """Uniform grid on ``[0, 1]`` mapped through ``t' = s t / (1 + (s - 1) t)`` (``gen.paths.shift_time``).
 
     ``shift > 1`` spends more steps near noise; LightningDiT's ``0.3`` (its flipped time) is ``shift = 1/0.3``.
     ``t_max`` and ``t_min`` are in shifted time (the grid's actual first and last non-zero values).
     """
+    t_max = _t_max(t_max, path)
     _validate(steps, t_max, t_min)
     if t_max > 1.0:
         raise ValueError("the timestep shift is defined on t in [0, 1]")
@@ -79,7 +91,7 @@ def shifted_grid(steps: int, shift: float, t_max: float = 1.0, *, t_min: float |
 def karras_grid(
     steps: int,
     sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_max: float | None = None,
     rho: float = 7.0,
     *,
     path: Path | None = None,
@@ -87,8 +99,11 @@ def karras_grid(
     """EDM's grid, uniform in ``sigma^(1/rho)`` (Karras et al. 2022, Eq. 5), then 0. Shape ``(steps + 1,)``.
 
     ``sigma_*`` are VE noise levels ``sigma / alpha``; with ``path`` given they are mapped to that path's time
-    (e.g. ``t = s / (1 + s)`` on the linear path), otherwise the grid is in sigma (time on ``EDMPath``).
+    (e.g. ``t = s / (1 + s)`` on the linear path; the identity on ``EDMPath``), otherwise the grid is in sigma.
+    ``sigma_max`` defaults to the EDM path's ``t_max``, else EDM's 80.
     """
+    if sigma_max is None:
+        sigma_max = float(path.t_max) if isinstance(path, EDMPath) else 80.0
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0 < sigma_min < sigma_max:

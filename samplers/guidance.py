@@ -6,6 +6,8 @@ batched call. Options:
 * ``interval = (t_lo, t_hi)``: guide only where ``t_lo <= t <= t_hi`` (our time, data at 0); elsewhere only the
   conditional branch is evaluated (Kynkaanniemi et al. 2024). LightningDiT's "cfg_interval_start = 0.125" (data at
   t = 1, guide when t_L >= 0.125) is ``interval = (0, 0.875)`` here; DDT's ``0.3 < t_D < 1`` is ``(0, 0.7)``.
+* ``always_both = True``: evaluate both branches at every step, also outside the interval (the reference DDT
+  sampler does; needed by encoder sharing, whose cache holds the doubled batch).
 * ``dit_legacy_channels = k``: guide only the first k output channels and return the conditional output on the
   rest, reproducing DiT/SiT/LightningDiT's ``forward_with_cfg`` (k = 3) for their published numbers. The default
   guides all channels.
@@ -42,6 +44,7 @@ def cfg(
     null_label: int,
     *,
     interval: tuple[float, float] | None = None,
+    always_both: bool = False,
     dit_legacy_channels: int | None = None,
 ) -> ModelFn:
     """Wrap ``model_fn(x, t, y) -> v`` with classifier-free guidance.
@@ -51,6 +54,7 @@ def cfg(
         scale: guidance scale w (1 = conditional model, 0 = unconditional).
         null_label: the label of the unconditional branch (the backbone's ``num_classes``).
         interval: ``(t_lo, t_hi)`` in path time where guidance is applied, or None for everywhere.
+        always_both: run the unconditional branch outside the interval too (its output is not used there).
         dit_legacy_channels: guide only this many leading channels (DiT compatibility), or None for all.
 
     Returns:
@@ -69,7 +73,7 @@ def cfg(
         if y is None:
             raise ValueError("classifier-free guidance needs labels y")
         mask = in_interval(t, interval)
-        if not bool(mask.any()):
+        if not bool(mask.any()) and not always_both:
             return model_fn(x, t, y)  # outside the interval: conditional branch only (half the cost)
         y_null = torch.full_like(y, null_label)
         out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))

@@ -1,18 +1,23 @@
-"""DDT encoder sharing: reuse a cached condition-encoder output across sampling steps (backbones.md Sec. 4.4).
+"""DDT encoder sharing: reuse a cached condition-encoder output across sampling steps (Wang et al. 2025, "DDT:
+Decoupled Diffusion Transformer", Sec. 4.4; MCG-NJU/DDT src/diffusion/stateful_flow_matching/sharing_sampling.py).
 
-A two-stage network (DDT: condition encoder + velocity decoder) is driven through a *shared model function*
+A two-stage network (DDT: condition encoder + velocity decoder) returns its encoder output (``result.encoder_out``)
+and accepts it back (``net(x, t, y, encoder_out=z)`` skips the encoder). :class:`EncoderSharing` wraps such a
+network so that the encoder runs only at the planned steps of a time grid and every other call reuses the last
+output. The wrapper sits below the velocity conversion and the guidance, so *every* sampler (Euler, Heun,
+DPM-Solver++, Euler-Maruyama) and the CFG wrapper serve shared sampling unchanged: nothing here integrates or
+guides. A call is matched to its step by its time (all rows of a sampler call share one time); calls at times
+off the grid (a churned Heun time) reuse the cache.
 
-    shared_fn(x (B, C, H, W), t (B,), y, *, state=None) -> (velocity, new_state)
+With classifier-free guidance the cached output belongs to the doubled batch (conditional and unconditional
+rows), so guidance must evaluate both branches at every step (``samplers.guidance.cfg(..., always_both=True)``,
+what the reference sampler does): otherwise a step outside the guidance interval would hold half a batch and the
+next guided step would need an encoder pass the schedule did not plan.
 
-``state=None`` runs the encoder; otherwise ``state`` (the encoder output of an earlier step) is fed to the decoder
-and the encoder is skipped. ``shared_model_fn(net)`` builds one from any network with
-``forward(x, t, y, *, encoder_out=None, return_encoder_out=False)`` returning the velocity in *our* path time (for
-DDT checkpoints, the time/velocity adapter of ``gen/models/adapters.py`` must pass ``encoder_out`` and
-``return_encoder_out`` through). ``cfg_shared`` adds classifier-free guidance with a guidance interval.
-
-Which steps recompute the encoder comes from a schedule: every step (no sharing), a uniform one, or DDT's
-statistical dynamic programme (``dp_schedule``) on the cosine similarity of encoder outputs recorded on template
-samples. Step 0 always recomputes. Schedules are saved as JSON next to the checkpoint that produced them.
+Which steps recompute comes from a schedule: every step (no sharing), upstream's even spacing
+(``i % rate == 0``, :func:`uniform_steps`), or DDT's statistical dynamic programme (:func:`dp_schedule`) on the
+cosine similarity of encoder outputs recorded on template samples under the production sampler and guidance
+(both branches). Step 0 always recomputes. Schedules are saved as JSON next to the checkpoint that produced them.
 """
 
 from __future__ import annotations
@@ -21,22 +26,15 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from gen.paths import Path
 from gen.utils.ckpt import atomic_write
-from samplers._common import Callback, RandnLike, check_inputs, denoised, prior, tvec
-from samplers.guidance import _combine, in_interval
 
 __all__ = [
-    "SharedModelFn",
-    "shared_model_fn",
-    "cfg_shared",
-    "sample_euler_shared",
-    "collect_encoder_outputs",
+    "EncoderSharing",
     "encoder_similarity",
     "reuse_error_matrix",
     "schedule_error",
@@ -49,143 +47,67 @@ __all__ = [
 ]
 
 
-class SharedModelFn(Protocol):
-    """``(x, t, y, *, state=None) -> (velocity, state)``; ``state=None`` recomputes the encoder."""
-
-    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None, *, state: Any = None) -> tuple[Tensor, Any]: ...
-
-
-def shared_model_fn(
-    net: Callable[..., tuple[Tensor, Tensor]],
-    *,
-    path: Path | None = None,
-    prediction: Literal["velocity", "x0", "eps"] = "velocity",
-) -> SharedModelFn:
-    """Adapt a two-stage network to the ``SharedModelFn`` protocol.
+class EncoderSharing:
+    """A network call whose encoder runs only at the steps in ``recompute`` of the grid ``ts``.
 
     Args:
-        net: ``net(x, t, y, *, encoder_out=None, return_encoder_out=True) -> (output, encoder_out)``.
-        path: needed only when ``prediction`` is not the velocity (converted with ``path.to_velocity``).
-        prediction: what the network outputs.
+        net: ``net(x, t, y, *, encoder_out=None, **kw)`` returning an object with ``.encoder_out``.
+        ts: the sampler's time grid (descending; the step of a call is the index of its time).
+        recompute: step indices where the encoder runs (step 0 always does): the first call at a planned step's
+            time recomputes, every other call reuses the last output (with Heun, the corrector's call at t_{i+1}
+            is that first call). None = every call recomputes (no sharing; the samples equal the plain sampler's
+            bit for bit).
+        record: keep every computed encoder output in ``history`` (for the DP schedule's template statistics).
+
+    Attributes:
+        encoder_passes: how many times the encoder ran.
+        recomputed_steps: the step index of each encoder pass (-1 for a call off the grid without a cache).
+        history: ``(step, encoder_out)`` of every pass when ``record``.
     """
-    if prediction != "velocity" and path is None:
-        raise ValueError("a path is needed to convert a non-velocity prediction")
 
-    def fn(x: Tensor, t: Tensor, y: Tensor | None, *, state: Any = None) -> tuple[Tensor, Any]:
-        out, enc = net(x, t, y, encoder_out=state, return_encoder_out=True)
-        if prediction != "velocity":
-            out = path.to_velocity(prediction, x, out, t)  # type: ignore[union-attr]
-        return out, enc
+    def __init__(
+        self, net: Callable[..., Any], ts: Tensor, recompute: Sequence[int] | None = None, record: bool = False
+    ) -> None:
+        grid = [float(t) for t in ts]
+        n = len(grid) - 1
+        todo = set(range(n)) if recompute is None else {int(i) for i in recompute} | {0}
+        bad = sorted(i for i in todo if not 0 <= i < n)
+        if bad:
+            raise ValueError(f"recompute steps {bad} outside [0, {n})")
+        self.net = net
+        self.every_call = recompute is None
+        self.todo = todo
+        # A sampler calls the network at float32 (or float64) times; match either rounding of the grid.
+        self.step_of = {}
+        for i, t in enumerate(grid[:-1]):
+            self.step_of[t] = i
+            self.step_of[float(torch.tensor(t, dtype=torch.float32))] = i
+        self.record = record
+        self.history: list[tuple[int, Tensor]] = []
+        self.encoder_passes = 0
+        self.recomputed_steps: list[int] = []
+        self._cache: Tensor | None = None
+        self._cache_step: int | None = None
 
-    return fn
-
-
-def cfg_shared(
-    shared_fn: SharedModelFn,
-    scale: float,
-    null_label: int,
-    *,
-    interval: tuple[float, float] | None = None,
-    dit_legacy_channels: int | None = None,
-) -> SharedModelFn:
-    """Classifier-free guidance for a shared model function (same maths as ``samplers.guidance.cfg``).
-
-    The state is ``{"cond": enc_c, "uncond": enc_u | None}``. Inside the interval both branches run in one batched
-    call; outside only the conditional one, and a recompute there drops the unconditional cache. A reuse step whose
-    unconditional cache is missing (first guided step after an unguided recompute) recomputes both branches, so
-    both halves always come from the same step.
-    """
-    scale = float(scale)
-
-    def fn(x: Tensor, t: Tensor, y: Tensor | None, *, state: Any = None) -> tuple[Tensor, Any]:
-        if y is None:
-            raise ValueError("classifier-free guidance needs labels y")
-        mask = in_interval(t, interval)
-        if not bool(mask.any()):
-            v, enc = shared_fn(x, t, y, state=None if state is None else state["cond"])
-            return v, state if state is not None else {"cond": enc, "uncond": None}
-        reuse = state is not None and state["uncond"] is not None
-        enc_in = torch.cat([state["cond"], state["uncond"]]) if reuse else None
-        y_null = torch.full_like(y, null_label)
-        out, enc = shared_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]), state=enc_in)
-        v_c, v_u = out.chunk(2)
-        v = _combine(v_c, v_u, scale, dit_legacy_channels)
-        if not bool(mask.all()):
-            v = torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), v, v_c)
-        if reuse:
-            return v, state
-        enc_c, enc_u = enc.chunk(2)
-        return v, {"cond": enc_c, "uncond": enc_u}
-
-    return fn
-
-
-def _state_tensor(state: Any) -> Tensor:
-    """The conditional encoder output inside a state (a tensor, or ``cfg_shared``'s dict)."""
-    return state["cond"] if isinstance(state, Mapping) else state
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Sampler
-
-
-@torch.no_grad()
-def sample_euler_shared(
-    model_fn: SharedModelFn,
-    noise: Tensor,
-    ts: Tensor,
-    *,
-    path: Path,
-    y: Tensor | None = None,
-    recompute: Sequence[int] | None = None,
-    callback: Callback | None = None,
-    randn_like: RandnLike = torch.randn_like,
-) -> Tensor:
-    """Euler ODE sampler that recomputes the encoder only at the steps in ``recompute``.
-
-    Args:
-        model_fn: a ``SharedModelFn``.
-        noise: unit Gaussian noise; the state starts at ``sigma(ts[0]) * noise``.
-        ts: descending grid ending at 0 (``len(ts) - 1`` steps).
-        path: the path the model was trained on.
-        y: labels ``(B,)`` or None.
-        recompute: step indices where the encoder runs (step 0 always does); None = every step (no sharing, the
-            result equals ``sample_euler`` on the same network).
-        callback: per step ``{"x", "i", "t", "t_next", "denoised", "state", "recomputed"}``.
-        randn_like: unused (deterministic sampler).
-
-    Returns:
-        Samples at ``t = 0``.
-    """
-    check_inputs(noise, ts)
-    grid = [float(t) for t in ts]
-    n = len(grid) - 1
-    todo = set(range(n)) if recompute is None else {int(i) for i in recompute} | {0}
-    bad = [i for i in todo if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"recompute steps {sorted(bad)} outside [0, {n})")
-    x = prior(noise, grid[0], path)
-    state: Any = None
-    for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
-        fresh = i in todo
-        v, state = model_fn(x, tvec(t, x), y, state=None if fresh else state)
-        v = v.to(x.dtype)
-        if callback is not None:
-            callback({"x": x, "i": i, "t": t, "t_next": t_next, "denoised": denoised(path, x, v, t),
-                      "state": state, "recomputed": fresh})
-        x = x + (t_next - t) * v
-    return x
-
-
-@torch.no_grad()
-def collect_encoder_outputs(
-    model_fn: SharedModelFn, noise: Tensor, ts: Tensor, *, path: Path, y: Tensor | None = None
-) -> list[Tensor]:
-    """Run the unshared sampler on template samples and return the encoder output of every step (DDT Sec. 4.4)."""
-    outs: list[Tensor] = []
-    sample_euler_shared(model_fn, noise, ts, path=path, y=y,
-                        callback=lambda d: outs.append(_state_tensor(d["state"]).detach()))
-    return outs
+    def __call__(self, x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Any:
+        step = self.step_of.get(float(t.reshape(-1)[0]))
+        fresh = self.every_call or self._cache is None or (
+            step is not None and step in self.todo and step != self._cache_step
+        )
+        if fresh:
+            result = self.net(x, t, y, **kwargs)
+            self._cache, self._cache_step = result.encoder_out, step
+            self.encoder_passes += 1
+            self.recomputed_steps.append(-1 if step is None else step)
+            if self.record:
+                self.history.append((-1 if step is None else step, result.encoder_out.detach()))
+            return result
+        if self._cache.shape[0] != x.shape[0]:
+            raise RuntimeError(
+                f"the cached encoder output holds {self._cache.shape[0]} rows but the call has {x.shape[0]}: with "
+                "guidance, use samplers.guidance.cfg(..., always_both=True) so every step runs both branches"
+            )
+        return self.net(x, t, y, encoder_out=self._cache, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -197,6 +119,8 @@ def encoder_similarity(encoder_outputs: Sequence[Tensor]) -> Tensor:
 
     Args:
         encoder_outputs: one tensor per step, each ``(B, N, D)`` (any leading shape; the last dim is the feature).
+            Under guidance these are the doubled batch's outputs, conditional and unconditional rows alike, as the
+            reference computes them.
     """
     if len(encoder_outputs) == 0:
         raise ValueError("need at least one encoder output")
@@ -280,16 +204,18 @@ def dp_schedule(sim: Tensor, k: int) -> tuple[list[int], float]:
     return sorted(steps), float(cost[n])
 
 
-def uniform_steps(n: int, k: int) -> list[int]:
-    """``k`` evenly spaced recompute steps out of ``n``: ``floor(m n / k)``, m = 0..k-1 (DDT's refresh rate)."""
-    _check_k(k, n)
-    return [(m * n) // k for m in range(k)]
+def uniform_steps(n: int, rate: int) -> list[int]:
+    """Upstream's even spacing: recompute at steps ``i`` with ``i % rate == 0`` (``state_refresh_rate``), i.e.
+    ``ceil(n / rate)`` encoder passes (MCG-NJU/DDT src/diffusion/stateful_flow_matching/sampling.py)."""
+    if not 1 <= rate <= n:
+        raise ValueError(f"the refresh rate must be in [1, {n}], got {rate}")
+    return list(range(0, n, rate))
 
 
-def uniform_schedule_error(sim: Tensor, k: int) -> float:
-    """Reuse error of the uniform schedule with ``k`` recomputations."""
+def uniform_schedule_error(sim: Tensor, rate: int) -> float:
+    """Reuse error of upstream's even spacing with refresh ``rate`` (``ceil(N / rate)`` recomputations)."""
     sim = _check_sim(sim)
-    return schedule_error(sim, uniform_steps(sim.shape[0], k))
+    return schedule_error(sim, uniform_steps(sim.shape[0], rate))
 
 
 def brute_force_schedule(sim: Tensor, k: int) -> tuple[list[int], float]:

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from gen.models import ModelOutput
 from gen.models.adapters import DDPMEpsilon, FlippedTimeVelocity, ddpm_alphas_cumprod
-from gen.models.ddt import ddt
-from gen.models.dit import dit
-from gen.objectives import velocity_model
+from gen.models.prediction import velocity_model
 from gen.paths import EDMPath, LinearPath
-from gen.pipeline import Generator, SamplerSpec
+from pipeline import Generator, SamplerSpec
 from samplers import sample_euler, sample_heun, shifted_grid, uniform_grid
-from samplers.sharing import sample_euler_shared, shared_model_fn
+from samplers.sharing import EncoderSharing
+from tests.presets import micro
 from tokenizers.pixels import PixelTokenizer
 
 SHAPE = (2, 2, 2)  # (C, H, W)
@@ -57,7 +57,7 @@ class SiTField(nn.Module):
         self.seen.append(s)
         ex0, eeps = posterior_means(x.double(), s, 1.0 - s)
         v = ex0 - eeps
-        return torch.cat([v, torch.full_like(v, 1e6)], 1) if self.learn_sigma else v
+        return ModelOutput(torch.cat([v, torch.full_like(v, 1e6)], 1) if self.learn_sigma else v)
 
 
 ABAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))  # DiT's schedule, built independently
@@ -77,7 +77,7 @@ class DDPMField(nn.Module):
         assert (k - ki).abs().max() < 1e-6, k  # the test grid sits on integer DDPM steps
         abar = torch.as_tensor(ABAR, dtype=torch.float64)[ki.long()]
         eps = posterior_means(x.double(), abar.sqrt(), (1 - abar).sqrt())[1]
-        return torch.cat([eps, torch.full_like(eps, -1e6)], 1)  # learn_sigma: variance channels after eps
+        return ModelOutput(torch.cat([eps, torch.full_like(eps, -1e6)], 1))  # learn_sigma: variance channels after eps
 
 
 def noise(n: int = 64, seed: int = 0) -> torch.Tensor:
@@ -93,7 +93,7 @@ def test_flipped_time_velocity_is_our_field() -> None:
     adapted = FlippedTimeVelocity(inner)
     x = noise(8, 1)
     t = torch.linspace(0.05, 0.95, 8, dtype=torch.float64)
-    torch.testing.assert_close(adapted(x, t, None), native_velocity(LinearPath())(x, t, None), rtol=0, atol=1e-12)
+    torch.testing.assert_close(adapted(x, t, None).out, native_velocity(LinearPath())(x, t, None), rtol=0, atol=1e-12)
     torch.testing.assert_close(inner.seen[-1], 1.0 - t)  # fed their time, unscaled
     assert adapted.prediction_spec()["prediction"] == "velocity"
 
@@ -109,13 +109,13 @@ def test_flipped_time_samples_equal_native_samples(sampler, grid) -> None:
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-10)
     # Sanity: the samples are data-like, and the flip matters (an unflipped field integrates the wrong way).
     assert (ours.mean((0, 2, 3)) - MU.flatten()).abs().max() < 0.5
-    wrong = sampler(lambda x, t, y: SiTField()(x, t, y), noise(), ts, path=LinearPath())
+    wrong = sampler(lambda x, t, y: SiTField()(x, t, y).out, noise(), ts, path=LinearPath())
     assert not torch.allclose(wrong, ours, atol=1e-3)
 
 
 def test_flipped_time_passes_ddt_encoder_sharing_through() -> None:
     torch.manual_seed(0)
-    net = ddt("micro", input_size=8, in_channels=2, num_classes=3).double().eval()
+    net = micro("ddt", input_size=8, in_channels=2, num_classes=3).double().eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -123,30 +123,37 @@ def test_flipped_time_passes_ddt_encoder_sharing_through() -> None:
     x = torch.randn(3, 2, 8, 8, dtype=torch.float64)
     t, y = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64), torch.tensor([0, 1, 2])
     with torch.no_grad():
-        v, z = adapted(x, t, y, return_encoder_out=True)
-        ref, z_ref = net(x, 1.0 - t, y, return_encoder_out=True)
-        assert torch.equal(v, -ref) and torch.equal(z, z_ref)
-        assert torch.equal(adapted(x, t, y, encoder_out=z), v)  # the cached encoder output reaches the net
-        (v_f, feats), _ = adapted(x, t, y, return_features=[1], return_encoder_out=True)
-        assert torch.equal(v_f, v) and feats[0].shape == (3, 4, 64)
+        res = adapted(x, t, y)
+        ref = net(x, 1.0 - t, y)
+        assert torch.equal(res.out, -ref.out) and torch.equal(res.encoder_out, ref.encoder_out)
+        # the cached encoder output reaches the net
+        assert torch.equal(adapted(x, t, y, encoder_out=res.encoder_out).out, res.out)
+        res_f = adapted(x, t, y, return_features=[1])
+        assert torch.equal(res_f.out, res.out) and res_f.features[0].shape == (3, 4, 64)
         ts, eps = uniform_grid(6), torch.randn(3, 2, 8, 8, dtype=torch.float64)
-        plain = sample_euler(adapted, eps, ts, path=LinearPath(), y=y)
-        shared = sample_euler_shared(shared_model_fn(adapted), eps, ts, path=LinearPath(), y=y)
-    assert torch.equal(plain, shared)
+        spec = adapted.prediction_spec()
+        plain = sample_euler(velocity_model(adapted, spec), eps, ts, path=LinearPath(), y=y)
+        shared_net = EncoderSharing(adapted, ts)
+        shared = sample_euler(velocity_model(shared_net, spec), eps, ts, path=LinearPath(), y=y)
+        half_net = EncoderSharing(adapted, ts, recompute=[0, 2, 4])
+        half = sample_euler(velocity_model(half_net, spec), eps, ts, path=LinearPath(), y=y)
+    assert torch.equal(plain, shared) and shared_net.encoder_passes == 6
+    assert half_net.recomputed_steps == [0, 2, 4] and not torch.equal(half, plain)
 
 
 def test_flipped_time_negates_reg_extra_output() -> None:
     torch.manual_seed(0)
-    net = dit("micro", input_size=8, in_channels=2, num_classes=3, extra_token_dim=5).double().eval()
+    net = micro("dit", input_size=8, in_channels=2, num_classes=3, extra_token_dim=5).double().eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x, e = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
     t, y = torch.tensor([0.3, 0.6], dtype=torch.float64), torch.tensor([0, 2])
     with torch.no_grad():
-        out, extra, feats = FlippedTimeVelocity(net)(x, t, y, extra_token=e, return_features=[2])
-        r_out, r_extra, r_feats = net(x, 1 - t, y, extra_token=e, return_features=[2])
-    assert torch.equal(out, -r_out) and torch.equal(extra, -r_extra) and torch.equal(feats[0], r_feats[0])
+        res = FlippedTimeVelocity(net)(x, t, y, extra_token=e, return_features=[2])
+        ref = net(x, 1 - t, y, extra_token=e, return_features=[2])
+    assert torch.equal(res.out, -ref.out) and torch.equal(res.extra, -ref.extra)
+    assert torch.equal(res.features[0], ref.features[0])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +190,7 @@ def test_ddpm_epsilon_samples_equal_native_samples(path_kind, output) -> None:
     inner = DDPMField()
     adapted = DDPMEpsilon(inner, path, out_channels=SHAPE[0], output=output)
     spec = adapted.prediction_spec()
-    assert spec["prediction"] == output and spec["path"] == path.spec()
+    assert spec["prediction"] == output and spec["path"] == path.config
     ours = sample_euler(native_velocity(path), noise(), ts, path=path)
     theirs = sample_euler(velocity_model(adapted, spec), noise(), ts, path=path)
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-9)
@@ -193,7 +200,7 @@ def test_ddpm_epsilon_samples_equal_native_samples(path_kind, output) -> None:
 
 def test_ddpm_epsilon_on_real_dit_through_the_generator() -> None:
     torch.manual_seed(0)
-    net = dit("micro", input_size=8, in_channels=1, num_classes=3, learn_sigma=True, time_scale=1.0).eval()
+    net = micro("dit", input_size=8, in_channels=1, num_classes=3, learn_sigma=True, time_scale=1.0).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -201,7 +208,8 @@ def test_ddpm_epsilon_on_real_dit_through_the_generator() -> None:
     net.register_forward_pre_hook(lambda m, args: seen.append(args[1].detach().clone()))
     adapted = DDPMEpsilon(net, EDMPath(sigma_max=157.4), out_channels=1)
     gen = Generator(adapted, adapted.prediction_spec(), PixelTokenizer(channels=1), (1, 8, 8), 3, min_rows=1)
-    spec = SamplerSpec.from_config({"kind": "heun", "steps": 4, "grid": {"kind": "karras", "sigma_max": adapted.sigma_max},
+    spec = SamplerSpec.from_config({"solver": {"_target_": "samplers.sample_heun"}, "steps": 4,
+                                    "grid": {"_target_": "samplers.grids.karras_grid", "sigma_max": adapted.sigma_max},
                                     "guidance": {"scale": 2.0}})
     images, labels = gen.generate([0, 1, 2], spec)
     assert images.dtype == torch.uint8 and images.shape == (3, 1, 8, 8) and labels.shape == (3,)

@@ -11,34 +11,36 @@ import pytest
 import torch
 from torch import nn
 
-from gen.models import build_model
-from gen.models.ddt import PRESETS as DDT_PRESETS
-from gen.models.dit import PRESETS as DIT_PRESETS
-from gen.models.lightningdit import PRESETS as LDIT_PRESETS
 from gen.models.precond import EDMPrecond
-from gen.objectives import EDMLoss, RectifiedFlow, velocity_model
-from gen.paths import path_from_spec
-from gen.pipeline import Generator, SamplerSpec, run_sampler
+from gen.models.prediction import prediction_path, velocity_model
+from gen.objectives import EDMLoss, FlowMatching
+from gen.paths import LogitNormalTime, UniformTime
+from gen.utils.seed import BatchRandom
+from pipeline import Generator, SamplerSpec, run_sampler
+from tests.presets import MICRO
+from tests.presets import micro as micro_model
 from tokenizers.pixels import PixelTokenizer
 
 C, RES, K, B = 1, 16, 5, 4
-MICRO = {"dit": DIT_PRESETS["micro"], "lightningdit": LDIT_PRESETS["micro"], "ddt": DDT_PRESETS["micro"]}
+ARCHS = ("dit", "lightningdit", "ddt")
 OBJECTIVES = {
-    "rf_uniform": lambda: RectifiedFlow(time_sampler="uniform"),
-    "rf_logitnormal_cos": lambda: RectifiedFlow(time_sampler={"kind": "logit_normal", "mean": 0.0, "std": 1.0},
-                                                cos_velocity_weight=1.0),
+    "rf_uniform": lambda: FlowMatching(time_sampler=UniformTime()),
+    "rf_logitnormal_cos": lambda: FlowMatching(time_sampler=LogitNormalTime(0.0, 1.0), cos_velocity_weight=1.0),
     "edm": lambda: EDMLoss(),
 }
 SAMPLERS = {  # a few steps of each deterministic sampler, on the grid that suits the objective
-    "rf_uniform": {"kind": "euler", "steps": 3},
-    "rf_logitnormal_cos": {"kind": "heun", "steps": 3, "grid": {"kind": "uniform", "shift": 2.0}},
-    "edm": {"kind": "heun", "steps": 3, "grid": {"kind": "karras"}, "guidance": {"scale": 1.5}},
+    "rf_uniform": {"solver": {"_target_": "samplers.sample_euler"}, "steps": 3,
+                   "grid": {"_target_": "samplers.grids.uniform_grid"}},
+    "rf_logitnormal_cos": {"solver": {"_target_": "samplers.sample_heun"}, "steps": 3,
+                           "grid": {"_target_": "samplers.grids.shifted_grid", "shift": 2.0}},
+    "edm": {"solver": {"_target_": "samplers.sample_heun"}, "steps": 3,
+            "grid": {"_target_": "samplers.grids.karras_grid"}, "guidance": {"scale": 1.5}},
 }
 
 
 def micro(arch: str, **kw) -> nn.Module:
     torch.manual_seed(0)
-    net = build_model({"arch": arch, **MICRO[arch], "input_size": RES, "in_channels": C, "num_classes": K, **kw})
+    net = micro_model(arch, input_size=RES, in_channels=C, num_classes=K, **kw)
     with torch.no_grad():  # leave the zero (adaLN-Zero / zero output) init so gradients reach every layer
         for p in net.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -51,11 +53,11 @@ def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-@pytest.mark.parametrize("arch", sorted(MICRO))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_forward_backward_sample(arch: str, objective: str) -> None:
     net, obj = micro(arch), OBJECTIVES[objective]()
     x0, y = batch()
-    out = obj(net, x0, y, generator=torch.Generator().manual_seed(1))
+    out = obj(net, {"x0": x0, "label": y}, BatchRandom(B, torch.Generator().manual_seed(1)))
     loss = out["loss"]
     assert loss.shape == (B,) and bool(torch.isfinite(loss).all())
     assert all(v.shape == (B,) for v in out.values())
@@ -76,44 +78,46 @@ def test_forward_backward_sample(arch: str, objective: str) -> None:
     images, labels = gen.generate([0, 1, 2], spec)
     assert images.dtype == torch.uint8 and images.shape == (3, C, RES, RES) and labels.shape == (3,)
     assert len({img.float().std().item() for img in images}) > 1  # not a constant image per seed
-    path = path_from_spec(pred["path"])
+    path = prediction_path(pred)
     with torch.no_grad():
-        x = run_sampler(velocity_model(net, pred), torch.randn(3, C, RES, RES), labels, path, spec)
+        x = run_sampler(velocity_model(net, pred), torch.randn(3, C, RES, RES), labels, path, spec, torch.randn_like)
     assert x.shape == (3, C, RES, RES) and bool(torch.isfinite(x).all())
 
 
-@pytest.mark.parametrize("arch", sorted(MICRO))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_features_and_extra_token_under_objective_calls(arch: str) -> None:
     """REPA's features and REG's extra token through the objectives' call conventions (flow: ``net(x_t, t, y)``;
     EDM: ``EDMPrecond(net)(x, sigma, y)`` feeding ``c_noise``), with gradients into the extra-token modules."""
     d_extra = 6
-    net = micro(arch, extra_token_dim=d_extra).eval()  # eval: no random label dropout between compared calls
+    net = micro(arch, extra_token_dim=d_extra)
     depth, dim = net.depth, net.hidden_size
-    tokens = (RES // MICRO[arch]["patch_size"]) ** 2
+    tokens = (RES // MICRO["ddt" if arch == "ddt" else "dit"]["patch_size"]) ** 2
     x0, y = batch(2)
     e = torch.randn(B, d_extra)
-    rf = RectifiedFlow()
-    eps, t = rf.sample_noise_and_time(x0, torch.Generator().manual_seed(3))
+    rf = FlowMatching()
+    eps, t, _ = rf.draw(x0, y, K, BatchRandom(B, torch.Generator().manual_seed(3)))
     x_t = rf.path.sample(x0, eps, t)
 
-    out, extra, feats = net(x_t, t, y, return_features=[1, depth], extra_token=e)
+    res = net(x_t, t, y, return_features=[1, depth], extra_token=e)
+    out, extra, feats = res.out, res.extra, res.features
     assert out.shape == x0.shape and extra.shape == (B, d_extra)
     assert [f.shape for f in feats] == [(B, 1 + tokens, dim)] * 2
     # Features alone, and the image output does not depend on asking for them.
-    out_f, feats_f = net(x_t, t, y, return_features=[depth])
-    torch.testing.assert_close(out_f, net(x_t, t, y))
-    assert feats_f[0].shape == (B, tokens, dim)
+    res_f = net(x_t, t, y, return_features=[depth])
+    torch.testing.assert_close(res_f.out, net(x_t, t, y).out)
+    assert res_f.features[0].shape == (B, tokens, dim)
 
     # EDM: the preconditioner passes the kwargs through and preconditions only the image output.
     edm = EDMLoss()
-    sigma = edm.time_sampler(B, torch.Generator().manual_seed(4))
+    sigma = edm.time_sampler(BatchRandom(B, torch.Generator().manual_seed(4)))
     x_s = edm.path.sample(x0, eps, sigma)
     pre = EDMPrecond(net, edm.sigma_data)
-    d, d_extra_out, d_feats = pre(x_s, sigma, y, return_features=[1], extra_token=e)
-    torch.testing.assert_close(d, pre(x_s, sigma, y, extra_token=e)[0])
+    r = pre(x_s, sigma, y, return_features=[1], extra_token=e)
+    d, d_extra_out, d_feats = r.out, r.extra, r.features
+    torch.testing.assert_close(d, pre(x_s, sigma, y, extra_token=e).out)
     assert d.shape == x0.shape and d_extra_out.shape == (B, d_extra) and d_feats[0].shape == (B, 1 + tokens, dim)
-    d_plain, d_feats_only = pre(x_s, sigma, y, return_features=[1])
-    assert d_plain.shape == x0.shape and d_feats_only[0].shape == (B, tokens, dim)
+    r_plain = pre(x_s, sigma, y, return_features=[1])
+    assert r_plain.out.shape == x0.shape and r_plain.features[0].shape == (B, tokens, dim)
 
     # A REG-style loss on the extra output plus a REPA-style loss on block-1 features trains the extra modules.
     (extra.square().mean() + feats[0].square().mean() + d_extra_out.square().mean()).backward()

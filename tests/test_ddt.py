@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gen.models import build_model
-from gen.models.ddt import DDT, ddt
+from gen.models import DDT
+from gen.utils.build import build
+from tests.presets import micro as micro_model
+from tests.presets import model_preset
 
 # Official parameter counts of MCG-NJU/DDT src/models/denoiser/decoupled_improved_dit.py (patch 2, input
 # 32x32x4, 1000 classes): XL = 28 blocks 1152 wide 16 heads (22 enc), L = 24/1024/16 (20 enc), B = 12/768/12 (8 enc).
@@ -20,14 +22,14 @@ OFFICIAL_COUNTS = {"XL": 674_646_352, "L": 457_648_144, "B": 130_262_800}
 @pytest.mark.parametrize("preset", sorted(OFFICIAL_COUNTS))
 def test_official_parameter_counts(preset: str) -> None:
     with torch.device("meta"):
-        m = ddt(preset, input_size=32, in_channels=4, num_classes=1000)
+        m = model_preset(f"ddt_{preset.lower()}", input_size=32, in_channels=4, num_classes=1000)
     assert sum(p.numel() for p in m.parameters()) == OFFICIAL_COUNTS[preset]
     assert all(p.requires_grad for p in m.parameters())  # no absolute position table
 
 
 def micro(**kw) -> DDT:
     torch.manual_seed(0)
-    return ddt("micro", input_size=16, in_channels=3, num_classes=10, **kw)
+    return micro_model("ddt", input_size=16, in_channels=3, num_classes=10, **kw)
 
 
 def perturb(m: torch.nn.Module) -> None:
@@ -44,7 +46,7 @@ def inputs(B: int = 2):
 
 def test_zero_output_at_init() -> None:
     x, t, y = inputs()
-    out = micro()(x, t, y)
+    out = micro()(x, t, y).out
     assert out.shape == (2, 3, 16, 16) and torch.equal(out, torch.zeros_like(out))
 
 
@@ -52,14 +54,15 @@ def test_cached_encoder_output_equals_full_forward() -> None:
     m = micro().eval()
     perturb(m)
     x, t, y = inputs()
-    full, z = m(x, t, y, return_encoder_out=True)
+    res = m(x, t, y)
+    full, z = res.out, res.encoder_out
     assert z.shape == (2, 16, 64)
     cached = m(x, t, y, encoder_out=z)
-    assert torch.equal(cached, full)
+    assert torch.equal(cached.out, full) and cached.encoder_out is z
     # with a cache the decoder sees t and y only through z
-    assert torch.equal(m(x, t * 0 + 0.3, torch.tensor([4, 5]), encoder_out=z), full)
+    assert torch.equal(m(x, t * 0 + 0.3, torch.tensor([4, 5]), encoder_out=z).out, full)
     # a different x with the same z still changes the output (the decoder reads x)
-    assert not torch.allclose(m(x + 1, t, y, encoder_out=z), full)
+    assert not torch.allclose(m(x + 1, t, y, encoder_out=z).out, full)
     with pytest.raises(ValueError, match="encoder_out must have shape"):
         m(x, t, y, encoder_out=z[:, :5])
     with pytest.raises(ValueError, match="encoder blocks"):
@@ -121,15 +124,7 @@ def test_matches_reference_formulas() -> None:
     m = micro().eval()
     perturb(m)
     x, t, y = inputs()
-    torch.testing.assert_close(m(x, t, y), reference_forward(m, x, t, y), atol=1e-5, rtol=1e-4)
-
-
-def test_label_dropout_only_in_train() -> None:
-    m = micro(label_dropout=1.0)
-    perturb(m)
-    x, t, _ = inputs()
-    dropped = m.train()(x, t, torch.tensor([1, 2]))
-    torch.testing.assert_close(dropped, m.eval()(x, t, torch.tensor([10, 10])))
+    torch.testing.assert_close(m(x, t, y).out, reference_forward(m, x, t, y), atol=1e-5, rtol=1e-4)
 
 
 def test_features_and_extra_token() -> None:
@@ -139,17 +134,17 @@ def test_features_and_extra_token() -> None:
     )
     x, t, y = inputs()
     e = torch.randn(2, 8)
-    out, feats = base(x, t, y, return_features=[3, 1])
-    assert out.shape == (2, 3, 16, 16) and [f.shape for f in feats] == [(2, 16, 64)] * 2
-    (out, extra, feats), z = m(x, t, y, extra_token=e, return_features=[2], return_encoder_out=True)
-    assert extra.shape == (2, 8) and torch.equal(extra, torch.zeros_like(extra))
-    assert feats[0].shape == (2, 17, 64) and z.shape == (2, 17, 64)
+    res = base(x, t, y, return_features=[3, 1])
+    assert res.out.shape == (2, 3, 16, 16) and [f.shape for f in res.features] == [(2, 16, 64)] * 2
+    res = m(x, t, y, extra_token=e, return_features=[2])
+    assert res.extra.shape == (2, 8) and torch.equal(res.extra, torch.zeros_like(res.extra))
+    assert res.features[0].shape == (2, 17, 64) and res.encoder_out.shape == (2, 17, 64)
     perturb(m)
-    (out, extra), z = m(x, t, y, extra_token=e, return_encoder_out=True)
-    assert extra.abs().sum() > 0
-    out2, extra2 = m(x, t, y, extra_token=e, encoder_out=z)
-    assert torch.equal(out2, out) and torch.equal(extra2, extra)
-    assert not torch.allclose(out, m(x, t, y, extra_token=e + 1)[0])
+    res = m(x, t, y, extra_token=e)
+    assert res.extra.abs().sum() > 0
+    res2 = m(x, t, y, extra_token=e, encoder_out=res.encoder_out)
+    assert torch.equal(res2.out, res.out) and torch.equal(res2.extra, res.extra)
+    assert not torch.allclose(res.out, m(x, t, y, extra_token=e + 1).out)
     with pytest.raises(ValueError, match="extra_token_dim"):
         base(x, t, y, extra_token=e)
 
@@ -158,7 +153,7 @@ def test_backward_reaches_all_parameters() -> None:
     m = micro()
     perturb(m)
     x, t, y = inputs()
-    m(x, t, y).square().mean().backward()
+    m(x, t, y).out.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters() if p is not m.y_embedder.embedding_table.weight)
 
 
@@ -173,12 +168,10 @@ def test_bad_inputs_raise() -> None:
         m(torch.randn(2, 3, 32, 32), t, y)
     with pytest.raises(ValueError, match="num_encoder_blocks"):
         DDT(depth=4, num_encoder_blocks=4)
-    with pytest.raises(ValueError, match="unknown DDT preset"):
-        ddt("S")
 
 
 def test_config_roundtrip() -> None:
     m = micro(extra_token_dim=4)
-    m2 = build_model(json.loads(json.dumps(m.config)))
+    m2 = build(json.loads(json.dumps(m.config)))
     assert type(m2) is DDT and m2.config == m.config
     m2.load_state_dict(m.state_dict())

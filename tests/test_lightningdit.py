@@ -1,4 +1,5 @@
-"""LightningDiT backbone: exact parameter counts, init, RoPE wiring, features, REG extra token, validation."""
+"""LightningDiT (the DiT class with RMSNorm, SwiGLU and 2D RoPE): exact parameter counts, init, RoPE wiring,
+features, REG extra token, SwiGLU width, validation."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 import pytest
 import torch
 
-from gen.models import build_model
-from gen.models.lightningdit import LightningDiT, lightningdit
-from gen.nn import RMSNorm, SwiGLU, rope_2d_axial
+from gen.models import DiT
+from gen.nn import RMSNorm, SwiGLU, rope_2d_axial, swiglu_hidden
+from gen.utils.build import build
+from tests.presets import micro as micro_model
+from tests.presets import model_preset
 
 # Official (total, trainable) parameter counts of hustvl/LightningDiT models/lightningdit.py with the final
 # config (SwiGLU, RMSNorm, RoPE, no qk-norm, learn_sigma=False), input 16x16x32, 1000 classes. The total
@@ -32,14 +35,29 @@ def counts(m: torch.nn.Module) -> tuple[int, int]:
 
 @pytest.mark.parametrize("preset", sorted(OFFICIAL_COUNTS))
 def test_official_parameter_counts(preset: str) -> None:
+    size, patch = preset.split("/")
     with torch.device("meta"):
-        m = lightningdit(preset, input_size=16, in_channels=32, num_classes=1000)
+        m = model_preset(f"lightningdit_{size.lower()}1", patch_size=int(patch), input_size=16, in_channels=32,
+                         num_classes=1000)
     assert counts(m) == OFFICIAL_COUNTS[preset]
 
 
-def micro(**kw) -> LightningDiT:
+def test_swiglu_width_rounds_as_upstream() -> None:
+    """hustvl/LightningDiT models/lightningdit.py: ``SwiGLUFFN(D, int(2/3 * int(D * mlp_ratio)))``.
+
+    At ratio 2.5 with D = 1152 the official width is 1920, at ratio 8/3 with D = 256 it is 454; the former
+    formula ``int(2/3 * ratio * D)`` gave 1919 and 455.
+    """
+    assert swiglu_hidden(1152, 2.5) == 1920 and swiglu_hidden(256, 8 / 3) == 454
+    assert swiglu_hidden(1152, 4.0) == 3072 and swiglu_hidden(64, 4.0) == 170
+    with torch.device("meta"):
+        m = model_preset("lightningdit_xl1", mlp_ratio=2.5, input_size=16, in_channels=32, num_classes=1000)
+    assert m.blocks[0].mlp.hidden == 1920
+
+
+def micro(**kw) -> DiT:
     torch.manual_seed(0)
-    return lightningdit("micro", input_size=16, in_channels=3, num_classes=10, **kw)
+    return micro_model("lightningdit", input_size=16, in_channels=3, num_classes=10, **kw)
 
 
 def perturb(m: torch.nn.Module) -> None:
@@ -54,7 +72,7 @@ def test_structure() -> None:
     m = micro()
     blk = m.blocks[0]
     assert isinstance(blk.norm1, RMSNorm) and isinstance(blk.mlp, SwiGLU)
-    assert blk.mlp.hidden == int(2 / 3 * 4 * 64) and blk.mlp.w12.bias is not None
+    assert blk.mlp.hidden == int(2 / 3 * int(4 * 64)) and blk.mlp.w12.bias is not None
     assert blk.attn.qkv.bias is not None and blk.attn.q_norm is None
     cos, sin = rope_2d_axial(32, 4, 4)
     assert torch.equal(m.rope_cos, cos) and torch.equal(m.rope_sin, sin)
@@ -65,46 +83,38 @@ def test_structure() -> None:
 
 def test_zero_output_at_init() -> None:
     m = micro()
-    out = m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 10]))
+    out = m(torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 10])).out
     assert out.shape == (2, 3, 16, 16) and torch.equal(out, torch.zeros_like(out))
-    assert micro(learn_sigma=True)(torch.randn(1, 3, 16, 16), 0.5, None).shape == (1, 6, 16, 16)
+    assert micro(learn_sigma=True)(torch.randn(1, 3, 16, 16), 0.5, None).out.shape == (1, 6, 16, 16)
 
 
 def test_rope_and_qknorm_change_output_and_train() -> None:
     x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([1, 2])
-    with_rope, without = micro(), micro(rope=False)
+    with_rope, without = micro(), micro(rope=None)
     perturb(with_rope)
     without.load_state_dict(with_rope.state_dict())
-    a, b = with_rope(x, t, y), without(x, t, y)
+    a, b = with_rope(x, t, y).out, without(x, t, y).out
     assert not torch.allclose(a, b)
     q = micro(qk_norm=True)
     perturb(q)
-    out = q(x, t, y)
+    out = q(x, t, y).out
     out.square().mean().backward()
     assert all(p.grad is not None for p in q.parameters() if p.requires_grad)
-
-
-def test_label_dropout_only_in_train() -> None:
-    m = micro(label_dropout=1.0)
-    perturb(m)
-    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
-    dropped = m.train()(x, t, torch.tensor([1, 2]))
-    torch.testing.assert_close(dropped, m.eval()(x, t, torch.tensor([10, 10])))
 
 
 def test_return_features_and_extra_token() -> None:
     base, m = micro(), micro(extra_token_dim=8)
     assert counts(m)[1] - counts(base)[1] == (8 * 64 + 64) + 2 * 64 + (64 * 8 + 8)
     x, t, y, e = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1]), torch.randn(2, 8)
-    out, feats = base(x, t, y, return_features=[1, 2])
-    assert out.shape == (2, 3, 16, 16) and [f.shape for f in feats] == [(2, 16, 64)] * 2
-    out, extra, feats = m(x, t, y, extra_token=e, return_features=[2])
-    assert extra.shape == (2, 8) and torch.equal(extra, torch.zeros_like(extra))
-    assert feats[0].shape == (2, 17, 64)
+    res = base(x, t, y, return_features=[1, 2])
+    assert res.out.shape == (2, 3, 16, 16) and [f.shape for f in res.features] == [(2, 16, 64)] * 2
+    res = m(x, t, y, extra_token=e, return_features=[2])
+    assert res.extra.shape == (2, 8) and torch.equal(res.extra, torch.zeros_like(res.extra))
+    assert res.features[0].shape == (2, 17, 64)
     perturb(m)
-    out, extra = m(x, t, y, extra_token=e)
-    assert extra.abs().sum() > 0
-    assert not torch.allclose(out, m(x, t, y, extra_token=e + 1)[0])
+    res = m(x, t, y, extra_token=e)
+    assert res.extra.abs().sum() > 0
+    assert not torch.allclose(res.out, m(x, t, y, extra_token=e + 1).out)
     with pytest.raises(ValueError, match="extra_token_dim"):
         base(x, t, y, extra_token=e)
     with pytest.raises(ValueError, match="return_features"):
@@ -121,15 +131,13 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match=r"input_size=16.*8x8"):
         m(torch.randn(2, 3, 8, 8), t, y)
     with pytest.raises(ValueError, match="divisible by 4"):
-        LightningDiT(input_size=8, patch_size=1, in_channels=3, hidden_size=36, depth=1, num_heads=6)
-    with pytest.raises(ValueError, match="unknown LightningDiT preset"):
-        lightningdit("XXL/1")
+        DiT(input_size=8, patch_size=1, in_channels=3, hidden_size=36, depth=1, num_heads=6, rope="axial")
 
 
 def test_config_roundtrip() -> None:
     m = micro(qk_norm=True, extra_token_dim=4)
-    m2 = build_model(json.loads(json.dumps(m.config)))
-    assert type(m2) is LightningDiT and m2.config == m.config
+    m2 = build(json.loads(json.dumps(m.config)))
+    assert type(m2) is DiT and m2.config == m.config and m2.config["norm"] == "rms"
     m2.load_state_dict(m.state_dict())
 
 
@@ -175,4 +183,4 @@ def test_matches_reference_formulas() -> None:
     sh, sc = (v[:, None] for v in m.final_layer.adaLN_modulation(c).chunk(2, -1))
     out = m.final_layer.linear(rms(h, m.final_layer.norm_final.weight) * (1 + sc) + sh)
     out = out.reshape(2, g, g, 4, 4, 3).permute(0, 5, 1, 3, 2, 4).reshape(2, 3, 16, 16)
-    torch.testing.assert_close(m(x, t, y), out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(m(x, t, y).out, out, atol=1e-5, rtol=1e-4)

@@ -103,26 +103,25 @@ def test_modulate_broadcast_and_per_token() -> None:
     torch.testing.assert_close(modulate(x, s3, c3), x * (1 + c3) + s3)
 
 
-def test_label_embedder_dropout_train_only() -> None:
+def test_label_embedder_is_a_lookup_with_a_null_row() -> None:
     torch.manual_seed(0)
-    emb = LabelEmbedder(10, 4, dropout=0.5)
+    emb = LabelEmbedder(10, 4)
     assert emb.embedding_table.num_embeddings == 11 and emb.null_class == 10
+    y = torch.arange(11)
+    torch.testing.assert_close(emb.train()(y), emb.embedding_table.weight)
+    torch.testing.assert_close(emb.eval()(y), emb.embedding_table.weight)
+
+
+def test_drop_labels_draws_one_uniform_per_sample() -> None:
+    from gen.objectives.base import drop_labels
+    from gen.utils.seed import BatchRandom
+
     y = torch.arange(10).repeat(100)
-    emb.eval()
-    assert torch.equal(emb.drop(y), y)
-    emb.train()
-    d = emb.drop(y)
-    dropped = d == 10
-    assert 0.4 < dropped.float().mean().item() < 0.6
-    assert torch.equal(d[~dropped], y[~dropped])
-    # explicit mask works in eval and drops exactly the masked entries
-    emb.eval()
-    mask = torch.zeros(1000, dtype=torch.bool)
-    mask[::3] = True
-    assert torch.equal(emb.drop(y, force_drop=mask), torch.where(mask, 10, y))
-    torch.testing.assert_close(emb(torch.tensor([10])), emb.embedding_table.weight[10:11])
-    with pytest.raises(ValueError):
-        LabelEmbedder(10, 4, dropout=1.5)
+    d = drop_labels(y, 0.5, 10, BatchRandom(1000, torch.Generator().manual_seed(0)))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(d, torch.where(u < 0.5, 10, y))
+    assert 0.4 < (d == 10).float().mean().item() < 0.6
+    assert torch.equal(drop_labels(y, 0.0, 10, BatchRandom(1000)), y)
 
 
 def test_patch_embed_is_patch_linear() -> None:

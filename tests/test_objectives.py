@@ -8,17 +8,23 @@ import pytest
 import torch
 from torch import nn
 
+from gen.models import ModelOutput
 from gen.models.precond import EDMPrecond, edm_coefficients
-from gen.objectives import EDMLoss, FlowMatching, RectifiedFlow, velocity_model
+from gen.models.prediction import velocity_model
+from gen.objectives import EDMLoss, FlowMatching
 from gen.objectives.edm import edm_loss_weight
 from gen.objectives.flow_matching import cosine_direction_loss
-from gen.paths import EDMPath, LinearPath
+from gen.paths import CosinePath, EDMPath, LinearPath, LogitNormalTime, UniformTime, UShapedTime
+from gen.utils.build import BuildError
+from gen.utils.seed import BatchRandom
 
 NUM_CLASSES = 3
 
 
 class TinyNet(nn.Module):
     """Pure network ``net(x, t, y)`` on (B, 2, 2, 2) inputs: an MLP over x, a time embedding and the label."""
+
+    num_classes = NUM_CLASSES
 
     def __init__(self, width: int = 64) -> None:
         super().__init__()
@@ -32,7 +38,11 @@ class TinyNet(nn.Module):
             y = torch.full((x.shape[0],), NUM_CLASSES, dtype=torch.long, device=x.device)
         tf = t.float()[:, None] * self.freqs
         h = torch.cat([x.float().flatten(1), tf.sin(), tf.cos(), self.label(y)], dim=1)
-        return self.mlp(h).reshape(x.shape).to(x.dtype)
+        return ModelOutput(self.mlp(h).reshape(x.shape).to(x.dtype))
+
+
+def rng(n: int, seed: int) -> BatchRandom:
+    return BatchRandom(n, torch.Generator().manual_seed(seed))
 
 
 def toy_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,18 +57,21 @@ def toy_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def test_flow_matching_loss_matches_hand_computation() -> None:
-    obj = RectifiedFlow(time_sampler={"kind": "uniform"}, cos_velocity_weight=0.5)
+    obj = FlowMatching(time_sampler=UniformTime(), cos_velocity_weight=0.5, label_dropout=0.5)
     net = TinyNet()
     x0, y = toy_batch(8, torch.Generator().manual_seed(0))
-    out = obj(net, x0, y, generator=torch.Generator().manual_seed(1))
+    out = obj(net, {"x0": x0, "label": y}, rng(8, 1))
     assert set(out) == {"loss", "mse", "cos"} and all(v.shape == (8,) for v in out.values())
 
-    # Re-draw with the same generator: time first, then noise (documented order).
+    # Re-draw with the same generator: time first, then noise, then the label drops (documented order).
     g = torch.Generator().manual_seed(1)
     t = torch.rand(8, generator=g, dtype=torch.float64).float()
     eps = torch.randn(x0.shape, generator=g)
+    dropped = torch.rand(8, generator=g) < 0.5
+    assert 0 < int(dropped.sum()) < 8
+    y = torch.where(dropped, NUM_CLASSES, y)
     x_t = (1 - t.reshape(-1, 1, 1, 1)) * x0 + t.reshape(-1, 1, 1, 1) * eps
-    v = net(x_t, t, y)
+    v = net(x_t, t, y).out
     mse = ((v - (eps - x0)) ** 2).flatten(1).mean(1)
     cos = (1 - nn.functional.cosine_similarity(v, eps - x0, dim=1)).flatten(1).mean(1)
     torch.testing.assert_close(out["mse"], mse)
@@ -66,14 +79,27 @@ def test_flow_matching_loss_matches_hand_computation() -> None:
     torch.testing.assert_close(out["loss"], mse + 0.5 * cos)
 
 
-def test_objective_randomness_comes_from_generator() -> None:
+def test_objective_randomness_comes_from_rng() -> None:
     net = TinyNet()
     x0, y = toy_batch(8, torch.Generator().manual_seed(0))
-    for obj in (RectifiedFlow(), EDMLoss()):
-        a = obj(net, x0, y, generator=torch.Generator().manual_seed(3))["loss"]
-        b = obj(net, x0, y, generator=torch.Generator().manual_seed(3))["loss"]
-        c = obj(net, x0, y, generator=torch.Generator().manual_seed(4))["loss"]
+    batch = {"x0": x0, "label": y}
+    for obj in (FlowMatching(), EDMLoss()):
+        a = obj(net, batch, rng(8, 3))["loss"]
+        b = obj(net, batch, rng(8, 3))["loss"]
+        c = obj(net, batch, rng(8, 4))["loss"]
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_per_sample_randomness_makes_losses_batch_independent() -> None:
+    """With per-sample streams a sample's loss is the same alone or inside a larger batch."""
+    from gen.utils.seed import SampleRandom
+
+    net = TinyNet()
+    x0, y = toy_batch(8, torch.Generator().manual_seed(0))
+    for obj in (FlowMatching(), EDMLoss()):
+        full = obj(net, {"x0": x0, "label": y}, SampleRandom(range(100, 108), "t"))["loss"]
+        half = obj(net, {"x0": x0[4:], "label": y[4:]}, SampleRandom(range(104, 108), "t"))["loss"]
+        torch.testing.assert_close(full[4:], half, rtol=1e-6, atol=1e-7)
 
 
 def test_cosine_direction_loss_values() -> None:
@@ -83,12 +109,14 @@ def test_cosine_direction_loss_values() -> None:
 
 
 def test_shift_and_time_sampler_options() -> None:
-    obj = FlowMatching(path={"kind": "cosine"}, time_sampler={"kind": "logit_normal", "mean": 0.0, "std": 1.0},
-                       shift=2.0)
+    obj = FlowMatching(path=CosinePath(), time_sampler=LogitNormalTime(0.0, 1.0), shift=2.0)
     assert obj.time_sampler.shift == 2.0
-    assert obj.prediction_spec() == {"path": {"kind": "cosine"}, "prediction": "velocity", "precond": None}
+    assert obj.prediction_spec() == {"path": {"_target_": "gen.paths.CosinePath"}, "prediction": "velocity",
+                                     "precond": None}
     with pytest.raises(ValueError, match="shift given both"):
-        FlowMatching(time_sampler={"kind": "uniform", "shift": 2.0}, shift=3.0)
+        FlowMatching(time_sampler=UniformTime(shift=2.0), shift=3.0)
+    with pytest.raises(ValueError, match="label_dropout"):
+        FlowMatching(label_dropout=1.5)
 
 
 def test_edm_precond_coefficients() -> None:
@@ -109,10 +137,10 @@ def test_edm_precond_coefficients() -> None:
     class Probe(nn.Module):
         def forward(self, x, t, y):
             seen["x"], seen["t"] = x, t
-            return torch.ones_like(x)
+            return ModelOutput(torch.ones_like(x))
 
     x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
-    d = EDMPrecond(Probe(), sd)(x, sigma, None)
+    d = EDMPrecond(Probe(), sd)(x, sigma, None).out
     b = (-1, 1, 1, 1)
     torch.testing.assert_close(seen["x"], c_in.reshape(b) * x)
     torch.testing.assert_close(seen["t"], c_noise)
@@ -128,18 +156,19 @@ def test_edm_loss_weight_closed_form_and_loss() -> None:
     _, c_out, _, _ = edm_coefficients(sigma, sd)
     torch.testing.assert_close(w * c_out**2, torch.ones(3, dtype=torch.float64))
 
-    obj = EDMLoss()
+    obj = EDMLoss(label_dropout=0.0)
     net = TinyNet()
     x0, y = toy_batch(8, torch.Generator().manual_seed(0))
-    out = obj(net, x0, y, generator=torch.Generator().manual_seed(2))
+    out = obj(net, {"x0": x0, "label": y}, rng(8, 2))
     torch.testing.assert_close(out["loss"], edm_loss_weight(out["sigma"]) * out["mse"])
     g = torch.Generator().manual_seed(2)
     sigma = torch.exp(-1.2 + 1.2 * torch.randn(8, generator=g, dtype=torch.float64)).float()
     eps = torch.randn(x0.shape, generator=g)
-    d = EDMPrecond(net, 0.5)(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma, y)
+    d = EDMPrecond(net, 0.5)(x0 + sigma.reshape(-1, 1, 1, 1) * eps, sigma, y).out
     torch.testing.assert_close(out["mse"], ((d - x0) ** 2).flatten(1).mean(1))
     assert obj.prediction_spec() == {
-        "path": {"kind": "edm", "sigma_max": 80.0}, "prediction": "x0", "precond": {"kind": "edm", "sigma_data": 0.5}
+        "path": {"_target_": "gen.paths.EDMPath", "sigma_max": 80.0}, "prediction": "x0",
+        "precond": {"_target_": "gen.models.precond.EDMPrecond", "sigma_data": 0.5},
     }
 
 
@@ -148,23 +177,27 @@ def test_velocity_model_from_spec() -> None:
     x = torch.randn(4, 2, 2, 2, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     t = torch.tensor([0.2, 0.4, 0.6, 0.8], dtype=torch.float64)
-    fm = velocity_model(net, RectifiedFlow().prediction_spec())
-    torch.testing.assert_close(fm(x, t, y), net(x, t, y))
+    fm = velocity_model(net, FlowMatching().prediction_spec())
+    torch.testing.assert_close(fm(x, t, y), net(x, t, y).out)
 
     sigma = 10 * t
     edm = velocity_model(net, EDMLoss().prediction_spec())
-    d = EDMPrecond(net, 0.5)(x, sigma, y)
+    d = EDMPrecond(net, 0.5)(x, sigma, y).out
     torch.testing.assert_close(edm(x, sigma, y), (x - d) / sigma.reshape(-1, 1, 1, 1))
     torch.testing.assert_close(edm(x, sigma, y), EDMPath().velocity_from_x0(x, d, sigma))
-    with pytest.raises(ValueError):
-        velocity_model(net, {"path": {"kind": "linear"}, "prediction": "score"})
+    with pytest.raises(BuildError, match="unknown prediction kind"):
+        velocity_model(net, {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "score"})
+    with pytest.raises(BuildError, match="outside the allowed packages"):
+        velocity_model(net, {"path": {"_target_": "os.system", "command": "true"}, "prediction": "velocity"})
+    with pytest.raises(BuildError, match="outside the allowed packages"):
+        velocity_model(net, {**FlowMatching().prediction_spec(), "precond": {"_target_": "builtins.exec"}})
 
 
 @pytest.mark.parametrize(
     "make",
     [
-        lambda: RectifiedFlow(time_sampler={"kind": "logit_normal"}, cos_velocity_weight=0.1),
-        lambda: FlowMatching(path=LinearPath(), time_sampler={"kind": "u_shaped"}),
+        lambda: FlowMatching(time_sampler=LogitNormalTime(), cos_velocity_weight=0.1),
+        lambda: FlowMatching(path=LinearPath(), time_sampler=UShapedTime()),
         lambda: EDMLoss(),
     ],
     ids=["rf_logitnormal_cos", "fm_ushaped", "edm"],
@@ -177,14 +210,14 @@ def test_training_reduces_loss(make) -> None:
 
     def eval_loss() -> float:
         with torch.no_grad():  # fixed noise/time draws so the two evaluations are comparable
-            return obj(net, x_eval, y_eval, generator=torch.Generator().manual_seed(123))["loss"].mean().item()
+            return obj(net, {"x0": x_eval, "label": y_eval}, rng(256, 123))["loss"].mean().item()
 
     before = eval_loss()
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
     for _ in range(300):
         idx = torch.randint(512, (64,), generator=g)
-        loss = obj(net, x0_all[idx], y_all[idx], generator=g)["loss"].mean()
+        loss = obj(net, {"x0": x0_all[idx], "label": y_all[idx]}, BatchRandom(64, g))["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

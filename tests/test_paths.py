@@ -16,10 +16,10 @@ from gen.paths import (
     Path,
     UniformTime,
     UShapedTime,
-    path_from_spec,
     shift_time,
-    time_sampler_from_spec,
 )
+from gen.utils.build import BuildError, build
+from gen.utils.seed import BatchRandom
 
 PATHS = [LinearPath(), CosinePath(), EDMPath(80.0)]
 
@@ -29,7 +29,7 @@ def _interior_times(path: Path, n: int, gen: torch.Generator) -> torch.Tensor:
     return path.t_max * (0.02 + 0.96 * torch.rand(n, generator=gen, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.spec()["kind"])
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: type(p).__name__)
 def test_derivatives_match_finite_differences(path: Path) -> None:
     t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64) * path.t_max
     h = 1e-6 * path.t_max
@@ -39,7 +39,7 @@ def test_derivatives_match_finite_differences(path: Path) -> None:
     torch.testing.assert_close(path.d_sigma(t), fd_s, rtol=1e-7, atol=1e-7)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.spec()["kind"])
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: type(p).__name__)
 def test_conversions_round_trip_float64(path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
@@ -72,7 +72,7 @@ def test_linear_path_closed_forms() -> None:
     assert math.isclose(path.t_from_noise_ratio(torch.tensor(80.0)).item(), 80 / 81, rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.spec()["kind"])
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: type(p).__name__)
 def test_noise_ratio_inverse_and_log_snr(path: Path) -> None:
     t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64) * path.t_max
     torch.testing.assert_close(path.t_from_noise_ratio(path.noise_ratio(t)), t)
@@ -88,14 +88,14 @@ def test_float32_state_stays_float32_under_float64_time() -> None:
     assert path.velocity(x.half(), x.half(), torch.full((3,), 0.5)).dtype == torch.float32
 
 
-def test_path_from_spec_round_trip() -> None:
+def test_path_config_round_trip() -> None:
     for p in PATHS:
-        q = path_from_spec(p.spec())
+        q = build(p.config)
         assert type(q) is type(p) and q.t_max == p.t_max
-    assert isinstance(path_from_spec("linear"), LinearPath)
-    assert path_from_spec({"kind": "edm", "sigma_max": 10.0}).t_max == 10.0
-    with pytest.raises(ValueError, match="unknown path kind"):
-        path_from_spec({"kind": "vp"})
+    assert LinearPath().config == {"_target_": "gen.paths.LinearPath"}
+    assert build({"_target_": "gen.paths.EDMPath", "sigma_max": 10.0}).t_max == 10.0
+    with pytest.raises(BuildError, match="has no attribute 'VPPath'"):
+        build({"_target_": "gen.paths.VPPath"})
 
 
 def test_shift_formula() -> None:
@@ -117,19 +117,19 @@ def test_shift_formula() -> None:
 def test_time_samplers_distributions() -> None:
     g = torch.Generator().manual_seed(0)
     n = 200_000
-    u = UniformTime()(n, g)
+    u = UniformTime()(BatchRandom(n, g))
     assert u.shape == (n,) and u.dtype == torch.float32 and 0 <= u.min() and u.max() <= 1
     assert abs(u.mean().item() - 0.5) < 0.005
 
-    ln = LogitNormalTime(mean=0.5, std=1.0)(n, g).double()
+    ln = LogitNormalTime(mean=0.5, std=1.0)(BatchRandom(n, g)).double()
     logit = torch.log(ln / (1 - ln))
     assert abs(logit.mean().item() - 0.5) < 0.01 and abs(logit.std().item() - 1.0) < 0.01
 
-    sig = LogNormalSigma(-1.2, 1.2)(n, g).double()
+    sig = LogNormalSigma(-1.2, 1.2)(BatchRandom(n, g)).double()
     assert abs(sig.log().mean().item() + 1.2) < 0.01 and abs(sig.log().std().item() - 1.2) < 0.01
 
     a = 4.0
-    us = UShapedTime(a=a, eps=0.0)(n, g).double()
+    us = UShapedTime(a=a, eps=0.0)(BatchRandom(n, g)).double()
     # Compare the histogram with the density a (e^{a t} + e^{a (1 - t)}) / (2 (e^a - 1)).
     hist = torch.histc(us, bins=20, min=0, max=1) / n * 20
     centers = (torch.arange(20, dtype=torch.float64) + 0.5) / 20
@@ -137,23 +137,19 @@ def test_time_samplers_distributions() -> None:
     assert (hist - dens).abs().max().item() < 0.1 * dens.max().item()
     assert abs(us.mean().item() - 0.5) < 0.01
 
-    shifted = UniformTime(shift=3.0)(n, g).double()
+    shifted = UniformTime(shift=3.0)(BatchRandom(n, g)).double()
     # P(t' <= 0.5) = P(t <= 0.25) for s = 3: t' = 0.5 <=> t = 0.5 / (3 - 2 * 0.5) = 0.25.
     assert abs((shifted <= 0.5).double().mean().item() - 0.25) < 0.005
 
 
 def test_time_samplers_are_deterministic_under_generator() -> None:
-    for spec in (
-        {"kind": "uniform"},
-        {"kind": "logit_normal", "mean": 0.0, "std": 1.0, "shift": 2.0},
-        {"kind": "lognormal_sigma", "p_mean": -1.2, "p_std": 1.2},
-        {"kind": "u_shaped", "a": 4.0},
-    ):
-        s = time_sampler_from_spec(spec)
-        a = s(16, torch.Generator().manual_seed(5))
-        b = s(16, torch.Generator().manual_seed(5))
-        c = s(16, torch.Generator().manual_seed(6))
+    for s in (UniformTime(), LogitNormalTime(0.0, 1.0, shift=2.0), LogNormalSigma(-1.2, 1.2), UShapedTime(a=4.0)):
+        a = s(BatchRandom(16, torch.Generator().manual_seed(5)))
+        b = s(BatchRandom(16, torch.Generator().manual_seed(5)))
+        c = s(BatchRandom(16, torch.Generator().manual_seed(6)))
         assert torch.equal(a, b) and not torch.equal(a, c)
-        assert time_sampler_from_spec(s.spec()).spec() == s.spec()
-    with pytest.raises(ValueError, match="unknown time sampler"):
-        time_sampler_from_spec({"kind": "lognormal"})
+        assert build(s.config).config == s.config
+    assert LogitNormalTime(0.0, 1.0, shift=2.0).config == {
+        "_target_": "gen.paths.LogitNormalTime", "mean": 0.0, "std": 1.0, "shift": 2.0}
+    with pytest.raises(BuildError, match="LogNormalTime"):
+        build({"_target_": "gen.paths.LogNormalTime"})

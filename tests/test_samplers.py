@@ -349,14 +349,19 @@ class FakeTwoStage(torch.nn.Module):
         self.label = torch.nn.Parameter(torch.randn(num_classes + 1, dim, generator=g))
         self.encoder_runs = 0
 
-    def forward(self, x, t, y, *, encoder_out=None, return_encoder_out=False):
+    def forward(self, x, t, y, *, encoder_out=None):
+        from gen.models import ModelOutput
+
         tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
         if encoder_out is None:
             self.encoder_runs += 1
             encoder_out = torch.tanh(tokens @ self.w_enc + t.reshape(-1, 1, 1) + self.label[y][:, None, :])
         h = torch.tanh(tokens @ self.w_x) * (1 + encoder_out)  # decoder sees t and y only through the encoder
-        v = (h @ self.w_out).transpose(1, 2).reshape(x.shape)
-        return (v, encoder_out) if return_encoder_out else v
+        return ModelOutput((h @ self.w_out).transpose(1, 2).reshape(x.shape), encoder_out=encoder_out)
+
+
+def _velocity(net):
+    return lambda x, t, y: net(x, t, y).out
 
 
 def _random_sim(n: int, gen: torch.Generator) -> torch.Tensor:
@@ -366,50 +371,47 @@ def _random_sim(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def test_sharing_disabled_equals_plain_euler() -> None:
-    from samplers.sharing import sample_euler_shared, shared_model_fn
+    from samplers.sharing import EncoderSharing
 
     net = FakeTwoStage().double()
     noise = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y, ts = torch.tensor([0, 1, 2, 3]), uniform_grid(12)
     with torch.no_grad():
-        plain = sample_euler(lambda x, t, y: net(x, t, y), noise, ts, path=LinearPath(), y=y)
-        shared = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
+        plain = sample_euler(_velocity(net), noise, ts, path=LinearPath(), y=y)
+        shared = sample_euler(_velocity(EncoderSharing(net, ts)), noise, ts, path=LinearPath(), y=y)
         assert torch.equal(plain, shared)
-        # Guided: cfg_shared without sharing equals cfg around the plain model, interval included.
-        from samplers.sharing import cfg_shared
-
-        g_plain = sample_euler(cfg(lambda x, t, y: net(x, t, y), 2.5, 4, interval=(0.0, 0.6)), noise, ts,
+        # Guided (interval included, both branches at every step as sharing needs): equal to plain guidance.
+        g_plain = sample_euler(cfg(_velocity(net), 2.5, 4, interval=(0.0, 0.6), always_both=True), noise, ts,
                                path=LinearPath(), y=y)
-        g_shared = sample_euler_shared(cfg_shared(shared_model_fn(net), 2.5, 4, interval=(0.0, 0.6)), noise, ts,
-                                       path=LinearPath(), y=y)
-        torch.testing.assert_close(g_plain, g_shared, rtol=0, atol=1e-12)
+        g_shared = sample_euler(cfg(_velocity(EncoderSharing(net, ts)), 2.5, 4, interval=(0.0, 0.6), always_both=True),
+                                noise, ts, path=LinearPath(), y=y)
+        torch.testing.assert_close(g_plain, g_shared, rtol=0, atol=0)
 
 
 def test_sharing_runs_encoder_only_at_scheduled_steps() -> None:
-    from samplers.sharing import cfg_shared, sample_euler_shared, shared_model_fn
+    from samplers.sharing import EncoderSharing
 
     net = FakeTwoStage().double()
     noise = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y, ts = torch.tensor([1, 2]), uniform_grid(10)
-    seen = []
     with torch.no_grad():
-        full = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
+        full = sample_euler(_velocity(net), noise, ts, path=LinearPath(), y=y)
         net.encoder_runs = 0
-        part = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=[3, 7],
-                                   callback=lambda d: seen.append(d["recomputed"]))
-    assert net.encoder_runs == 3  # step 0 is added
-    assert seen == [i in (0, 3, 7) for i in range(10)]
+        shared = EncoderSharing(net, ts, recompute=[3, 7])
+        part = sample_euler(_velocity(shared), noise, ts, path=LinearPath(), y=y)
+    assert net.encoder_runs == 3 and shared.recomputed_steps == [0, 3, 7]  # step 0 is added
     assert not torch.allclose(full, part)
-    with pytest.raises(ValueError):
-        sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=[10])
+    with pytest.raises(ValueError, match="outside"):
+        EncoderSharing(net, ts, recompute=[10])
 
-    # Guidance interval (0, 0.45): steps 0-5 (t >= 0.5) are unguided; the first guided step (6) is a reuse step
-    # without an unconditional cache, so it recomputes both branches: encoder runs at steps 0 and 6 only.
+    # Guidance interval (0, 0.45): steps 0-5 (t >= 0.5) are unguided. With both branches run at every step the
+    # cache always holds the doubled batch, so only the planned step 0 runs the encoder (no unplanned pass).
     net.encoder_runs = 0
     with torch.no_grad():
-        sample_euler_shared(cfg_shared(shared_model_fn(net), 2.0, 4, interval=(0.0, 0.45)), noise, ts,
-                            path=LinearPath(), y=y, recompute=[0])
-    assert net.encoder_runs == 2
+        shared = EncoderSharing(net, ts, recompute=[0])
+        sample_euler(cfg(_velocity(shared), 2.0, 4, interval=(0.0, 0.45), always_both=True), noise, ts,
+                     path=LinearPath(), y=y)
+    assert net.encoder_runs == 1 and shared.recomputed_steps == [0]
 
 
 def test_encoder_similarity() -> None:
@@ -446,12 +448,13 @@ def test_dp_schedule_matches_brute_force_and_beats_uniform() -> None:
                 assert err == pytest.approx(schedule_error(sim, steps), abs=1e-12)
                 bf_steps, bf_err = brute_force_schedule(sim, k)
                 assert err == pytest.approx(bf_err, abs=1e-12), (n, k, steps, bf_steps)
-                assert err <= uniform_schedule_error(sim, k) + 1e-12
+            for rate in range(1, n + 1):  # upstream's even spacing i % rate == 0 uses ceil(n / rate) passes
+                assert dp_schedule(sim, -(-n // rate))[1] <= uniform_schedule_error(sim, rate) + 1e-12
     # Larger random matrices: DP never loses to uniform spacing, and K = N costs nothing.
-    for n, k in ((50, 10), (100, 25), (64, 64)):
+    for n, rate in ((50, 5), (100, 4), (64, 1)):
         sim = _random_sim(n, g)
-        err = dp_schedule(sim, k)[1]
-        assert err <= uniform_schedule_error(sim, k) + 1e-12
+        err = dp_schedule(sim, -(-n // rate))[1]
+        assert err <= uniform_schedule_error(sim, rate) + 1e-12
     assert dp_schedule(_random_sim(20, g), 20)[1] == pytest.approx(0.0, abs=1e-12)
     # E[i, j] = sum_{k=j..i} (1 - sim[k, j]).
     sim = _random_sim(6, g)
@@ -473,22 +476,16 @@ def test_dp_schedule_prefers_recomputing_at_changes() -> None:
 
 
 def test_schedule_json_round_trip(tmp_path) -> None:
-    from samplers.sharing import (
-        collect_encoder_outputs,
-        dp_schedule,
-        encoder_similarity,
-        load_schedule,
-        sample_euler_shared,
-        save_schedule,
-        shared_model_fn,
-    )
+    from samplers.sharing import EncoderSharing, dp_schedule, encoder_similarity, load_schedule, save_schedule
 
     net = FakeTwoStage().double()
     noise = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     y, ts = torch.tensor([0, 1, 2]), uniform_grid(16)
     with torch.no_grad():
-        outs = collect_encoder_outputs(shared_model_fn(net), noise, ts, path=LinearPath(), y=y)
-    assert len(outs) == 16 and outs[0].shape == (3, 16, 8)
+        recorder = EncoderSharing(net, ts, record=True)
+        sample_euler(_velocity(recorder), noise, ts, path=LinearPath(), y=y)
+    outs = [z for _, z in recorder.history]
+    assert len(outs) == 16 and outs[0].shape == (3, 16, 8) and [i for i, _ in recorder.history] == list(range(16))
     steps, err = dp_schedule(encoder_similarity(outs), 5)
     f = tmp_path / "sched.json"
     save_schedule(f, steps, num_steps=16, estimated_error=err, meta={"grid": "uniform", "steps": 16})
@@ -498,5 +495,5 @@ def test_schedule_json_round_trip(tmp_path) -> None:
     with pytest.raises(ValueError, match="schedule is for 16 steps"):
         load_schedule(f, num_steps=20)
     with torch.no_grad():
-        x = sample_euler_shared(shared_model_fn(net), noise, ts, path=LinearPath(), y=y, recompute=data["recompute"])
+        x = sample_euler(_velocity(EncoderSharing(net, ts, data["recompute"])), noise, ts, path=LinearPath(), y=y)
     assert x.shape == noise.shape and bool(torch.isfinite(x).all())

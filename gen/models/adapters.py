@@ -5,7 +5,7 @@ Our convention (``gen/paths.py``): data at ``t = 0``, noise at ``t = 1`` (or ``s
 trained elsewhere is wrapped here, once, and then runs with every sampler, guidance wrapper and the DDT
 encoder-sharing sampler unchanged. Each adapter is an ``nn.Module`` with the backbone call signature
 ``(x, t, y, **kwargs)`` in *our* time, and ``prediction_spec()`` gives the spec for
-``gen.objectives.velocity_model`` / ``gen.pipeline.Generator``.
+``gen.models.prediction.velocity_model`` / ``pipeline.Generator``.
 
 ``FlippedTimeVelocity`` (SiT, LightningDiT, DDT; backbones.md Sec. 0): they put data at ``s = 1`` with
 ``x_s = s x0 + (1 - s) eps`` and predict ``v_s = dx_s/ds = x0 - eps``. With ``s = 1 - t`` the state is the same
@@ -32,48 +32,30 @@ linear path (alpha = 0 there).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from gen.models.common import ModelOutput
 from gen.paths import Path
 
 __all__ = ["FlippedTimeVelocity", "DDPMEpsilon", "ddpm_alphas_cumprod"]
 
 
-def _negate_velocity(result: Any, has_extra: bool) -> Any:
-    """Negate the velocity parts of a backbone result (``out``, and REG's ``extra_out``); features pass through."""
-    if not isinstance(result, tuple):
-        return -result
-    parts = list(result)
-    parts[0] = -parts[0]
-    if has_extra:
-        parts[1] = -parts[1]  # REG's denoised class token is a velocity in the same convention
-    return tuple(parts)
-
-
-def _first_channels(result: Any, channels: int | None) -> Any:
+def _first_channels(result: ModelOutput, channels: int | None) -> ModelOutput:
     """Keep the first ``channels`` output channels of the image output (DiT's learn_sigma: epsilon only)."""
-    if channels is None:
-        return result
-    if isinstance(result, tuple):
-        return (result[0][:, :channels], *result[1:])
-    return result[:, :channels]
-
-
-def _split_encoder(out: Any, with_encoder: bool) -> tuple[Any, Any]:
-    """``(result, encoder_out)`` when the call asked for DDT's encoder output, else ``(out, None)``."""
-    return (out[0], out[1]) if with_encoder else (out, None)
+    return result if channels is None else dataclasses.replace(result, out=result.out[:, :channels])
 
 
 class FlippedTimeVelocity(nn.Module):
     """A velocity model with data at ``t = 1`` (SiT, LightningDiT, DDT) seen in our convention.
 
-    ``forward(x, t, y) = -net(x, 1 - t, y)``. Keyword arguments go to the net unchanged, so DDT's
-    ``encoder_out`` / ``return_encoder_out`` (encoder sharing), ``return_features`` and ``extra_token`` work on the
-    adapted net; the encoder output and features are returned as they are (they are not velocities).
+    ``forward(x, t, y) = -net(x, 1 - t, y)``. Keyword arguments go to the net unchanged, so DDT's ``encoder_out``
+    (encoder sharing), ``return_features`` and ``extra_token`` work on the adapted net; the encoder output and
+    features are returned as they are (they are not velocities).
 
     Args:
         net: backbone ``net(x, s, y, **kwargs)`` with the foreign time ``s`` (data at s = 1) and velocity
@@ -96,22 +78,19 @@ class FlippedTimeVelocity(nn.Module):
             x: (B, C, H, W) state, the same tensor in both conventions.
             t: (B,) or scalar, our time (data at 0).
             y: (B,) labels or None.
-            **net_kwargs: passed to the net (``return_features``, ``extra_token``, ``encoder_out``,
-                ``return_encoder_out``).
+            **net_kwargs: passed to the net (``return_features``, ``extra_token``, ``encoder_out``).
 
         Returns:
-            The net's result with the velocity negated: ``v`` (B, C, H, W), or the backbone's tuple convention;
-            ``(result, encoder_out)`` when ``return_encoder_out`` is set.
+            The net's ``ModelOutput`` with the velocities negated (``out``, and REG's ``extra``, a velocity in the
+            same convention); features and DDT's ``encoder_out`` pass through.
         """
         s = 1.0 - torch.as_tensor(t, device=x.device)  # their time: data at s = 1
-        with_enc = bool(net_kwargs.get("return_encoder_out", False))
-        result, enc = _split_encoder(self.net(x, s, y, **net_kwargs), with_enc)
-        result = _negate_velocity(_first_channels(result, self.out_channels), net_kwargs.get("extra_token") is not None)
-        return (result, enc) if with_enc else result
+        res = _first_channels(self.net(x, s, y, **net_kwargs), self.out_channels)
+        return dataclasses.replace(res, out=-res.out, extra=None if res.extra is None else -res.extra)
 
     def prediction_spec(self) -> dict[str, Any]:
-        """Spec for ``gen.objectives.velocity_model``: a velocity on our linear path."""
-        return {"path": {"kind": "linear"}, "prediction": "velocity", "precond": None}
+        """Spec for ``gen.models.prediction.velocity_model``: a velocity on our linear path."""
+        return {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "velocity", "precond": None}
 
 
 def ddpm_alphas_cumprod(
@@ -215,8 +194,8 @@ class DDPMEpsilon(nn.Module):
                 converted.
 
         Returns:
-            eps (or velocity) (B, C_out, H, W) in float32 (float64 for float64 x), or the backbone's tuple with
-            it first.
+            The net's ``ModelOutput`` with ``out`` = eps (or velocity) (B, C_out, H, W) in float32 (float64 for
+            float64 x).
         """
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         tt = torch.as_tensor(t, device=x.device, dtype=torch.float64)
@@ -226,15 +205,12 @@ class DDPMEpsilon(nn.Module):
         a, s = self.path.alpha(tt), self.path.sigma(tt)
         scale = torch.rsqrt(a**2 + s**2).reshape(-1, *([1] * (x.ndim - 1)))  # VP state = x / sqrt(a^2 + s^2)
         x_vp = (x.to(torch.float64) * scale).to(x.dtype)
-        result = _first_channels(self.net(x_vp, k.to(x.dtype), y, **net_kwargs), self.out_channels)
-        rest: tuple[Any, ...] = ()
-        if isinstance(result, tuple):
-            result, rest = result[0], tuple(result[1:])
-        out = result.to(dtype)
+        res = _first_channels(self.net(x_vp, k.to(x.dtype), y, **net_kwargs), self.out_channels)
+        out = res.out.to(dtype)
         if self.output == "velocity":
             out = self.path.to_velocity("eps", x.to(dtype), out, tt.to(dtype))
-        return (out, *rest) if rest else out
+        return dataclasses.replace(res, out=out)
 
     def prediction_spec(self) -> dict[str, Any]:
-        """Spec for ``gen.objectives.velocity_model`` on the adapter's path."""
-        return {"path": self.path.spec(), "prediction": self.output, "precond": None}
+        """Spec for ``gen.models.prediction.velocity_model`` on the adapter's path."""
+        return {"path": dict(self.path.config), "prediction": self.output, "precond": None}

@@ -8,14 +8,15 @@ which every block computes its adaLN modulation per token. Blocks: RMSNorm, atte
 RMS qk-norm and DDT's 2D RoPE (shared frequencies, normalised positions), SwiGLU without biases, adaLN as a
 single Linear (its input is already SiLU'd). No absolute position embedding.
 
+The blocks are the DiT family's ``AdaLNBlock`` with DDT's parts injected (``gen/nn/block.py``).
+
 Forward contract (docs/architecture.md, plus the encoder cache)::
 
-    net(x, t, y, *, return_features=(), extra_token=None, encoder_out=None, return_encoder_out=False)
-      -> result                     result = out | (out, feats) | (out, extra_out) | (out, extra_out, feats)
-      -> (result, z_t)              if return_encoder_out
+    net(x, t, y, *, return_features=(), extra_token=None, encoder_out=None)
+      -> ModelOutput(out, extra, features, encoder_out=z_t)
 
-Passing a cached ``encoder_out`` (= a previous ``z_t``) skips the encoder (DDT's encoder sharing during
-sampling); t and y are then unused. Block numbers in ``return_features`` count encoder blocks first
+Passing a cached ``encoder_out`` (= the ``encoder_out`` of an earlier call) skips the encoder (DDT's encoder
+sharing during sampling); t and y are then unused. Block numbers in ``return_features`` count encoder blocks first
 (1..num_encoder_blocks), then decoder blocks. With REG's extra token, the same embedded token is prepended
 at index 0 to the encoder and decoder sequences (identity RoPE rotation), ``z_t`` and features then have
 1 + N tokens.
@@ -27,77 +28,28 @@ Time: the reference feeds t in [0, 1] to a sinusoid with ``max_period = 10``; ou
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from gen.nn import (
-    Attention,
-    LabelEmbedder,
-    RMSNorm,
-    SwiGLU,
-    TimestepEmbedder,
-    rope_2d_mixed,
-    rope_prepend_identity,
-    swiglu_hidden,
-)
-from gen.nn.backbone import (
+from gen.models.common import (
+    ModelOutput,
     batch_labels,
     batch_time,
     check_image,
     embed_extra_token,
     feature_indices,
-    pack_outputs,
+    init_extra_token,
+    make_extra_token,
 )
-
-NORM_EPS = 1e-6
-
-
-def _split6(mod: Tensor, B: int, D: int) -> tuple[Tensor, ...]:
-    """(B, 6D) -> six (B, 1, D) views; (B, N, 6D) -> six (B, N, D) views."""
-    if mod.dim() == 2:
-        return mod.view(B, 6, 1, D).unbind(1)
-    return mod.chunk(6, dim=-1)
+from gen.nn import LabelEmbedder, TimestepEmbedder, rope_2d_mixed, rope_prepend_identity, swiglu_hidden
+from gen.nn.block import AdaLNBlock, FinalLayer
+from gen.utils.build import capture_config
 
 
-class DDTBlock(nn.Module):
-    """Block shared by encoder and decoder; the condition is (B, D) in the encoder, (B, N, D) in the decoder."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        self.norm1 = RMSNorm(dim, NORM_EPS)
-        self.attn = Attention(dim, num_heads, qkv_bias=False, qk_norm="rms")
-        self.norm2 = RMSNorm(dim, NORM_EPS)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio), bias=False)
-        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 6 * dim))
-
-    def forward(self, x: Tensor, cond: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-        """x: (B, N, D); cond: (B, D) or (B, N, D), already SiLU'd; rope: (cos, sin) (N, d_h). -> (B, N, D)."""
-        B, _, D = x.shape
-        shift1, scale1, gate1, shift2, scale2, gate2 = _split6(self.adaLN_modulation(cond), B, D)
-        h = torch.addcmul(shift1, self.norm1(x), 1 + scale1)  # (B, N, D)
-        x = torch.addcmul(x, gate1, self.attn(h, rope))  # (B, N, D)
-        h = torch.addcmul(shift2, self.norm2(x), 1 + scale2)  # (B, N, D)
-        return torch.addcmul(x, gate2, self.mlp(h))  # (B, N, D)
-
-
-class FinalLayer(nn.Module):
-    """LayerNorm (no affine) -> per-token modulate with Linear(z) -> Linear(D, C·p·p)."""
-
-    def __init__(self, dim: int, out_dim: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim, out_dim)
-        self.adaLN_modulation = nn.Sequential(nn.Linear(dim, 2 * dim))
-
-    def modulated(self, x: Tensor, z: Tensor) -> Tensor:
-        """x, z: (B, N, D) -> (B, N, D)."""
-        shift, scale = self.adaLN_modulation(z).chunk(2, dim=-1)  # (B, N, D) each
-        return torch.addcmul(shift, F.layer_norm(x, (x.shape[-1],), eps=NORM_EPS), 1 + scale)
-
-
+@capture_config
 class DDT(nn.Module):
     """Class-conditional DDT.
 
@@ -109,9 +61,8 @@ class DDT(nn.Module):
         depth: total blocks (encoder + decoder).
         num_encoder_blocks: blocks in the condition encoder (1 <= E < depth).
         num_heads: attention heads (head dim divisible by 4 for 2D RoPE).
-        mlp_ratio: SwiGLU hidden = int(2/3 · mlp_ratio · D).
+        mlp_ratio: SwiGLU hidden = int(2/3 · int(mlp_ratio · D)).
         num_classes: real classes; label ``num_classes`` is the null class.
-        label_dropout: null-label probability in train mode.
         rope_theta: RoPE frequency base.
         rope_extent: RoPE coordinates span [0, rope_extent] at every resolution.
         time_scale: t is multiplied by this before the sinusoid (reference: 1, t in [0, 1]).
@@ -131,7 +82,6 @@ class DDT(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
-        label_dropout: float = 0.1,
         rope_theta: float = 10000.0,
         rope_extent: float = 16.0,
         time_scale: float = 1.0,
@@ -140,25 +90,6 @@ class DDT(nn.Module):
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.config: dict[str, Any] = {
-            "arch": "ddt",
-            "input_size": input_size,
-            "patch_size": patch_size,
-            "in_channels": in_channels,
-            "hidden_size": hidden_size,
-            "depth": depth,
-            "num_encoder_blocks": num_encoder_blocks,
-            "num_heads": num_heads,
-            "mlp_ratio": mlp_ratio,
-            "num_classes": num_classes,
-            "label_dropout": label_dropout,
-            "rope_theta": rope_theta,
-            "rope_extent": rope_extent,
-            "time_scale": time_scale,
-            "max_period": max_period,
-            "extra_token_dim": extra_token_dim,
-            "compile": compile,
-        }
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if not 1 <= num_encoder_blocks < depth:
@@ -171,23 +102,29 @@ class DDT(nn.Module):
         self.depth = depth
         self.num_encoder_blocks = num_encoder_blocks
         self.num_classes = num_classes
-        self.extra_token_dim = extra_token_dim
         self.grid = input_size // patch_size
         patch_dim = in_channels * patch_size * patch_size
 
         self.x_embedder = nn.Linear(patch_dim, hidden_size)  # decoder input
         self.s_embedder = nn.Linear(patch_dim, hidden_size)  # encoder input
         self.t_embedder = TimestepEmbedder(hidden_size, max_period=max_period, time_scale=time_scale)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, label_dropout)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         cos, sin = rope_2d_mixed(hidden_size // num_heads, self.grid, self.grid, rope_theta, rope_extent)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.blocks = nn.ModuleList([DDTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_dim)
-        if extra_token_dim > 0:
-            self.extra_embed = nn.Linear(extra_token_dim, hidden_size)
-            self.extra_norm = nn.LayerNorm(hidden_size, eps=NORM_EPS)
-            self.extra_head = nn.Linear(hidden_size, extra_token_dim)
+        # DDT's parts in the shared block: RMSNorm, RMS qk-norm, no qkv bias, SwiGLU without biases, adaLN as a
+        # single Linear on the already-activated (per-token in the decoder) condition.
+        self.blocks = nn.ModuleList(
+            [
+                AdaLNBlock(
+                    hidden_size, num_heads, swiglu_hidden(hidden_size, mlp_ratio), norm="rms", ffn="swiglu",
+                    ffn_bias=False, qkv_bias=False, qk_norm=True, silu_in_layout=False,
+                )
+                for _ in range(depth)
+            ]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_dim, norm="layer", silu_in_layout=False)
+        make_extra_token(self, extra_token_dim, hidden_size)
         self.initialize_weights()
         if compile:
             for block in self.blocks:
@@ -203,12 +140,8 @@ class DDT(nn.Module):
             nn.init.zeros_(lin.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         self.t_embedder.init_normal(0.02)
-        for lin in (self.final_layer.adaLN_modulation[0], self.final_layer.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
-        if self.extra_token_dim > 0:
-            nn.init.zeros_(self.extra_head.weight)
-            nn.init.zeros_(self.extra_head.bias)
+        self.final_layer.zero_()
+        init_extra_token(self)
 
     def forward(
         self,
@@ -219,9 +152,8 @@ class DDT(nn.Module):
         return_features: Sequence[int] = (),
         extra_token: Tensor | None = None,
         encoder_out: Tensor | None = None,
-        return_encoder_out: bool = False,
-    ) -> Any:
-        """Predict the output for noisy x; see the module docstring for the return convention.
+    ) -> ModelOutput:
+        """Predict the output for noisy x; see the module docstring.
 
         Args:
             x: (B, C, H, W) noisy input.
@@ -230,7 +162,9 @@ class DDT(nn.Module):
             return_features: 1-indexed block numbers (encoder blocks first) whose token outputs are returned.
             extra_token: (B, D_extra) REG extra token.
             encoder_out: cached self-condition z_t (B, n_extra + N, D) from an earlier call; skips the encoder.
-            return_encoder_out: also return z_t for reuse.
+
+        Returns:
+            ``ModelOutput`` with ``encoder_out`` = z_t (B, n_extra + N, D), computed or passed through.
         """
         name = type(self).__name__
         check_image(x, self.in_channels, self.input_size, self.patch_size, name)
@@ -241,10 +175,10 @@ class DDT(nn.Module):
         rope = (self.rope_cos, self.rope_sin)  # (N, d_h) each
         e = None
         if extra_token is not None:
-            e = self._embed_extra(extra_token, B)  # (B, 1, D)
+            e = embed_extra_token(self, extra_token, B)  # (B, 1, D)
             rope = rope_prepend_identity(*rope)  # (1 + N, d_h) each
         n_extra = 0 if e is None else 1
-        feats: list[Tensor | None] = [None] * len(want)
+        feats: list[Tensor] = [tokens] * len(want)
         if encoder_out is None:
             t = batch_time(t, B, x.device, name)  # (B,)
             y = batch_labels(y, B, self.num_classes, x.device, name)  # (B,)
@@ -277,25 +211,5 @@ class DDT(nn.Module):
         h = self.final_layer.modulated(h, z)  # (B, n_extra + N, D)
         out = self.final_layer.linear(h[:, n_extra:])  # (B, N, C·p·p), channel-major patches
         out = rearrange(out, "b (h w) (c p q) -> b c (h p) (w q)", h=H // p, p=p, q=p)  # (B, C, H, W)
-        extra_out = self.extra_head(h[:, 0]) if e is not None else None  # (B, D_extra)
-        result = pack_outputs(out, extra_out, feats if want else None)
-        return (result, z) if return_encoder_out else result
-
-    _embed_extra = embed_extra_token  # (B, D_extra) -> (B, 1, D), shared by every backbone
-
-
-# Sizes from the DDT paper / MCG-NJU/DDT configs: (depth, width, heads, encoder blocks); patch 2.
-PRESETS: dict[str, dict[str, Any]] = {
-    "B": {"depth": 12, "hidden_size": 768, "num_heads": 12, "num_encoder_blocks": 8, "patch_size": 2},
-    "L": {"depth": 24, "hidden_size": 1024, "num_heads": 16, "num_encoder_blocks": 20, "patch_size": 2},
-    "XL": {"depth": 28, "hidden_size": 1152, "num_heads": 16, "num_encoder_blocks": 22, "patch_size": 2},
-    "tiny": {"depth": 6, "hidden_size": 256, "num_heads": 4, "num_encoder_blocks": 4, "patch_size": 4},
-    "micro": {"depth": 3, "hidden_size": 64, "num_heads": 2, "num_encoder_blocks": 2, "patch_size": 4},
-}
-
-
-def ddt(preset: str, **kwargs: Any) -> DDT:
-    """Build a DDT preset ("B", "L", "XL", "tiny", "micro"); kwargs override constructor args."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown DDT preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return DDT(**{**PRESETS[preset], **kwargs})
+        extra = self.extra_head(h[:, 0]) if e is not None else None  # (B, D_extra)
+        return ModelOutput(out, extra, feats, encoder_out=z)

@@ -8,11 +8,14 @@ its time input (its embedder's ``time_scale`` applies on top).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from gen.models.common import ModelOutput
 
 
 def edm_coefficients(sigma: Tensor, sigma_data: float = 0.5) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -41,7 +44,7 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = float(sigma_data)
 
-    def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
         """Denoise.
 
         Args:
@@ -61,10 +64,6 @@ class EDMPrecond(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_coefficients(sigma, self.sigma_data)
         bshape = (-1,) + (1,) * (x.ndim - 1)
         xf = x.to(dtype)
-        out = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
-        rest: tuple[Any, ...] = ()
-        if isinstance(out, tuple):
-            # The backbone's tuple convention: image output first, then REG's extra output and/or features.
-            out, rest = out[0], tuple(out[1:])
-        d = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * out.to(dtype)
-        return (d, *rest) if rest else d  # type: ignore[return-value]
+        res: ModelOutput = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
+        d = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * res.out.to(dtype)
+        return dataclasses.replace(res, out=d)

@@ -90,38 +90,24 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class embedding table with ``num_classes + 1`` rows; the last row (index num_classes) is the null class.
 
-    During ``train()`` each label is replaced by the null class with probability ``dropout``
-    (classifier-free guidance training, Ho & Salimans 2022). An explicit ``force_drop`` mask drops
-    exactly those entries in any mode (for CFG at sampling or for tests).
+    The table is a pure lookup. Classifier-free guidance training (Ho & Salimans 2022) replaces labels by the
+    null class before the network sees them; that is the objective's job (``label_dropout`` of the training
+    objectives), so the drop is drawn from the per-sample training randomness and a backbone stays a pure function.
 
     Args:
         num_classes: number of real classes.
         dim: output width D.
-        dropout: label-drop probability in training mode.
     """
 
-    def __init__(self, num_classes: int, dim: int, dropout: float = 0.1) -> None:
+    def __init__(self, num_classes: int, dim: int) -> None:
         super().__init__()
-        if not 0.0 <= dropout <= 1.0:
-            raise ValueError(f"label dropout must be in [0, 1], got {dropout}")
         self.num_classes = num_classes
-        self.dropout = dropout
         self.embedding_table = nn.Embedding(num_classes + 1, dim)
 
     @property
     def null_class(self) -> int:
         return self.num_classes
 
-    def drop(self, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
-        """Labels after dropout: (B,) long -> (B,) long (null class where dropped)."""
-        if force_drop is not None:
-            mask = force_drop.to(device=y.device, dtype=torch.bool)
-        elif self.training and self.dropout > 0:
-            mask = torch.rand(y.shape, device=y.device) < self.dropout
-        else:
-            return y
-        return torch.where(mask, torch.full_like(y, self.num_classes), y)
-
-    def forward(self, y: Tensor, force_drop: Tensor | None = None) -> Tensor:
+    def forward(self, y: Tensor) -> Tensor:
         """y: (B,) long in [0, num_classes] -> (B, D)."""
-        return self.embedding_table(self.drop(y, force_drop))
+        return self.embedding_table(y)

@@ -23,8 +23,14 @@ class Mlp(nn.Module):
 
 
 def swiglu_hidden(dim: int, mlp_ratio: float = 4.0) -> int:
-    """SwiGLU hidden width ``int(2/3 * mlp_ratio * dim)``: keeps the parameter count of a 2-matrix MLP."""
-    return int(2 / 3 * mlp_ratio * dim)
+    """SwiGLU hidden width ``int(2/3 * int(dim * mlp_ratio))``: two thirds of the plain MLP's hidden width.
+
+    Rounded as upstream (hustvl/LightningDiT models/lightningdit.py; MCG-NJU/DDT's ``int(2 * h / 3)`` gives the
+    same value for every width and ratio used), which keeps the parameter count of a two-matrix MLP. It differs
+    from ``int(2/3 * mlp_ratio * dim)`` at e.g. ratio 2.5 with D = 1152 (1920, not 1919) and ratio 8/3 with
+    D = 256 (454, not 455).
+    """
+    return int(2 / 3 * int(dim * mlp_ratio))
 
 
 class SwiGLU(nn.Module):

@@ -1,10 +1,15 @@
-"""Objective base class: an ``nn.Module`` that turns (net, clean batch, labels) into per-sample losses.
+"""Objective base class: an ``nn.Module`` that turns (network, batch) into per-sample losses.
 
-Contract (docs/architecture.md): ``forward(net, x0, y, *, generator=None) -> dict[str, Tensor]`` with a per-sample
-``"loss"`` of shape ``(B,)`` and further ``(B,)`` entries that are only logged. The training loop reduces, scales and
-backpropagates. Every random draw takes the optional ``generator`` so one step is reproducible from
-``gen.utils.seed.step_generator``. Auxiliary modules (projectors, ...) are children, so they reach the optimizer and
-the training state.
+Contract (docs/architecture.md)::
+
+    objective(net, batch, rng, progress=None) -> {"loss": (B,), <logged term>: (B,), ...}
+
+``batch["x0"]`` is the clean model input (B, C, H, W) (pixels in [-1, 1] or normalised latents),
+``batch["label"]`` the class labels (B,); other keys (``"image"``: uint8 pixels) are there for objectives that
+need them (representation alignment). ``rng`` is the per-sample randomness (``gen.utils.seed.SampleRandom``):
+every draw goes through it, so a sample's loss does not depend on the batch it is in. The training method
+reduces and backpropagates. Auxiliary trainable modules (projectors) are children, so they reach the optimizer
+and the training state; frozen networks are held with ``gen.utils.frozen.hold_frozen``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gen.paths import Path, TimeSampler
+from gen.utils.seed import Randomness
 
 
 def mean_flat(x: Tensor) -> Tensor:
@@ -23,36 +29,56 @@ def mean_flat(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).mean(dim=1)
 
 
-class Objective(nn.Module, ABC):
-    """Base of all training objectives.
+def sum_flat(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
 
-    Subclasses set ``self.path`` and ``self.time_sampler`` and implement ``forward`` and ``prediction_spec``.
+
+def drop_labels(y: Tensor, p: float, null_class: int, rng: Randomness) -> Tensor:
+    """Classifier-free guidance training (Ho & Salimans 2022): each label becomes the null class with probability p.
+
+    One uniform per sample is drawn from ``rng`` whatever ``p`` is, so later draws do not depend on it.
+    """
+    drop = rng.rand().to(y.device) < p  # (B,)
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+class Objective(nn.Module, ABC):
+    """Base of the training objectives.
+
+    Subclasses set ``self.path``, ``self.time_sampler`` and ``self.label_dropout`` and implement ``forward`` and
+    ``prediction_spec``.
     """
 
     path: Path
     time_sampler: TimeSampler
+    label_dropout: float = 0.0
 
-    def sample_noise_and_time(
-        self, x0: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Draw ``eps ~ N(0, I)`` shaped like ``x0`` (float32) and times ``t`` of shape ``(B,)`` (float32).
+    def draw(self, x0: Tensor, y: Tensor | None, null_class: int, rng: Randomness) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-sample draws in a fixed order: time ``t`` (B,), noise ``eps`` like x0 (float32), dropped labels.
 
         The time is drawn first so that a run's time sequence does not depend on the image size.
         """
-        t = self.time_sampler(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
-        return eps, t
+        t = self.time_sampler(rng).to(x0.device)
+        eps = rng.randn(*x0.shape[1:]).to(x0.device)
+        if y is not None:
+            y = drop_labels(y, self.label_dropout, null_class, rng)
+        return eps, t, y
 
     @abstractmethod
-    def forward(
-        self, net: nn.Module, x0: Tensor, y: Tensor | None, *, generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]:
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
         """Per-sample losses: ``{"loss": (B,), <logged key>: (B,), ...}``."""
 
     @abstractmethod
     def prediction_spec(self) -> dict[str, Any]:
-        """JSON-able ``{"path": path spec, "prediction": kind, "precond": None | {...}}`` stored in snapshots.
+        """JSON-able ``{"path": path spec, "prediction": kind, "precond": None | spec}`` stored in snapshots.
 
-        ``gen.objectives.velocity_model(net, spec)`` turns a bare network plus this spec into the sampler's
+        ``gen.models.prediction.velocity_model(net, spec)`` turns a bare network plus this spec into the sampler's
         velocity function.
         """
+
+
+def check_label_dropout(p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"label_dropout must be in [0, 1], got {p}")
+    return float(p)

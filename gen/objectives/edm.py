@@ -1,19 +1,20 @@
-"""EDM training loss (Karras et al. 2022, Sec. 5 and Table 1; objectives.md Sec. 1.2).
+"""EDM training loss (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+Sec. 5 and Table 1; NVlabs/edm training/loss.py).
 
 ``ln sigma ~ N(P_mean, P_std^2)``, ``x_sigma = x0 + sigma eps``, loss ``lambda(sigma) ||D(x_sigma, sigma) - x0||^2``
-(mean over elements) with ``lambda = (sigma^2 + sd^2) / (sigma sd)^2`` and D the ``EDMPrecond`` wrapper.
+with ``lambda = (sigma^2 + sd^2) / (sigma sd)^2`` and D the ``EDMPrecond`` wrapper.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from gen.models.precond import EDMPrecond
-from gen.objectives.base import Objective, mean_flat
+from gen.objectives.base import Objective, check_label_dropout, mean_flat
 from gen.paths import EDMPath, LogNormalSigma
+from gen.utils.seed import Randomness
 
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
@@ -29,6 +30,7 @@ class EDMLoss(Objective):
         p_std: standard deviation of ln sigma.
         sigma_data: data standard deviation used by the preconditioning and the weight.
         sigma_max: largest noise level used at sampling time (the path's ``t_max``; stored in the spec).
+        label_dropout: probability of training a sample with the null label (classifier-free guidance).
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class EDMLoss(Objective):
         p_std: float = 1.2,
         sigma_data: float = 0.5,
         sigma_max: float = 80.0,
+        label_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if sigma_data <= 0:
@@ -44,22 +47,21 @@ class EDMLoss(Objective):
         self.path = EDMPath(sigma_max)
         self.time_sampler = LogNormalSigma(p_mean, p_std)
         self.sigma_data = float(sigma_data)
+        self.label_dropout = check_label_dropout(label_dropout)
 
-    def forward(
-        self, net: nn.Module, x0: Tensor, y: Tensor | None, *, generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]:
+    def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
         """Per-sample ``{"loss", "mse", "sigma"}``, each ``(B,)``; ``mse`` is the unweighted ``||D - x0||^2`` mean."""
-        x0 = x0.float()
-        eps, sigma = self.sample_noise_and_time(x0, generator)
+        x0 = batch["x0"].float()
+        eps, sigma, y = self.draw(x0, batch.get("label"), net.num_classes, rng)
         x_noisy = self.path.sample(x0, eps, sigma)
-        denoised = EDMPrecond(net, self.sigma_data)(x_noisy, sigma, y)
+        denoised = EDMPrecond(net, self.sigma_data)(x_noisy, sigma, y).out
         mse = mean_flat((denoised - x0) ** 2)
         loss = edm_loss_weight(sigma, self.sigma_data) * mse
         return {"loss": loss, "mse": mse, "sigma": sigma.detach()}
 
     def prediction_spec(self) -> dict[str, Any]:
         return {
-            "path": self.path.spec(),
+            "path": dict(self.path.config),
             "prediction": "x0",
-            "precond": {"kind": "edm", "sigma_data": self.sigma_data},
+            "precond": {"_target_": "gen.models.precond.EDMPrecond", "sigma_data": self.sigma_data},
         }

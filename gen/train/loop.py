@@ -1,13 +1,25 @@
-"""The training loop: explicit, image-counted, resumable, on top of ``accelerate``.
+"""The training loop: one loop for every method, image-counted, resumable, on plain ``torch.distributed``.
 
-Everything is counted in training images (``nimg``); the learning rate, EMA and every interval are
-functions of it. Each step reseeds its random generator from ``(seed, rank, nimg)``, and the data
-order is a pure function of ``(seed, nimg)``, so re-running the same command after an interruption
-resumes from the latest training state and reproduces the uninterrupted run.
+Everything is counted in training images (``nimg``); learning rates, EMAs and every interval are functions of
+it. A step: for each phase the method names (``Method.phases``), zero that optimizer's gradients, run the
+method's loss on every micro-batch of the step (gradient accumulation fills the global batch), synchronise
+the gradients of that optimizer's modules across processes (one DDP wrapper per phase, so each phase
+synchronises exactly the parameters it updates), clip, and step; then update the EMAs. Every phase of a step
+sees the same micro-batches.
 
-Launch: ``python train.py`` (1 process), ``torchrun --nproc_per_node=N train.py`` or
-``accelerate launch --num_processes N train.py`` (gloo on CPU, NCCL on GPUs); multi-node with
-``torchrun --nnodes=M --node_rank=i --master_addr=H --master_port=P ...``.
+Randomness is per sample (``gen.train.batches``), so a run gives the same updates at any number of processes
+or accumulation rounds, and re-running the same command resumes from the newest training state and reproduces
+the uninterrupted run. Training states derive from one registry (``gen.train.state``); frozen networks are
+never in them, only their identities, which are checked on resume.
+
+Precision: ``"no"`` (fp32), ``"bf16"`` (autocast), ``"fp16"`` (autocast with a gradient scaler per optimizer: a
+step whose gradients overflow is skipped and the scale lowered, as ``torch.amp.GradScaler`` does; the run stops
+after ``max_skipped_steps`` skips in a row). In fp32/bf16 a non-finite loss or gradient stops the run with the
+last good state kept; no state, snapshot or result is ever written from non-finite weights.
+
+Launch: ``python train.py`` (1 process), ``torchrun --nproc_per_node=N train.py`` (gloo on CPU, NCCL on GPUs;
+``accelerate launch`` sets the same environment); multi-node with ``torchrun --nnodes=M --node_rank=i
+--master_addr=H --master_port=P ...``.
 """
 
 from __future__ import annotations
@@ -15,10 +27,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -26,17 +37,25 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from gen.data import InfiniteSampler, random_hflip
 from gen.ema import EMA, EMAProfile
-from gen.utils import ckpt
+from gen.train.batches import Batches, make_batch
+from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
+from gen.train.state import StateRegistry, Value, finite_number
+from gen.utils import ckpt, dist
 from gen.utils.config import ConfigError
 from gen.utils.dist import print0
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
-from gen.utils.seed import derive_seed, step_generator
+from gen.utils.seed import SampleRandom, derive_seed
+
+STATE_FORMAT = "gen-train-state-v2"
 
 
-class NonFiniteLossError(FloatingPointError):
-    """Raised when the loss or gradient norm stops being finite; nothing is saved after it."""
+class NonFiniteError(FloatingPointError):
+    """The loss, a gradient or the weights stopped being finite; nothing was written from that point on."""
+
+
+# Kept for callers that catch the old name.
+NonFiniteLossError = NonFiniteError
 
 
 @dataclass
@@ -50,18 +69,21 @@ class TrainConfig:
             accumulation fills the global batch: ``rounds = batch_size / (batch_per_gpu * world)``.
         lr_warmup_kimg: linear learning-rate warm-up length.
         lr_decay: "constant", or "inv_sqrt" (EDM2: ``lr / sqrt(max(nimg / lr_ref_kimg, 1))``).
-        grad_clip: max global gradient norm, or None for no clipping (the norm is logged anyway).
-        precision: accelerate mixed precision: "no", "bf16" or "fp16".
-        status_kimg / checkpoint_kimg / snapshot_kimg: intervals of the status line, training
-            states (.pt, for resuming) and inference snapshots (safetensors of the EMA).
-        keep_states: how many of the newest training states to keep (older ones are deleted).
+        lr_ref_kimg: reference length of "inv_sqrt".
+        grad_clip: max global gradient norm per optimizer, or None for no clipping (the norm is logged anyway).
+        precision: "no" (fp32), "bf16" or "fp16" (autocast; fp16 with gradient scaling).
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        status_kimg / checkpoint_kimg / snapshot_kimg: intervals of the status line, training states (.pt, for
+            resuming) and inference snapshots (safetensors of the EMAs); ``inf`` means at the end only.
+        keep_states: how many of the newest training states to keep (0 keeps all).
         snapshot_dtype: "float32" or "bfloat16" for the snapshot tensors.
-        hflip: random horizontal flips of the training images.
-        seed: the run's seed (data order, noise, flips).
-        compile: wrap the network in ``torch.compile``.
+        hflip: random horizontal flips of the training images (or the stored flipped latents).
+        seed: the run's seed (data order, per-sample randomness, initial weights).
+        compile: wrap each phase's module in ``torch.compile``.
         num_workers: DataLoader workers for datasets that are not held in memory.
-        tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status
-            lines otherwise).
+        find_unused_parameters: DDP's option, for methods whose phases leave some parameters without gradients.
+        max_skipped_steps: fp16 only: stop after this many consecutive steps skipped for overflow.
+        tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status lines otherwise).
     """
 
     total_kimg: float = 50.0
@@ -72,6 +94,7 @@ class TrainConfig:
     lr_ref_kimg: float = 0.0
     grad_clip: float | None = None
     precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     status_kimg: float = 1.0
     checkpoint_kimg: float = 10.0
     snapshot_kimg: float = 10.0
@@ -81,37 +104,60 @@ class TrainConfig:
     seed: int = 0
     compile: bool = False
     num_workers: int = 0
+    find_unused_parameters: bool = False
+    max_skipped_steps: int = 50
     tensorboard: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.batch_size <= 0 or self.total_kimg <= 0:
-            raise ValueError(f"trainer.batch_size and trainer.total_kimg must be > 0 (got {self.batch_size}, {self.total_kimg})")
-        for name in ("status_kimg", "checkpoint_kimg", "snapshot_kimg"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"trainer.{name} must be > 0, got {getattr(self, name)}")
-        if self.lr_decay == "inv_sqrt" and self.lr_ref_kimg <= 0:
-            raise ValueError("trainer.lr_decay=inv_sqrt needs trainer.lr_ref_kimg > 0")
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"trainer.{key}={getattr(self, key)!r}: {what}")
+
+        need(finite_number(self.total_kimg) and self.total_kimg > 0, "total_kimg", "must be a finite number > 0")
+        need(self.batch_size > 0, "batch_size", "must be > 0")
+        need(self.batch_per_gpu is None or self.batch_per_gpu > 0, "batch_per_gpu", "must be > 0 (or null)")
+        need(finite_number(self.lr_warmup_kimg) and self.lr_warmup_kimg >= 0, "lr_warmup_kimg", "must be >= 0")
+        if self.lr_decay == "inv_sqrt":
+            need(finite_number(self.lr_ref_kimg) and self.lr_ref_kimg > 0, "lr_ref_kimg", "must be > 0 with inv_sqrt")
+        need(
+            self.grad_clip is None or (finite_number(self.grad_clip) and self.grad_clip > 0), "grad_clip",
+            "must be a positive number, or null for no clipping (<= 0 would freeze or reverse training)",
+        )
+        for key in ("status_kimg", "checkpoint_kimg", "snapshot_kimg"):
+            v = getattr(self, key)
+            need(isinstance(v, (int, float)) and not math.isnan(v) and v > 0, key, "must be > 0 (inf: at the end only)")
+        need(self.keep_states >= 0, "keep_states", "must be >= 0 (0 keeps every state)")
+        need(self.num_workers >= 0, "num_workers", "must be >= 0")
+        need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
 
 
 @dataclass
 class HookContext:
-    """What a hook sees: counters, the averaged network to evaluate, the run folder."""
+    """What a hook sees: counters, the method, its averaged modules, the run folder."""
 
     nimg: int
     step: int
-    net: nn.Module
-    ema_net: nn.Module
+    method: Method
+    emas: Mapping[str, EMA]
     run_dir: Path
     device: torch.device
     is_final: bool
+
+    def averaged(self, module: str = "net", profile: str | None = None) -> nn.Module:
+        """The EMA copy of a trainable module (the first profile by default)."""
+        return self.emas[module].averaged(profile)
+
+    @property
+    def ema_net(self) -> nn.Module:
+        return self.averaged(self.method.snapshot_module)
 
 
 class Hook(Protocol):
     """Periodic work during training (sample grids, FID). Called on every rank (it may be collective).
 
-    ``interval_kimg`` decides when it runs (and it always runs at the end); it returns metrics that
-    are written to ``stats.jsonl`` beside the loss.
+    ``interval_kimg`` decides when it runs (and it always runs at the end); it returns metrics that are written
+    to ``stats.jsonl`` beside the loss.
     """
 
     interval_kimg: float
@@ -130,32 +176,13 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class _TrainModule(nn.Module):
-    """Network + objective in one module, so DDP syncs the objective's own parameters too."""
-
-    def __init__(self, net: nn.Module, objective: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-        self.objective = objective
-
-    def forward(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return self.objective(self.net, x0, y, generator=generator)
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay only on parameters with two or more dimensions (matrices, conv kernels)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _lr_factor(cfg: TrainConfig, nimg: int) -> float:
+def lr_factor(cfg: TrainConfig, progress: Progress) -> float:
+    """The trainer's learning-rate schedule: linear warm-up, then constant or EDM2's inverse square root."""
     f = 1.0
     if cfg.lr_warmup_kimg > 0:
-        f *= min(nimg / (cfg.lr_warmup_kimg * 1000.0), 1.0)
+        f *= min(progress.nimg / (cfg.lr_warmup_kimg * 1000.0), 1.0)
     if cfg.lr_decay == "inv_sqrt":
-        f /= math.sqrt(max(nimg / (cfg.lr_ref_kimg * 1000.0), 1.0))
+        f /= math.sqrt(max(progress.nimg / (cfg.lr_ref_kimg * 1000.0), 1.0))
     return f
 
 
@@ -167,217 +194,354 @@ def _crossed(prev_nimg: int, nimg: int, interval_kimg: float | None) -> bool:
     return prev_nimg // interval != nimg // interval
 
 
-class _Batches:
-    """Endless training batches for one process, positioned by the global image count.
+def resolve_device(kind: str) -> torch.device:
+    """The device of this process; ``cuda`` without CUDA is an error, never a silent fallback to the CPU."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but CUDA is not available here; use trainer.device=auto or cpu")
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return dist.default_device()
 
-    In-memory datasets (``.tensors()``) are indexed directly; others go through a DataLoader.
-    """
 
-    def __init__(self, dataset: Any, batch: int, rank: int, world: int, seed: int, start_nimg: int, num_workers: int):
-        self.sampler = InfiniteSampler(len(dataset), rank=rank, world=world, seed=seed, start=start_nimg)
-        self.tensors = dataset.tensors() if hasattr(dataset, "tensors") else None
-        self.batch = batch
-        if self.tensors is None:
-            self.loader: Iterator[Any] = iter(
-                torch.utils.data.DataLoader(
-                    dataset, batch_size=batch, sampler=self.sampler, num_workers=num_workers,
-                    pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=num_workers > 0,
-                )
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the forward's autocast context for a precision setting (refusing unsupported combinations)."""
+    if precision == "no":
+        return contextlib.nullcontext
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if not torch.amp.autocast_mode.is_autocast_available(device.type):
+        raise ConfigError(f"trainer.precision={precision} is not supported on {device.type}; use trainer.precision=no")
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+class _Optimizer:
+    """One optimizer of the method with everything the loop keeps for it."""
+
+    def __init__(self, spec: OptimizerSpec, method: Method, device: torch.device, cfg: TrainConfig, world: int) -> None:
+        self.spec = spec
+        modules = {n: getattr(method, n) for n in spec.modules}
+        wd = spec.weight_decay
+        if wd is None:
+            wd = float(getattr(spec.factory, "keywords", {}).get("weight_decay", 0.0))
+        self.params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        self.opt = spec.factory(param_groups(modules.values(), wd))
+        for g in self.opt.param_groups:
+            if not finite_number(g["lr"]) or g["lr"] < 0:
+                raise ConfigError(f"optimizer '{spec.name}': learning rate {g['lr']!r} must be a finite number >= 0")
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.grad_clip = spec.grad_clip if spec.grad_clip is not None else cfg.grad_clip
+        self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+        phase = PhaseModule(method, spec.name, modules)
+        self.module: nn.Module = phase
+        if world > 1 and self.params:
+            ids = [device.index] if device.type == "cuda" else None
+            self.module = nn.parallel.DistributedDataParallel(
+                phase, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
             )
-        else:
-            self.indices = iter(self.sampler)
+        if cfg.compile:
+            self.module = torch.compile(self.module)
+        self.skipped_in_a_row = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tensors is None:
-            images, labels = next(self.loader)
-            return images, torch.as_tensor(labels)
-        idx = torch.tensor([next(self.indices) for _ in range(self.batch)])
-        images, labels = self.tensors
-        return images[idx], labels[idx]
+    def set_lr(self, factor: float) -> None:
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+
+
+def _check_method(method: Method, specs: Sequence[OptimizerSpec]) -> None:
+    modules = method.trainable_modules()
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names) or not names:
+        raise ConfigError(f"{type(method).__name__}: optimizer names must be unique and non-empty, got {names}")
+    owner: dict[str, str] = {}
+    for s in specs:
+        for m in s.modules:
+            if m not in modules:
+                raise ConfigError(f"optimizer '{s.name}' updates {m!r}, which is not a trainable module {sorted(modules)}")
+            if m in owner:
+                raise ConfigError(f"module {m!r} is updated by two optimizers ('{owner[m]}' and '{s.name}')")
+            owner[m] = s.name
+    unowned = [m for m, mod in modules.items() if m not in owner and any(p.requires_grad for p in mod.parameters())]
+    if unowned:
+        raise ConfigError(f"trainable module(s) {unowned} have parameters but no optimizer updates them")
 
 
 def train(
     *,
-    net: nn.Module,
-    objective: nn.Module,
+    method: Method,
     dataset: Any,
     tokenizer: Any,
-    optimizer: Callable[[Iterable[Any]], torch.optim.Optimizer],
     ema_profiles: Sequence[EMAProfile],
     cfg: TrainConfig,
-    run_dir: str | os.PathLike,
+    run_dir: str | Path,
     config: Mapping[str, Any],
-    snapshot_config: Mapping[str, Any],
+    snapshot_meta: Mapping[str, Any],
     hooks: Sequence[Hook] = (),
-    weight_decay: float = 0.0,
+    resume_keys: Sequence[str] = ("model", "method", "objective", "data", "tokenizer"),
 ) -> TrainResult:
-    """Train ``net`` with ``objective`` on ``dataset``; resumes from ``run_dir`` when it holds a state.
+    """Train ``method`` on ``dataset``; resumes from ``run_dir`` when it holds a training state.
 
     Args:
-        net: the backbone (plain module; wrapped for DDP here).
-        objective: ``forward(net, x0, y, *, generator) -> {"loss": (B,), ...}``.
-        dataset: yields (uint8 image (C,H,W), label); ``.tensors()`` when held in memory.
-        tokenizer: ``encode(uint8 (B,C,H,W)) -> model input``.
-        optimizer: a factory taking parameter groups (Hydra ``_partial_``).
-        ema_profiles: the EMA profiles to keep; the first is used for snapshots and hooks.
+        method: the training method (its modules may be on the CPU; they are moved here).
+        dataset: yields dicts (``"image"`` uint8 (C, H, W), ``"label"``, ...) or ``(image, label)`` pairs;
+            ``.tensors()`` when held in memory.
+        tokenizer: ``encode(uint8 (B, C, H, W)) -> model input`` and ``normalize(latents)``.
+        ema_profiles: the EMA profiles to keep of every module in ``method.ema_modules``; the first one is used
+            for snapshots and hooks.
         cfg: loop settings.
         run_dir: the run folder (deterministic per experiment name).
-        config: the resolved run config, stored in training states and checked on resume.
-        snapshot_config: metadata for inference snapshots (model config, prediction spec, data spec).
+        config: the resolved run config, stored in training states; its ``resume_keys`` sections must match
+            on resume.
+        snapshot_meta: metadata for inference snapshots (with the method's ``snapshot_config()`` merged in).
         hooks: periodic callbacks (sample grids, FID).
-        weight_decay: applied to parameters with >= 2 dims only.
+        resume_keys: config sections that must be equal to resume.
     """
-    from accelerate import Accelerator
-
-    run_dir = Path(run_dir)
-    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
-    device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    dist.init_distributed()
+    device = resolve_device(cfg.device)
+    rank, world = dist.rank(), dist.world_size()
     batch_per_gpu = cfg.batch_per_gpu or cfg.batch_size // world
     rounds = cfg.batch_size // (batch_per_gpu * world) if batch_per_gpu * world else 0
     if rounds < 1 or rounds * batch_per_gpu * world != cfg.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"trainer.batch_size={cfg.batch_size} is not a multiple of batch_per_gpu={batch_per_gpu} x "
             f"{world} processes; choose batch_per_gpu so that batch_size = batch_per_gpu * processes * rounds"
         )
-
-    if accelerator.is_main_process:
+    autocast = autocast_context(cfg.precision, device)
+    run_dir = Path(run_dir)
+    if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temp_files(run_dir)
-    accelerator.wait_for_everyone()
+    dist.barrier()
 
-    module = _TrainModule(net, objective).to(device)
+    method.to(device)
+    for m in method.frozen_modules().values():
+        m.to(device)
     if isinstance(tokenizer, nn.Module):
         tokenizer.to(device).eval().requires_grad_(False)
-    ema = EMA(net, ema_profiles).to(device)
-    opt = optimizer(param_groups(module, weight_decay))
-    base_lrs = [g["lr"] for g in opt.param_groups]
+    specs = method.optimizers()
+    _check_method(method, specs)
+    optims = {s.name: _Optimizer(s, method, device, cfg, world) for s in specs}
+    trainable = method.trainable_modules()
+    own_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trainable.items()}
+    phase_modules = {s.name: s.modules for s in specs}
+    emas = {n: EMA(trainable[n], ema_profiles).to(device) for n in method.ema_modules}
+    frozen = method.frozen_identities()
 
-    # ---- resume -------------------------------------------------------------------------------
+    # ---- one registry: everything saved and restored ------------------------------------------------
     nimg, step = 0, 0
+
+    def set_counters(state: Mapping[str, int]) -> None:
+        nonlocal nimg, step
+        nimg, step = int(state["nimg"]), int(state["step"])
+
+    registry = StateRegistry()
+    for name, module in trainable.items():
+        registry.register(f"module.{name}", module)
+    for name, o in optims.items():
+        registry.register(f"optim.{name}", o.opt)
+        if o.scaler is not None:
+            registry.register(f"scaler.{name}", o.scaler)
+    for name, e in emas.items():
+        registry.register(f"ema.{name}", e)
+    registry.register("method", Value(method.extra_state, method.load_extra_state))
+    registry.register("counters", Value(lambda: {"nimg": nimg, "step": step}, set_counters))
+
     resumed_from = ckpt.latest_training_state(run_dir)
     if resumed_from is not None:
         state = ckpt.load_training_state(resumed_from)
-        _check_resume_config(state, config, resumed_from)
-        ckpt.load_state_dict_checked(net, state["net"], str(resumed_from))
-        objective.load_state_dict(state["objective"])
-        ckpt.load_state_dict_checked(ema, state["ema"], str(resumed_from))
-        opt.load_state_dict(state["optimizer"])
-        nimg, step = int(state["nimg"]), int(state["step"])
+        _check_resume(state, config, frozen, resume_keys, resumed_from)
+        registry.load_state_dict(state["registry"], str(resumed_from))
+        bad = registry.non_finite()
+        if bad:
+            raise NonFiniteError(
+                f"{resumed_from} holds non-finite weights ({', '.join(bad[:4])}); delete it to resume from the "
+                "previous state"
+            )
         print0(f"Resuming from {resumed_from} at kimg {nimg / 1000:.1f} (step {step})")
     total_nimg = int(round(cfg.total_kimg * 1000))
+    start_nimg = nimg
 
-    train_module = torch.compile(module) if cfg.compile else module
-    train_module, opt = accelerator.prepare(train_module, opt)
-    stats = StatsLog(run_dir, tensorboard=cfg.tensorboard, resume_nimg=nimg) if accelerator.is_main_process else None
-    batches = _Batches(dataset, batch_per_gpu, rank, world, cfg.seed, nimg, cfg.num_workers)
-
+    stats = StatsLog(run_dir, tensorboard=cfg.tensorboard, resume_nimg=nimg) if dist.is_main() else None
+    batches = Batches(dataset, batch_per_gpu, rank, world, cfg.seed, nimg, cfg.num_workers)
     bar = None
     # The bar only on a terminal: in a log file its redraws would bury the status lines.
-    if cfg.progress and accelerator.is_main_process and sys.stderr.isatty():
+    if cfg.progress and dist.is_main() and sys.stderr.isatty():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, desc="train")
 
     sums: dict[str, float] = {}
-    count = 0
-    grad_norm = torch.zeros((), device=device)
+    counts: dict[str, int] = {}
+    last: dict[str, float] = {}
     tick_time, tick_nimg = time.time(), nimg
     last_state = resumed_from
     last_state_nimg = nimg if resumed_from is not None else -1
-    last_snapshot: Path | None = None
     metrics: dict[str, float] = {}
+    multi = len(specs) > 1
+    needs_step_means = type(method).after_step is not Method.after_step
+
+    def check_finite(what: str) -> None:
+        bad = registry.non_finite()
+        if bad:
+            raise NonFiniteError(
+                f"weights became non-finite by step {step} (kimg {nimg / 1000:.3f}): {', '.join(bad[:4])}"
+                f"{' ...' if len(bad) > 4 else ''}. The {what} was not written; the last good training state is "
+                f"{last_state or 'none'}. Lower the learning rate, enable trainer.grad_clip, or use fp32."
+            )
 
     def save_state() -> Path:
         nonlocal last_state_nimg
+        check_finite("training state")
         path = run_dir / f"state-{nimg:09d}.pt"
-        if accelerator.is_main_process:
+        if dist.is_main():
             ckpt.save_training_state(
                 path,
                 {
-                    "net": net.state_dict(),
-                    "objective": objective.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "nimg": nimg,
-                    "step": step,
+                    "format": STATE_FORMAT,
+                    "registry": registry.state_dict(),
+                    "frozen": frozen,
                     "config": json.dumps(dict(config), sort_keys=True, default=str),
                 },
             )
-            states = [p for _, p in ckpt.list_training_states(run_dir)]
-            for old in states[: -cfg.keep_states] if cfg.keep_states > 0 else []:
-                old.unlink(missing_ok=True)
-        accelerator.wait_for_everyone()
+            if cfg.keep_states > 0:
+                for _, old in ckpt.list_training_states(run_dir)[: -cfg.keep_states]:
+                    old.unlink(missing_ok=True)
+        dist.barrier()
         last_state_nimg = nimg
         return path
 
     def save_snapshots() -> Path:
+        check_finite("snapshot")
         dtype = torch.bfloat16 if cfg.snapshot_dtype == "bfloat16" else torch.float32
         first = run_dir / f"snapshot-{nimg:09d}.safetensors"
-        if accelerator.is_main_process:
+        ema = emas[method.snapshot_module]
+        if dist.is_main():
             for i, p in enumerate(ema.profiles):
                 path = first if i == 0 else run_dir / f"snapshot-{nimg:09d}-{p.name}.safetensors"
-                weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ema.averaged(p.name).state_dict().items()}
-                meta = dict(snapshot_config, ema=p.name, nimg=nimg, step=step)
-                ckpt.save_snapshot(path, weights, meta)
-        accelerator.wait_for_everyone()
+                sd = ema.averaged(p.name).state_dict()
+                weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+                ckpt.save_snapshot(path, weights, {**snapshot_meta, **method.snapshot_config(),
+                                                   "ema": p.name, "nimg": nimg, "step": step})
+        dist.barrier()
         return first
 
     def run_hooks(prev: int, final: bool) -> None:
         for hook in hooks:
             if final or _crossed(prev, nimg, hook.interval_kimg):
-                ctx = HookContext(nimg, step, net, ema.averaged(), run_dir, device, final)
+                ctx = HookContext(nimg, step, method, emas, run_dir, device, final)
                 out = dict(hook(ctx))
                 metrics.update(out)
                 if stats is not None and out:
                     stats.write({"kimg": nimg / 1000, "nimg": nimg, "step": step, **out})
 
-    # ---- main loop ----------------------------------------------------------------------------
-    module.train()
-    while nimg < total_nimg:
-        gen = step_generator(cfg.seed, rank, nimg, device=device)
-        # Modules that draw from the global RNG (label dropout, dropout) are reseeded too.
-        torch.manual_seed(derive_seed("global", cfg.seed, rank, nimg))
-        for g in opt.param_groups:
-            g["lr"] = base_lrs[opt.param_groups.index(g)] * _lr_factor(cfg, nimg)
-        opt.zero_grad(set_to_none=True)
-        for r in range(rounds):
-            images, labels = batches.next()
-            if cfg.hflip:
-                images = random_hflip(images, gen)
-            x0 = tokenizer.encode(images.to(device))
-            y = labels.to(device=device, dtype=torch.long)
-            sync = accelerator.no_sync(train_module) if r < rounds - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                out = train_module(x0, y, gen)
+    def run_phase(name: str, micro: Iterable[tuple[dict[str, torch.Tensor], SampleRandom]], progress: Progress) -> None:
+        o = optims[name]
+        mine = set(phase_modules[name])
+        for m, params in own_params.items():  # only this phase's parameters collect gradients
+            for p in params:
+                p.requires_grad_(m in mine)
+        o.opt.zero_grad(set_to_none=True)
+        step_sums: dict[str, float] = {}
+        done_rounds = 0
+        for r, (batch, rng) in enumerate(micro):
+            done_rounds += 1
+            sync = o.module.no_sync() if hasattr(o.module, "no_sync") and r < rounds - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast():
+                    out = o.module(batch, rng, progress)
                 loss = out["loss"].float().mean() / rounds
-                accelerator.backward(loss)
+                (o.scaler.scale(loss) if o.scaler is not None else loss).backward()
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach().float().sum())
-            count += y.shape[0]
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(module.parameters(), max_norm)
-        if not torch.isfinite(torch.as_tensor(grad_norm)):
+                key = f"{name}/{k}" if multi else k
+                step_sums[key] = step_sums.get(key, 0.0) + float(v.detach().float().sum())
+                counts[key] = counts.get(key, 0) + v.shape[0]
+        if o.scaler is not None:
+            o.scaler.unscale_(o.opt)
+        max_norm = o.grad_clip if o.grad_clip is not None else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(o.params, max_norm) if o.params else torch.zeros(())
+        finite = bool(torch.isfinite(norm))
+        if not finite and o.scaler is None:
             # Gradients are synchronised, so every rank sees the same norm and stops together.
-            raise NonFiniteLossError(
-                f"non-finite loss/gradient at step {step} (kimg {nimg / 1000:.3f}; last micro-batch loss "
-                f"{float(loss) * rounds:.4g}). Training stopped; nothing was written after the last good "
-                f"training state: {last_state or 'none yet'}. Lower the learning rate, enable "
-                "trainer.grad_clip, or use fp32 (trainer.precision=no)."
+            raise NonFiniteError(
+                f"non-finite loss/gradient at step {step} (kimg {nimg / 1000:.3f}, phase '{name}'; loss "
+                f"{step_sums.get(f'{name}/loss' if multi else 'loss', float('nan')) / max(done_rounds * batch_per_gpu, 1):.4g}). "
+                f"Training stopped; nothing was written after the last good training state: {last_state or 'none yet'}. "
+                "Lower the learning rate, enable trainer.grad_clip, or use fp32 (trainer.precision=no)."
             )
-        opt.step()
+        if o.scaler is not None:
+            o.scaler.step(o.opt)  # skipped when the unscaled gradients hold inf/NaN
+            o.scaler.update()
+            o.skipped_in_a_row = 0 if finite else o.skipped_in_a_row + 1
+            if not finite:
+                key = f"{name}/skipped_steps" if multi else "skipped_steps"
+                sums[key] = sums.get(key, 0.0) + 1.0
+                counts[key] = 1
+                if o.skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise NonFiniteError(
+                        f"fp16: {o.skipped_in_a_row} steps in a row overflowed (phase '{name}', step {step}); the "
+                        f"loss is not finite even at gradient scale {o.scaler.get_scale():.3g}. The last good "
+                        f"training state is {last_state or 'none yet'}. Lower the learning rate or use bf16/fp32."
+                    )
+        else:
+            o.opt.step()
+        for k, v in step_sums.items():
+            sums[k] = sums.get(k, 0.0) + v
+            last[k] = v
+        gkey = f"{name}/grad_norm" if multi else "grad_norm"
+        last[gkey] = float(norm)
+
+    # ---- main loop ------------------------------------------------------------------------------------
+    method.train()
+    if nimg >= total_nimg and resumed_from is None:
+        raise ConfigError("trainer.total_kimg is too small for one step")
+    while nimg < total_nimg:
+        progress = Progress(nimg, total_nimg, step)
+        # Modules that draw from the global RNG (dropout) are reseeded too; the method's draws are per sample.
+        torch.manual_seed(derive_seed("global", cfg.seed, rank, nimg))
+        for o in optims.values():
+            o.set_lr(o.spec.lr_schedule(progress) if o.spec.lr_schedule is not None else lr_factor(cfg, progress))
+        phases = list(method.phases(progress))
+        unknown = [p for p in phases if p not in optims]
+        if unknown:
+            raise RuntimeError(f"{type(method).__name__}.phases() named unknown optimizer(s) {unknown}")
+
+        def micro_batches() -> Any:
+            for _ in range(rounds):
+                raw = batches.next()
+                rng = SampleRandom(raw["position"].tolist(), namespace=f"train/{cfg.seed}", device=device)
+                yield make_batch(raw, tokenizer, rng, cfg.hflip, device), rng
+
+        # One phase streams its micro-batches; several phases keep them so that every phase sees the same data.
+        if len(phases) == 1:
+            run_phase(phases[0], micro_batches(), progress)
+        else:
+            micro = list(micro_batches())
+            for name in phases:
+                run_phase(name, micro, progress)
+            del micro
+        for params in own_params.values():
+            for p in params:
+                p.requires_grad_(True)
         prev_nimg = nimg
         nimg += cfg.batch_size
         step += 1
-        ema.update(net, prev_nimg, cfg.batch_size)
+        for name, e in emas.items():
+            e.update(trainable[name], prev_nimg, cfg.batch_size)
+        if needs_step_means:
+            keys = sorted(k for k in last if not k.endswith("grad_norm"))
+            packed = dist.all_reduce_sum(torch.tensor([last[k] for k in keys], dtype=torch.float64))
+            method.after_step(progress, {k: float(v) / cfg.batch_size for k, v in zip(keys, packed.tolist())})
         if bar is not None:
             bar.update(cfg.batch_size)
 
         done = nimg >= total_nimg
         if _crossed(prev_nimg, nimg, cfg.status_kimg) or done:
-            packed = torch.tensor([count] + [sums[k] for k in sorted(sums)], dtype=torch.float64, device=device)
-            packed = accelerator.reduce(packed, reduction="sum")
-            means = {k: float(v) / max(float(packed[0]), 1.0) for k, v in zip(sorted(sums), packed[1:].tolist())}
+            keys = sorted(sums)
+            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64)
+            packed = dist.all_reduce_sum(packed)
+            n = len(keys)
+            means = {k: float(packed[i]) / max(float(packed[n + i]), 1.0) for i, k in enumerate(keys)}
+            for k in keys:
+                if k.endswith("skipped_steps"):
+                    means[k] = float(packed[keys.index(k)]) / world
             now = time.time()
             record: dict[str, Any] = {
                 "kimg": nimg / 1000,
@@ -385,21 +549,21 @@ def train(
                 "step": step,
                 "sec_per_kimg": (now - tick_time) / max((nimg - tick_nimg) / 1000, 1e-9),
                 **means,
-                "grad_norm": float(grad_norm),
-                "lr": opt.param_groups[0]["lr"],
+                **{k: v for k, v in last.items() if k.endswith("grad_norm")},
+                "lr": next(iter(optims.values())).opt.param_groups[0]["lr"],
             }
-            if torch.cuda.is_available():
+            if device.type == "cuda":
                 record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             if stats is not None:
                 stats.write(record)
                 if bar is not None:
                     bar.set_postfix_str(f"loss {record.get('loss', float('nan')):.4f}")
-                if bar is None:
+                else:
                     print0(status_line(record))
-            sums, count = {}, 0
+            sums, counts = {}, {}
             tick_time, tick_nimg = now, nimg
         if _crossed(prev_nimg, nimg, cfg.snapshot_kimg) and not done:
-            last_snapshot = save_snapshots()
+            save_snapshots()
         if _crossed(prev_nimg, nimg, cfg.checkpoint_kimg) and not done:
             last_state = save_state()
         if not done:
@@ -411,25 +575,45 @@ def train(
     if last_state_nimg != nimg:
         last_state = save_state()
     last_snapshot = save_snapshots()
-    if accelerator.is_main_process:
+    if dist.is_main() and nimg > start_nimg:
         plot_loss_curve(run_dir / "stats.jsonl", run_dir / "loss.png")
     run_hooks(nimg, final=True)
     if stats is not None:
         stats.close()
-    accelerator.wait_for_everyone()
+    dist.barrier()
     return TrainResult(nimg, step, run_dir, last_state, last_snapshot, resumed_from, metrics)
 
 
-def _check_resume_config(state: Mapping[str, Any], config: Mapping[str, Any], path: Path) -> None:
-    """Refuse to resume a state written by a different model / objective / data setup."""
+def _check_resume(
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    frozen: Mapping[str, Mapping[str, str]],
+    keys: Sequence[str],
+    path: Path,
+) -> None:
+    """Refuse to resume a state written by another setup or with other frozen networks."""
+    if state.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"{path} is not a training state of this version of the toolkit (format {state.get('format')!r}, "
+            f"expected {STATE_FORMAT!r}); start a new run with another name=..."
+        )
     try:
         old = json.loads(state.get("config", "{}"))
     except json.JSONDecodeError:
         old = {}
-    for key in ("model", "objective", "data", "tokenizer"):
+    for key in keys:
         a, b = old.get(key), json.loads(json.dumps(config.get(key), default=str))
         if a is not None and b is not None and a != b:
             raise ConfigError(
                 f"{path} was written with a different '{key}' config than this run:\n  state: {a}\n  now:   {b}\n"
-                "Use another experiment name (name=...) for a new run, or delete the run folder to start over."
+                "Use another experiment name (name=...) for a new run, or restore the old setting to resume."
+            )
+    old_frozen = state.get("frozen", {})
+    for name in sorted(set(old_frozen) | set(frozen)):
+        a, b = old_frozen.get(name), frozen.get(name)
+        if a != b:
+            raise ConfigError(
+                f"{path} was trained with frozen network '{name}' = {a}, but this run has {b}. A frozen teacher, "
+                "encoder or loss network must stay the same to resume; restore its weights file, or start a new run "
+                "with another name=..."
             )

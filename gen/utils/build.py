@@ -166,7 +166,7 @@ def capture_config(cls: type[T]) -> type[T]:
         for p in sig.parameters.values():
             if p.kind == p.VAR_KEYWORD:
                 values.update(values.pop(p.name, {}))
-            elif p.kind == p.VAR_POSITIONAL:
+            elif p.kind == p.VAR_POSITIONAL and values.pop(p.name, ()):
                 raise TypeError(f"capture_config cannot record *{p.name} of {cls.__qualname__}")
         if type(self) is cls:
             config = {"_target_": f"{cls.__module__}.{cls.__qualname__}"}

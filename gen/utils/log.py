@@ -78,18 +78,25 @@ def status_line(record: Mapping[str, Any]) -> str:
     parts = [f"kimg {record['kimg']:9.1f}", f"step {record['step']:7d}"]
     if "sec_per_kimg" in record:
         parts.append(f"sec/kimg {record['sec_per_kimg']:7.2f}")
-    for k, v in record.items():
-        if k.startswith("loss"):
+    for k, v in record.items():  # "loss", or "<phase>/loss" for methods with several optimizers
+        if k.split("/")[-1] == "loss":
             parts.append(f"{k} {v:.4f}")
-    for k, fmt in (("grad_norm", "{:.3f}"), ("lr", "{:.2e}"), ("mem_gb", "{:.2f}")):
+    for k, v in record.items():
+        if k.split("/")[-1] == "grad_norm":
+            parts.append(f"{k} {v:.3f}")
+    for k, fmt in (("skipped_steps", "{:.0f}"), ("lr", "{:.2e}"), ("mem_gb", "{:.2f}")):
         if k in record:
             parts.append(f"{k} " + fmt.format(record[k]))
     return "  ".join(parts)
 
 
-def plot_loss_curve(stats_path: str | os.PathLike, out_png: str | os.PathLike, key: str = "loss") -> Path | None:
-    """Plot ``key`` against kimg from a stats file into a PNG (log-scale y); None if no data."""
-    records = [r for r in read_stats(stats_path) if key in r]
+def plot_loss_curve(stats_path: str | os.PathLike, out_png: str | os.PathLike, key: str | None = None) -> Path | None:
+    """Plot ``key`` (default: ``loss``, else the first ``<phase>/loss``) against kimg into a PNG (log-scale y)."""
+    all_records = read_stats(stats_path)
+    if key is None:
+        keys = [k for r in all_records for k in r if k.split("/")[-1] == "loss"]
+        key = "loss" if "loss" in keys or not keys else keys[0]
+    records = [r for r in all_records if key in r]
     if not records:
         return None
     import matplotlib
@@ -103,7 +110,7 @@ def plot_loss_curve(stats_path: str | os.PathLike, out_png: str | os.PathLike, k
     ax.plot(x, y, lw=1.2)
     ax.set_xlabel("training images seen (kimg)")
     ax.set_ylabel(key)
-    ax.set_yscale("log")
+    ax.set_yscale("log" if min(y) > 0 else "symlog")
     ax.grid(alpha=0.3, which="both")
     ax.set_title(f"{key} vs kimg")
     fig.tight_layout()

@@ -1,21 +1,23 @@
 """From a trained network to images: sampler construction, seeded generation, snapshot loading.
 
-This is the glue shared by ``train.py`` (preview grids, final evaluation), ``sample.py`` and the
-evaluation jobs: ``network + prediction spec -> velocity model_fn -> guidance -> sampler -> decode
--> uint8``. Noise and labels of image ``k`` come from its own seed, so a sample set is the same at
+This is the glue of the entry points (it lives beside them, above every library package): ``train.py``
+(preview grids, final evaluation), ``sample.py`` and the evaluation jobs (``--generator
+pipeline:snapshot_generate_fn``): ``network + prediction spec -> velocity model_fn -> guidance -> sampler ->
+decode -> uint8``. Noise and labels of image ``k`` come from its own seed, so a sample set is the same at
 any batch size and on any number of processes.
 
-Sampler config (``configs/sampler/*.yaml``)::
+Sampler config (``configs/sampler/*.yaml``); ``solver`` and ``grid`` are ``_target_`` specs built as partials::
 
-    kind: euler | heun | euler_maruyama | dpmpp_2m
+    solver: {_target_: samplers.sample_euler}       # + the solver's options (e.g. S_churn, diffusion, last_step)
     steps: 30
-    grid: {kind: uniform | shifted | karras, shift: 1.0, t_min: null, rho: 7.0, sigma_min: 0.002, sigma_max: 80}
+    grid: {_target_: samplers.grids.uniform_grid}   # called as grid(steps, path=path) (+ its options: t_min, shift...)
     guidance: {scale: 1.0, interval: null | [t_lo, t_hi], dit_legacy_channels: null}
-    options: {}            # extra keyword arguments of the sampler function
+    sharing: null | {rate: k} | {schedule: file.json}   # DDT encoder sharing (samplers/sharing.py)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,77 +25,71 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import samplers
 from gen.data import to_uint8
-from gen.models import build_model
-from gen.objectives import velocity_model
-from gen.paths import EDMPath, Path, path_from_spec
+from gen.models import ModelOutput
+from gen.models.prediction import prediction_path, velocity_model
+from gen.paths import Path
+from gen.utils.build import build
 from gen.utils.ckpt import load_snapshot, load_state_dict_checked
 from gen.utils.seed import PerImageRandom
-from samplers import grids, guidance
+from samplers import guidance, sharing
 
-SamplerFn = Callable[..., Tensor]
-
-SAMPLER_KINDS: dict[str, str] = {
-    "euler": "sample_euler",
-    "heun": "sample_heun",
-    "euler_maruyama": "sample_euler_maruyama",
-    "dpmpp_2m": "sample_dpmpp_2m",
+SAMPLER_KEYS = {"solver", "steps", "grid", "guidance", "sharing"}
+DEFAULT_SAMPLER: dict[str, Any] = {
+    "solver": {"_target_": "samplers.sample_euler"}, "steps": 30, "grid": {"_target_": "samplers.grids.uniform_grid"},
 }
-SAMPLER_KEYS = {"kind", "steps", "grid", "guidance", "options"}
+GUIDANCE_KEYS = {"scale", "interval", "dit_legacy_channels"}
 
 
-def _grid(cfg: Mapping[str, Any], steps: int, path: Path) -> Tensor:
-    cfg = dict(cfg or {})
-    kind = cfg.pop("kind", "uniform")
-    t_min = cfg.pop("t_min", None)
-    if kind == "uniform":
-        shift = float(cfg.pop("shift", 1.0))
-        ts = grids.shifted_grid(steps, shift, path.t_max, t_min=t_min) if shift != 1.0 else grids.uniform_grid(
-            steps, path.t_max, t_min=t_min
-        )
-    elif kind == "shifted":
-        ts = grids.shifted_grid(steps, float(cfg.pop("shift")), path.t_max, t_min=t_min)
-    elif kind == "karras":
-        # sigma_* are VE noise levels sigma/alpha; on non-EDM paths they are mapped to path time.
-        default_max = float(path.t_max) if isinstance(path, EDMPath) else 80.0
-        ts = grids.karras_grid(
-            steps, sigma_min=float(cfg.pop("sigma_min", 0.002)), sigma_max=float(cfg.pop("sigma_max", default_max)),
-            rho=float(cfg.pop("rho", 7.0)), path=None if isinstance(path, EDMPath) else path,
-        )
-    else:
-        raise ValueError(f"unknown sampler.grid.kind {kind!r}; use uniform, shifted or karras")
-    if cfg:
-        raise ValueError(f"unknown sampler.grid key(s) {sorted(cfg)} for grid kind {kind!r}")
-    return ts
+def _partial(cfg: Any, key: str) -> Callable[..., Any]:
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise ValueError(f"sampler.{key} needs a '_target_' spec, got {cfg!r}")
+    return build({**cfg, "_partial_": True})
 
 
 @dataclass
 class SamplerSpec:
-    """A validated sampler config (see the module docstring)."""
+    """A validated sampler config (see the module docstring); ``config`` is what snapshots store."""
 
-    kind: str = "euler"
-    steps: int = 30
-    grid: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any]
+    solver: Callable[..., Tensor]
+    grid: Callable[..., Tensor]
+    steps: int
     guidance: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    sharing: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SamplerSpec:
+        cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
         unknown = set(cfg) - SAMPLER_KEYS
         if unknown:
             raise ValueError(f"unknown sampler key(s) {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
-        spec = cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()})
-        if spec.kind not in SAMPLER_KINDS:
-            raise ValueError(f"unknown sampler.kind {spec.kind!r}; choose one of {sorted(SAMPLER_KINDS)}")
-        if not isinstance(spec.steps, int) or spec.steps < 1:
-            raise ValueError(f"sampler.steps must be a positive integer, got {spec.steps!r}")
-        unknown_g = set(spec.guidance) - {"scale", "interval", "dit_legacy_channels"}
+        steps = cfg.get("steps")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"sampler.steps must be a positive integer, got {steps!r}")
+        guide = dict(cfg.get("guidance") or {})
+        unknown_g = set(guide) - GUIDANCE_KEYS
         if unknown_g:
-            raise ValueError(
-                f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: scale, interval, dit_legacy_channels"
-            )
-        return spec
+            raise ValueError(f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: {sorted(GUIDANCE_KEYS)}")
+        scale = guide.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"sampler.guidance.scale must be a finite number, got {scale!r}")
+        sharing = cfg.get("sharing")
+        if sharing is not None and (set(sharing) - {"rate", "schedule"} or len(sharing) != 1):
+            raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {sharing!r}")
+        return cls(cfg, _partial(cfg.get("solver"), "solver"), _partial(cfg.get("grid"), "grid"), steps, guide, sharing)
+
+    def time_grid(self, path: Path) -> Tensor:
+        """The descending grid from the path's ``t_max`` to 0."""
+        return self.grid(self.steps, path=path)
+
+    def recompute_steps(self) -> list[int] | None:
+        """The encoder-sharing schedule (None: no sharing)."""
+        if self.sharing is None:
+            return None
+        if "rate" in self.sharing:
+            return sharing.uniform_steps(self.steps, int(self.sharing["rate"]))
+        return sharing.load_schedule(self.sharing["schedule"], self.steps)["recompute"]
 
 
 def guided_model_fn(model_fn: Callable, spec: SamplerSpec, null_label: int) -> Callable:
@@ -104,20 +100,17 @@ def guided_model_fn(model_fn: Callable, spec: SamplerSpec, null_label: int) -> C
         return model_fn
     return guidance.cfg(
         model_fn, scale, null_label, interval=tuple(interval) if interval is not None else None,
-        dit_legacy_channels=spec.guidance.get("dit_legacy_channels"),
+        always_both=spec.sharing is not None, dit_legacy_channels=spec.guidance.get("dit_legacy_channels"),
     )
 
 
 def run_sampler(
-    model_fn: Callable, noise: Tensor, y: Tensor | None, path: Path, spec: SamplerSpec, randn_like: Callable | None = None
+    model_fn: Callable, noise: Tensor, y: Tensor | None, path: Path, spec: SamplerSpec, randn_like: Callable,
+    ts: Tensor | None = None,
 ) -> Tensor:
-    """Integrate from ``noise`` at ``t_max`` to data with the configured sampler and grid."""
-    fn = getattr(samplers, SAMPLER_KINDS[spec.kind])
-    ts = _grid(spec.grid, spec.steps, path).to(noise.device)
-    kwargs: dict[str, Any] = dict(spec.options)
-    if spec.kind == "euler_maruyama" and randn_like is not None:
-        kwargs["randn_like"] = randn_like
-    return fn(model_fn, noise, ts, path=path, y=y, **kwargs)
+    """Integrate from ``noise`` at ``t_max`` to data with the configured solver and grid."""
+    ts = spec.time_grid(path) if ts is None else ts
+    return spec.solver(model_fn, noise, ts.to(noise.device), path=path, y=y, randn_like=randn_like)
 
 
 class MinRows(nn.Module):
@@ -133,13 +126,19 @@ class MinRows(nn.Module):
         super().__init__()
         self.net, self.min_rows = net, int(min_rows)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> ModelOutput:
         n = x.shape[0]
         if n >= self.min_rows:
             return self.net(x, t, y, **kwargs)
         idx = torch.cat([torch.arange(n), torch.zeros(self.min_rows - n, dtype=torch.long)]).to(x.device)
-        out = self.net(x[idx], t[idx], None if y is None else y[idx], **kwargs)
-        return out[:n]
+        pad = {k: v[idx] if isinstance(v, Tensor) and v.shape[:1] == (n,) else v for k, v in kwargs.items()}
+        res = self.net(x[idx], t[idx], None if y is None else y[idx], **pad)
+        return ModelOutput(
+            res.out[:n],
+            None if res.extra is None else res.extra[:n],
+            [f[:n] for f in res.features],
+            None if res.encoder_out is None else res.encoder_out[:n],
+        )
 
 
 @dataclass
@@ -179,25 +178,16 @@ class Generator:
         drawn = rnd.randint(self.num_classes)
         y = drawn if labels is None else labels.to(torch.long).cpu()
         noise = rnd.randn(self.input_shape).to(device)
-        path = path_from_spec(self.prediction["path"])
-        net = MinRows(self.net) if self.min_rows > 1 else self.net
+        path = prediction_path(self.prediction)
+        ts = sampler.time_grid(path)
+        net: Any = MinRows(self.net) if self.min_rows > 1 else self.net
+        recompute = sampler.recompute_steps()
+        if recompute is not None:
+            net = sharing.EncoderSharing(net, ts, recompute)
         model_fn = guided_model_fn(velocity_model(net, self.prediction), sampler, self.num_classes)
-        x = run_sampler(model_fn, noise, y.to(device), path, sampler, randn_like=rnd.randn_like)
+        x = run_sampler(model_fn, noise, y.to(device), path, sampler, rnd.randn_like, ts)
         images = to_uint8(self.tokenizer.decode(x).float().clamp(-1, 1))
         return images.cpu(), y
-
-
-def build_tokenizer(config: Mapping[str, Any]) -> Any:
-    """Rebuild a tokenizer from its ``config`` (``_target_`` must name a class in ``tokenizers``)."""
-    import importlib
-
-    kwargs = dict(config)
-    target = str(kwargs.pop("_target_", ""))
-    module_name, _, cls_name = target.rpartition(".")
-    if not module_name.startswith("tokenizers."):
-        raise ValueError(f"tokenizer config needs a _target_ inside the tokenizers package, got {target!r}")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(**kwargs)
 
 
 def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tuple[Generator, dict[str, Any]]:
@@ -206,12 +196,12 @@ def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tu
     for key in ("model", "prediction", "data"):
         if key not in config:
             raise ValueError(f"snapshot {path} lacks '{key}' in its config metadata; was it written by train.py?")
-    net = build_model(config["model"])
+    net = build(config["model"])
     load_state_dict_checked(net, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
     net = net.to(device).eval().requires_grad_(False)
     if "tokenizer" not in config:
         raise ValueError(f"snapshot {path} lacks 'tokenizer' in its config metadata; was it written by train.py?")
-    tokenizer = build_tokenizer(config["tokenizer"]).to(device)
+    tokenizer = build(config["tokenizer"]).to(device)
     data = config["data"]
     shape = tokenizer.latent_shape(int(data["resolution"]))
     gen = Generator(net, config["prediction"], tokenizer, shape, int(data["num_classes"]))
@@ -231,7 +221,7 @@ def snapshot_generate_fn(
     the guidance scale ``cfg`` overridable (strings are accepted, as the CLI passes them)::
 
         python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/x.npz \\
-            --generator gen.pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
+            --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
     """
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if batch_device == "auto" else batch_device)
     if device.type == "cuda":
@@ -239,9 +229,9 @@ def snapshot_generate_fn(
 
         device = default_device()
     gen, config = generator_from_snapshot(snapshot, device)
-    sampler_cfg = dict(config.get("sampler") or {"kind": "euler", "steps": 30})
-    if kind is not None:
-        sampler_cfg["kind"] = kind
+    sampler_cfg = dict(config.get("sampler") or DEFAULT_SAMPLER)
+    if kind is not None:  # a solver by its short name, e.g. "heun" -> samplers.sample_heun
+        sampler_cfg["solver"] = {"_target_": f"samplers.sample_{kind}"}
     if steps is not None:
         sampler_cfg["steps"] = int(steps)
     if cfg is not None:

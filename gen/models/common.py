@@ -1,9 +1,9 @@
-"""Plumbing shared by the backbones in gen.models: input validation, time/label batching, unpatchify, outputs."""
+"""Plumbing shared by the backbones: input validation, time/label batching, unpatchify, the output type, REG's token."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
@@ -68,22 +68,47 @@ def unpatchify(x: Tensor, patch_size: int, channels: int, grid: int) -> Tensor:
     return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, w=grid, p=patch_size, q=patch_size, c=channels)
 
 
-def pack_outputs(out: Tensor, extra_out: Tensor | None, feats: list[Tensor] | None) -> Any:
-    """Return convention shared by all backbones.
+@dataclass
+class ModelOutput:
+    """What every backbone returns (one small type, whatever was asked for).
 
-    ``out`` alone; ``(out, feats)`` with features; ``(out, extra_out)`` with REG's extra token;
-    ``(out, extra_out, feats)`` with both. ``out`` always comes first and ``feats`` always last.
+    Attributes:
+        out: the image prediction (B, C_out, H, W) (velocity, x0 or epsilon, as the objective trained it).
+        extra: REG's extra-token prediction (B, D_extra), when an extra token was given.
+        features: token outputs (B, n_extra + N, D) of the blocks named in ``return_features``, in that order.
+        encoder_out: DDT's self-condition z_t (B, n_extra + N, D), reusable through ``encoder_out=`` (DDT only).
     """
-    if extra_out is None:
-        return out if feats is None else (out, feats)
-    return (out, extra_out) if feats is None else (out, extra_out, feats)
+
+    out: Tensor
+    extra: Tensor | None = None
+    features: list[Tensor] = field(default_factory=list)
+    encoder_out: Tensor | None = None
+
+
+def make_extra_token(model: nn.Module, extra_dim: int, dim: int) -> None:
+    """Give ``model`` REG's extra-token modules when ``extra_dim > 0`` (Wu et al. 2025, "Representation
+    Entanglement for Generation"; Martinser/REG models/sit.py).
+
+    ``extra_embed`` (Linear D_extra -> D) and ``extra_norm`` (LayerNorm) embed the token, which is prepended at
+    sequence index 0 with a zero position (zero absolute embedding, identity RoPE rotation); ``extra_head``
+    (Linear D -> D_extra) predicts it. They sit directly on the model so checkpoints keep one flat key layout.
+    """
+    model.extra_token_dim = int(extra_dim)
+    if extra_dim > 0:
+        model.extra_embed = nn.Linear(extra_dim, dim)
+        model.extra_norm = nn.LayerNorm(dim, eps=1e-6)
+        model.extra_head = nn.Linear(dim, extra_dim)
+
+
+def init_extra_token(model: nn.Module) -> None:
+    """Zero the extra-token head, so its prediction starts at 0 like the image output."""
+    if model.extra_token_dim > 0:
+        nn.init.zeros_(model.extra_head.weight)
+        nn.init.zeros_(model.extra_head.bias)
 
 
 def embed_extra_token(model: nn.Module, extra_token: Tensor, batch: int) -> Tensor:
-    """REG's extra-token input: (B, D_extra) -> (B, 1, D) via ``model.extra_embed`` then ``model.extra_norm``.
-
-    Used as a method by every backbone built with ``extra_token_dim > 0``.
-    """
+    """REG's extra-token input: (B, D_extra) -> (B, 1, D) via ``model.extra_embed`` then ``model.extra_norm``."""
     if model.extra_token_dim <= 0:
         raise ValueError(
             f"{type(model).__name__} got extra_token but was built with extra_token_dim=0; "

@@ -1,0 +1,172 @@
+"""Training methods: what a method owns and the one interface through which the loop drives it.
+
+A method is an ``nn.Module`` that owns its parts:
+
+* **trainable modules**, children named in ``trainable`` (backbone, projector, discriminator, fake-score net).
+  Each is saved in training states under its name; EMAs and snapshots are taken of the names in
+  ``ema_modules`` and ``snapshot_module``.
+* **frozen modules** (teacher, foundation encoder, LPIPS), held with ``gen.utils.frozen.hold_frozen``: never
+  optimised, never in training states or snapshots, identified by class and weights hash, checked on resume.
+* **optimizers** (:class:`OptimizerSpec`): which trainable modules each one updates, built from a factory
+  (Hydra's ``_partial_`` optimizer), with weight decay on matrices only, an optional own learning-rate
+  schedule and clipping.
+* **the update rhythm**: :meth:`Method.phases` lists the optimizers stepped at a training step, in order
+  (one phase for plain diffusion; alternating phases for GAN-style or teacher-student methods). Every phase of
+  a step sees the same micro-batches.
+* **the loss**: :meth:`Method.loss` takes the phase name, a batch, the per-sample randomness and the training
+  progress, and returns per-sample losses (``"loss"``, shape (B,), plus logged terms). The loop reduces,
+  scales, backpropagates, synchronises gradients across processes, clips and steps.
+* **extra state** (a curriculum stage, a running loss): :meth:`Method.extra_state` and
+  :meth:`Method.load_extra_state`, saved in the training state beside the modules.
+
+A batch is a dict of tensors (:data:`Batch`): ``"image"`` uint8 (B, C, H, W) when the data has pixels,
+``"x0"`` the model input (pixels in [-1, 1] or normalised latents), ``"label"`` int64 (B,), ``"position"``
+int64 (B,) (the samples' positions in the global data stream), and whatever else the dataset stores
+(pre-extracted latents, encoder features, noise-sample pairs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gen.utils.frozen import frozen_identity, frozen_modules
+from gen.utils.seed import Randomness
+
+Batch = dict[str, Tensor]
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training stands when a step starts; restored exactly on resume (it is a function of the counters).
+
+    Attributes:
+        nimg: training images consumed before this step (all processes, all accumulation rounds).
+        total_nimg: images of the whole run.
+        step: optimizer steps done before this one.
+    """
+
+    nimg: int
+    total_nimg: int
+    step: int
+
+    @property
+    def kimg(self) -> float:
+        return self.nimg / 1000.0
+
+    @property
+    def fraction(self) -> float:
+        """``nimg / total_nimg`` in [0, 1]."""
+        return min(self.nimg / max(self.total_nimg, 1), 1.0)
+
+
+@dataclass
+class OptimizerSpec:
+    """One optimizer of a method.
+
+    Attributes:
+        name: the phase name that steps it (and its key in training states).
+        modules: names of the trainable modules whose parameters it updates (disjoint between optimizers).
+        factory: builds the optimizer from parameter groups (e.g. ``functools.partial(torch.optim.AdamW, lr=1e-4)``).
+        weight_decay: applied to parameters with two or more dimensions only (matrices, conv kernels); None takes
+            the factory's own ``weight_decay`` keyword (a ``functools.partial``), else 0.
+        lr_schedule: factor on the base learning rates as a function of progress; None: the trainer's schedule.
+        grad_clip: maximum global gradient norm for these parameters; None: the trainer's setting.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    factory: OptimizerFactory
+    weight_decay: float | None = None
+    lr_schedule: Callable[[Progress], float] | None = None
+    grad_clip: float | None = None
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay only on parameters with two or more dimensions (nanoGPT's rule); frozen ones are skipped."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+class Method(nn.Module):
+    """Base class of training methods (see the module docstring).
+
+    Subclasses assign their trainable modules as children, list them in ``trainable``, hold frozen ones with
+    ``hold_frozen``, and implement :meth:`optimizers` and :meth:`loss`.
+
+    Attributes:
+        trainable: names of the trainable child modules, saved in training states in this order.
+        ema_modules: trainable modules that get exponential moving averages (all EMA profiles each).
+        snapshot_module: the module whose EMA goes into inference snapshots (safetensors).
+    """
+
+    trainable: tuple[str, ...] = ("net",)
+    ema_modules: tuple[str, ...] = ("net",)
+    snapshot_module: str = "net"
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """Name -> module for every name in ``trainable``."""
+        missing = [n for n in self.trainable if not isinstance(getattr(self, n, None), nn.Module)]
+        if missing:
+            raise TypeError(f"{type(self).__name__}.trainable names {missing}, which are not child modules")
+        return {n: getattr(self, n) for n in self.trainable}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Every frozen network held by the method or its children, by dotted name."""
+        return frozen_modules(self)
+
+    def frozen_identities(self) -> dict[str, dict[str, str]]:
+        """Class and weights hash of each frozen network (recorded in training states and checked on resume)."""
+        return {name: frozen_identity(m) for name, m in sorted(self.frozen_modules().items())}
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        """The method's optimizers, in the order their phases run by default."""
+        raise NotImplementedError
+
+    def phases(self, progress: Progress) -> Sequence[str]:
+        """Names of the optimizers to step at this training step, in order (default: all, declared order)."""
+        return [spec.name for spec in self.optimizers()]
+
+    def loss(self, phase: str, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
+        """Per-sample losses of one phase: ``{"loss": (B,), <logged term>: (B,), ...}``."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method state beyond module weights (tensors and plain values), saved in training states."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def after_step(self, progress: Progress, logged: Mapping[str, float]) -> None:
+        """Called after every optimizer step on every process with the step's mean logged terms."""
+
+    def snapshot_config(self) -> dict[str, Any]:
+        """JSON-able metadata stored with inference snapshots (enough to rebuild and use the snapshot module)."""
+        return {}
+
+
+class PhaseModule(nn.Module):
+    """The modules one optimizer updates, wrapped so that DDP sees exactly those parameters.
+
+    Its forward runs the method's loss for the phase. The method itself is held without registration, so
+    other modules the loss touches (a discriminator in the generator phase, a frozen teacher) are outside
+    this phase's gradient synchronisation.
+    """
+
+    def __init__(self, method: Method, phase: str, modules: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.phase = phase
+        self.parts = nn.ModuleDict(dict(modules))
+        object.__setattr__(self, "method", method)
+
+    def forward(self, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
+        return self.method.loss(self.phase, batch, rng, progress)
