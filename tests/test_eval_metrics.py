@@ -35,9 +35,8 @@ def test_psnr_closed_form() -> None:
 
 
 def test_reconstruction_metrics_identity_and_noisy_tokenizer() -> None:
-    from tokenizers.pixels import PixelTokenizer
-
     from eval.recon import tokenizer_roundtrip
+    from tokenizers.pixels import PixelTokenizer
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (80, 1, 32, 32), generator=g, dtype=torch.uint8)
@@ -69,7 +68,7 @@ def test_evaluate_reports_is_and_sfid_with_inception(inception: InceptionFeature
     ref.extra = {"mu_s": got.spatial.mu(), "sigma_s": got.spatial.sigma()}
     res = evaluate(images_fn(images), range(12), inception, ref, batch_size=5, allow_singular=True)
     assert res["fid"] < 1e-6 and res["sfid"] < 1e-6  # the same images as the reference
-    direct = inception_score(inception.extract(images)["logits"], splits=10)
+    direct = inception_score(inception.extract(images)["logits"])  # ADM splits: one group of 12
     assert res["inception_score"] == pytest.approx(direct[0], rel=1e-9)
     with pytest.raises(ValueError, match="singular"):
         evaluate(images_fn(images), range(12), inception, ref, batch_size=5)
