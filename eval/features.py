@@ -6,7 +6,8 @@ manifest, and loading them checks it (``eval.stats``), so features from differen
 modes are never compared.
 
 - ``InceptionFeatures``: the FID network (TF "inception-2015-12-05" ported by torch-fidelity; the same
-  module class that torchmetrics' ``FrechetInceptionDistance`` builds). pool3 (2048-d) for FID and
+  module class that torchmetrics' ``FrechetInceptionDistance`` builds), bitwise equal to torch-fidelity's
+  features by default. pool3 (2048-d) for FID and
   precision/recall, the 1008 bias-free logits for the Inception Score, and the first 7 channels of the
   ``mixed_6/conv`` map (2023-d) for sFID.
 - ``DINOv2Features``: a timm DINOv2 ViT, class token after the final norm (FD-DINOv2).
@@ -252,8 +253,14 @@ class InceptionFeatures(FeatureExtractor):
         cache_dir: folder for the weights file.
         download: fetch the weights when missing (needs internet).
         device: where the network runs.
-        channels_last: run the convolutions in NHWC layout (about 1.4x faster on CPU with oneDNN, also
-            faster with cuDNN); features differ from the NCHW run only by float32 rounding (~1e-4).
+        channels_last: run the convolutions in NHWC layout: about 1.4x faster on CPU with oneDNN (also
+            faster with cuDNN), but the convolutions then sum in another order and features differ from
+            torch-fidelity's by float32 rounding (1e-6 to 1e-4 of the largest feature on random weights).
+            Off by default, so that the features are bitwise those of torch-fidelity's
+            ``FeatureExtractorInceptionV3`` (toshas/torch-fidelity,
+            torch_fidelity/feature_extractor_inceptionv3.py) and of torchmetrics' FID with
+            ``antialias=False`` run in the same process (same device, thread count and, on GPUs, the
+            same cuDNN algorithm and TF32 settings); turn it on for speed when 1e-4 does not matter.
     """
 
     SPATIAL_CHANNELS = 7  # sFID: first 7 channels of mixed_6/conv, 7 * 17 * 17 = 2023 features
@@ -265,7 +272,7 @@ class InceptionFeatures(FeatureExtractor):
         cache_dir: str | os.PathLike | None = None,
         download: bool = False,
         device: torch.device | str = "cpu",
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         path, sha = resolve_weights(INCEPTION_FILE, INCEPTION_SHA256, INCEPTION_URL, weights_path, cache_dir, download)
         state = torch.load(path, map_location="cpu", weights_only=True)
