@@ -78,7 +78,7 @@ def _extractor(args: argparse.Namespace, manifest: dict[str, Any] | None, datase
     if name == "dinov2":
         name = f"dinov2-{args.dinov2_arch}-cls"
     return build_extractor(
-        name, weights_path=args.weights, resize=resize if name.startswith("inception") else None,
+        name, weights_path=args.weights, resize=resize if name.startswith(("inception", "dinov2")) else None,
         dataset=dataset, cache_dir=args.cache_dir, download=args.download, device=args.device,
     )
 
@@ -180,7 +180,10 @@ def cmd_preset(args: argparse.Namespace) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extractor", help="inception | dinov2 | yardstick | a manifest name (default: from --ref)")
     p.add_argument("--weights", help="pretrained weights file (Inception / DINOv2)")
-    p.add_argument("--resize", choices=["tf1-bilinear", "bilinear-antialias"], help="Inception resize mode")
+    p.add_argument(
+        "--resize", choices=["tf1-bilinear", "bilinear-antialias", "torch", "pil"],
+        help="Inception: tf1-bilinear (torch-fidelity/ADM) | bilinear-antialias; DINOv2: torch (EDM2) | pil (dgm-eval)",
+    )
     p.add_argument("--dinov2-arch", default="vit_large_patch14_dinov2")
     p.add_argument("--cache-dir", help="weights / yardstick cache (default ${GEN_CACHE:-~/.cache/gen}/...)")
     p.add_argument("--download", action="store_true", help="download missing pretrained weights")
