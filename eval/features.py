@@ -7,9 +7,8 @@ modes are never compared.
 
 - ``InceptionFeatures``: the FID network (TF "inception-2015-12-05" ported by torch-fidelity; the same
   module class that torchmetrics' ``FrechetInceptionDistance`` builds), bitwise equal to torch-fidelity's
-  features by default. pool3 (2048-d) for FID and
-  precision/recall, the 1008 bias-free logits for the Inception Score, and the first 7 channels of the
-  ``mixed_6/conv`` map (2023-d) for sFID.
+  features by default: pool3 (2048-d) for FID and precision/recall, the 1008 bias-free logits for the
+  Inception Score, and the first 7 channels of the ``mixed_6/conv`` map (2023-d) for sFID.
 - ``DINOv2Features``: DINOv2 ViTs on timm's modules, run as the official hub model (position table
   interpolated at forward time), with the FD-DINOv2 preprocessing of dgm-eval / EDM2; class token after
   the final norm (FD-DINOv2) and all tokens (alignment).
@@ -19,7 +18,8 @@ modes are never compared.
 Pretrained weights are never fetched silently: a file is looked up at an explicit path, then in the
 cache directories, and downloaded only with ``download=True``. A missing file raises
 ``WeightsNotFoundError`` naming the file, its expected SHA-256 and where to put it. Tests use randomly
-initialised networks of the identical architecture (``make_random_inception_weights``).
+initialised networks of the identical architecture (``make_random_inception_weights``,
+``make_random_dinov2_weights``).
 """
 
 from __future__ import annotations
