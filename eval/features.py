@@ -442,6 +442,80 @@ def make_random_dinov2_weights(path: str | os.PathLike, arch: str = "vit_small_p
     return path
 
 
+def load_dinov2_timm(
+    arch: str,
+    weights_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[nn.Module, str]:
+    """A timm DINOv2 backbone at 518 px (the checkpoint's 37x37 position table unresampled) and its weights hash.
+
+    Weights: Meta's ``dinov2_vit*14[_reg4]_pretrain.pth`` or timm's safetensors, found by
+    ``resolve_weights`` (explicit path, then the cache) before any network is built, so a missing file
+    fails at once with its name and the folder to put it in. ``random_init`` uses timm's seeded init
+    (tests); the hash is then ``random-init-<seed>``. Returns the network in eval mode without gradients.
+    """
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if arch not in DINOV2_FILES:
+        raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
+    path = None
+    if random_init:
+        sha = f"random-init-{seed}"
+    else:
+        file = DINOV2_FILES[arch]
+        short = "_".join(file.split("_")[:2])  # e.g. dinov2_vitl14
+        path, sha = resolve_weights(file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
+    if path is not None:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(checkpoint_filter_fn(state, net), strict=True)
+    return net.eval().requires_grad_(False), sha
+
+
+def dinov2_pos_settings(net: nn.Module) -> tuple[float, bool]:
+    """(offset, antialias) of the official forward-time position interpolation for this backbone.
+
+    Register models interpolate by size with antialias, the others with the 0.1 offset and without
+    (facebookresearch/dinov2, dinov2/hub/backbones.py).
+    """
+    return (0.0, True) if int(getattr(net, "num_reg_tokens", 0)) else (0.1, False)
+
+
+def dinov2_forward_tokens(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) -> all tokens after the final norm, (B, 1 + registers + h*w, D).
+
+    The official ``prepare_tokens_with_masks`` + blocks + norm (facebookresearch/dinov2,
+    dinov2/models/vision_transformer.py) on timm's modules: patch embedding, position table brought to
+    the token grid at forward time (``dinov2_pos_embed``), class token (+ its position) and registers in
+    front. Token order is that of ``x_norm_clstoken``, ``x_norm_regtokens``, ``x_norm_patchtokens``.
+    """
+    b, _, hh, ww = x.shape
+    p = net.patch_embed.patch_size[0]
+    if hh % p or ww % p:
+        raise ValueError(f"DINOv2 input {hh}x{ww} is not a multiple of the patch size {p}")
+    tokens = net.patch_embed.norm(net.patch_embed.proj(x).flatten(2).transpose(1, 2))  # (B, h*w, D)
+    pos = net.pos_embed
+    cls_pos = 0 if net.no_embed_class else 1  # timm folds the class position into reg models' cls_token
+    offset, antialias = dinov2_pos_settings(net)
+    patch_pos = dinov2_pos_embed(pos[:, cls_pos:], (hh // p, ww // p), (hh, ww), offset, antialias)
+    prefix = [net.cls_token.expand(b, -1, -1) + (pos[:, :1] if cls_pos else 0)]
+    if net.reg_token is not None:
+        prefix.append(net.reg_token.expand(b, -1, -1))
+    x = torch.cat(prefix + [tokens + patch_pos], dim=1)
+    return net.norm(net.blocks(net.norm_pre(x)))
+
+
 class DINOv2Features(FeatureExtractor):
     """DINOv2 class-token features through timm, as the FD-DINOv2 reference evaluators compute them.
 
@@ -478,41 +552,13 @@ class DINOv2Features(FeatureExtractor):
         device: torch.device | str = "cpu",
         resize: DINOv2Resize = "torch",
     ) -> None:
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        if arch not in DINOV2_FILES:
-            raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
         if image_size % self.PATCH:
             raise ValueError(f"image_size must be a multiple of the patch size {self.PATCH}, got {image_size}")
         if resize not in ("torch", "pil"):
             raise ValueError(f"unknown DINOv2 resize mode {resize!r}; use 'torch' (EDM2) or 'pil' (dgm-eval)")
-        path = None
-        if random_init:
-            sha = f"random-init-{seed}"
-        else:  # find the file first: a missing one fails before any network is built
-            file = DINOV2_FILES[arch]
-            short = "_".join(file.split("_")[:2])  # e.g. dinov2_vitl14
-            path, sha = resolve_weights(
-                file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download
-            )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            # img_size=518 keeps the checkpoint's 37x37 position table as it is (no load-time resampling).
-            self.net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
-        if path is not None:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            self.net.load_state_dict(checkpoint_filter_fn(state, self.net), strict=True)
-        self.net = self.net.eval().requires_grad_(False).to(device)
-        # Register models interpolate by size with antialias, the others with the 0.1 offset and without
-        # (facebookresearch/dinov2, dinov2/hub/backbones.py).
+        net, sha = load_dinov2_timm(arch, weights_path, cache_dir, download, random_init, seed)
+        self.net = net.to(device)
         registers = int(getattr(self.net, "num_reg_tokens", 0))
-        self.pos_offset, self.pos_antialias = (0.0, True) if registers else (0.1, False)
         self.device = torch.device(device)
         self.arch = arch
         self.image_size = image_size
@@ -531,24 +577,8 @@ class DINOv2Features(FeatureExtractor):
         return x / torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images (B, 3, H, W) -> all tokens after the final norm, (B, prefix + h*w, D).
-
-        The official ``prepare_tokens_with_masks`` on timm's modules: patch embedding, position table
-        interpolated to the grid, class token (+ its position) and registers in front, blocks, norm.
-        """
-        net = self.net
-        b, _, hh, ww = x.shape
-        h, w = hh // self.PATCH, ww // self.PATCH
-        tokens = net.patch_embed.norm(net.patch_embed.proj(x).flatten(2).transpose(1, 2))  # (B, h*w, D)
-        pos = net.pos_embed
-        cls_pos = 0 if net.no_embed_class else 1  # timm folds the class position into reg models' cls_token
-        patch_pos = dinov2_pos_embed(pos[:, cls_pos:], (h, w), (hh, ww), self.pos_offset, self.pos_antialias)
-        prefix = [net.cls_token.expand(b, -1, -1) + (pos[:, :1] if cls_pos else 0)]
-        if net.reg_token is not None:
-            prefix.append(net.reg_token.expand(b, -1, -1))
-        x = torch.cat(prefix + [tokens + patch_pos], dim=1)
-        x = net.blocks(net.norm_pre(x))
-        return net.norm(x)
+        """Normalised images (B, 3, H, W) -> all tokens after the final norm (``dinov2_forward_tokens``)."""
+        return dinov2_forward_tokens(self.net, x)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -592,16 +622,6 @@ class YardstickFeatures(FeatureExtractor):
                 f"{self.name} takes {self.yardstick.net.config['in_channels']}-channel images, got shape {tuple(images.shape)}"
             )
         return self.yardstick.features(images.cpu())
-
-    @torch.no_grad()
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, 16, D) of the ``foundation`` encoder, the yardstick's stand-in for DINOv2's."""
-        from eval.classifier import FoundationNet, to_unit_range
-
-        if not isinstance(self.yardstick.net, FoundationNet):
-            raise TypeError(f"{self.name} has no patch tokens; build the extractor with kind='foundation'")
-        check_uint8_images(images)
-        return self.yardstick.net.tokens(to_unit_range(images.cpu()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -665,41 +685,3 @@ def build_extractor(
     raise ValueError(
         f"unknown feature extractor {name!r}; use inception-v3-pool3, dinov2-<arch>-cls, yardstick, lenet-<dataset>-v1"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Alignment encoders (REPA / REG): one code path for DINOv2 and the yardstick's foundation network.
-
-
-class PatchEncoder:
-    """Frozen image encoder giving patch tokens and a global embedding, for representation alignment.
-
-    ``dinov2-<timm arch>`` wraps ``DINOv2Features`` (prefix tokens dropped from the patch tokens);
-    ``foundation-<dataset>`` wraps the yardstick's separately trained residual network (DESIGN.md §5),
-    so alignment on the small benchmark runs through the same calls as with DINOv2.
-
-    Attributes:
-        name: as given.
-        dim: token width D.
-        extractor: the underlying feature extractor (its manifest names the weights).
-    """
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        if name.startswith("dinov2-"):
-            self.extractor: FeatureExtractor = DINOv2Features(name[len("dinov2-") :], **kwargs)
-            self._prefix = 1 + int(getattr(self.extractor.net, "num_reg_tokens", 0))  # type: ignore[attr-defined]
-        elif name.startswith("foundation-"):
-            self.extractor = YardstickFeatures(name[len("foundation-") :], kwargs.get("cache_dir"), kind="foundation")
-            self._prefix = 0
-        else:
-            raise ValueError(f"unknown encoder {name!r}; use dinov2-<timm arch> or foundation-<dataset>")
-        self.dim = self.extractor.dim
-
-    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, C, H, W) -> patch tokens (B, N, D)."""
-        return self.extractor.tokens(images)[:, self._prefix :]  # type: ignore[attr-defined]
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, C, H, W) -> global embedding (B, D) (class token / mean token)."""
-        return self.extractor(images)
