@@ -11,7 +11,7 @@ modes are never compared.
   Inception Score, and the first 7 channels of the ``mixed_6/conv`` map (2023-d) for sFID.
 - ``DINOv2Features``: DINOv2 ViTs on timm's modules, run as the official hub model (position table
   interpolated at forward time), with the FD-DINOv2 preprocessing of dgm-eval / EDM2; class token after
-  the final norm (FD-DINOv2) and all tokens (alignment).
+  the final norm (FD-DINOv2). Alignment encoders built on the same loading live in ``eval.encoders``.
 - ``YardstickFeatures``: the penultimate layer of the small classifier trained on the built-in data
   (``eval.classifier``; DESIGN.md §5).
 
@@ -582,7 +582,10 @@ class DINOv2Features(FeatureExtractor):
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """All output tokens after the final norm, (B, prefix + patches, dim) (REPA aligns the patch tokens)."""
+        """All output tokens after the final norm, (B, 1 + registers + patches, dim).
+
+        For REPA/REG targets use ``eval.encoders.AlignmentEncoder``, which prepares DINOv2 as REPA does.
+        """
         check_uint8_images(images)
         return self.forward_tokens(self.preprocess(images))
 
