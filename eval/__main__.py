@@ -78,7 +78,7 @@ def _extractor(args: argparse.Namespace, manifest: dict[str, Any] | None, datase
     if name == "dinov2":
         name = f"dinov2-{args.dinov2_arch}-cls"
     return build_extractor(
-        name, weights_path=args.weights, resize=resize if name.startswith("inception") else None,
+        name, weights_path=args.weights, resize=resize if name.startswith(("inception", "dinov2")) else None,
         dataset=dataset, cache_dir=args.cache_dir, download=args.download, device=args.device,
     )
 
@@ -97,8 +97,8 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
 
 
 def cmd_ref(args: argparse.Namespace) -> None:
-    from eval.generate import image_stats
     from eval.features import InceptionFeatures
+    from eval.generate import image_stats
     from eval.stats import save_stats
     from gen.utils import dist
 
@@ -131,6 +131,11 @@ def _reference(args: argparse.Namespace) -> tuple[Any, Any]:
     return ref, ext
 
 
+def _is_note(args: argparse.Namespace, metrics: dict[str, Any]) -> dict[str, str]:
+    # The split convention changes the Inception Score a lot below 50k images; say which one was used.
+    return {"inception_score_convention": args.is_convention} if "inception_score" in metrics else {}
+
+
 def cmd_samples(args: argparse.Namespace) -> None:
     from eval.generate import evaluate, images_fn
     from eval.stats import load_image_npz
@@ -141,8 +146,9 @@ def cmd_samples(args: argparse.Namespace) -> None:
     metrics = evaluate(
         images_fn(images, labels), range(images.shape[0]), ext, ref,
         batch_size=args.batch_size, real_images=real, allow_singular=args.allow_singular,
+        is_convention=args.is_convention,
     )
-    _emit(args, {"samples": source, "ref": str(args.ref), **ext.manifest(), **metrics})
+    _emit(args, {"samples": source, "ref": str(args.ref), **ext.manifest(), **metrics, **_is_note(args, metrics)})
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
@@ -164,16 +170,20 @@ def cmd_preset(args: argparse.Namespace) -> None:
     seeds = range(args.seed_start, args.seed_start + num)
     metrics = evaluate(
         generate_fn, seeds, ext, ref, batch_size=args.batch_size, real_images=real,
-        allow_singular=args.allow_singular, png_dir=args.png_dir,
+        allow_singular=args.allow_singular, is_convention=args.is_convention, png_dir=args.png_dir,
     )
     _emit(args, {"snapshot": str(args.snapshot), "ref": str(args.ref), "seeds": f"{seeds.start}-{seeds.stop - 1}",
-                 **ext.manifest(), **metrics, **{f"option.{k}": v for k, v in options.items()}})
+                 **ext.manifest(), **metrics, **_is_note(args, metrics),
+                 **{f"option.{k}": v for k, v in options.items()}})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extractor", help="inception | dinov2 | yardstick | a manifest name (default: from --ref)")
     p.add_argument("--weights", help="pretrained weights file (Inception / DINOv2)")
-    p.add_argument("--resize", choices=["tf1-bilinear", "bilinear-antialias"], help="Inception resize mode")
+    p.add_argument(
+        "--resize", choices=["tf1-bilinear", "bilinear-antialias", "torch", "pil"],
+        help="Inception: tf1-bilinear (torch-fidelity/ADM) | bilinear-antialias; DINOv2: torch (EDM2) | pil (dgm-eval)",
+    )
     p.add_argument("--dinov2-arch", default="vit_large_patch14_dinov2")
     p.add_argument("--cache-dir", help="weights / yardstick cache (default ${GEN_CACHE:-~/.cache/gen}/...)")
     p.add_argument("--download", action="store_true", help="download missing pretrained weights")
@@ -187,6 +197,10 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ref-batch", help="ADM reference batch (arr_0 real images) for precision/recall")
     p.add_argument("--assume-ref-extractor", help="for --ref files without manifest, e.g. inception-v3-pool3:tf1-bilinear")
     p.add_argument("--allow-singular", action="store_true", help="accept fewer images than feature dims (biased)")
+    p.add_argument(
+        "--is-convention", choices=["adm", "torch-fidelity"], default="adm",
+        help="Inception Score splits: adm = consecutive groups of 5000 (papers), torch-fidelity = 10 shuffled splits",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

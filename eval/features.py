@@ -6,22 +6,26 @@ manifest, and loading them checks it (``eval.stats``), so features from differen
 modes are never compared.
 
 - ``InceptionFeatures``: the FID network (TF "inception-2015-12-05" ported by torch-fidelity; the same
-  module class that torchmetrics' ``FrechetInceptionDistance`` builds). pool3 (2048-d) for FID and
-  precision/recall, the 1008 bias-free logits for the Inception Score, and the first 7 channels of the
-  ``mixed_6/conv`` map (2023-d) for sFID.
-- ``DINOv2Features``: a timm DINOv2 ViT, class token after the final norm (FD-DINOv2).
+  module class that torchmetrics' ``FrechetInceptionDistance`` builds), bitwise equal to torch-fidelity's
+  features by default: pool3 (2048-d) for FID and precision/recall, the 1008 bias-free logits for the
+  Inception Score, and the first 7 channels of the ``mixed_6/conv`` map (2023-d) for sFID.
+- ``DINOv2Features``: DINOv2 ViTs on timm's modules, run as the official hub model (position table
+  interpolated at forward time), with the FD-DINOv2 preprocessing of dgm-eval / EDM2; class token after
+  the final norm (FD-DINOv2). Alignment encoders built on the same loading live in ``eval.encoders``.
 - ``YardstickFeatures``: the penultimate layer of the small classifier trained on the built-in data
   (``eval.classifier``; DESIGN.md §5).
 
 Pretrained weights are never fetched silently: a file is looked up at an explicit path, then in the
 cache directories, and downloaded only with ``download=True``. A missing file raises
 ``WeightsNotFoundError`` naming the file, its expected SHA-256 and where to put it. Tests use randomly
-initialised networks of the identical architecture (``make_random_inception_weights``).
+initialised networks of the identical architecture (``make_random_inception_weights``,
+``make_random_dinov2_weights``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -39,14 +43,19 @@ INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 
-# DINOv2 weights in timm's format (Hugging Face hub repo ``timm/<arch>.lvd142m``, file
-# ``model.safetensors``) or Meta's original ``dinov2_vit*14_pretrain.pth``; the checkpoint filter of
-# timm converts either. Their hashes are not pinned here: the file's SHA-256 is recorded in the manifest.
+# DINOv2 backbones by timm name -> Meta's weights file (facebookresearch/dinov2, dinov2/hub/backbones.py).
+# Meta's ``dinov2_vit*14[_reg4]_pretrain.pth`` or timm's ``model.safetensors`` (Hugging Face repo
+# ``timm/<arch>.lvd142m``, passed as an explicit path) both load: timm's checkpoint filter converts Meta's.
+# Their hashes are not pinned here: the file's SHA-256 is recorded in the manifest.
 DINOV2_FILES: dict[str, str] = {
     "vit_small_patch14_dinov2": "dinov2_vits14_pretrain.pth",
     "vit_base_patch14_dinov2": "dinov2_vitb14_pretrain.pth",
     "vit_large_patch14_dinov2": "dinov2_vitl14_pretrain.pth",
     "vit_giant_patch14_dinov2": "dinov2_vitg14_pretrain.pth",
+    "vit_small_patch14_reg4_dinov2": "dinov2_vits14_reg4_pretrain.pth",
+    "vit_base_patch14_reg4_dinov2": "dinov2_vitb14_reg4_pretrain.pth",
+    "vit_large_patch14_reg4_dinov2": "dinov2_vitl14_reg4_pretrain.pth",
+    "vit_giant_patch14_reg4_dinov2": "dinov2_vitg14_reg4_pretrain.pth",
 }
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{short}/{file}"
 
@@ -252,8 +261,14 @@ class InceptionFeatures(FeatureExtractor):
         cache_dir: folder for the weights file.
         download: fetch the weights when missing (needs internet).
         device: where the network runs.
-        channels_last: run the convolutions in NHWC layout (about 1.4x faster on CPU with oneDNN, also
-            faster with cuDNN); features differ from the NCHW run only by float32 rounding (~1e-4).
+        channels_last: run the convolutions in NHWC layout: about 1.4x faster on CPU with oneDNN (also
+            faster with cuDNN), but the convolutions then sum in another order and features differ from
+            torch-fidelity's by float32 rounding (1e-6 to 1e-4 of the largest feature on random weights).
+            Off by default, so that the features are bitwise those of torch-fidelity's
+            ``FeatureExtractorInceptionV3`` (toshas/torch-fidelity,
+            torch_fidelity/feature_extractor_inceptionv3.py) and of torchmetrics' FID with
+            ``antialias=False`` run in the same process (same device, thread count and, on GPUs, the
+            same cuDNN algorithm and TF32 settings); turn it on for speed when 1e-4 does not matter.
     """
 
     SPATIAL_CHANNELS = 7  # sFID: first 7 channels of mixed_6/conv, 7 * 17 * 17 = 2023 features
@@ -265,7 +280,7 @@ class InceptionFeatures(FeatureExtractor):
         cache_dir: str | os.PathLike | None = None,
         download: bool = False,
         device: torch.device | str = "cpu",
-        channels_last: bool = True,
+        channels_last: bool = False,
     ) -> None:
         path, sha = resolve_weights(INCEPTION_FILE, INCEPTION_SHA256, INCEPTION_URL, weights_path, cache_dir, download)
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -324,20 +339,206 @@ class InceptionFeatures(FeatureExtractor):
 # DINOv2.
 
 
-class DINOv2Features(FeatureExtractor):
-    """DINOv2 class-token features through timm (FD-DINOv2, and the REPA/REG encoders).
+DINOv2Resize = Literal["torch", "pil"]
 
-    Images are resized to ``image_size`` with antialiased bicubic interpolation on float [0, 1] values
-    (EDM2's "torch" mode, close to dgm-eval's PIL resize), then normalised with ImageNet mean/std.
+
+def dinov2_resize(images: torch.Tensor, size: int, mode: DINOv2Resize = "torch") -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 (B, 3, size, size) on the [0, 255] scale, as the FD-DINOv2 references.
+
+    - ``torch``: ``F.interpolate(bicubic, antialias=True)`` on float values, no clamp and no rounding
+      (EDM2's default "torch" mode; NVlabs/edm2, calculate_metrics.py, ``DINOv2Detector``).
+    - ``pil``: PIL's bicubic resize of the uint8 RGB image, rounded to uint8 (dgm-eval's default
+      transform, layer6ai-labs/dgm-eval, dgm_eval/models/dinov2.py, and EDM2's "pil" mode). Runs on CPU.
+    """
+    if mode == "torch":
+        return F.interpolate(images.float(), size=(size, size), mode="bicubic", antialias=True)
+    if mode == "pil":
+        import numpy as np
+        from PIL import Image
+
+        arr = images.permute(0, 2, 3, 1).cpu().numpy()
+        out = np.stack([np.asarray(Image.fromarray(a, "RGB").resize((size, size), Image.BICUBIC)) for a in arr])
+        return torch.from_numpy(out).to(images.device).permute(0, 3, 1, 2).float()
+    raise ValueError(f"unknown DINOv2 resize mode {mode!r}; use 'torch' (EDM2) or 'pil' (dgm-eval)")
+
+
+def dinov2_pos_embed(
+    patch_pos: torch.Tensor, grid: tuple[int, int], image_hw: tuple[int, int], offset: float, antialias: bool
+) -> torch.Tensor:
+    """Patch position embeddings (1, M*M, D) brought to a token grid (h, w) at forward time, as DINOv2 does.
+
+    The official model interpolates its 37x37 table (518 px) with bicubic, without antialias, through
+    ``scale_factor = (h + 0.1) / M`` rather than an output size (a historical offset that shifts the
+    sampling points); the register models use the output size with antialias instead
+    (facebookresearch/dinov2, dinov2/models/vision_transformer.py ``interpolate_pos_encoding``, and
+    dinov2/hub/backbones.py for the per-model settings). No interpolation when the grid already matches
+    and the image is square, as there.
+    """
+    n, dim = patch_pos.shape[1], patch_pos.shape[2]
+    m = math.isqrt(n)
+    h, w = grid
+    if h * w == n and image_hw[0] == image_hw[1]:
+        return patch_pos
+    table = patch_pos.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)  # (1, D, M, M)
+    if offset:
+        table = F.interpolate(
+            table, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic", antialias=antialias
+        )
+    else:
+        table = F.interpolate(table, size=(h, w), mode="bicubic", antialias=antialias)
+    if tuple(table.shape[-2:]) != (h, w):
+        raise RuntimeError(f"position embedding came out {tuple(table.shape[-2:])}, expected {(h, w)}")
+    return table.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(patch_pos.dtype)
+
+
+def _dinov2_meta_state(net: nn.Module, arch: str) -> dict[str, torch.Tensor]:
+    # A timm DINOv2 state dict in Meta's layout (the inverse of timm's _convert_dinov2), for test weights.
+    out: dict[str, torch.Tensor] = {}
+    for k, v in net.state_dict().items():
+        if k == "reg_token":
+            out["register_tokens"] = v
+        elif k == "pos_embed" and "reg4" in arch:  # timm folds the class position into cls_token
+            out[k] = torch.cat([torch.zeros_like(v[:, :1]), v], dim=1)
+        elif "giant" in arch and ".mlp.fc1." in k:
+            out[k.replace("fc1", "w12")] = v
+        elif "giant" in arch and ".mlp.fc2." in k:
+            out[k.replace("fc2", "w3")] = v
+        else:
+            out[k] = v
+    out["mask_token"] = torch.zeros(1, int(net.num_features))
+    return out
+
+
+def make_random_dinov2_weights(path: str | os.PathLike, arch: str = "vit_small_patch14_dinov2", seed: int = 0) -> Path:
+    """Write random weights of a DINOv2 backbone in Meta's ``dinov2_*_pretrain.pth`` layout (tests, benches).
+
+    Every tensor is drawn from one seeded generator in sorted-name order, scaled so that activations keep
+    their size through the blocks (linear and conv weights 1/sqrt(fan-in), layer-scale 0.3, norms near
+    1) and the position table is unit-scale noise, so the position interpolation visibly matters. The
+    official hub model loads the file with ``load_state_dict(strict=True)``.
+    """
+    import timm
+
+    if arch not in DINOV2_FILES:
+        raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
+    net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
+    shapes = {k: v.shape for k, v in _dinov2_meta_state(net, arch).items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k in sorted(shapes):
+        x = torch.randn(shapes[k], generator=g)
+        if k.endswith(".gamma"):
+            x = 0.3 + 0.05 * x
+        elif k.endswith("norm.weight") or (".norm" in k and k.endswith(".weight")):
+            x = 1.0 + 0.1 * x
+        elif k.endswith(".bias"):
+            x = 0.1 * x
+        elif k.endswith(".weight"):
+            x = x * (x[0].numel() ** -0.5)
+        state[k] = x
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def load_dinov2_timm(
+    arch: str,
+    weights_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    download: bool = False,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[nn.Module, str]:
+    """A timm DINOv2 backbone at 518 px (the checkpoint's 37x37 position table unresampled) and its weights hash.
+
+    Weights: Meta's ``dinov2_vit*14[_reg4]_pretrain.pth`` or timm's safetensors, found by
+    ``resolve_weights`` (explicit path, then the cache) before any network is built, so a missing file
+    fails at once with its name and the folder to put it in. ``random_init`` uses timm's seeded init
+    (tests); the hash is then ``random-init-<seed>``. Returns the network in eval mode without gradients.
+    """
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if arch not in DINOV2_FILES:
+        raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
+    path = None
+    if random_init:
+        sha = f"random-init-{seed}"
+    else:
+        file = DINOV2_FILES[arch]
+        short = "_".join(file.split("_")[:2])  # e.g. dinov2_vitl14
+        path, sha = resolve_weights(file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
+    if path is not None:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(checkpoint_filter_fn(state, net), strict=True)
+    return net.eval().requires_grad_(False), sha
+
+
+def dinov2_pos_settings(net: nn.Module) -> tuple[float, bool]:
+    """(offset, antialias) of the official forward-time position interpolation for this backbone.
+
+    Register models interpolate by size with antialias, the others with the 0.1 offset and without
+    (facebookresearch/dinov2, dinov2/hub/backbones.py).
+    """
+    return (0.0, True) if int(getattr(net, "num_reg_tokens", 0)) else (0.1, False)
+
+
+def dinov2_forward_tokens(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Normalised images (B, 3, H, W) -> all tokens after the final norm, (B, 1 + registers + h*w, D).
+
+    The official ``prepare_tokens_with_masks`` + blocks + norm (facebookresearch/dinov2,
+    dinov2/models/vision_transformer.py) on timm's modules: patch embedding, position table brought to
+    the token grid at forward time (``dinov2_pos_embed``), class token (+ its position) and registers in
+    front. Token order is that of ``x_norm_clstoken``, ``x_norm_regtokens``, ``x_norm_patchtokens``.
+    """
+    b, _, hh, ww = x.shape
+    p = net.patch_embed.patch_size[0]
+    if hh % p or ww % p:
+        raise ValueError(f"DINOv2 input {hh}x{ww} is not a multiple of the patch size {p}")
+    tokens = net.patch_embed.norm(net.patch_embed.proj(x).flatten(2).transpose(1, 2))  # (B, h*w, D)
+    pos = net.pos_embed
+    cls_pos = 0 if net.no_embed_class else 1  # timm folds the class position into reg models' cls_token
+    offset, antialias = dinov2_pos_settings(net)
+    patch_pos = dinov2_pos_embed(pos[:, cls_pos:], (hh // p, ww // p), (hh, ww), offset, antialias)
+    prefix = [net.cls_token.expand(b, -1, -1) + (pos[:, :1] if cls_pos else 0)]
+    if net.reg_token is not None:
+        prefix.append(net.reg_token.expand(b, -1, -1))
+    x = torch.cat(prefix + [tokens + patch_pos], dim=1)
+    return net.norm(net.blocks(net.norm_pre(x)))
+
+
+class DINOv2Features(FeatureExtractor):
+    """DINOv2 class-token features through timm, as the FD-DINOv2 reference evaluators compute them.
+
+    The reference (dgm-eval, Stein et al. 2023, "Exposing flaws of generative model evaluation metrics",
+    layer6ai-labs/dgm-eval dgm_eval/models/dinov2.py; EDM2's re-implementation, NVlabs/edm2
+    calculate_metrics.py ``DINOv2Detector``) feeds the official torch.hub model ``dinov2_vitl14``:
+    resize to 224x224 bicubic (``dinov2_resize``), x/255, ImageNet mean/std, and takes the class token
+    after the final norm. The hub model keeps its 518 px position table and interpolates it at forward
+    time (``dinov2_pos_embed``); so does this class, running timm's modules with the table unresampled,
+    rather than timm's own load-time antialiased resampling. On random weights at 224 px the class
+    tokens match the official model to float32 rounding (tests/test_eval_metrics.py).
 
     Args:
-        arch: timm name, e.g. ``vit_large_patch14_dinov2`` (FD-DINOv2) or ``vit_base_patch14_dinov2``.
-        weights_path: explicit weights file (timm safetensors or Meta's ``.pth``); else the cache.
+        arch: timm name, e.g. ``vit_large_patch14_dinov2`` (FD-DINOv2) or ``vit_base_patch14_reg4_dinov2``.
+        weights_path: explicit weights file (Meta's ``.pth`` or timm's safetensors); else the cache.
         random_init: use random weights (tests only); the manifest records ``random-init-<seed>``.
         seed: seed of the random init.
-        image_size: side fed to the ViT (multiple of 14).
+        image_size: side fed to the ViT (224 for FD-DINOv2; a multiple of 14).
+        resize: ``torch`` (EDM2's default, fast, on the device) or ``pil`` (dgm-eval exactly, on CPU).
         download: fetch Meta's file when missing (needs internet).
     """
+
+    PATCH = 14
 
     def __init__(
         self,
@@ -349,51 +550,44 @@ class DINOv2Features(FeatureExtractor):
         seed: int = 0,
         image_size: int = 224,
         device: torch.device | str = "cpu",
+        resize: DINOv2Resize = "torch",
     ) -> None:
-        import timm
-        from timm.models.vision_transformer import checkpoint_filter_fn
-
-        if arch not in DINOV2_FILES:
-            raise ValueError(f"unknown DINOv2 arch {arch!r}; choose from {sorted(DINOV2_FILES)}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=image_size)
-        if random_init:
-            sha = f"random-init-{seed}"
-        else:
-            file = DINOV2_FILES[arch]
-            short = "_".join(file.split("_")[:2])  # e.g. dinov2_vitl14
-            path, sha = resolve_weights(
-                file, None, DINOV2_URL.format(short=short, file=file), weights_path, cache_dir, download
-            )
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            self.net.load_state_dict(checkpoint_filter_fn(state, self.net), strict=True)
-        self.net = self.net.eval().requires_grad_(False).to(device)
+        if image_size % self.PATCH:
+            raise ValueError(f"image_size must be a multiple of the patch size {self.PATCH}, got {image_size}")
+        if resize not in ("torch", "pil"):
+            raise ValueError(f"unknown DINOv2 resize mode {resize!r}; use 'torch' (EDM2) or 'pil' (dgm-eval)")
+        net, sha = load_dinov2_timm(arch, weights_path, cache_dir, download, random_init, seed)
+        self.net = net.to(device)
+        registers = int(getattr(self.net, "num_reg_tokens", 0))
         self.device = torch.device(device)
+        self.arch = arch
         self.image_size = image_size
+        self.resize_mode = resize
+        self.num_prefix_tokens = 1 + registers
         self.name = f"dinov2-{arch}-cls"
         self.dim = int(self.net.num_features)
-        self.resize = f"bicubic-antialias-{image_size}"
+        self.resize = f"{'edm2-torch' if resize == 'torch' else 'pil'}-bicubic-{image_size}"
         self.weights_sha256 = sha
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3|1, H, W) -> normalised float (B, 3, S, S)."""
-        x = to_rgb(images).to(self.device).float() / 255.0
-        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", antialias=True)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        return (x.clamp(0, 1) - mean) / std
+        """uint8 (B, 3|1, H, W) -> normalised float (B, 3, S, S), operation for operation as EDM2."""
+        x = dinov2_resize(to_rgb(images).to(self.device), self.image_size, self.resize_mode)
+        x = x / 255
+        x = x - torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        return x / torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images (B, 3, H, W) -> all tokens after the final norm (``dinov2_forward_tokens``)."""
+        return dinov2_forward_tokens(self.net, x)
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """All output tokens after the final norm, (B, prefix + patches, dim) (REPA aligns the patch tokens)."""
+        """All output tokens after the final norm, (B, 1 + registers + patches, dim).
+
+        For REPA/REG targets use ``eval.encoders.AlignmentEncoder``, which prepares DINOv2 as REPA does.
+        """
         check_uint8_images(images)
-        return self.net.forward_features(self.preprocess(images))
+        return self.forward_tokens(self.preprocess(images))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -432,19 +626,23 @@ class YardstickFeatures(FeatureExtractor):
             )
         return self.yardstick.features(images.cpu())
 
-    @torch.no_grad()
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (B, 16, D) of the ``foundation`` encoder, the yardstick's stand-in for DINOv2's."""
-        from eval.classifier import FoundationNet, to_unit_range
-
-        if not isinstance(self.yardstick.net, FoundationNet):
-            raise TypeError(f"{self.name} has no patch tokens; build the extractor with kind='foundation'")
-        check_uint8_images(images)
-        return self.yardstick.net.tokens(to_unit_range(images.cpu()))
-
 
 # ----------------------------------------------------------------------------------------------
 # Construction by name.
+
+
+def _dinov2_resize_spec(resize: str | None) -> tuple[DINOv2Resize, int]:
+    # "torch" / "pil", or the manifest form written by DINOv2Features ("edm2-torch-bicubic-224").
+    if resize is None or resize in ("torch", "pil"):
+        return (resize or "torch"), 224  # type: ignore[return-value]
+    for prefix, mode in (("edm2-torch-bicubic-", "torch"), ("pil-bicubic-", "pil")):
+        if resize.startswith(prefix) and resize[len(prefix) :].isdigit():
+            return mode, int(resize[len(prefix) :])  # type: ignore[return-value]
+    raise ValueError(
+        f"DINOv2 resize {resize!r} is not one of 'torch', 'pil', 'edm2-torch-bicubic-<size>', 'pil-bicubic-<size>'; "
+        "statistics written before the FD-DINOv2 features followed EDM2/dgm-eval ('bicubic-antialias-224') "
+        "must be recomputed"
+    )
 
 
 def build_extractor(
@@ -463,14 +661,19 @@ def build_extractor(
         name: ``inception-v3-pool3``; ``dinov2-<timm arch>-cls``; ``lenet-<dataset>-v<k>`` or
             ``yardstick`` (with ``dataset``); ``foundation-<dataset>-v<k>``.
         weights_path: pretrained file (Inception, DINOv2).
-        resize: Inception resize mode (default ``tf1-bilinear``).
+        resize: Inception resize mode (default ``tf1-bilinear``); for DINOv2 ``torch`` (default) or
+            ``pil``, or a manifest's ``edm2-torch-bicubic-<S>`` / ``pil-bicubic-<S>`` (which also sets S).
         dataset: built-in dataset of a yardstick network when ``name`` is ``yardstick``.
         cache_dir: weights cache (Inception, DINOv2) or yardstick cache.
     """
     if name == "inception-v3-pool3" or name == "inception":
         return InceptionFeatures(weights_path, resize or "tf1-bilinear", cache_dir, download, device)  # type: ignore[arg-type]
     if name.startswith("dinov2-") and name.endswith("-cls"):
-        return DINOv2Features(name[len("dinov2-") : -len("-cls")], weights_path, cache_dir, download, device=device)
+        mode, size = _dinov2_resize_spec(resize)
+        return DINOv2Features(
+            name[len("dinov2-") : -len("-cls")], weights_path, cache_dir, download,
+            image_size=size, device=device, resize=mode,
+        )
     if name == "yardstick":
         if dataset is None:
             raise ValueError("the yardstick extractor needs a built-in dataset name (mnist5k or shapes)")
@@ -485,41 +688,3 @@ def build_extractor(
     raise ValueError(
         f"unknown feature extractor {name!r}; use inception-v3-pool3, dinov2-<arch>-cls, yardstick, lenet-<dataset>-v1"
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Alignment encoders (REPA / REG): one code path for DINOv2 and the yardstick's foundation network.
-
-
-class PatchEncoder:
-    """Frozen image encoder giving patch tokens and a global embedding, for representation alignment.
-
-    ``dinov2-<timm arch>`` wraps ``DINOv2Features`` (prefix tokens dropped from the patch tokens);
-    ``foundation-<dataset>`` wraps the yardstick's separately trained residual network (DESIGN.md §5),
-    so alignment on the small benchmark runs through the same calls as with DINOv2.
-
-    Attributes:
-        name: as given.
-        dim: token width D.
-        extractor: the underlying feature extractor (its manifest names the weights).
-    """
-
-    def __init__(self, name: str, **kwargs: Any) -> None:
-        self.name = name
-        if name.startswith("dinov2-"):
-            self.extractor: FeatureExtractor = DINOv2Features(name[len("dinov2-") :], **kwargs)
-            self._prefix = 1 + int(getattr(self.extractor.net, "num_reg_tokens", 0))  # type: ignore[attr-defined]
-        elif name.startswith("foundation-"):
-            self.extractor = YardstickFeatures(name[len("foundation-") :], kwargs.get("cache_dir"), kind="foundation")
-            self._prefix = 0
-        else:
-            raise ValueError(f"unknown encoder {name!r}; use dinov2-<timm arch> or foundation-<dataset>")
-        self.dim = self.extractor.dim
-
-    def patch_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, C, H, W) -> patch tokens (B, N, D)."""
-        return self.extractor.tokens(images)[:, self._prefix :]  # type: ignore[attr-defined]
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (B, C, H, W) -> global embedding (B, D) (class token / mean token)."""
-        return self.extractor(images)

@@ -20,6 +20,7 @@ dominated by the missing directions and strongly biased. The metric entry points
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -134,28 +135,96 @@ def fid_from_stats(a: GaussianStats, b: GaussianStats, allow_singular: bool = Fa
 # ----------------------------------------------------------------------------------------------
 # Inception Score (reducible form).
 
+ISConvention = Literal["adm", "torch-fidelity"]
+ADM_SPLIT_SIZE = 5000
+TORCH_FIDELITY_SPLITS = 10
+TORCH_FIDELITY_SEED = 2020
+
+
+def inception_score_splits(
+    num_images: int,
+    convention: ISConvention = "adm",
+    *,
+    split_size: int = ADM_SPLIT_SIZE,
+    splits: int = TORCH_FIDELITY_SPLITS,
+    shuffle_seed: int | None = TORCH_FIDELITY_SEED,
+) -> torch.Tensor:
+    """The split of every image of a set, by its global index: long (num_images,) with values in [0, K).
+
+    Conventions (the score is the unweighted mean of the per-split scores in both):
+
+    - ``adm``: consecutive groups of ``split_size`` images in index order, the last one holding the
+      remainder, so 50k images give 10 splits, 10k give 2, 12,345 give 5000 + 5000 + 2345, and fewer than
+      ``split_size`` give one (openai/guided-diffusion, evaluations/evaluator.py,
+      ``Evaluator.compute_inception_score``). This is the number papers report.
+    - ``torch-fidelity``: the images are permuted with ``numpy.random.RandomState(shuffle_seed).permutation``
+      (no permutation when ``shuffle_seed`` is None), then cut into ``splits`` groups at the boundaries
+      ``k·N // splits`` (toshas/torch-fidelity, torch_fidelity/metric_isc.py, ``isc_features_to_metric``,
+      defaults ``isc_splits=10``, ``samples_shuffle=True``, ``rng_seed=2020``).
+    """
+    if num_images < 1:
+        raise ValueError(f"the Inception Score needs at least one image, got num_images={num_images}")
+    if convention == "adm":
+        if split_size < 1:
+            raise ValueError(f"split_size must be positive, got {split_size}")
+        return torch.arange(num_images) // split_size
+    if convention == "torch-fidelity":
+        if not 1 <= splits <= num_images:
+            raise ValueError(f"{num_images} images cannot be cut into {splits} splits (torch-fidelity convention)")
+        if shuffle_seed is None:
+            position = torch.arange(num_images)
+        else:
+            perm = torch.from_numpy(np.random.RandomState(shuffle_seed).permutation(num_images))
+            position = torch.empty(num_images, dtype=torch.long)
+            position[perm] = torch.arange(num_images)  # image perm[j] sits at position j after shuffling
+        # Position j lies in chunk k iff floor(k N / s) <= j < floor((k + 1) N / s), i.e. k = (s (j + 1) - 1) // N.
+        return (splits * (position + 1) - 1) // num_images
+    raise ValueError(f"unknown Inception Score convention {convention!r}; use 'adm' or 'torch-fidelity'")
+
 
 class InceptionScoreStats:
-    """Sums for the Inception Score over ``splits`` fixed groups of the global image index.
+    """Sums for the Inception Score over splits of the global image index, reducible across processes.
 
     IS_k = exp(E_x KL(p(y|x) ‖ p_k(y))) over split k, and with per-split sums
     P_k = Σ_x p(y|x), H_k = Σ_x Σ_y p log p, n_k:  E KL = H_k / n_k − Σ_y p̄ log p̄,  p̄ = P_k / n_k.   (2)
-    The split of image i is ⌊i · splits / N⌋ (its global index, not its process), so the score does not
-    depend on the number of processes; the sums reduce with one all-reduce.
+    The split of image i depends only on its global index (``inception_score_splits``), not on its
+    process or batch, so the score does not depend on the number of processes; the sums reduce with one
+    all-reduce. The reported score is the unweighted mean over splits, as in both reference codes.
+
+    Args:
+        num_images: N, the size of the whole (global) image set.
+        num_classes: logit width (1008 for the TF Inception graph).
+        convention: ``adm`` (default, split_size images per split) or ``torch-fidelity`` (``splits``
+            shuffled splits); see ``inception_score_splits``.
     """
 
-    def __init__(self, num_images: int, splits: int = 10, num_classes: int = 1008) -> None:
-        if num_images < splits:
-            raise ValueError(f"{num_images} images cannot be cut into {splits} splits")
-        self.num_images, self.splits, self.num_classes = num_images, splits, num_classes
-        self.p_sum = torch.zeros(splits, num_classes, dtype=torch.float64)
-        self.plogp = torch.zeros(splits, dtype=torch.float64)
-        self.count = torch.zeros(splits, dtype=torch.float64)
+    def __init__(
+        self,
+        num_images: int,
+        num_classes: int = 1008,
+        convention: ISConvention = "adm",
+        *,
+        split_size: int = ADM_SPLIT_SIZE,
+        splits: int = TORCH_FIDELITY_SPLITS,
+        shuffle_seed: int | None = TORCH_FIDELITY_SEED,
+    ) -> None:
+        self.split_of = inception_score_splits(
+            num_images, convention, split_size=split_size, splits=splits, shuffle_seed=shuffle_seed
+        )
+        self.num_images, self.num_classes, self.convention = num_images, num_classes, convention
+        self._options = dict(split_size=split_size, splits=splits, shuffle_seed=shuffle_seed)
+        self.splits = int(self.split_of.max()) + 1
+        self.p_sum = torch.zeros(self.splits, num_classes, dtype=torch.float64)
+        self.plogp = torch.zeros(self.splits, dtype=torch.float64)
+        self.count = torch.zeros(self.splits, dtype=torch.float64)
 
     def update(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
         """Add logits (B, C) of images with global indices (B,) in [0, num_images)."""
+        indices = indices.long().cpu()
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_images):
+            raise IndexError(f"image indices must lie in [0, {self.num_images}), got [{int(indices.min())}, {int(indices.max())}]")
         p = torch.softmax(logits.to(torch.float64).cpu(), dim=1)
-        split = (indices.long().cpu() * self.splits) // self.num_images
+        split = self.split_of[indices]
         self.p_sum.index_add_(0, split, p)
         self.plogp.index_add_(0, split, torch.special.xlogy(p, p).sum(1))
         self.count.index_add_(0, split, torch.ones_like(split, dtype=torch.float64))
@@ -166,13 +235,13 @@ class InceptionScoreStats:
 
         buf = torch.cat([self.p_sum.flatten(), self.plogp, self.count])
         dist.all_reduce_sum(buf)
-        out = InceptionScoreStats(self.num_images, self.splits, self.num_classes)
+        out = InceptionScoreStats(self.num_images, self.num_classes, self.convention, **self._options)  # type: ignore[arg-type]
         k, c = self.splits, self.num_classes
         out.p_sum, out.plogp, out.count = buf[: k * c].view(k, c).clone(), buf[k * c : k * c + k].clone(), buf[k * c + k :].clone()
         return out
 
     def score(self) -> tuple[float, float]:
-        """(mean, std) of IS over the splits (ADM reports the mean)."""
+        """(mean, std) of IS over the splits; ADM reports the mean, torch-fidelity also the (population) std."""
         if (self.count == 0).any():
             raise ValueError("some Inception Score splits are empty; were all images added?")
         pbar = self.p_sum / self.count[:, None]
@@ -181,9 +250,14 @@ class InceptionScoreStats:
         return float(scores.mean()), float(scores.std(unbiased=False))
 
 
-def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
-    """Inception Score (mean, std over splits) of logits (N, 1008) held in one process."""
-    s = InceptionScoreStats(logits.shape[0], splits, logits.shape[1])
+def inception_score(
+    logits: torch.Tensor, convention: ISConvention = "adm", **options: Any
+) -> tuple[float, float]:
+    """Inception Score (mean, std over splits) of logits (N, 1008) held in one process.
+
+    ``options`` are ``split_size`` (adm), ``splits`` and ``shuffle_seed`` (torch-fidelity).
+    """
+    s = InceptionScoreStats(logits.shape[0], logits.shape[1], convention, **options)
     s.update(logits, torch.arange(logits.shape[0]))
     return s.score()
 

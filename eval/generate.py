@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eval.features import FeatureExtractor, InceptionFeatures, check_uint8_images
-from eval.fid import InceptionScoreStats, fid_from_stats
+from eval.fid import InceptionScoreStats, ISConvention, fid_from_stats
 from eval.stats import FeatureStats, GaussianStats, load_stats, save_stats
 from gen.utils import dist
 
@@ -62,6 +62,7 @@ def collect(
     *,
     spatial: bool = False,
     inception_score: bool = False,
+    is_convention: ISConvention = "adm",
     classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
     keep_features: bool = False,
     png_dir: str | os.PathLike | None = None,
@@ -77,6 +78,8 @@ def collect(
         extractor: the feature network.
         batch_size: images per ``generate_fn`` call on one process.
         spatial, inception_score: also accumulate sFID / IS sums (``InceptionFeatures`` only).
+        is_convention: how the Inception Score splits the images (``eval.fid.inception_score_splits``):
+            ``adm`` (groups of 5,000, the number papers report) or ``torch-fidelity`` (10 shuffled splits).
         classifier: ``uint8 images -> predicted labels``, for class accuracy of labelled images.
         keep_features: keep this process's raw features (for precision/recall).
         png_dir: also write ``<seed>.png`` per image there.
@@ -96,7 +99,7 @@ def collect(
     if spatial:
         out.spatial = FeatureStats(InceptionFeatures.SPATIAL_CHANNELS * 17 * 17, device=device)
     if inception_score:
-        out.inception_score = InceptionScoreStats(len(seeds))
+        out.inception_score = InceptionScoreStats(len(seeds), convention=is_convention)
     done = 0
     for batch in fixed_batches(seeds, batch_size, dist.rank(), dist.world_size()):
         if not batch:
@@ -162,7 +165,7 @@ def all_features(collected: Collected, num_images: int) -> torch.Tensor:
     """
     # float32 is exact here: every entry is one process's value plus zeros from all the others.
     buf = torch.zeros(num_images, collected.stats.dim, dtype=torch.float32)
-    for f, idx in zip(collected.features, collected.indices):
+    for f, idx in zip(collected.features, collected.indices, strict=True):
         buf[idx] = f.float()
     return dist.all_reduce_sum(buf)
 
@@ -172,7 +175,7 @@ def _write_pngs(folder: str | os.PathLike, images: torch.Tensor, seeds: Sequence
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for img, s in zip(images.cpu(), seeds):
+    for img, s in zip(images.cpu(), seeds, strict=True):
         arr = img.permute(1, 2, 0).numpy()
         Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{s:06d}.png")
 
@@ -204,13 +207,15 @@ def evaluate(
     batch_size: int = 64,
     real_images: torch.Tensor | None = None,
     allow_singular: bool = False,
+    is_convention: ISConvention = "adm",
     png_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float | int]:
     """All metrics of a generated (or stored) image set against reference statistics.
 
-    FID always; with the Inception extractor also the Inception Score (10 splits; at least 10 images) and, when ``ref`` holds
-    ``mu_s``/``sigma_s``, sFID; with a yardstick extractor and labelled images the class accuracy; with
+    FID always; with the Inception extractor also the Inception Score (at least 10 images; split as
+    ``is_convention`` says: ADM's consecutive groups of 5,000 by default, or torch-fidelity's 10
+    shuffled splits) and, when ``ref`` holds ``mu_s``/``sigma_s``, sFID; with a yardstick extractor and labelled images the class accuracy; with
     ``real_images`` (an ADM reference batch) improved precision/recall (k=3). FD-DINOv2 is the FID
     entry with a DINOv2 extractor.
 
@@ -226,11 +231,12 @@ def evaluate(
     check_compatible(ref.manifest, manifest)
     inception = isinstance(extractor, InceptionFeatures)
     spatial = inception and "mu_s" in ref.extra
-    # The Inception Score uses 10 fixed splits (ADM, torch-fidelity); with fewer images it is left out.
+    # ADM scores consecutive groups of 5,000 images (one group below 5,000), torch-fidelity 10 shuffled
+    # splits; below 10 images the score says nothing and is left out.
     with_is = inception and len(seeds) >= 10
     classifier = extractor.yardstick.predict if isinstance(extractor, YardstickFeatures) else None
     got = collect(
-        generate_fn, seeds, extractor, batch_size, spatial=spatial, inception_score=with_is,
+        generate_fn, seeds, extractor, batch_size, spatial=spatial, inception_score=with_is, is_convention=is_convention,
         classifier=classifier, keep_features=real_images is not None, png_dir=png_dir, progress=progress,
     )
     from eval.features import DINOv2Features

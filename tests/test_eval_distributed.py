@@ -57,8 +57,7 @@ def _evaluate() -> dict[str, np.ndarray | float]:
 
 def _evaluate_single_thread() -> dict[str, np.ndarray | float]:
     from eval.fid import InceptionScoreStats, fid_from_stats
-    from eval.generate import collect
-    from eval.generate import fixed_batches
+    from eval.generate import collect, fixed_batches
     from gen.utils import dist
     from gen.utils.seed import PerImageRandom
 
@@ -73,10 +72,13 @@ def _evaluate_single_thread() -> dict[str, np.ndarray | float]:
     ref.update(ext(ref_images))
     fid = fid_from_stats(got.stats.gaussian(), ref.gaussian(), allow_singular=True)
     # Inception Score sums: logits are a function of the seed, the split a function of its index.
-    iss = InceptionScoreStats(NUM_IMAGES, splits=5, num_classes=10)
+    # ADM-style groups of 10 (10 + 10 + 10 + 7) and torch-fidelity's 5 shuffled splits.
+    iss = InceptionScoreStats(NUM_IMAGES, num_classes=10, split_size=10)
+    iss_tf = InceptionScoreStats(NUM_IMAGES, num_classes=10, convention="torch-fidelity", splits=5)
     for batch in fixed_batches(seeds, 3, dist.rank(), dist.world_size()):
         if batch:
-            iss.update(PerImageRandom(batch).randn((10,)) * 3, torch.tensor([s - 100 for s in batch]))
+            for acc in (iss, iss_tf):
+                acc.update(PerImageRandom(batch).randn((10,)) * 3, torch.tensor([s - 100 for s in batch]))
     return {
         "n": float(got.stats.n),
         "mu": got.stats.mu(),
@@ -84,6 +86,7 @@ def _evaluate_single_thread() -> dict[str, np.ndarray | float]:
         "fid": fid,
         "acc": float(got.class_accuracy),
         "is": iss.reduce().score()[0],
+        "is_tf": iss_tf.reduce().score()[0],
     }
 
 
@@ -118,7 +121,7 @@ def test_two_processes_match_one(tmp_path) -> None:
     for rank in range(2):
         with np.load(tmp_path / f"rank{rank}.npz") as d:
             assert int(d["n"]) == NUM_IMAGES
-            for key in ("mu", "sigma", "fid", "acc", "is"):
+            for key in ("mu", "sigma", "fid", "acc", "is", "is_tf"):
                 assert _rel(d[key], single[key]) <= 1e-9, (rank, key, d[key], single[key])
     assert single["fid"] > 0
 

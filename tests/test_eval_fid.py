@@ -13,6 +13,7 @@ from eval.fid import (
     fid_from_stats,
     frechet_distance,
     inception_score,
+    inception_score_splits,
     precision_recall,
     trace_sqrt_product,
 )
@@ -102,39 +103,84 @@ def test_fid_refuses_statistics_of_another_extractor() -> None:
         fid_from_stats(a, b)
 
 
-def _is_reference(logits: np.ndarray, splits: int) -> list[float]:
-    # Direct per-split formula exp(mean_x KL(p(y|x) || p(y))), float64.
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    out = []
-    for part in np.array_split(p, splits):
-        py = part.mean(0, keepdims=True)
-        out.append(float(np.exp((part * (np.log(part) - np.log(py))).sum(1).mean())))
-    return out
+def _synthetic_logits(n: int) -> np.ndarray:
+    # Confident 1008-way logits with uniformly drawn classes (IS in the 800s at 5k images, as for a
+    # strong ImageNet model); RandomState's stream is frozen by numpy, so these values never change.
+    rs = np.random.RandomState(7)
+    labels = rs.randint(0, 1008, size=n)
+    logits = rs.standard_normal((n, 1008))
+    logits[np.arange(n), labels] += 14.0
+    return logits
 
 
-def test_inception_score_matches_direct_formula_and_limits() -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((100, 20)) * 3
-    mean, std = inception_score(torch.from_numpy(logits), splits=10)
-    ref = _is_reference(logits, 10)
-    assert mean == pytest.approx(np.mean(ref), rel=1e-10)
-    assert std == pytest.approx(np.std(ref), rel=1e-8)
+# Computed once from the official code on _synthetic_logits(12345)[:n], outside this repository:
+# ADM = openai/guided-diffusion, evaluations/evaluator.py @ 22e0df8183507e13a7813f8d38d51b072ca1e67c,
+# Evaluator.compute_inception_score (split_size=5000) fed a float64 numpy softmax of the same logits;
+# torch-fidelity 0.4.0, torch_fidelity/metric_isc.py, isc_features_to_metric (splits=10, shuffle=True,
+# rng_seed=2020) -> (mean, std).
+ADM_IS = {3000: 813.5606736767118, 5000: 877.6073038801717, 10000: 876.8002700190161, 12345: 842.3935636797563}
+TORCH_FIDELITY_IS = {
+    3000: (245.13155691668626, 4.478628924518929),
+    5000: (358.9774662166923, 6.052365762693655),
+    10000: (550.7263145694426, 7.964095613977442),
+    12345: (606.9095895780686, 7.793179320384927),
+}
+
+
+@pytest.fixture(scope="module")
+def is_logits() -> torch.Tensor:
+    return torch.from_numpy(_synthetic_logits(12345))
+
+
+@pytest.mark.parametrize("n", [3000, 5000, 10000, 12345])
+def test_inception_score_default_is_guided_diffusion(is_logits: torch.Tensor, n: int) -> None:
+    # 12,345 images: ADM scores 5000 + 5000 + 2345 and averages the three scores unweighted.
+    assert inception_score(is_logits[:n])[0] == pytest.approx(ADM_IS[n], rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [3000, 5000, 10000, 12345])
+def test_inception_score_torch_fidelity_convention(is_logits: torch.Tensor, n: int) -> None:
+    mean, std = inception_score(is_logits[:n], convention="torch-fidelity")
+    assert mean == pytest.approx(TORCH_FIDELITY_IS[n][0], rel=1e-9)
+    assert std == pytest.approx(TORCH_FIDELITY_IS[n][1], rel=1e-6)
+
+
+def test_inception_score_split_layouts() -> None:
+    assert torch.bincount(inception_score_splits(50000)).tolist() == [5000] * 10
+    assert torch.bincount(inception_score_splits(12345)).tolist() == [5000, 5000, 2345]
+    assert torch.bincount(inception_score_splits(3000)).tolist() == [3000]
+    # torch-fidelity cuts at k*N//10 after its permutation: sizes 1234 or 1235, images scattered.
+    tf = inception_score_splits(12345, "torch-fidelity")
+    assert torch.bincount(tf).tolist() == [(k + 1) * 12345 // 10 - k * 12345 // 10 for k in range(10)]
+    assert not torch.equal(tf, tf.sort().values)
+    unshuffled = inception_score_splits(10, "torch-fidelity", splits=3, shuffle_seed=None)
+    assert unshuffled.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]  # boundaries 0, 3, 6, 10
+    with pytest.raises(ValueError, match="cannot be cut into 10 splits"):
+        inception_score_splits(9, "torch-fidelity")
+    with pytest.raises(ValueError, match="unknown Inception Score convention"):
+        inception_score_splits(9, "tf")  # type: ignore[arg-type]
+
+
+def test_inception_score_limits() -> None:
     # Confident and uniformly spread over C classes -> C; uninformative -> 1.
     onehot = torch.full((40, 4), -1e4).scatter_(1, torch.arange(40).remainder(4)[:, None], 0.0)
-    assert inception_score(onehot, splits=2)[0] == pytest.approx(4.0, rel=1e-6)
-    assert inception_score(torch.zeros(40, 4), splits=2)[0] == pytest.approx(1.0, rel=1e-12)
+    assert inception_score(onehot)[0] == pytest.approx(4.0, rel=1e-6)
+    assert inception_score(onehot, "torch-fidelity", splits=2, shuffle_seed=None)[0] == pytest.approx(4.0, rel=1e-6)
+    assert inception_score(torch.zeros(40, 4), split_size=7)[0] == pytest.approx(1.0, rel=1e-12)
 
 
-def test_inception_score_independent_of_accumulation_order() -> None:
+@pytest.mark.parametrize("options", [{"split_size": 10}, {"convention": "torch-fidelity", "splits": 5}])
+def test_inception_score_independent_of_accumulation_order(options: dict) -> None:
     logits = torch.randn(57, 10, dtype=torch.float64)
-    a = InceptionScoreStats(57, splits=5, num_classes=10)
+    a = InceptionScoreStats(57, num_classes=10, **options)
     a.update(logits, torch.arange(57))
-    b = InceptionScoreStats(57, splits=5, num_classes=10)
+    b = InceptionScoreStats(57, num_classes=10, **options)
     perm = torch.randperm(57)
     for idx in perm.split(8):
         b.update(logits[idx], idx)
     assert a.score()[0] == pytest.approx(b.score()[0], rel=1e-12)
+    with pytest.raises(IndexError, match=r"\[0, 57\)"):
+        a.update(logits[:1], torch.tensor([57]))
 
 
 def test_precision_recall_extremes() -> None:

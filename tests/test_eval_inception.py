@@ -6,6 +6,8 @@ weights of the identical architecture from one file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,6 +62,38 @@ def test_fid_equals_torchmetrics_tf1_resize(random_weights: str) -> None:
 @pytest.mark.slow
 def test_fid_equals_torchmetrics_antialias_resize(random_weights: str) -> None:
     _compare_with_torchmetrics(random_weights, "bilinear-antialias", antialias=True, n=64)
+
+
+def _torch_fidelity_inception(weights: str) -> torch.nn.Module:
+    # torch-fidelity's own module and forward; its constructor would unpickle the weights file with
+    # weights_only=False, so it gets an empty placeholder and the weights are loaded safely afterwards.
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class _SafeLoad(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def]
+            return None if not state_dict else super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    placeholder = Path(weights).with_name("empty.pth")
+    torch.save({}, placeholder)
+    net = _SafeLoad("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(placeholder))
+    torch.nn.Module.load_state_dict(net, torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    return net.eval()
+
+
+@pytest.mark.parametrize("size", [32, 299])
+def test_default_features_are_bitwise_torch_fidelity(random_weights: str, size: int) -> None:
+    # Reference: toshas/torch-fidelity 0.4.0, torch_fidelity/feature_extractor_inceptionv3.py
+    # (FeatureExtractorInceptionV3.forward), same weights, same images, same process.
+    x = torch.randint(0, 256, (3, 3, size, size), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+    with torch.no_grad():
+        pool3, logits = _torch_fidelity_inception(random_weights)(x)
+    ext = InceptionFeatures(random_weights)
+    out = ext.extract(x)
+    assert torch.equal(ext(x), pool3)
+    assert torch.equal(out["pool3"], pool3) and torch.equal(out["logits"], logits)
+    # channels_last is the opt-in fast path: float32 rounding away from the reference, never more.
+    fast = InceptionFeatures(random_weights, channels_last=True)(x)
+    assert torch.allclose(fast, pool3, rtol=0, atol=1e-3 * float(pool3.abs().max()))
 
 
 def test_extract_outputs_and_grey_images(random_weights: str) -> None:

@@ -35,9 +35,8 @@ def test_psnr_closed_form() -> None:
 
 
 def test_reconstruction_metrics_identity_and_noisy_tokenizer() -> None:
-    from tokenizers.pixels import PixelTokenizer
-
     from eval.recon import tokenizer_roundtrip
+    from tokenizers.pixels import PixelTokenizer
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (80, 1, 32, 32), generator=g, dtype=torch.uint8)
@@ -69,7 +68,7 @@ def test_evaluate_reports_is_and_sfid_with_inception(inception: InceptionFeature
     ref.extra = {"mu_s": got.spatial.mu(), "sigma_s": got.spatial.sigma()}
     res = evaluate(images_fn(images), range(12), inception, ref, batch_size=5, allow_singular=True)
     assert res["fid"] < 1e-6 and res["sfid"] < 1e-6  # the same images as the reference
-    direct = inception_score(inception.extract(images)["logits"], splits=10)
+    direct = inception_score(inception.extract(images)["logits"])  # ADM splits: one group of 12
     assert res["inception_score"] == pytest.approx(direct[0], rel=1e-9)
     with pytest.raises(ValueError, match="singular"):
         evaluate(images_fn(images), range(12), inception, ref, batch_size=5)
@@ -89,6 +88,84 @@ def test_dinov2_random_init_shapes_and_missing_weights(tmp_path, monkeypatch) ->
     assert str(tmp_path) in str(info.value)
 
 
+# Reference class tokens of the official DINOv2 hub model on make_random_dinov2_weights(seed=0), computed
+# once outside this repository (torch 2.14.1, CPU, 1 thread): facebookresearch/dinov2 @ b8931f7bf915,
+# dinov2/hub/backbones.py dinov2_vits14 / dinov2_vits14_reg (pretrained=False, load_state_dict strict),
+# preprocessed by NVlabs/edm2 @ 4bf8162f601b, calculate_metrics.py DINOv2Detector.__call__ (resize_mode
+# "torch" / "pil"); layer6ai-labs/dgm-eval @ 74c79f7527fb, dgm_eval/models/dinov2.py
+# DINOv2Encoder.transform gave exactly the "pil" values. Images: torch.randint(0, 256, (2, 3, s, s),
+# generator=manual_seed(s)), fed at 224 px. Per image: the first 6 features, and the projections of the
+# whole vector on cos(0.7 d) and sin(1.3 d), d = 0..D-1.
+DINOV2_REFERENCE = [
+    ("vit_small_patch14_dinov2", "torch", 224,
+     [[-0.6143414, 1.410368, -0.2026104, 0.1957615, 0.1707797, -1.662398],
+      [-0.4795981, 1.38041, -0.1229792, 0.2409533, 0.2550497, -1.71872]],
+     [[-12.51475, -11.14907], [-11.22912, -9.111261]]),
+    ("vit_small_patch14_dinov2", "torch", 64,
+     [[-0.5295753, 1.47977, -0.2001909, 0.1478872, -0.005750871, -1.768587],
+      [-0.6962181, 1.417507, -0.1427269, 0.1583796, 0.07684128, -1.66338]],
+     [[-10.54866, -12.72768], [-11.06826, -11.93876]]),
+    ("vit_small_patch14_dinov2", "pil", 256,
+     [[-0.65447, 1.377928, -0.0402956, 0.2097331, 0.102474, -1.881982],
+      [-0.6061343, 1.466354, -0.03031626, 0.1005721, 0.1146128, -1.789216]],
+     [[-12.69182, -12.17046], [-10.38135, -10.69089]]),
+    ("vit_small_patch14_reg4_dinov2", "torch", 256,
+     [[-0.6278905, 1.348428, 0.0632275, 0.09979082, 0.02119679, -1.785522],
+      [-0.603915, 1.490615, -0.0739826, -0.02021056, -0.02568563, -1.779564]],
+     [[-11.58857, -13.31057], [-9.882937, -11.50916]]),
+]
+# Patch tokens (x_norm_patchtokens) of the same models at 224 px: per image, sum over tokens n of
+# (token_n . cos(0.7 d)) * cos(0.3 n).
+DINOV2_PATCH_REFERENCE = {"vit_small_patch14_dinov2": [110.6521, 19.07736], "vit_small_patch14_reg4_dinov2": [154.8838, 102.6917]}
+
+
+@pytest.fixture(scope="module")
+def dinov2_weights(tmp_path_factory) -> dict[str, str]:
+    from eval.features import make_random_dinov2_weights
+
+    root = tmp_path_factory.mktemp("dinov2")
+    return {a: str(make_random_dinov2_weights(root / f"{a}.pth", a, seed=0)) for a in DINOV2_PATCH_REFERENCE}
+
+
+def _dinov2_images(size: int) -> torch.Tensor:
+    return torch.randint(0, 256, (2, 3, size, size), generator=torch.Generator().manual_seed(size), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(("arch", "resize", "size", "first", "proj"), DINOV2_REFERENCE)
+def test_dinov2_features_match_the_official_model(dinov2_weights, arch, resize, size, first, proj) -> None:
+    ext = DINOv2Features(arch, weights_path=dinov2_weights[arch], resize=resize)
+    f = ext(_dinov2_images(size)).double()
+    d = torch.arange(f.shape[1], dtype=torch.float64)
+    got_proj = torch.stack([f @ torch.cos(0.7 * d), f @ torch.sin(1.3 * d)], dim=1)
+    assert torch.allclose(f[:, :6], torch.tensor(first, dtype=torch.float64), rtol=0, atol=2e-5)
+    assert torch.allclose(got_proj, torch.tensor(proj, dtype=torch.float64), rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(DINOV2_PATCH_REFERENCE))
+def test_dinov2_patch_tokens_match_the_official_model(dinov2_weights, arch) -> None:
+    ext = DINOv2Features(arch, weights_path=dinov2_weights[arch])
+    tokens = ext.tokens(_dinov2_images(224)).double()
+    assert tokens.shape == (2, ext.num_prefix_tokens + 256, 384)
+    patches = tokens[:, ext.num_prefix_tokens :]
+    d, n = torch.arange(384, dtype=torch.float64), torch.arange(256, dtype=torch.float64)
+    got = ((patches @ torch.cos(0.7 * d)) * torch.cos(0.3 * n)).sum(1)
+    assert torch.allclose(got, torch.tensor(DINOV2_PATCH_REFERENCE[arch], dtype=torch.float64), rtol=0, atol=5e-3)
+
+
+def test_dinov2_resize_modes() -> None:
+    from eval.features import dinov2_resize
+
+    x = _dinov2_images(64)
+    up = dinov2_resize(x, 224, "torch")
+    # EDM2's torch mode keeps bicubic overshoot (no clamp) and does not round; PIL's rounds and clips.
+    assert up.min() < 0 and up.max() > 255 and not torch.equal(up, up.round())
+    pil = dinov2_resize(x, 224, "pil")
+    assert pil.min() >= 0 and pil.max() <= 255 and torch.equal(pil, pil.round())
+    assert torch.equal(dinov2_resize(_dinov2_images(224), 224, "pil"), _dinov2_images(224).float())
+    with pytest.raises(ValueError, match="unknown DINOv2 resize mode 'nearest'"):
+        dinov2_resize(x, 224, "nearest")  # type: ignore[arg-type]
+
+
 def test_dinov2_loads_a_local_weights_file(tmp_path) -> None:
     from safetensors.torch import save_file
 
@@ -105,6 +182,9 @@ def test_build_extractor_names() -> None:
         build_extractor("vgg16")
     with pytest.raises(ValueError, match="needs a built-in dataset"):
         build_extractor("yardstick")
+    # Statistics of the earlier, non-reference DINOv2 features are refused by name, before any work.
+    with pytest.raises(ValueError, match="must be recomputed"):
+        build_extractor("dinov2-vit_small_patch14_dinov2-cls", resize="bicubic-antialias-224")
 
 
 def test_eval_configs_match_the_functions_they_wire() -> None:

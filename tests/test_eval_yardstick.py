@@ -8,7 +8,13 @@ import time
 import pytest
 import torch
 
-from eval.classifier import RECIPES, load_dataset_tensors, load_or_train_classifier, tensors_sha256, train_classifier
+from eval.classifier import (
+    RECIPES,
+    load_dataset_tensors,
+    load_or_train_classifier,
+    tensors_sha256,
+    train_classifier,
+)
 from eval.features import YardstickFeatures
 from eval.fid import fid_from_stats
 from eval.generate import image_stats, yardstick_metrics, yardstick_reference
@@ -188,17 +194,19 @@ def test_cli_preset_with_a_generator_factory(cache, tmp_path, capsys, monkeypatc
 
 @pytest.mark.slow  # trains the second network (about 30 s on 2 cores)
 def test_foundation_encoder_is_a_different_network_behind_the_encoder_interface(cache) -> None:
-    from eval.features import PatchEncoder
+    from eval.encoders import AlignmentEncoder
 
-    enc = PatchEncoder("foundation-mnist5k", cache_dir=cache)
+    enc = AlignmentEncoder("foundation-mnist5k", resolution=32, cache_dir=str(cache))
     lenet = load_or_train_classifier("mnist5k", cache)
-    assert enc.extractor.name == "foundation-mnist5k-v1" and enc.extractor.weights_sha256 != lenet.weights_sha256
+    assert enc.weights_file_sha256 != lenet.weights_sha256
+    assert enc.identity() == AlignmentEncoder("foundation-mnist5k", resolution=32, cache_dir=str(cache)).identity()
     images, labels = load_dataset_tensors("mnist5k", "heldout")
-    tokens = enc.patch_tokens(images[:8])
-    assert tokens.shape == (8, 16, enc.dim) and enc.embed(images[:8]).shape == (8, enc.dim)
-    assert enc.extractor.yardstick.class_accuracy(images, labels) >= 0.9
-    dino = PatchEncoder("dinov2-vit_small_patch14_dinov2", random_init=True, image_size=28)
-    assert dino.patch_tokens(images[:2]).shape == (2, 4, 384)
+    patches, cls = enc(images[:8])
+    assert patches.shape == (8, 16, enc.dim) and cls.shape == (8, enc.dim)
+    foundation = load_or_train_classifier("mnist5k", cache, kind="foundation")
+    assert foundation.weights_sha256 == enc.weights_file_sha256 and foundation.class_accuracy(images, labels) >= 0.9
+    dino = AlignmentEncoder("dinov2_vits14", resolution=32, random_init=True)
+    assert dino(images[:2])[0].shape == (2, 4, 384)
 
 
 def test_cli_under_torchrun_matches_one_process(cache, tmp_path, capsys) -> None:
