@@ -96,7 +96,7 @@ def _load_folder(folder: Path) -> torch.Tensor:
             progress.advance()
     if bad:
         for e in bad:
-            print(f"unreadable image: {printable(e.path)}: {e.reason}", file=sys.stderr)
+            _say(f"unreadable image: {printable(e.path)}: {e.reason}")
         raise CommandError(
             f"{len(bad)} of {len(scan.files)} image files in {printable(folder)} cannot be read (listed above); "
             f"remove or replace them"

@@ -88,15 +88,15 @@ def read_batch(path: str | os.PathLike) -> dict[str, Any]:
         obj = _BatchUnpickler(io.BytesIO(raw), encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise CIFARFileError(
-            f"CIFAR-10 file {printable(path)!r} is not an official batch file ({e}); it was not loaded, since "
+            f"CIFAR-10 file '{printable(path)}' is not an official batch file ({e}); it was not loaded, since "
             f"such a file can run code. Re-extract {ARCHIVE_URL}."
         ) from e
     except Exception as e:  # truncated or not a pickle at all: EOFError, ValueError, ...
         raise CIFARFileError(
-            f"CIFAR-10 file {printable(path)!r} is damaged ({type(e).__name__}: {e}). Re-extract {ARCHIVE_URL}."
+            f"CIFAR-10 file '{printable(path)}' is damaged ({type(e).__name__}: {e}). Re-extract {ARCHIVE_URL}."
         ) from e
     if not isinstance(obj, dict):
-        raise CIFARFileError(f"CIFAR-10 file {printable(path)!r} holds a {type(obj).__name__}, not a dict. Re-extract {ARCHIVE_URL}.")
+        raise CIFARFileError(f"CIFAR-10 file '{printable(path)}' holds a {type(obj).__name__}, not a dict. Re-extract {ARCHIVE_URL}.")
     # Files re-pickled after a load with encoding="bytes" have bytes keys.
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
@@ -106,7 +106,7 @@ def _batch_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
     entry = read_batch(path)
 
     def bad(what: str) -> CIFARFileError:
-        return CIFARFileError(f"CIFAR-10 file {printable(path)!r}: {what}. Re-extract {ARCHIVE_URL}.")
+        return CIFARFileError(f"CIFAR-10 file '{printable(path)}': {what}. Re-extract {ARCHIVE_URL}.")
 
     if "data" not in entry or "labels" not in entry:
         raise bad(f"no 'data' and 'labels' entries (keys: {sorted(map(str, entry))})")
@@ -165,9 +165,9 @@ class CIFAR10(TensorImageDataset):
         missing = [name for name in needed if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(
-                f"CIFAR-10 files missing in {printable(folder)!r}: {', '.join(missing)}. Nothing is downloaded at run "
-                f"time: fetch {ARCHIVE_URL} elsewhere and extract it into {printable(parent)!r} so that "
-                f"{printable(folder / 'data_batch_1')!r} exists."
+                f"CIFAR-10 files missing in '{printable(folder)}': {', '.join(missing)}. Nothing is downloaded at run "
+                f"time: fetch {ARCHIVE_URL} elsewhere and extract it into '{printable(parent)}' so that "
+                f"'{printable(folder / 'data_batch_1')}' exists."
             )
         if check_md5:
             self._check_checksums(folder, needed)
@@ -176,7 +176,7 @@ class CIFAR10(TensorImageDataset):
         classes = meta.get("label_names")
         if not (isinstance(classes, list) and len(classes) == 10 and all(isinstance(c, str) for c in classes)):
             raise CIFARFileError(
-                f"CIFAR-10 file {printable(folder / META_FILE)!r}: 'label_names' must be 10 strings. Re-extract {ARCHIVE_URL}."
+                f"CIFAR-10 file '{printable(folder / META_FILE)}': 'label_names' must be 10 strings. Re-extract {ARCHIVE_URL}."
             )
         images = torch.from_numpy(np.ascontiguousarray(np.concatenate([a for a, _ in arrays])))
         labels = torch.from_numpy(np.concatenate([y for _, y in arrays]))
@@ -190,6 +190,6 @@ class CIFAR10(TensorImageDataset):
         bad = [n for n in sorted(wanted) if not (folder / n).is_file() or _md5(folder / n) != MD5[n]]
         if bad:
             raise CIFARFileError(
-                f"CIFAR-10 files in {printable(folder)!r} are missing or do not match the official checksums: "
+                f"CIFAR-10 files in '{printable(folder)}' are missing or do not match the official checksums: "
                 f"{', '.join(bad)}. Re-extract {ARCHIVE_URL} (or pass check_md5=False for a hand-made copy)."
             )

@@ -49,7 +49,7 @@ class CorruptImageError(OSError):
         self.path = str(path)
         self.reason = reason
         super().__init__(
-            f"image file {printable(path)!r}: {reason}. Remove or replace it; "
+            f"image file '{printable(path)}': {reason}. Remove or replace it; "
             f"`python -m gen.data.verify <root>` lists every unreadable file in a folder."
         )
 
@@ -82,7 +82,7 @@ class FolderScan:
         shown = "; ".join(f"{printable(p)}: {r}" for p, r in self.problems[:3])
         more = f" (and {len(self.problems) - 3} more)" if len(self.problems) > 3 else ""
         raise FolderProblemError(
-            f"image folder {printable(self.root)!r} has {len(self.problems)} problem(s) that would duplicate, "
+            f"image folder '{printable(self.root)}' has {len(self.problems)} problem(s) that would duplicate, "
             f"mislabel or drop images: {shown}{more}. Fix them; `python -m gen.data.verify "
             f"{printable(self.root)}` lists them all."
         )
@@ -95,10 +95,10 @@ def _hidden(name: str) -> bool:
 def _check_root(root: Path) -> None:
     if not root.exists():
         raise FileNotFoundError(
-            f"image folder {printable(root)!r} does not exist; check the path (a dataset's `root`, or the folder argument)"
+            f"image folder '{printable(root)}' does not exist; check the path (a dataset's `root`, or the folder argument)"
         )
     if not root.is_dir():
-        raise NotADirectoryError(f"image folder root {printable(root)!r} is a file, not a folder")
+        raise NotADirectoryError(f"image folder root '{printable(root)}' is a file, not a folder")
 
 
 def _reason(e: OSError) -> str:
@@ -419,7 +419,7 @@ class ImageFolder(Dataset):
         if labels == "auto":
             if subdirs and top_images:
                 raise ValueError(
-                    f"{printable(self.root)!r} holds both images and sub-folders; set labels='folders' (class "
+                    f"'{printable(self.root)}' holds both images and sub-folders; set labels='folders' (class "
                     f"folders, top-level files ignored) or labels='none' (all images, unlabelled)"
                 )
             labels = "folders" if subdirs else "none"
@@ -433,13 +433,13 @@ class ImageFolder(Dataset):
             for k, d in enumerate(subdirs):
                 if k not in used:
                     # An empty class would silently shift every later label; refuse instead.
-                    raise FileNotFoundError(f"class folder {printable(d)!r} holds no images with endings {exts}")
+                    raise FileNotFoundError(f"class folder '{printable(d)}' holds no images with endings {exts}")
         else:
             self.classes = [self.root.name]
             files = scan.files
             targets = [0] * len(files)
         if not files:
-            raise FileNotFoundError(f"no images with endings {exts} under {printable(self.root)!r}")
+            raise FileNotFoundError(f"no images with endings {exts} under '{printable(self.root)}'")
         self.labelled = labels == "folders"
         self.files = files
         self.targets = targets
@@ -459,6 +459,6 @@ class ImageFolder(Dataset):
 
     def __repr__(self) -> str:
         return (
-            f"ImageFolder(root={printable(self.root)!r}, n={len(self)}, resolution={self.resolution}, "
+            f"ImageFolder(root='{printable(self.root)}', n={len(self)}, resolution={self.resolution}, "
             f"num_classes={self.num_classes}, labelled={self.labelled})"
         )
