@@ -16,7 +16,10 @@ split across processes by index/seed and the statistics reduced, so results do n
         --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
 
 The extractor is rebuilt from the reference file's manifest unless ``--extractor`` is given. Metrics are
-printed as JSON (rank 0) and written to ``--out``.
+printed as JSON (rank 0) and written to ``--out``. Progress goes to stderr (rank 0): a bar on a terminal,
+else a status line every ``GEN_STATUS_INTERVAL`` seconds (default 30). A bad argument or input file, an
+unwritable output or a full disk ends with one ``error:`` line naming the file or argument and exit status 2
+(``GEN_DEBUG=1`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -24,33 +27,92 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gen.utils.cli import (
+    CommandError,
+    check_writable_dir,
+    check_writable_file,
+    printable,
+    run_main,
+    write_output,
+)
+
+PROG = "python -m eval"
 PRESETS = {"fid5k": 5000, "fid10k": 10000, "fid50k": 50000}
 
 
-def _load_folder(folder: Path) -> torch.Tensor:
-    """uint8 (N, C, H, W) from the PNG/JPEG files of a folder (sorted by name; all of one size and mode)."""
-    import numpy as np
-    from PIL import Image
+def _say(message: str) -> None:
+    """A phase line on stderr (rank 0), so that a long silent phase is never mistaken for a hang."""
+    from gen.utils import dist
 
+    if dist.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _progress(total: int, desc: str) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """(update, close) of a progress report over this process's ``total`` images."""
+    from gen.utils.progress import Progress
+
+    bar = Progress(total, desc)
+    return bar.update, bar.close
+
+
+def _load_folder(folder: Path) -> torch.Tensor:
+    """uint8 (N, C, H, W) from the image files directly in a folder (sorted by name; all of one size and mode).
+
+    Every unreadable file is named on stderr before the one-line error; links are followed, each real
+    file is read once, and a second link to the same file is refused (it would count an image twice).
+    """
+    import numpy as np
+
+    from gen.data.folder import CorruptImageError, decode_image, scan_images
+    from gen.utils.progress import Progress
+
+    if not folder.exists():
+        raise CommandError(f"image folder {printable(folder)} does not exist")
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-    if not files:
-        raise ValueError(f"no image files in {folder}")
-    arrays = []
-    for p in files:
-        with Image.open(p) as im:
-            arr = np.asarray(im.convert("L" if im.mode in ("L", "I", "I;16", "1") else "RGB"))
-        arrays.append(arr[..., None] if arr.ndim == 2 else arr)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"images in {folder} differ in size or channels: {sorted(shapes)[:4]}")
+        raise CommandError(f"{printable(folder)} is a file, not a folder of images")
+    scan = scan_images(folder, recursive=False)
+    scan.raise_problems()
+    if not scan.files:
+        subdirs = [e for e in folder.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        hint = f" (it has {len(subdirs)} sub-folder(s); only the images directly in the folder are read)" if subdirs else ""
+        raise CommandError(f"no image files in {printable(folder)}{hint}")
+    arrays: list[np.ndarray] = []
+    bad: list[CorruptImageError] = []
+    with Progress(len(scan.files), f"decode {printable(folder)}", unit="file") as progress:
+        for path in scan.files:
+            try:
+                arrays.append(decode_image(path))
+            except CorruptImageError as e:
+                bad.append(e)
+            progress.advance()
+    if bad:
+        for e in bad:
+            _say(f"unreadable image: {printable(e.path)}: {e.reason}")
+        raise CommandError(
+            f"{len(bad)} of {len(scan.files)} image files in {printable(folder)} cannot be read (listed above); "
+            f"remove or replace them"
+        )
+    first: dict[tuple[int, ...], tuple[Path, int]] = {}
+    for path, arr in zip(scan.files, arrays, strict=True):
+        example, count = first.get(arr.shape, (path, 0))
+        first[arr.shape] = (example, count + 1)
+    if len(first) != 1:
+        kinds = "; ".join(
+            f"{count} of {h}x{w}x{c} (e.g. {printable(p.name)})" for (h, w, c), (p, count) in sorted(first.items())
+        )
+        raise CommandError(
+            f"images in {printable(folder)} differ in size or channels: {kinds}. All must have one size and "
+            f"channel count (grey: 1, colour: 3)"
+        )
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -73,12 +135,27 @@ def _extractor(args: argparse.Namespace, manifest: dict[str, Any] | None, datase
 
     name = args.extractor or (manifest or {}).get("extractor")
     if name is None:
-        raise SystemExit("error: the reference file has no manifest; say which features to use with --extractor")
+        raise CommandError(
+            f"--ref {printable(args.ref)} has no manifest naming its feature extractor; say which it is with "
+            f"--assume-ref-extractor (e.g. inception-v3-pool3:tf1-bilinear for ADM files) or --extractor"
+        )
+    inception, dinov2 = name.startswith("inception"), name.startswith("dinov2")
+    if args.weights and not (inception or dinov2):
+        raise CommandError(f"--weights applies to the Inception and DINOv2 extractors, not {name}; drop it")
+    if args.resize and not (inception or dinov2):
+        raise CommandError(f"--resize applies to the Inception and DINOv2 extractors only, not {name}; drop it")
+    if args.resize and (args.resize in ("torch", "pil")) != dinov2:
+        raise CommandError(
+            f"--resize {args.resize} does not apply to {name}: Inception takes tf1-bilinear or bilinear-antialias, "
+            "DINOv2 takes torch (EDM2) or pil (dgm-eval)"
+        )
     resize = args.resize or (manifest or {}).get("resize")
     if name == "dinov2":
         name = f"dinov2-{args.dinov2_arch}-cls"
+    if name.startswith(("yardstick", "lenet-", "foundation-")):
+        _say(f"loading the {name} feature network (a yardstick network is trained on first use, about 25 s on 2 cores)")
     return build_extractor(
-        name, weights_path=args.weights, resize=resize if name.startswith(("inception", "dinov2")) else None,
+        name, weights_path=args.weights, resize=resize if (inception or dinov2) else None,
         dataset=dataset, cache_dir=args.cache_dir, download=args.download, device=args.device,
     )
 
@@ -89,16 +166,16 @@ def _emit(args: argparse.Namespace, result: dict[str, Any]) -> None:
     if not dist.is_main():
         return
     text = json.dumps(result, indent=2, sort_keys=True)
-    print(text)
     if args.out:
         from gen.utils.ckpt import atomic_write
 
-        atomic_write(args.out, lambda tmp: Path(tmp).write_text(text + "\n"))
+        write_output(args.out, "--out", lambda: atomic_write(args.out, lambda tmp: Path(tmp).write_text(text + "\n")))
+    print(text)
 
 
 def cmd_ref(args: argparse.Namespace) -> None:
     from eval.features import InceptionFeatures
-    from eval.generate import image_stats
+    from eval.generate import image_stats, share
     from eval.stats import save_stats
     from gen.utils import dist
 
@@ -106,13 +183,15 @@ def cmd_ref(args: argparse.Namespace) -> None:
     ext = _extractor(args, None, dataset=args.dataset)
     spatial = bool(args.sfid)
     if spatial and not isinstance(ext, InceptionFeatures):
-        raise SystemExit("error: --sfid needs the Inception extractor")
-    got = image_stats(images, ext, args.batch_size, spatial=spatial)
+        raise CommandError("--sfid needs the Inception extractor (--extractor inception)")
+    update, close = _progress(share(images.shape[0], args.batch_size), f"reference statistics of {source}")
+    got = image_stats(images, ext, args.batch_size, spatial=spatial, progress=update)
+    close()
     stats = got.stats.gaussian({**ext.manifest(), "dataset": source})
     if got.spatial is not None:
         stats.extra = {"mu_s": got.spatial.mu(), "sigma_s": got.spatial.sigma()}
     if dist.is_main():
-        save_stats(args.out, stats)
+        write_output(args.out, "--out", lambda: save_stats(args.out, stats))
     _emit(argparse.Namespace(out=None), {"written": str(args.out), **stats.manifest, "num_images": stats.n})
 
 
@@ -136,45 +215,145 @@ def _is_note(args: argparse.Namespace, metrics: dict[str, Any]) -> dict[str, str
     return {"inception_score_convention": args.is_convention} if "inception_score" in metrics else {}
 
 
-def cmd_samples(args: argparse.Namespace) -> None:
-    from eval.generate import evaluate, images_fn
+def _evaluate(args: argparse.Namespace, generate_fn: Any, seeds: range, what: str, **kwargs: Any) -> dict[str, Any]:
+    from eval.generate import evaluate, share
     from eval.stats import load_image_npz
 
-    images, labels, source = _load_images(args)
     ref, ext = _reference(args)
     real = load_image_npz(args.ref_batch)[0] if args.ref_batch else None
+    update, close = _progress(share(len(seeds), args.batch_size), f"features of {what}")
+    real_update, real_close = (None, None)
+    if real is not None:
+        real_update, real_close = _progress(share(len(real), args.batch_size), f"features of {args.ref_batch}")
     metrics = evaluate(
-        images_fn(images, labels), range(images.shape[0]), ext, ref,
-        batch_size=args.batch_size, real_images=real, allow_singular=args.allow_singular,
-        is_convention=args.is_convention,
+        generate_fn, seeds, ext, ref, batch_size=args.batch_size, real_images=real,
+        allow_singular=args.allow_singular, is_convention=args.is_convention, progress=update,
+        real_progress=real_update, **kwargs,
     )
-    _emit(args, {"samples": source, "ref": str(args.ref), **ext.manifest(), **metrics, **_is_note(args, metrics)})
+    close()
+    if real_close is not None:
+        real_close()
+    return {**ext.manifest(), **metrics, **_is_note(args, metrics)}
+
+
+def cmd_samples(args: argparse.Namespace) -> None:
+    from eval.generate import images_fn
+
+    images, labels, source = _load_images(args)
+    metrics = _evaluate(args, images_fn(images, labels), range(images.shape[0]), source)
+    _emit(args, {"samples": source, "ref": str(args.ref), **metrics})
+
+
+def _generator_factory(spec: str) -> Callable[..., Any]:
+    module, sep, fn = spec.partition(":")
+    if not sep or not module or not fn:
+        raise CommandError(f"--generator {spec!r}: expected module:function, e.g. pipeline:snapshot_generate_fn")
+    try:
+        factory = getattr(importlib.import_module(module), fn)
+    except ImportError as e:
+        raise CommandError(f"--generator {spec!r}: cannot import module {module!r} ({e}); run from the repository root") from e
+    except AttributeError:
+        raise CommandError(f"--generator {spec!r}: module {module!r} has no {fn!r}") from None
+    if not callable(factory):
+        raise CommandError(f"--generator {spec!r}: {fn!r} is not callable")
+    return factory
 
 
 def cmd_preset(args: argparse.Namespace) -> None:
-    from eval.generate import evaluate
-    from eval.stats import load_image_npz
-
     if not args.generator:
-        raise SystemExit(
-            "error: no snapshot sampler given; pass --generator module:function, a factory "
+        raise CommandError(
+            "no snapshot sampler given; pass --generator module:function, a factory "
             "(snapshot_path, **options) -> generate_fn(seeds) -> (uint8 images, labels)"
         )
-    module, _, fn = args.generator.partition(":")
-    factory = getattr(importlib.import_module(module), fn)
-    options = dict(kv.split("=", 1) for kv in args.option)
-    generate_fn = factory(args.snapshot, **options)
+    factory = _generator_factory(args.generator)
+    options = dict(args.option)
     num = args.num_images or PRESETS[args.command]
-    ref, ext = _reference(args)
-    real = load_image_npz(args.ref_batch)[0] if args.ref_batch else None
+    try:
+        generate_fn = factory(args.snapshot, **options)
+    except (CommandError, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+        # Building a sampler from a snapshot is reading that file: any failure here is about it or the options.
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommandError(
+            f"snapshot {printable(args.snapshot)} could not be loaded by --generator {args.generator}"
+            f"{' with --option ' + ' '.join(f'{k}={v}' for k, v in options.items()) if options else ''}: {msg}"
+        ) from e
     seeds = range(args.seed_start, args.seed_start + num)
-    metrics = evaluate(
-        generate_fn, seeds, ext, ref, batch_size=args.batch_size, real_images=real,
-        allow_singular=args.allow_singular, is_convention=args.is_convention, png_dir=args.png_dir,
-    )
+    metrics = _evaluate(args, generate_fn, seeds, f"{num} samples of {args.snapshot}", png_dir=args.png_dir)
     _emit(args, {"snapshot": str(args.snapshot), "ref": str(args.ref), "seeds": f"{seeds.start}-{seeds.stop - 1}",
-                 **ext.manifest(), **metrics, **_is_note(args, metrics),
-                 **{f"option.{k}": v for k, v in options.items()}})
+                 **metrics, **{f"option.{k}": v for k, v in options.items()}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments: checked before any work, so a typo never costs a long computation.
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value (e.g. steps=50), got {text!r}")
+    return key, value
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device; use cpu or cuda[:N]") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CommandError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise CommandError(f"--device {device}: only cpu and cuda[:N] are supported")
+
+
+def _check_input(path: str, what: str, folder: bool = False) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise CommandError(f"{what} {printable(p)}: no such {'folder' if folder else 'file'}")
+    if folder and not p.is_dir():
+        raise CommandError(f"{what} {printable(p)} is a file, not a folder")
+    if not folder and p.is_dir():
+        raise CommandError(f"{what} {printable(p)} is a folder, not a file")
+    if not os.access(p, os.R_OK | (os.X_OK if folder else 0)):
+        raise CommandError(f"{what} {printable(p)}: permission denied; fix its permissions")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without doing the work, with the argument's name in the message."""
+    if args.command == "ref" and not (args.out and args.extractor):
+        raise CommandError("ref needs --extractor (inception | dinov2 | yardstick) and --out FILE.npz")
+    if args.extractor == "yardstick" and args.command != "ref":
+        raise CommandError("with npz/folder the yardstick network comes from --ref's manifest; drop --extractor")
+    if args.command == "ref" and args.extractor == "yardstick" and not args.dataset:
+        raise CommandError("--extractor yardstick needs --dataset (mnist5k or shapes): it is trained on that dataset")
+    if getattr(args, "sfid", False) and not (args.extractor or "").startswith("inception"):
+        raise CommandError("--sfid needs the Inception extractor (--extractor inception)")
+    _check_device(args.device)
+    # The snapshot argument is left to the --generator factory: it may take a run folder or another spec.
+    for key, what, folder in (("npz", "npz file", False), ("folder", "folder", True), ("ref", "--ref", False),
+                              ("ref_batch", "--ref-batch", False), ("weights", "--weights", False)):
+        value = getattr(args, key, None)
+        if value:
+            _check_input(value, what if args.command != "ref" or key not in ("npz", "folder") else f"--{key}", folder)
+    if args.out:
+        check_writable_file(args.out, "--out")
+    if getattr(args, "png_dir", None):
+        check_writable_dir(args.png_dir, "--png-dir")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -187,7 +366,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dinov2-arch", default="vit_large_patch14_dinov2")
     p.add_argument("--cache-dir", help="weights / yardstick cache (default ${GEN_CACHE:-~/.cache/gen}/...)")
     p.add_argument("--download", action="store_true", help="download missing pretrained weights")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_count(1), default=64)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the JSON here (ref: the statistics .npz)")
 
@@ -204,12 +383,12 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ref = sub.add_parser("ref", help="compute reference statistics")
     src = ref.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", help="built-in dataset (mnist5k, shapes)")
+    src.add_argument("--dataset", choices=["mnist5k", "shapes"], help="built-in dataset")
     src.add_argument("--folder", help="folder of images")
     src.add_argument("--npz", help="ADM-style .npz (arr_0)")
     ref.add_argument("--split", default="train", choices=["train", "heldout"])
@@ -228,9 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"generate {n} images from a snapshot and evaluate them")
         p.add_argument("snapshot")
         p.add_argument("--generator", help="module:function building generate_fn from a snapshot")
-        p.add_argument("--option", action="append", default=[], help="key=value passed to the generator factory")
-        p.add_argument("--num-images", type=int, help=f"override the preset's {n}")
-        p.add_argument("--seed-start", type=int, default=0)
+        p.add_argument("--option", type=_key_value, action="append", default=[],
+                       help="key=value passed to the generator factory")
+        p.add_argument("--num-images", type=_count(1), help=f"override the preset's {n}")
+        p.add_argument("--seed-start", type=_count(0), default=0)
         p.add_argument("--png-dir", help="also write one PNG per image")
         _eval_options(p)
         _common(p)
@@ -239,20 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gen.utils import dist
-
+    """Entry point; returns the exit status (0 done, 2 bad argument or input; argparse exits 2 itself)."""
     args = build_parser().parse_args(argv)
-    if args.command == "ref" and not (args.out and args.extractor):
-        raise SystemExit("error: ref needs --extractor (inception | dinov2 | yardstick) and --out FILE.npz")
-    if args.extractor == "yardstick" and args.command != "ref":
-        raise SystemExit("error: with npz/folder the yardstick network comes from --ref's manifest; drop --extractor")
-    dist.init_distributed()
-    try:
+
+    def run() -> int:
+        from gen.utils import dist
+
+        _check_args(args)
+        dist.init_distributed()
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return run_main(run, PROG)
 
 
 if __name__ == "__main__":

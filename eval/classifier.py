@@ -355,12 +355,20 @@ def load_or_train_classifier(
         meta["data_sha256"] = data_sha
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     dist.barrier()
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = json.loads(meta["config"])
-    net = _build(recipe, config["in_channels"], config["num_classes"])
-    net.load_state_dict(tensors)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta["config"])
+        net = _build(recipe, config["in_channels"], config["num_classes"])
+        net.load_state_dict(tensors)
+    except Exception as e:  # a damaged or foreign cache file; it is derived data, so retraining fixes it
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise ValueError(
+            f"yardstick cache file {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"delete it and it will be retrained"
+        ) from e
     # NHWC convolutions run about 2x faster with oneDNN; outputs change only by float32 rounding (~1e-7).
     net = net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
     return Yardstick(net=net, name=name, weights_sha256=tensors_sha256(tensors), path=path)

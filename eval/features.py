@@ -126,7 +126,13 @@ def resolve_weights(
     if download and url is not None:
         cache.mkdir(parents=True, exist_ok=True)
         path = cache / filename
-        torch.hub.download_url_to_file(url, str(path), progress=False)
+        try:
+            torch.hub.download_url_to_file(url, str(path), progress=False)
+        except Exception as e:  # offline, proxy, HTTP error: say what to fetch by hand
+            raise WeightsNotFoundError(
+                f"could not download {url} ({type(e).__name__}: {e}). Fetch {filename} on a machine with internet "
+                f"and put it in {cache}, or pass its path explicitly."
+            ) from e
         return resolve_weights(filename, expected_sha256, None, None, cache, False)
     raise WeightsNotFoundError(
         f"pretrained weights {filename} (SHA-256 {expected_sha256 or 'not pinned'}) not found. Looked in: "
@@ -134,6 +140,49 @@ def resolve_weights(
         + f". Put the file in {cache} (or set GEN_CACHE), pass its path explicitly"
         + (f", or allow downloading it from {url} (download=True) on a machine with internet." if url else ".")
     )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def state_dict_misfit(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Empty when ``state`` fits ``module`` exactly, else a short account of missing, extra and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, "missing keys"), (extra, "unexpected keys"), (shapes, "keys of another shape")) if keys]
+    return ", ".join(parts)
+
+
+def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` or ``.pt/.pth`` file (``weights_only``: no code runs).
+
+    Raises:
+        ValueError: naming the file and ``what`` it should hold, when it is damaged or not a state dict.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch/safetensors signal foreign or truncated files with many exception types
+        if isinstance(e, OSError) and e.errno is not None:  # unreadable (permissions, I/O), not damaged
+            raise
+        # torch's own message suggests weights_only=False, i.e. running the file's code; it is not repeated here.
+        reason = "damaged, or not a state dict of tensors (other objects are never unpickled, for safety)"
+        if path.suffix == ".safetensors":
+            reason = f"not a valid safetensors file: {_first_line(e)}"
+        raise ValueError(f"weights file {path} is not a readable weights file ({reason}); expected {what}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights file {path} does not hold a state dict of tensors; expected {what}")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,8 +332,16 @@ class InceptionFeatures(FeatureExtractor):
         channels_last: bool = False,
     ) -> None:
         path, sha = resolve_weights(INCEPTION_FILE, INCEPTION_SHA256, INCEPTION_URL, weights_path, cache_dir, download)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.net = build_inception(state, resize).to(device)
+        state = load_weights_file(path, f"the FID Inception network ({INCEPTION_FILE})")
+        net = build_inception(None, resize)
+        misfit = state_dict_misfit(net, state)
+        if misfit:
+            raise ValueError(
+                f"weights file {path} does not fit the FID Inception network ({misfit}); expected "
+                f"{INCEPTION_FILE} (SHA-256 {INCEPTION_SHA256})"
+            )
+        nn.Module.load_state_dict(net, state, strict=True)
+        self.net = net.to(device)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device = torch.device(device)
@@ -473,13 +530,15 @@ def load_dinov2_timm(
         torch.manual_seed(seed)
         net = timm.create_model(arch, pretrained=False, num_classes=0, img_size=518)
     if path is not None:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        net.load_state_dict(checkpoint_filter_fn(state, net), strict=True)
+        state = load_weights_file(path, f"DINOv2 {arch}")
+        try:
+            state = checkpoint_filter_fn(state, net)
+        except Exception as e:  # timm's converter indexes keys of the expected layout
+            raise ValueError(f"weights file {path} is not a DINOv2 checkpoint ({_first_line(e)}); expected {file}") from e
+        misfit = state_dict_misfit(net, state)
+        if misfit:
+            raise ValueError(f"weights file {path} does not fit DINOv2 {arch} ({misfit}); pick the matching --dinov2-arch")
+        net.load_state_dict(state, strict=True)
     return net.eval().requires_grad_(False), sha
 
 

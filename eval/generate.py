@@ -171,13 +171,17 @@ def all_features(collected: Collected, num_images: int) -> torch.Tensor:
 
 
 def _write_pngs(folder: str | os.PathLike, images: torch.Tensor, seeds: Sequence[int]) -> None:
-    from PIL import Image
+    from gen.utils.images import save_png
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for img, s in zip(images.cpu(), seeds, strict=True):
-        arr = img.permute(1, 2, 0).numpy()
-        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(folder / f"{s:06d}.png")
+        path = folder / f"{s:06d}.png"
+        try:
+            save_png(img, path)  # atomic: a killed run leaves no half-written PNG
+        except OSError as e:
+            # Name the PNG: a write error on an open file (a full disk) carries no file name.
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
 
 
 def images_fn(images: torch.Tensor, labels: torch.Tensor | None = None) -> GenerateFn:
@@ -191,11 +195,25 @@ def images_fn(images: torch.Tensor, labels: torch.Tensor | None = None) -> Gener
 
 
 def image_stats(
-    images: torch.Tensor, extractor: FeatureExtractor, batch_size: int = 64, spatial: bool = False
+    images: torch.Tensor,
+    extractor: FeatureExtractor,
+    batch_size: int = 64,
+    spatial: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> Collected:
-    """Statistics of a stored uint8 image set (N, C, H, W), split over processes by index."""
+    """Statistics of a stored uint8 image set (N, C, H, W), split over processes by index.
+
+    ``progress`` is called with the number of images this process has finished.
+    """
     check_uint8_images(images)
-    return collect(images_fn(images), range(images.shape[0]), extractor, batch_size, spatial=spatial)
+    return collect(images_fn(images), range(images.shape[0]), extractor, batch_size, spatial=spatial, progress=progress)
+
+
+def share(num_images: int, batch_size: int, rank: int | None = None, world: int | None = None) -> int:
+    """How many of ``num_images`` images one process handles under ``fixed_batches`` (for progress totals)."""
+    rank = dist.rank() if rank is None else rank
+    world = dist.world_size() if world is None else world
+    return sum(len(b) for b in fixed_batches(range(num_images), batch_size, rank, world))
 
 
 def evaluate(
@@ -210,6 +228,7 @@ def evaluate(
     is_convention: ISConvention = "adm",
     png_dir: str | os.PathLike | None = None,
     progress: Callable[[int], None] | None = None,
+    real_progress: Callable[[int], None] | None = None,
 ) -> dict[str, float | int]:
     """All metrics of a generated (or stored) image set against reference statistics.
 
@@ -217,7 +236,8 @@ def evaluate(
     ``is_convention`` says: ADM's consecutive groups of 5,000 by default, or torch-fidelity's 10
     shuffled splits) and, when ``ref`` holds ``mu_s``/``sigma_s``, sFID; with a yardstick extractor and labelled images the class accuracy; with
     ``real_images`` (an ADM reference batch) improved precision/recall (k=3). FD-DINOv2 is the FID
-    entry with a DINOv2 extractor.
+    entry with a DINOv2 extractor. ``progress`` / ``real_progress`` are called with the number of
+    generated / real images this process has finished.
 
     Returns:
         ``{"fid" (or "fd_dinov2"), "num_images", ["sfid"], ["inception_score", "inception_score_std"],
@@ -257,7 +277,10 @@ def evaluate(
     if got.class_accuracy is not None:
         out["class_accuracy"] = got.class_accuracy
     if real_images is not None:
-        real = collect(images_fn(real_images), range(len(real_images)), extractor, batch_size, keep_features=True)
+        real = collect(
+            images_fn(real_images), range(len(real_images)), extractor, batch_size, keep_features=True,
+            progress=real_progress,
+        )
         out["precision"], out["recall"] = precision_recall(
             all_features(real, len(real_images)), all_features(got, len(seeds)), k=3
         )

@@ -15,8 +15,12 @@ ADM reference batches (``arr_0`` NHWC uint8 images, ``mu``/``sigma``) are read a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,16 +166,29 @@ def load_stats(
             without it such a file is refused when ``expect`` is given.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} not found; make them with `python -m eval ref ...`")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "reference statistics", "make them with `python -m eval ref ...`") as data:
         if "mu" not in data.files or "sigma" not in data.files:
-            raise ValueError(f"{path} has no mu/sigma arrays (keys: {data.files})")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        manifest = json.loads(str(data["manifest"])) if "manifest" in data.files else None
-        extra = {k: data[k] for k in ("mu_s", "sigma_s") if k in data.files}
+            raise ValueError(f"{path} has no mu/sigma arrays (keys: {data.files}); it is not a statistics file")
+        mu = _float_array(path, "mu", read_array(data, "mu", path))
+        sigma = _float_array(path, "sigma", read_array(data, "sigma", path))
+        manifest = None
+        if "manifest" in data.files:
+            try:
+                manifest = json.loads(str(read_array(data, "manifest", path)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: its manifest is not valid JSON ({e}); recompute the file with `python -m eval ref`") from e
+            if not isinstance(manifest, dict):
+                raise ValueError(f"{path}: its manifest is not a JSON object; recompute the file with `python -m eval ref`")
+        extra = {k: _float_array(path, k, read_array(data, k, path)) for k in ("mu_s", "sigma_s") if k in data.files}
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    for name, arr in (("mu", mu), ("sigma", sigma), *extra.items()):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: {name} contains NaN or inf; recompute the file with `python -m eval ref`")
+    if extra:
+        if set(extra) != {"mu_s", "sigma_s"} or extra["sigma_s"].shape != (extra["mu_s"].shape[0],) * 2 or extra["mu_s"].ndim != 1:
+            shapes = {k: v.shape for k, v in extra.items()}
+            raise ValueError(f"{path}: sFID arrays must be mu_s (D,) and sigma_s (D, D) together, got {shapes}")
     if manifest is None:
         if assume_manifest is None and expect is not None:
             raise ValueError(
@@ -183,7 +200,10 @@ def load_stats(
         manifest.setdefault("dim", int(mu.shape[0]))
     if expect is not None:
         check_compatible(manifest, expect, what=f"reference statistics {path.name}")
-    return GaussianStats(mu=mu, sigma=sigma, n=int(manifest.get("num_images", 0)), manifest=manifest, extra=extra)
+    n = manifest.get("num_images", 0)
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"{path}: manifest num_images is {n!r}, expected a count; recompute the file with `python -m eval ref`")
+    return GaussianStats(mu=mu, sigma=sigma, n=n, manifest=manifest, extra=extra)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,13 +238,19 @@ def check_image_array(arr: np.ndarray, source: str = "images") -> np.ndarray:
 def load_image_npz(path: str | os.PathLike, key: str = "arr_0") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Images (N, C, H, W) uint8 and labels (``arr_1`` if present, else None) from an ADM-style ``.npz``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path, "image batch", "give an ADM-style .npz with arr_0 uint8 (N, H, W, C)") as data:
         if key not in data.files:
-            raise ValueError(f"{path} has no {key!r} array (keys: {data.files})")
-        arr = check_image_array(data[key], source=str(path))
-        labels = torch.from_numpy(data["arr_1"].astype(np.int64)) if "arr_1" in data.files else None
+            raise ValueError(f"{path} has no {key!r} array (keys: {data.files}); expected ADM-style arr_0 uint8 (N, H, W, C)")
+        arr = check_image_array(read_array(data, key, path), source=str(path))
+        labels = None
+        if "arr_1" in data.files:
+            y = read_array(data, "arr_1", path)
+            if y.shape != (arr.shape[0],) or not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(
+                    f"{path}: arr_1 (labels) must be {arr.shape[0]} integers, one per image of arr_0, got "
+                    f"{y.dtype} {y.shape}; fix or drop arr_1"
+                )
+            labels = torch.from_numpy(y.astype(np.int64))
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2))), labels
 
 
@@ -250,3 +276,59 @@ def save_image_npz(
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading .npz files: every failure names the file and says what it should be.
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, what: str, hint: str) -> Iterator[Any]:
+    """``np.load`` of an ``.npz`` archive without pickles; a missing, damaged or foreign file raises one clear error.
+
+    Args:
+        path: the file.
+        what: what it should hold, e.g. "reference statistics", for the message.
+        hint: how to get a good one.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file, what is wrong and ``hint``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} not found; {hint}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not an .npz file; {hint}")
+    with open(path, "rb") as f:  # unreadable (permissions, I/O): the OSError says so
+        magic = f.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise ValueError(f"{what} {path} is a single .npy array, not an .npz archive of named arrays; {hint}")
+    if not magic.startswith(b"PK"):  # np.load would try to unpickle anything that is neither zip nor .npy
+        kind = "empty" if not magic else "not an .npz (zip) archive"
+        raise ValueError(f"{what} {path} is {kind}; {hint}")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except OSError as e:
+        if e.errno is not None:  # unreadable (permissions, I/O): not a format problem
+            raise
+        raise ValueError(f"{what} {path} is not a readable .npz file ({e}); {hint}") from e
+    except (ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{what} {path} is not a readable .npz file ({type(e).__name__}: {e}); {hint}") from e
+    with data:
+        yield data
+
+
+def read_array(data: Any, key: str, path: str | os.PathLike) -> np.ndarray:
+    """One array of an open ``.npz``; a damaged member or a pickled (object) array raises naming the file."""
+    try:
+        return data[key]
+    except ValueError as e:  # numpy refuses object arrays when allow_pickle=False
+        raise ValueError(f"{path}: array {key!r} cannot be read without unpickling ({e}); store plain numeric arrays") from e
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path}: array {key!r} is damaged ({type(e).__name__}: {e}); the file is truncated or corrupt") from e
+
+
+def _float_array(path: Path, key: str, arr: np.ndarray) -> np.ndarray:
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"{path}: {key} has dtype {arr.dtype}, expected floating-point numbers")
+    return arr.astype(np.float64)

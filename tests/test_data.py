@@ -386,7 +386,7 @@ def test_cifar10_from_local_folder(tmp_path) -> None:  # noqa: ANN001
         assert int(img[y % 3].max()) == 10 * y + 5 and int(img.sum()) == (10 * y + 5) * 1024
     assert test.tensors()[1].tolist() == [5, 6, 7]
     # The hand-made files do not match the official checksums.
-    with pytest.raises(RuntimeError, match="checksums"):
+    with pytest.raises(ValueError, match="checksums"):
         CIFAR10(tmp_path, split="train")
 
 

@@ -10,7 +10,16 @@ from __future__ import annotations
 from gen.data.base import TensorImageDataset, stratified_split
 from gen.data.builtin import Digits, MNIST5k
 from gen.data.cifar import CIFAR10
-from gen.data.folder import CorruptImageError, ImageFolder, find_images, load_image, verify_images
+from gen.data.folder import (
+    CorruptImageError,
+    FolderProblemError,
+    ImageFolder,
+    decode_image,
+    find_images,
+    load_image,
+    scan_images,
+    verify_images,
+)
 from gen.data.sampler import InfiniteSampler
 from gen.data.shapes import SHAPES, Shapes
 from gen.data.transforms import center_crop_resize, pad_or_resize, random_hflip, to_model_input, to_uint8
@@ -19,6 +28,7 @@ __all__ = [
     "CIFAR10",
     "CorruptImageError",
     "Digits",
+    "FolderProblemError",
     "ImageFolder",
     "InfiniteSampler",
     "MNIST5k",
@@ -26,10 +36,12 @@ __all__ = [
     "Shapes",
     "TensorImageDataset",
     "center_crop_resize",
+    "decode_image",
     "find_images",
     "load_image",
     "pad_or_resize",
     "random_hflip",
+    "scan_images",
     "stratified_split",
     "to_model_input",
     "to_uint8",

@@ -1,0 +1,141 @@
+"""Command-line plumbing shared by the entry points: one-line errors, exit statuses, printable paths.
+
+An expected failure (a bad argument, a missing or damaged file, a full disk, an unwritable folder) is
+printed as one ``error: ...`` line that names the file or argument and the fix, with exit status 2;
+a Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of expected errors too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CommandError(Exception):
+    """A bad argument, input file or output location; printed as one line, exit status 2."""
+
+
+# Errors whose message already says what is wrong with an input. ValueError/TypeError are raised by the
+# toolkit's own checks with such messages; OSError covers missing, unreadable and unwritable files.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, TypeError, OSError)
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as text that any terminal encoding can print.
+
+    File names are bytes on POSIX; undecodable bytes arrive as lone surrogates, which ``print`` refuses.
+    They are shown as ``\\xNN`` escapes instead.
+    """
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def describe_os_error(e: OSError, path: str | os.PathLike | None = None, action: str = "write") -> str:
+    """One line for an OSError: what happened to which file, and what to do about it."""
+    where = path if path is not None else e.filename
+    target = printable(where) if where is not None else "a file"
+    if e.errno in _DISK_FULL:
+        return f"cannot {action} {target}: the disk is full (no space left on the device). Free some space or write elsewhere."
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f"cannot {action} {target}: permission denied. Fix the permissions or choose another location."
+    if e.errno == errno.EROFS:
+        return f"cannot {action} {target}: the file system is read-only. Choose another location."
+    if e.errno == errno.ENOENT:
+        return f"cannot {action} {target}: no such file or folder. Check the path."
+    if e.errno == errno.EISDIR:
+        return f"cannot {action} {target}: it is a folder, not a file. Give a file name."
+    if e.errno == errno.ENOTDIR:
+        return f"cannot {action} {target}: a part of the path is a file, not a folder. Check the path."
+    reason = e.strerror or str(e)
+    return f"cannot {action} {target}: {reason}."
+
+
+def _check_no_file_in_the_way(folder: Path, what: str, path: Path) -> None:
+    # mkdir(parents=True) reports a file in the middle of the path as "File exists", which says nothing useful.
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            if not parent.is_dir() and parent != path:
+                raise CommandError(f"{what} {printable(path)}: {printable(parent)} is a file, not a folder; check the path")
+            return
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+    """Fail now, not after an hour of work, when ``path`` cannot be written.
+
+    Creates missing parent folders and writes (then removes) a probe file beside ``path``.
+
+    Args:
+        path: the output file.
+        what: how the user named it (e.g. ``--out``), for the message.
+
+    Raises:
+        CommandError: naming ``what`` and the reason (a folder, permission denied, read-only, full disk).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{what} {printable(path)} is a folder; give a file name, e.g. {printable(path / 'out')}")
+    _check_no_file_in_the_way(path.parent, what, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CommandError(f"{what}: " + describe_os_error(e, path.parent, "write into")) from e
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Like :func:`check_writable_file` for an output folder (created when missing)."""
+    path = Path(path)
+    _check_no_file_in_the_way(path, what, path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise CommandError(f"{what} {printable(path)} is a file, not a folder; give a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe.", dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CommandError(f"{what}: " + describe_os_error(e, path, "write into")) from e
+    return path
+
+
+def write_output(path: str | os.PathLike, what: str, write: Callable[[], object]) -> None:
+    """Run ``write()``, turning an OSError (full disk, permissions) into a one-line error naming ``path``."""
+    try:
+        write()
+    except OSError as e:
+        raise CommandError(f"{what}: " + describe_os_error(e, path, "write")) from e
+
+
+def error_message(e: BaseException) -> str:
+    """The one-line text of an expected error."""
+    if isinstance(e, OSError) and not isinstance(e, CommandError) and e.errno is not None and e.strerror:
+        # The toolkit's own FileNotFoundErrors carry a full sentence and no errno; raw ones get described.
+        return describe_os_error(e, e.filename, "write" if e.errno in (*_DISK_FULL, errno.EROFS) else "open")
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split()) if "\n" not in text else text
+
+
+def run_main(main: Callable[[], int], prog: str) -> int:
+    """Run ``main`` and turn expected errors into ``prog: error: ...`` lines with exit status 2."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("GEN_DEBUG"):
+            traceback.print_exc()
+        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,707 @@
+"""Bad inputs, faults and attacks on `python -m eval`, `python -m gen.data.verify` and the data loaders.
+
+Each case is refused with one clear line (exit status 2 from the commands) naming the file or argument,
+or, where the input is legitimate but unusual (16-bit, transparent, links leaving the folder), it is
+read correctly; nothing is silently duplicated, mislabelled, dropped or executed.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of an in-process command; argparse's SystemExit counts as its status."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse, or a bare SystemExit("message") (which exits with status 1)
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_refused(code: int, err: str, *names: str) -> str:
+    """Status 2, no traceback, and an error line that names every one of ``names``."""
+    assert "Traceback" not in err, err
+    assert code == 2, (code, err)
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    return lines[0]
+
+
+def png(path: Path, size: tuple[int, int] = (8, 8), value: int = 128, mode: str = "L") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, 0, 0)).save(path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny feature extractor, so the commands run in milliseconds.
+
+
+class TinyFeatures:
+    """Mean of each image's rows: (B, C, H, W) uint8 -> (B, 4) float (FID needs more images than 4)."""
+
+    name, dim, resize, weights_sha256 = "tiny-test", 4, "none", "0" * 64
+    device = torch.device("cpu")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().mean(1)  # (B, H, W)
+        return torch.stack([x.mean((1, 2)), x[:, 0].mean(1), x[:, -1].mean(1), x.std((1, 2))], dim=1)
+
+    def manifest(self) -> dict[str, object]:
+        return {"extractor": self.name, "weights_sha256": self.weights_sha256, "resize": self.resize, "dim": self.dim}
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--extractor tiny`` (and reference files made with it) use ``TinyFeatures``; other names are real."""
+    import eval.features
+
+    real = eval.features.build_extractor
+    monkeypatch.setattr(eval.features, "build_extractor",
+                        lambda name, **kw: TinyFeatures() if name in ("tiny", TinyFeatures.name) else real(name, **kw))
+
+
+def write_ref(path: Path) -> Path:
+    from eval.stats import GaussianStats, save_stats
+
+    return save_stats(path, GaussianStats(np.zeros(4), np.eye(4), 100, TinyFeatures().manifest()))
+
+
+def write_samples(path: Path, n: int = 20, **extra: np.ndarray) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(path, arr_0=rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8), **extra)
+    return path
+
+
+def write_folder(folder: Path, n: int = 12) -> Path:
+    for i in range(n):
+        png(folder / f"{i:03d}.png", value=10 * i)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# `python -m eval`: one table of bad arguments and bad files. Each builder writes what it needs under
+# tmp and returns (argv, the words the error line must contain).
+
+
+@dataclass
+class Case:
+    id: str
+    build: Callable[[Path], tuple[list[str], tuple[str, ...]]]
+
+
+def _npz_case(writer: Callable[[Path], object], *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        bad = tmp / "bad.npz"
+        writer(bad)
+        return ["npz", str(bad), "--ref", str(write_ref(tmp / "ref.npz"))], (str(bad), *expect)
+
+    return build
+
+
+def _ref_case(writer: Callable[[Path], object], *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        ref = tmp / "ref.npz"
+        writer(ref)
+        return ["npz", str(write_samples(tmp / "s.npz")), "--ref", str(ref)], (str(ref), *expect)
+
+    return build
+
+
+def _folder_case(writer: Callable[[Path], object], *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        folder = write_folder(tmp / "pngs")
+        writer(folder)
+        return ["folder", str(folder), "--ref", str(write_ref(tmp / "ref.npz"))], expect
+
+    return build
+
+
+def _stats(path: Path, **arrays: np.ndarray) -> None:
+    np.savez(path, **arrays)
+
+
+def _truncated_zip(path: Path) -> None:
+    write_samples(path, n=200)
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def _manifest(text: str) -> Callable[[Path], None]:
+    return lambda p: np.savez(p, mu=np.zeros(4), sigma=np.eye(4), manifest=np.array(text))
+
+
+def _truncated_png(folder: Path) -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "zz_cut.png")
+    good = (folder / "zz_cut.png").read_bytes()
+    (folder / "zz_cut.png").write_bytes(good[: len(good) - 40])  # the header survives, the pixel data is cut
+
+
+def _image_link(folder: Path) -> None:
+    os.symlink(folder / "003.png", folder / "zz_again.png")
+
+
+def _other_size(folder: Path) -> None:
+    png(folder / "zz_big.png", size=(16, 16))
+
+
+def _only_dirs(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    (tmp / "pngs" / "a.png").mkdir(parents=True)  # a folder named like an image
+    return ["folder", str(tmp / "pngs"), "--ref", str(write_ref(tmp / "ref.npz"))], ("no image files", "1 sub-folder")
+
+
+def _png_dir_is_file(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    (tmp / "pngs").write_text("a file")
+    snap = tmp / "s.safetensors"
+    snap.write_bytes(b"x")
+    argv = ["fid5k", str(snap), "--ref", str(write_ref(tmp / "ref.npz")), "--generator", "pipeline:snapshot_generate_fn",
+            "--png-dir", str(tmp / "pngs")]
+    return argv, ("--png-dir", str(tmp / "pngs"))
+
+
+def _corrupt_snapshot(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    snap = tmp / "snapshot-000000100.safetensors"
+    snap.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    argv = ["fid5k", str(snap), "--ref", str(write_ref(tmp / "ref.npz")), "--generator", "pipeline:snapshot_generate_fn"]
+    return argv, (str(snap), "could not be loaded")
+
+
+def _generator(spec: str, *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        snap = tmp / "s.safetensors"
+        snap.write_bytes(b"x")
+        return ["fid5k", str(snap), "--ref", str(write_ref(tmp / "ref.npz")), "--generator", spec], ("--generator", *expect)
+
+    return build
+
+
+def _weights(writer: Callable[[Path], object], *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    def build(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+        w = tmp / "weights.pth"
+        writer(w)
+        argv = ["ref", "--npz", str(write_samples(tmp / "s.npz")), "--extractor", "inception", "--weights", str(w),
+                "--out", str(tmp / "r.npz")]
+        return argv, (str(w), *expect)
+
+    return build
+
+
+def _plain(argv: Callable[[Path], list[str]], *expect: str) -> Callable[[Path], tuple[list[str], tuple[str, ...]]]:
+    return lambda tmp: (argv(tmp), expect)
+
+
+def _samples_argv(tmp: Path, *more: str) -> list[str]:
+    return ["npz", str(write_samples(tmp / "s.npz")), "--ref", str(write_ref(tmp / "ref.npz")), *more]
+
+
+EVAL_CASES = [
+    # sample batches (.npz)
+    Case("npz-text-file", _npz_case(lambda p: p.write_text("hello"), "not an .npz")),
+    Case("npz-empty-file", _npz_case(lambda p: p.write_bytes(b""), "empty")),
+    Case("npz-truncated", _npz_case(_truncated_zip, "not a readable .npz")),
+    Case("npz-is-npy", _npz_case(lambda p: np.save(open(p, "wb"), np.zeros((2, 8, 8, 1), np.uint8)), "single .npy")),
+    Case("npz-pickled-objects", _npz_case(
+        lambda p: np.savez(p, arr_0=np.array([{"a": 1}, None], dtype=object)), "'arr_0'", "unpickling")),
+    Case("npz-labels-mismatch", _npz_case(lambda p: write_samples(p, arr_1=np.arange(7)), "arr_1", "20")),
+    Case("npz-labels-float", _npz_case(lambda p: write_samples(p, arr_1=np.full(20, 0.5)), "arr_1", "integers")),
+    Case("npz-is-a-folder", lambda tmp: (["npz", str(tmp), "--ref", str(write_ref(tmp / "ref.npz"))],
+                                         (str(tmp), "is a folder"))),
+    # reference statistics
+    Case("ref-garbage", _ref_case(lambda p: p.write_bytes(os.urandom(300)), "not an .npz")),
+    Case("ref-truncated", _ref_case(_truncated_zip, "not a readable .npz")),
+    Case("ref-nan", _ref_case(lambda p: _stats(p, mu=np.full(4, np.nan), sigma=np.eye(4)), "NaN")),
+    Case("ref-bad-manifest", _ref_case(_manifest("{not json"), "manifest")),
+    Case("ref-manifest-not-object", _ref_case(_manifest("[1, 2]"), "manifest")),
+    Case("ref-string-mu", _ref_case(lambda p: _stats(p, mu=np.array(["a"] * 4), sigma=np.eye(4)), "mu", "dtype")),
+    Case("ref-half-sfid", _ref_case(lambda p: _stats(p, mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(3),
+                                                     manifest=np.array(json.dumps(TinyFeatures().manifest()))),
+                                    "mu_s", "sigma_s")),
+    Case("ref-is-a-folder", lambda tmp: (["npz", str(write_samples(tmp / "s.npz")), "--ref", str(tmp)],
+                                         ("--ref", "is a folder"))),
+    # folders of images
+    Case("folder-truncated-png", _folder_case(_truncated_png, "1 of 13", "cannot be read")),
+    Case("folder-empty-png", _folder_case(lambda f: (f / "zz_empty.png").write_bytes(b""), "cannot be read")),
+    Case("folder-not-an-image", _folder_case(lambda f: (f / "zz.png").write_text("text"), "cannot be read")),
+    Case("folder-only-dirs-named-like-images", _only_dirs),
+    Case("folder-duplicate-link", _folder_case(_image_link, "zz_again.png", "003.png", "already included")),
+    Case("folder-mixed-sizes", _folder_case(_other_size, "zz_big.png", "16x16x1", "8x8x1")),
+    Case("folder-animated-gif", _folder_case(
+        lambda f: Image.new("L", (8, 8)).save(f / "zz.gif", save_all=True, append_images=[Image.new("L", (8, 8), 9)]),
+        "cannot be read")),
+    # arguments
+    Case("ref-without-out", _plain(lambda tmp: ["ref", "--npz", str(write_samples(tmp / "s.npz")), "--extractor", "x"],
+                                   "--out")),
+    Case("sfid-without-inception", _plain(
+        lambda tmp: ["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--sfid", "--out", str(tmp / "r.npz")],
+        "--sfid", "Inception")),
+    Case("batch-size-zero", _plain(lambda tmp: _samples_argv(tmp, "--batch-size", "0"), "--batch-size")),
+    Case("unknown-dataset", _plain(lambda tmp: ["ref", "--dataset", "imagenet", "--extractor", "yardstick", "--out",
+                                                str(tmp / "r.npz")], "--dataset")),
+    Case("device-unknown", _plain(lambda tmp: _samples_argv(tmp, "--device", "tpu"), "--device")),
+    Case("out-is-a-folder", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp)), "--out", "is a folder")),
+    Case("out-under-a-file", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "s.npz" / "m.json")), "--out")),
+    Case("weights-for-yardstick", _plain(
+        lambda tmp: ["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--weights", str(write_ref(tmp / "w")),
+                     "--out", str(tmp / "r.npz")], "--weights")),
+    Case("weights-garbage", _weights(lambda p: p.write_bytes(os.urandom(500)), "not a readable weights file")),
+    Case("weights-wrong-network", _weights(lambda p: torch.save({"fc.weight": torch.zeros(2, 2)}, p), "does not fit")),
+    Case("option-without-equals", _plain(lambda tmp: _generator("pipeline:snapshot_generate_fn")(tmp)[0]
+                                         + ["--option", "steps"], "--option", "key=value")),
+    Case("generator-no-colon", _generator("gen.pipeline", "module:function")),
+    Case("generator-no-module", _generator("no_such_module:fn", "cannot import")),
+    Case("generator-no-function", _generator("pipeline:no_such_fn", "has no")),
+    Case("snapshot-corrupt", _corrupt_snapshot),
+    Case("png-dir-is-a-file", _png_dir_is_file),
+]
+if not torch.cuda.is_available():
+    EVAL_CASES.append(Case("device-cuda-missing", _plain(lambda tmp: _samples_argv(tmp, "--device", "cuda"), "--device", "cpu")))
+
+
+@pytest.mark.parametrize("case", EVAL_CASES, ids=[c.id for c in EVAL_CASES])
+def test_eval_cli_refuses_bad_input_in_one_line(case: Case, tmp_path: Path, tiny: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import main
+
+    argv, expect = case.build(tmp_path)
+    code, out, err = run_cli(main, argv, capsys)
+    assert_refused(code, err, *expect)
+    assert out == ""  # no metrics for a refused run
+
+
+def test_eval_folder_names_every_unreadable_image(tmp_path: Path, tiny: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import main
+
+    folder = write_folder(tmp_path / "pngs")
+    _truncated_png(folder)
+    (folder / "zz_empty.png").write_bytes(b"")
+    code, _, err = run_cli(main, ["folder", str(folder), "--ref", str(write_ref(tmp_path / "ref.npz"))], capsys)
+    assert_refused(code, err, "2 of 14")
+    for name, why in (("zz_cut.png", "truncated"), ("zz_empty.png", "empty")):
+        assert any(name in line and why in line for line in err.splitlines()), err
+
+
+def test_eval_folder_reads_images_once_and_converts_modes(tmp_path: Path, tiny: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import _load_folder
+
+    folder = write_folder(tmp_path / "pngs", n=2)
+    (folder / "sub.png").mkdir()  # a folder named like an image is not an image
+    wide = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+    Image.fromarray(wide).save(folder / "wide.png")  # 16-bit grey
+    images = _load_folder(folder)
+    assert images.shape == (3, 1, 8, 8)
+    expect = np.round(wide.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(images[2, 0].numpy(), expect)  # scaled, not clipped at 255
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: a full disk and an unwritable folder are named, and leave nothing behind.
+
+
+def _savez_on_full_disk(f: object, *args: object, **kwargs: object) -> None:
+    if hasattr(f, "write"):
+        f.write(b"partial")  # a real full disk fails after writing part of the file
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_writing_reference_statistics(tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import main
+
+    samples = write_samples(tmp_path / "s.npz")
+    monkeypatch.setattr(np, "savez", _savez_on_full_disk)
+    out = tmp_path / "refs" / "r.npz"
+    code, stdout, err = run_cli(main, ["ref", "--npz", str(samples), "--extractor", "tiny", "--out", str(out)], capsys)
+    assert_refused(code, err, "--out", str(out), "disk is full")
+    assert stdout == "" and list(out.parent.iterdir()) == []  # no partial file, no temp file
+
+
+def test_full_disk_writing_metrics(tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import main
+
+    def fail(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fail)
+    out = tmp_path / "m" / "metrics.json"
+    code, stdout, err = run_cli(main, _samples_argv(tmp_path, "--out", str(out)), capsys)
+    assert_refused(code, err, str(out), "disk is full")
+    assert list(out.parent.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress of long phases: status lines on stderr when not on a terminal, on rank 0 only.
+
+
+def test_eval_reports_progress_on_stderr_on_rank_0_only(tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from eval.__main__ import main
+
+    monkeypatch.setenv("GEN_STATUS_INTERVAL", "0")
+    samples = write_samples(tmp_path / "s.npz", n=40)
+    argv = ["ref", "--npz", str(samples), "--extractor", "tiny", "--batch-size", "8", "--out", str(tmp_path / "r.npz")]
+    code, out, err = run_cli(main, argv, capsys)
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if line.startswith(f"reference statistics of {samples}")]
+    assert len(lines) >= 5 and "40/40 img (100%)" in lines[-1], err  # a line per batch at interval 0, then the total
+    assert json.loads(out)["num_images"] == 40  # stdout keeps only the result
+
+    monkeypatch.setenv("RANK", "1")  # another process of the same launch says nothing (no process group here)
+    from gen.utils.progress import Progress
+
+    quiet = io.StringIO()
+    with Progress(10, "x", stream=quiet) as p:
+        p.update(10)
+    assert quiet.getvalue() == ""
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    from gen.utils.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, log = Terminal(), io.StringIO()
+    for stream in (tty, log):
+        with Progress(100, "features", stream=stream, interval_s=0, enabled=True) as p:
+            for done in (30, 60, 100):
+                p.update(done)
+    assert "\r" in tty.getvalue() and "it/s" not in tty.getvalue() and "img/s" in tty.getvalue()
+    assert log.getvalue().splitlines()[0] == "features: 100 img to do"
+    assert [line.split("  ")[0] for line in log.getvalue().splitlines()[1:]] == [
+        "features: 30/100 img (30%)", "features: 60/100 img (60%)", "features: 100/100 img (100%)"
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders: walked by identity, problems reported, every mode decoded by one rule.
+
+
+def _classes(root: Path) -> Path:
+    for cls, value in (("cat", 50), ("dog", 150)):
+        for j in range(3):
+            png(root / cls / f"{j}.png", value=value, mode="RGB")
+    return root
+
+
+def _loop(root: Path) -> None:
+    os.symlink("..", root / "cat" / "loop")  # cat/loop/dog/... would put dogs under "cat", again and again
+
+
+def _cross_class_link(root: Path) -> None:
+    os.symlink(root / "dog", root / "cat" / "more")  # dog images would also be labelled cat
+
+
+def _hard_link(root: Path) -> None:
+    os.link(root / "cat" / "0.png", root / "dog" / "9.png")
+
+
+def _broken_link(root: Path) -> None:
+    os.symlink(root / "gone.png", root / "cat" / "9.png")
+
+
+def _self_link(root: Path) -> None:
+    os.symlink("x", root / "dog" / "x")
+
+
+def _fifo(root: Path) -> None:
+    os.mkfifo(root / "dog" / "9.png")  # decoding it would block forever
+
+
+def _ancestor_link(root: Path) -> None:
+    os.symlink(root.parent, root / "dog" / "up")  # leads to the folder holding the dataset
+
+
+FOLDER_CASES = [
+    ("symlink-loop", _loop, "cat/loop", "loop"),
+    ("link-into-another-class", _cross_class_link, "cat/more", "already included"),
+    ("hard-link-in-two-classes", _hard_link, "dog/9.png", "already included"),
+    ("broken-link", _broken_link, "cat/9.png", "broken link"),
+    ("link-to-itself", _self_link, "dog/x", "loop"),
+    ("fifo-named-like-an-image", _fifo, "dog/9.png", "not a regular file"),
+    ("link-to-a-parent-of-the-root", _ancestor_link, "dog/up", "loop"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make, where, why", [c[1:] for c in FOLDER_CASES], ids=[c[0] for c in FOLDER_CASES])
+def test_folder_problems_are_refused_and_listed(make: Callable[[Path], None], where: str, why: str, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.data import ImageFolder
+    from gen.data.folder import FolderProblemError
+    from gen.data.verify import main
+
+    root = _classes(tmp_path / "data")
+    make(root)
+    with pytest.raises(FolderProblemError, match="gen.data.verify") as info:
+        ImageFolder(root, resolution=8)
+    assert where in str(info.value) and why in str(info.value)
+    code, out, err = run_cli(main, [str(root)], capsys)
+    assert code == 1 and "Traceback" not in err
+    listed = [line.split("\t") for line in out.splitlines()]
+    assert [p for p, _ in listed] == [str(root / where)] and why in listed[0][1]
+
+
+def test_folder_walk_takes_each_real_file_once_and_follows_links_out_of_the_root(tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.data import ImageFolder
+    from gen.data.verify import main
+
+    root = _classes(tmp_path / "data")
+    elsewhere = tmp_path / "other-disk" / "emu"
+    for j in range(2):
+        png(elsewhere / f"{j}.png", value=250, mode="RGB")
+    os.symlink(elsewhere, root / "emu")  # a class folder on another disk: followed
+    ds = ImageFolder(root, resolution=8)
+    assert ds.classes == ["cat", "dog", "emu"] and ds.targets == [0, 0, 0, 1, 1, 1, 2, 2]
+    code, _, err = run_cli(main, [str(root)], capsys)
+    assert code == 0 and "2 file(s) were reached through links that leave the folder" in err
+
+
+def test_unlistable_folder_is_reported_not_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.data import ImageFolder
+    from gen.data.folder import FolderProblemError
+    from gen.data.verify import main
+
+    root = _classes(tmp_path / "data")
+    png(root / "dog" / "deep" / "0.png")
+    real_scandir = os.scandir
+
+    def scandir(path: object) -> object:  # tests run as root, so permissions are simulated
+        if Path(os.fspath(path)).name == "deep":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # os.walk looks scandir up in the os module too
+    with pytest.raises(FolderProblemError, match="permission denied"):
+        ImageFolder(root, resolution=8)
+    code, out, _ = run_cli(main, [str(root)], capsys)
+    assert code == 1 and out.startswith(f"{root / 'dog' / 'deep'}\tcannot list this folder (permission denied)")
+
+
+def test_non_utf8_file_names_are_printed_escaped(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    bad = os.path.join(os.fsencode(root), b"caf\xe9.png")  # Latin-1 name: not valid UTF-8
+    with open(bad, "wb") as f:
+        f.write(b"not a png")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8", "PYTHONUTF8": "0", "PYTHONIOENCODING": "utf-8"}
+    got = subprocess.run([sys.executable, "-m", "gen.data.verify", str(root)], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert "Traceback" not in got.stderr and got.returncode == 1, got.stderr
+    assert got.stdout.startswith(f"{root}/caf\\xe9.png\t"), got.stdout
+
+
+def test_verify_usage_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.data.verify import main
+
+    code, _, err = run_cli(main, [str(tmp_path / "nope")], capsys)
+    assert_refused(code, err, str(tmp_path / "nope"), "does not exist")
+    file = png(tmp_path / "a.png")
+    code, _, err = run_cli(main, [str(file)], capsys)
+    assert_refused(code, err, str(file), "not a folder")
+
+
+def test_verify_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.data.verify import main
+
+    monkeypatch.setenv("GEN_STATUS_INTERVAL", "0")
+    root = _classes(tmp_path / "data")
+    code, _, err = run_cli(main, [str(root)], capsys)
+    assert code == 0 and f"verify {root}: 6/6 file (100%)" in err
+
+
+# ---- pixel formats: one table, decoded by ImageFolder (RGB) and eval folder (grey kept grey).
+
+
+def _mode_file(tmp: Path, kind: str) -> Path:
+    path = tmp / f"{kind}.png"
+    if kind == "16-bit-grey":
+        Image.fromarray(np.full((4, 4), 65535 // 3, dtype=np.uint16)).save(path)
+    elif kind == "palette-transparent":
+        im = Image.new("P", (4, 4), 0)
+        im.putpalette([255, 255, 255] + [0, 0, 255] * 255)
+        im.putpixel((0, 0), 1)
+        im.save(path, transparency=0)  # index 0 (white) is fully transparent
+    elif kind == "rgba-transparent":
+        arr = np.zeros((4, 4, 4), np.uint8)
+        arr[..., :3] = 255  # white colour stored under alpha 0
+        arr[0, 0] = (0, 0, 255, 255)
+        Image.fromarray(arr).save(path)
+    elif kind == "grey-half-alpha":
+        Image.fromarray(np.stack([np.full((4, 4), 200, np.uint8), np.full((4, 4), 128, np.uint8)], -1)).save(path)
+    elif kind == "float-tiff":
+        path = tmp / "f.tif"
+        Image.fromarray(np.full((4, 4), 0.5, np.float32)).save(path)
+    elif kind == "animated-gif":
+        path = tmp / "a.gif"
+        Image.new("RGB", (4, 4)).save(path, save_all=True, append_images=[Image.new("RGB", (4, 4), (9, 9, 9))])
+    return path
+
+
+MODE_CASES = [
+    # (kind, expected RGB pixel (0, 0), expected RGB pixel (1, 1)) or (kind, error words)
+    ("16-bit-grey", (85, 85, 85), (85, 85, 85)),
+    ("palette-transparent", (0, 0, 255), (0, 0, 0)),
+    ("rgba-transparent", (0, 0, 255), (0, 0, 0)),
+    ("grey-half-alpha", (100, 100, 100), (100, 100, 100)),
+    ("float-tiff", "floating-point"),
+    ("animated-gif", "2 frames"),
+]
+
+
+@pytest.mark.parametrize("case", MODE_CASES, ids=[c[0] for c in MODE_CASES])
+def test_pixel_formats_follow_one_rule(case: tuple, tmp_path: Path) -> None:
+    from gen.data import CorruptImageError, load_image
+
+    path = _mode_file(tmp_path, case[0])
+    if len(case) == 2:
+        with pytest.raises(CorruptImageError, match=case[1]) as info:
+            load_image(path)
+        assert path.name in str(info.value)
+        return
+    rgb = np.asarray(load_image(path))
+    assert tuple(rgb[0, 0]) == case[1] and tuple(rgb[1, 1]) == case[2]
+
+
+def test_truncated_image_is_refused_even_when_pil_is_told_to_accept_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gen.data import CorruptImageError, ImageFolder
+
+    root = _classes(tmp_path / "data")
+    good = (root / "cat" / "0.png").read_bytes()
+    (root / "cat" / "0.png").write_bytes(good[:-30])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it on import
+    ds = ImageFolder(root, resolution=8)
+    with pytest.raises(CorruptImageError, match="0.png"):
+        ds[0]
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is left as it was
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10: batches are read without running code.
+
+
+class _Python2Pickler(pickle._Pickler):  # type: ignore[misc, name-defined]
+    """Writes what the official archive holds: Python 2 byte strings (BINSTRING) and numpy.core globals."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+    def save_global(self, obj: object, name: str | None = None) -> None:
+        module = obj.__module__.replace("numpy._core", "numpy.core")  # type: ignore[attr-defined]
+        self.write(pickle.GLOBAL + f"{module}\n{name or obj.__qualname__}\n".encode())  # type: ignore[attr-defined]
+        self.memoize(obj)
+
+    dispatch[type] = save_global
+
+
+def _official_batch(path: Path, labels: list[int]) -> np.ndarray:
+    data = np.zeros((len(labels), 3072), np.uint8)
+    for j, y in enumerate(labels):
+        data[j, 1024 * (y % 3)] = 10 * y + 5  # first pixel of one channel encodes the label
+    entry = {b"batch_label": b"training batch 1 of 5", b"labels": labels, b"data": data,
+             b"filenames": [f"img_{j}.png".encode() for j in range(len(labels))]}
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump(entry)
+    path.write_bytes(buf.getvalue())
+    return data
+
+
+def _cifar_folder(tmp: Path) -> Path:
+    folder = tmp / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for b, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        _official_batch(folder / name, [(b + j) % 10 for j in range(4)])
+    buf = io.BytesIO()
+    _Python2Pickler(buf, protocol=2).dump({b"label_names": [f"class{k}".encode() for k in range(10)],
+                                           b"num_cases_per_batch": 10000, b"num_vis": 3072})
+    (folder / "batches.meta").write_bytes(buf.getvalue())
+    return folder
+
+
+class _RunsCode:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_cifar_reads_official_batches_and_never_runs_code(tmp_path: Path) -> None:
+    from gen.data import CIFAR10
+    from gen.data.cifar import CIFARFileError
+
+    folder = _cifar_folder(tmp_path)
+    ds = CIFAR10(tmp_path, split="test", check_md5=False)  # the Python 2 format of the archive, restricted reader
+    assert ds.classes[3] == "class3" and ds.labels.tolist() == [5, 6, 7, 8]
+    assert [int(ds.images[j].flatten()[1024 * (y % 3)]) for j, y in enumerate([5, 6, 7, 8])] == [55, 65, 75, 85]
+
+    marker = tmp_path / "pwned"
+    for payload in (
+        {"data": _RunsCode(marker), "labels": [0]},  # a dict whose value runs code when built
+        _RunsCode(marker),  # the whole file
+    ):
+        (folder / "test_batch").write_bytes(pickle.dumps(payload, protocol=2))
+        with pytest.raises(CIFARFileError, match="test_batch") as info:
+            CIFAR10(tmp_path, split="test", check_md5=False)
+        assert "exec" in str(info.value) and not marker.exists()  # named (__builtin__.exec), never called
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda p: p.write_bytes(p.read_bytes()[:100]), "damaged"),
+    (lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.float32), "labels": [0, 1]})), "uint8"),
+    (lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]})), "labels"),
+    (lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]})), "labels"),
+], ids=["truncated", "float-data", "label-10", "too-few-labels"])
+def test_cifar_damaged_batches_name_the_file(damage: Callable[[Path], None], words: str, tmp_path: Path) -> None:
+    from gen.data import CIFAR10
+    from gen.data.cifar import CIFARFileError
+
+    folder = _cifar_folder(tmp_path)
+    damage(folder / "test_batch")
+    with pytest.raises(CIFARFileError, match=words) as info:
+        CIFAR10(tmp_path, split="test", check_md5=False)
+    assert str(folder / "test_batch") in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real entry point, as a user runs it: no traceback on stderr.
+
+
+def test_python_m_eval_prints_one_line_without_traceback(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "pngs", n=3)
+    _truncated_png(folder)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    got = subprocess.run([sys.executable, "-m", "eval", "folder", str(folder), "--ref", str(write_ref(tmp_path / "r.npz"))],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+    assert f"unreadable image: {folder / 'zz_cut.png'}" in got.stderr
+    assert got.stderr.strip().splitlines()[-1].startswith("python -m eval: error: 1 of 4 image files")
