@@ -9,7 +9,8 @@ Sampler config (``configs/sampler/*.yaml``)::
 
     kind: euler | heun | euler_maruyama | dpmpp_2m
     steps: 30
-    grid: {kind: uniform | shifted | karras, shift: 1.0, t_min: null, rho: 7.0, sigma_min: 0.002, sigma_max: 80}
+    grid: {kind: uniform | shifted | karras | log_snr, shift: 1.0, t_min: null, rho: 7.0, sigma_min: 0.002,
+           sigma_max: 80}      # karras: uniform in sigma^(1/rho); log_snr: uniform in log(alpha / sigma)
     guidance: {scale: 1.0, interval: null | [t_lo, t_hi], dit_legacy_channels: null}
     options: {}            # extra keyword arguments of the sampler function
 """
@@ -54,15 +55,18 @@ def _grid(cfg: Mapping[str, Any], steps: int, path: Path) -> Tensor:
         )
     elif kind == "shifted":
         ts = grids.shifted_grid(steps, float(cfg.pop("shift")), path.t_max, t_min=t_min)
-    elif kind == "karras":
+    elif kind in ("karras", "log_snr"):
         # sigma_* are VE noise levels sigma/alpha; on non-EDM paths they are mapped to path time.
         default_max = float(path.t_max) if isinstance(path, EDMPath) else 80.0
-        ts = grids.karras_grid(
-            steps, sigma_min=float(cfg.pop("sigma_min", 0.002)), sigma_max=float(cfg.pop("sigma_max", default_max)),
-            rho=float(cfg.pop("rho", 7.0)), path=None if isinstance(path, EDMPath) else path,
-        )
+        sigmas = {"sigma_min": float(cfg.pop("sigma_min", 0.002)),
+                  "sigma_max": float(cfg.pop("sigma_max", default_max))}
+        on = None if isinstance(path, EDMPath) else path
+        if kind == "karras":
+            ts = grids.karras_grid(steps, **sigmas, rho=float(cfg.pop("rho", 7.0)), path=on)
+        else:
+            ts = grids.log_snr_grid(steps, **sigmas, path=on)
     else:
-        raise ValueError(f"unknown sampler.grid.kind {kind!r}; use uniform, shifted or karras")
+        raise ValueError(f"unknown sampler.grid.kind {kind!r}; use uniform, shifted, karras or log_snr")
     if cfg:
         raise ValueError(f"unknown sampler.grid key(s) {sorted(cfg)} for grid kind {kind!r}")
     return ts

@@ -14,6 +14,7 @@ from gen.utils.seed import PerImageRandom
 from samplers import (
     cfg,
     karras_grid,
+    log_snr_grid,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_maruyama,
@@ -197,6 +198,68 @@ def test_dpmpp_2m_beats_euler_at_equal_nfe() -> None:
     err = {f.__name__: (f(model, noise, uniform_grid(16), path=LinearPath()) - exact).norm(dim=1).mean().item()
            for f in (sample_euler, sample_dpmpp_2m)}
     assert err["sample_dpmpp_2m"] < 0.2 * err["sample_euler"], err
+
+
+# Reference values from the official DPM-Solver (LuChengTHU/dpm-solver, dpm_solver_pytorch.py at commit
+# 52bc3fbcd5de56d60917b826b15d2b69460fc2fa), run outside this repository in float64 on the Gaussian above and the
+# linear path (its noise schedule given alpha = 1 - t, sigma = t, lambda and the inverse of lambda):
+# DPM_Solver(noise model = E[eps | x], algorithm_type="dpmsolver++").sample(sigma(t_T) * DPM_NOISE, steps=nfe - 1,
+# t_start=80/81, t_end=0.002/1.002, order=2, skip_type="logSNR", method="multistep", lower_order_final=lof,
+# denoise_to_zero=True). Its denoise_to_zero step is our interval into t = 0, so NFE matches.
+DPM_NOISE = torch.tensor([[0.3, -1.2], [1.5, 0.7], [-0.8, 0.1]], dtype=torch.float64)
+DPM_OFFICIAL = {
+    (4, True): [[0.818001232956259, -2.28996550973245], [2.04795366754932, -1.33426822131573],
+                [0.579931814644328, -2.19778545769893]],
+    (6, True): [[0.779541542754151, -2.5050340058246], [2.56539254636252, -1.02627066684659],
+                [0.352153815920751, -2.2572332116655]],
+    (8, True): [[0.782453636804484, -2.57282484917308], [2.68802248853903, -0.958123662673374],
+                [0.293407166840276, -2.26238191785799]],
+    (10, True): [[0.783508275611331, -2.58929162361286], [2.71687521256838, -0.94223873126734],
+                 [0.279438714302375, -2.26331867468277]],
+    # 10 solver steps: the official code no longer lowers the order (its test is `steps < 10`).
+    (11, True): [[0.784499567493847, -2.59259519956218], [2.72056489116462, -0.94055249425931],
+                 [0.277313145781356, -2.26280184855646]],
+    (6, False): [[0.775247078015075, -2.54269819327904], [2.64943967192421, -0.977029729993113],
+                 [0.314382525729304, -2.265437871324]],
+}
+# get_time_steps("logSNR", 80/81, 0.002/1.002, N=5) of the same run: our log_snr_grid(6) without its final 0.
+DPM_OFFICIAL_LOGSNR_TS = [0.9876543209876543, 0.9057403688545937, 0.5357819126974506, 0.12175078313500343,
+                          0.016378347237546245, 0.0019960079840319364]
+
+
+@pytest.mark.parametrize("nfe,lof", list(DPM_OFFICIAL), ids=[f"nfe{n}-{'lof' if lof else 'nolof'}"
+                                                             for n, lof in DPM_OFFICIAL])
+def test_dpmpp_2m_matches_official_solver(nfe: int, lof: bool) -> None:
+    path = LinearPath()
+    ts = log_snr_grid(nfe, path=path)
+    kwargs = {} if lof else {"lower_order_final": False}  # the default is the official one
+    x = sample_dpmpp_2m(GaussianVelocity(path), DPM_NOISE, ts, path=path, **kwargs)
+    torch.testing.assert_close(x, torch.tensor(DPM_OFFICIAL[nfe, lof], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_log_snr_grid_is_uniform_in_lambda_and_second_order_for_dpmpp_2m() -> None:
+    path = LinearPath()
+    ts = log_snr_grid(6, path=path)
+    torch.testing.assert_close(ts[:-1], torch.tensor(DPM_OFFICIAL_LOGSNR_TS, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert len(ts) == 7 and ts[-1].item() == 0.0
+    lam = path.log_snr(ts[:-1])
+    torch.testing.assert_close(torch.diff(lam), torch.full((5,), (math.log(80.0) - math.log(0.002)) / 5,
+                                                           dtype=torch.float64))
+    torch.testing.assert_close(log_snr_grid(6)[:-1], ts[:-1] / (1 - ts[:-1]))  # EDM sigma = t / (1 - t)
+    from gen.pipeline import _grid
+    torch.testing.assert_close(_grid({"kind": "log_snr"}, 6, path), ts, rtol=0, atol=0)
+
+    # Order 2 against the exact solution of the same problem: the flow to the last positive time, then E[x0 | x].
+    model, noise = GaussianVelocity(path), gaussian_noise(512, 1)
+    steps, errors = [16, 32, 64, 128], []
+    for n in steps:
+        ts = log_snr_grid(n, path=path)
+        t_min = ts[-2].item()
+        x_min = model.flow_map(noise * ts[0], ts[0].item(), t_min)
+        x0_hat, _ = path.x0_eps_from_velocity(x_min, model(x_min, torch.full((512,), t_min), None), t_min)
+        errors.append((sample_dpmpp_2m(model, noise, ts, path=path) - x0_hat).norm(dim=1).mean().item())
+    slope = fit_order(errors, steps)
+    assert 1.8 < slope < 2.3, (slope, errors)
 
 
 @pytest.mark.parametrize(
