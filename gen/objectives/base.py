@@ -2,7 +2,9 @@
 
 Contract (docs/architecture.md): ``forward(net, x0, y, *, generator=None) -> dict[str, Tensor]`` with a per-sample
 ``"loss"`` of shape ``(B,)`` and further ``(B,)`` entries that are only logged. The training loop reduces, scales and
-backpropagates. Every random draw takes the optional ``generator`` so one step is reproducible from
+backpropagates; it averages ``"loss"`` over the batch. How a sample's elements are reduced is the objective's choice,
+stated in its docstring, because it sets the gradient scale that learning rates and clipping are tuned to (EDM sums,
+flow matching averages). Every random draw takes the optional ``generator`` so one step is reproducible from
 ``gen.utils.seed.step_generator``. Auxiliary modules (projectors, ...) are children, so they reach the optimizer and
 the training state.
 """
@@ -21,6 +23,11 @@ from gen.paths import Path, TimeSampler
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the first: ``(B, ...) -> (B,)``."""
     return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def sum_flat(x: Tensor) -> Tensor:
+    """Sum over every dimension but the first: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
 class Objective(nn.Module, ABC):
