@@ -119,7 +119,7 @@ def run_sampler(
     fn = getattr(samplers, SAMPLER_KINDS[spec.kind])
     ts = _grid(spec.grid, spec.steps, path).to(noise.device)
     kwargs: dict[str, Any] = dict(spec.options)
-    if spec.kind == "euler_maruyama" and randn_like is not None:
+    if randn_like is not None:  # every sampler takes it; the stochastic ones (SDE, Heun churn) draw from it
         kwargs["randn_like"] = randn_like
     return fn(model_fn, noise, ts, path=path, y=y, **kwargs)
 

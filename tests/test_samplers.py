@@ -323,6 +323,56 @@ def test_edm_path_heun_with_karras_grid() -> None:
     assert_moments(x, mu_tol=0.04, cov_tol=0.05)
 
 
+# Reference values from EDM's sampler (NVlabs/edm generate.py ``edm_sampler`` at commit
+# 008a4e5316c8e3bfe61a62f874bddba254295afb), run outside this repository in float64 on the Gaussian above with
+# net(x, sigma) = E[x0 | x] on the EDM path, latents EDM_NOISE, the default Karras grid (sigma 80 -> 0.002, rho 7) and
+# randn_like drawing float64 from torch.Generator().manual_seed(0).
+EDM_NOISE = DPM_NOISE
+EDM_CHURN = {
+    # (num_steps, S_churn, S_min, S_max, S_noise): samples
+    (16, 40.0, 0.05, 50.0, 1.003): [[0.666119092589325, -2.23336770463164], [0.728754638496205, -1.83372081466194],
+                                    [2.32865408856821, -1.19685289690547]],
+    (16, 3.0, 0.0, math.inf, 1.0): [[0.815750290391345, -2.33279307698354], [0.301095201475622, -2.07249842983761],
+                                    [1.42150191652614, -1.58382725615208]],
+}
+
+
+@pytest.mark.parametrize("setting", list(EDM_CHURN), ids=["gamma-capped-in-range", "gamma-3/16-everywhere"])
+def test_heun_churn_matches_edm_sampler(setting) -> None:
+    # gamma = min(S_churn / N, sqrt(2) - 1): 40 / 16 is capped at 0.414, 3 / 16 = 0.1875 is not. EDM draws the churn
+    # noise at every step, also outside [S_min, S_max], so the random streams (and the samples) agree.
+    n, churn, s_min, s_max, s_noise = setting
+    g = torch.Generator().manual_seed(0)
+    path = EDMPath()
+    model = GaussianVelocity(path)
+    x = sample_heun(model, EDM_NOISE, karras_grid(n), path=path, s_churn=churn, s_min=s_min, s_max=s_max,
+                    s_noise=s_noise, randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    torch.testing.assert_close(x, torch.tensor(EDM_CHURN[setting], dtype=torch.float64), rtol=0, atol=1e-10)
+    assert model.calls == heun_nfe(n)  # churn costs no evaluations
+
+
+def test_heun_churn_on_the_linear_path_is_edm_churn_in_noise_ratio() -> None:
+    # On a scaled path the churn raises EDM's sigma = sigma_t / alpha_t (t / (1 - t) here) and acts on x / alpha as on
+    # EDM's x (NVlabs/edm generate.py ablation_sampler with scaling s = alpha): the model sees
+    # x_hat = (alpha_hat / alpha) x + alpha_hat sqrt(r_hat^2 - r^2) z at t_hat.
+    lin, seen = LinearPath(), []
+    ts = karras_grid(4, path=lin)
+    noise = gaussian_noise(3, 5)
+    z = gaussian_noise(3, 6)
+    sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=1.0, randn_like=lambda x: z, callback=seen.append)
+    t0, r0 = ts[0].item(), ts[0].item() / (1 - ts[0].item())
+    r_hat = r0 * (1 + 0.25)  # gamma = 1 / 4 steps
+    t_hat = r_hat / (1 + r_hat)
+    assert seen[0]["t"] == pytest.approx(t_hat, rel=1e-14)
+    want = (1 - t_hat) / (1 - t0) * (t0 * noise) + (1 - t_hat) * math.sqrt(r_hat**2 - r0**2) * z
+    torch.testing.assert_close(seen[0]["x"], want)
+    # Without churn (the default), Heun is deterministic and ignores randn_like.
+    a = sample_heun(GaussianVelocity(lin), noise, ts, path=lin, randn_like=lambda x: 1 / 0)
+    torch.testing.assert_close(a, sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=0.0))
+    with pytest.raises(ValueError, match="s_churn"):
+        sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=-1.0)
+
+
 def test_sampler_determinism_and_dtype() -> None:
     model = GaussianVelocity(LinearPath())
     noise = gaussian_noise(8, 3).float()
