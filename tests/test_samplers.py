@@ -279,6 +279,88 @@ def test_euler_maruyama_recovers_gaussian_moments(path, diffusion, last_step) ->
     assert_moments(x, mu_tol=0.03, cov_tol=0.04)
 
 
+# Reference values from SiT's SDE sampler (willisma/SiT transport/transport.py Sampler.sample_sde, integrators.py sde,
+# path.py compute_diffusion, at commit 947f95bd3a510e9af441d38c1e9f72e0eee873c5), run outside this repository in
+# float64: Transport(velocity, Linear or GVP path, sample_eps=1e-3), sample_sde(sampling_method="Euler",
+# diffusion_form=form, diffusion_norm=norm, last_step="Mean", last_step_size=0.04, num_steps=20), model(x, t) =
+# -v(x, 1 - t) of the Gaussian above (its data at t = 1), initial state sigma * SDE_NOISE at its t0 (1e-3 for SBDM,
+# else 0), after torch.manual_seed(0) (the step noise is th.randn, float64). Their t in [t0, 0.96] plus the last step
+# of 0.04 is our uniform_grid(20, 1 - t0, t_min=0.04). SiT's "increasing-decreasing" key is spelled
+# "inccreasing-decreasing" there.
+SDE_NOISE = DPM_NOISE
+SIT_SDE = {
+    ("linear", "sigma", 1.0): [[-0.013042598521578, -2.33179696031924], [1.1738188252301, -1.59883338473533],
+                               [0.490184605672028, -1.87405319573661]],
+    ("linear", "SBDM", 1.0): [[-0.392947968963139, -2.46072085084888], [1.35040942647561, -1.53437600368],
+                              [1.12686257159372, -1.46965861128989]],
+    ("linear", "linear", 2.0): [[-0.166147521486879, -2.43448401561567], [1.01927935174999, -1.76131625446941],
+                                [0.738120235233462, -1.66571199970554]],
+    ("linear", "decreasing", 0.5): [[0.230512855086879, -2.40024525921223], [1.35327201131433, -1.4770957143953],
+                                    [0.330177882842931, -2.00891493916345]],
+    ("linear", "increasing-decreasing", 1.0): [[-0.412055825070093, -2.43353029134007],
+                                               [1.93909746385283, -1.1722106210038],
+                                               [0.820258326139919, -1.63443567057513]],
+    # 20 steps are far too few where the SBDM diffusion (pi / 2) tan(pi t / 2) is large; the values still pin it.
+    ("cosine", "SBDM", 0.5): [[2.97081883724157, 0.251926271806383], [-9.01212663502067, -7.87686577871318],
+                              [1.66381106582788, -1.61713671666427]],
+    ("cosine", "decreasing", 1.0): [[0.609993724374552, -2.46774057844838], [1.32978455538969, -1.52553628211906],
+                                    [0.253532890810198, -2.24034511856048]],
+}
+
+
+@pytest.mark.parametrize("case", list(SIT_SDE), ids=["-".join(map(str, c)) for c in SIT_SDE])
+def test_euler_maruyama_matches_sit_sde_sampler(case) -> None:
+    kind, form, norm = case
+    path = LinearPath() if kind == "linear" else CosinePath()
+    t0 = 1e-3 if form == "SBDM" else 0.0
+    g = torch.Generator().manual_seed(0)
+    x = sample_euler_maruyama(
+        GaussianVelocity(path), SDE_NOISE, uniform_grid(20, 1.0 - t0, t_min=0.04), path=path,
+        randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype),
+        diffusion=form, diffusion_norm=norm, last_step="mean",
+    )
+    torch.testing.assert_close(x, torch.tensor(SIT_SDE[case], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"])
+def test_euler_maruyama_mean_last_step_closed_form(form: str) -> None:
+    # SiT's "Mean" last step: x + drift * 0.04 with drift = v_SiT + w s (transport.py __get_last_step). In our time,
+    # with E[x0 | x], E[eps | x] of the Gaussian and s = -E[eps | x] / t on the linear path, it is
+    # x - 0.04 (E[eps] - E[x0] + w E[eps] / t) at t = 0.04, with w from SiT's formulas (path.py compute_diffusion)
+    # at SiT time 0.96, norm 0.8.
+    t, n = 0.04, 0.8
+    t_sit = 1.0 - t
+    w = {"sigma": n * (1 - t_sit), "constant": n, "SBDM": n * (1 / t_sit * (1 - t_sit) ** 2 + (1 - t_sit)),
+         "linear": n * (1 - t_sit), "decreasing": 0.25 * (n * math.cos(math.pi * t_sit) + 1) ** 2,
+         "increasing-decreasing": n * math.sin(math.pi * t_sit) ** 2}[form]
+    path = LinearPath()
+    x = gaussian_noise(6, 9) * 0.3 + MU
+    # Gaussian conditioning: C = alpha^2 cov + sigma^2 I, E[eps | x] = sigma C^-1 (x - alpha mu),
+    # E[x0 | x] = mu + alpha cov C^-1 (x - alpha mu).
+    a, s = 1 - t, t
+    cinv = torch.linalg.inv(a**2 * COV + s**2 * torch.eye(2, dtype=torch.float64))
+    r = (x - a * MU) @ cinv.T
+    e_eps, e_x0 = s * r, MU + a * r @ COV.T
+    want = x - t * (e_eps - e_x0 + w * e_eps / t)
+    got = sample_euler_maruyama(GaussianVelocity(path), x / t, torch.tensor([t, 0.0], dtype=torch.float64),
+                                path=path, diffusion=form, diffusion_norm=n, last_step="mean")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_diffusion_forms_refuse_bad_settings() -> None:
+    from samplers.sde import diffusion_coefficient
+
+    assert diffusion_coefficient(LinearPath(), 1.0, "SBDM") == math.inf
+    assert diffusion_coefficient(EDMPath(), 2.0, "SBDM") == pytest.approx(2.0)  # sigma sigma' on the EDM path
+    with pytest.raises(ValueError, match="t_max"):
+        diffusion_coefficient(EDMPath(), 2.0, "decreasing")
+    with pytest.raises(ValueError, match="unknown diffusion form"):
+        diffusion_coefficient(LinearPath(), 0.5, "sbdm")
+    with pytest.raises(ValueError, match="infinite at t = 1.0"):
+        sample_euler_maruyama(GaussianVelocity(LinearPath()), gaussian_noise(2, 0), uniform_grid(4),
+                              path=LinearPath(), diffusion="SBDM")
+
+
 def test_euler_maruyama_is_stochastic_and_zero_diffusion_is_euler() -> None:
     model = GaussianVelocity(LinearPath())
     noise = gaussian_noise(64, 4)
