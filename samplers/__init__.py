@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from samplers.dpm_solver import sample_dpmpp_2m
 from samplers.euler import sample_euler
-from samplers.grids import karras_grid, shifted_grid, uniform_grid
+from samplers.grids import karras_grid, log_snr_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
 from samplers.sde import sample_euler_maruyama
@@ -23,6 +23,6 @@ __all__ = [
     "sample_euler_maruyama",
     "sample_dpmpp_2m",
     "EncoderSharing",
-    "uniform_grid", "shifted_grid", "karras_grid",
+    "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid",
     "cfg",
 ]

@@ -8,8 +8,16 @@ from the velocity at ``(x_i, t_i)``, one step is
 
 and ``D'_0 = D_0`` (first order). ``alpha_{i+1} (1 - e^{-h_i})`` is evaluated as ``alpha_{i+1} - alpha_i sigma_{i+1} /
 sigma_i``, which stays finite at pure noise (``alpha = 0``, ``lambda = -inf``); a step after such a start has
-``r = inf`` and is first order too. The step that ends at ``t = 0`` (``sigma = 0``) is first order: ``x = alpha(0) D``.
-NFE = number of intervals.
+``r = inf`` and is first order too. NFE = number of intervals.
+
+Correspondence with the official solver (LuChengTHU/dpm-solver, dpm_solver_pytorch.py, ``DPM_Solver.sample`` with
+``algorithm_type="dpmsolver++"``, ``method="multistep"``, ``order=2``): its time steps are our grid without a final 0,
+and the interval into ``t = 0`` is its ``denoise_to_zero`` step (``x = alpha(0) D``, first order by construction).
+"Lower order final": the last of those solver steps (the one into the smallest positive time) is taken at first
+order when there are fewer than 10 of them, which is what the official code does by default (its docstring says
+15; the code tests ``steps < 10``). It keeps the second-order extrapolation away from the large final ``h`` of grids
+that end at a small ``t_min`` (Karras, log-SNR). The method is second order on grids uniform in lambda
+(``samplers.grids.log_snr_grid``, the official ``skip_type="logSNR"``).
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from torch import Tensor
 
 from gen.paths import Path
 from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+
+# The official solver lowers the order of its final step below this many steps.
+LOWER_ORDER_FINAL_BELOW = 10
 
 
 def _coef(path: Path, t: float) -> tuple[float, float, float]:
@@ -40,23 +51,30 @@ def sample_dpmpp_2m(
     y: Tensor | None = None,
     callback: Callback | None = None,
     randn_like: RandnLike = torch.randn_like,
+    lower_order_final: bool | None = None,
 ) -> Tensor:
     """Sample with DPM-Solver++(2M) over the path's log-SNR.
 
     Args:
         model_fn: ``(x, t (B,), y) -> velocity``; converted to an x0 estimate with ``path.x0_eps_from_velocity``.
         noise: unit Gaussian noise; the state starts at ``sigma(ts[0]) * noise``.
-        ts: descending grid ending at 0.
+        ts: descending grid, usually ending at 0 (then the last interval is the official ``denoise_to_zero``).
         path: the path the model was trained on.
         y: labels ``(B,)`` or None.
         callback: called per step with ``{"x", "i", "t", "t_next", "denoised"}``.
         randn_like: unused (deterministic sampler).
+        lower_order_final: take the last solver step (the one into the smallest positive time) at first order.
+            None (default) follows the official solver: on when the grid has fewer than 10 solver steps, i.e.
+            ``len(ts) - 2 < 10`` for a grid ending at 0.
 
     Returns:
-        Samples at ``t = 0``.
+        Samples at ``ts[-1]``.
     """
     check_inputs(noise, ts)
     grid = [float(t) for t in ts]
+    solver_steps = len(grid) - 1 - (grid[-1] == 0.0)
+    if lower_order_final is None:
+        lower_order_final = solver_steps < LOWER_ORDER_FINAL_BELOW
     x = prior(noise, grid[0], path)
     d_prev: Tensor | None = None
     h_prev = math.inf
@@ -71,7 +89,13 @@ def sample_dpmpp_2m(
             x = a_n * d
             break
         h = lam_n - lam
-        if d_prev is None or not math.isfinite(h_prev) or not math.isfinite(h):
+        first_order = (
+            d_prev is None
+            or not math.isfinite(h_prev)
+            or not math.isfinite(h)
+            or (lower_order_final and i == solver_steps - 1)
+        )
+        if first_order:
             d_hat = d
         else:
             r = h_prev / h

@@ -5,17 +5,19 @@ pipeline, ``builder(steps, path=path, **options)`` (its ``_target_`` spec holds 
 the path's. ``t_min`` (optional) is the smallest non-zero time:
 the grid runs from ``t_max`` to ``t_min`` in ``steps - 1`` intervals and then jumps to 0 (EDM's sigma_min).
 DDT's grid (250 points on [0, 0.96] in its flipped time, then a last step to the data) is
-``uniform_grid(250, t_min=0.04)``.
+``uniform_grid(250, t_min=0.04)``; so is SiT's SDE grid (``linspace(0, 0.96, 250)`` plus its 0.04 "last step").
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from gen.paths import EDMPath, Path, shift_time
 
-__all__ = ["uniform_grid", "shifted_grid", "karras_grid", "check_grid"]
+__all__ = ["uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid", "check_grid"]
 
 
 def _finish(ts: Tensor) -> Tensor:
@@ -88,6 +90,13 @@ def shifted_grid(
     return _finish(ts)
 
 
+def _noise_ratio_endpoints(steps: int, sigma_min: float, sigma_max: float) -> None:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+
+
 def karras_grid(
     steps: int,
     sigma_min: float = 0.002,
@@ -104,16 +113,38 @@ def karras_grid(
     """
     if sigma_max is None:
         sigma_max = float(path.t_max) if isinstance(path, EDMPath) else 80.0
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
+    _noise_ratio_endpoints(steps, sigma_min, sigma_max)
     if steps == 1:
         sig = torch.tensor([sigma_max], dtype=torch.float64)
     else:
         ramp = torch.linspace(0.0, 1.0, steps, dtype=torch.float64)
         lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
         sig = (hi + ramp * (lo - hi)) ** rho
+        sig[0], sig[-1] = sigma_max, sigma_min
+    ts = sig if path is None else path.t_from_noise_ratio(sig)
+    return _finish(ts)
+
+
+def log_snr_grid(
+    steps: int,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    *,
+    path: Path | None = None,
+) -> Tensor:
+    """Grid uniform in the log-SNR ``lambda = log(alpha / sigma)``, then 0. Shape ``(steps + 1,)``.
+
+    ``steps - 1`` intervals of equal ``lambda`` from ``sigma_max`` to ``sigma_min`` (VE noise levels ``sigma /
+    alpha``, mapped to ``path`` time when given), then the jump to 0. This is DPM-Solver's ``skip_type="logSNR"``
+    (LuChengTHU/dpm-solver, dpm_solver_pytorch.py ``get_time_steps``) and k-diffusion's ``get_sigmas_exponential``;
+    DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+    Models") measures second order on it, where a uniform grid in t ending at 0 gives about 1.5.
+    """
+    _noise_ratio_endpoints(steps, sigma_min, sigma_max)
+    if steps == 1:
+        sig = torch.tensor([sigma_max], dtype=torch.float64)
+    else:
+        sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64).exp()
         sig[0], sig[-1] = sigma_max, sigma_min
     ts = sig if path is None else path.t_from_noise_ratio(sig)
     return _finish(ts)

@@ -10,6 +10,23 @@ with ``s = path.score_from_velocity(x, v, t)``. The interval that ends at ``t = 
 singular there): ``last_step="euler"`` takes the ODE step (on linear/EDM paths this lands on the x0 estimate,
 Tweedie's formula), ``"mean"`` takes the SDE drift without noise. NFE = number of intervals.
 
+SiT's sampler (willisma/SiT transport/transport.py ``Sampler.sample_sde``, integrators.py ``sde``) with its defaults
+(Euler, ``last_step="Mean"``, ``last_step_size=0.04``, 250 steps) is this function on ``uniform_grid(250,
+t_min=0.04)`` with ``last_step="mean"``: 249 Euler-Maruyama steps on ``linspace(0, 0.96, 250)`` of its time (data
+at 1), then the drift step of size 0.04. Its diffusion forms (transport/path.py ``compute_diffusion``), written in
+our time ``t = 1 - t_SiT`` with ``n = norm``:
+
+* ``"constant"``: ``n``;
+* ``"SBDM"``: ``n (sigma sigma' - (alpha' / alpha) sigma^2)``, SiT's ``compute_drift`` variance, the diffusion of
+  the score-based (VP) SDE; ``t / (1 - t)`` on the linear path, infinite at pure noise;
+* ``"sigma"``: ``n sigma_t`` (SiT's default and best);
+* ``"linear"``: ``n t``;
+* ``"decreasing"``: ``(1 - n cos(pi t))^2 / 4``;
+* ``"increasing-decreasing"``: ``n sin^2(pi t)`` (spelled "inccreasing-decreasing" in SiT's code, so its CLI
+  choice of that name fails there).
+
+The last three are functions of time on ``[0, 1]`` and are refused on paths with another ``t_max``.
+
 Euler-Maruyama needs small steps: for a well-trained model the drift contracts ``x - alpha x0`` by about
 ``1 - |h| (sigma' + w / sigma) / sigma`` per step, which overshoots once ``|h|`` is comparable to sigma (e.g. a coarse
 Karras grid on the EDM path with ``w = sigma``). SiT uses 250 steps; the Gaussian tests use 200.
@@ -27,20 +44,35 @@ from torch import Tensor
 from gen.paths import Path
 from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
 
-DiffusionForm = Literal["sigma", "constant"]
+DiffusionForm = Literal["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"]
+DIFFUSION_FORMS = ("sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing")
+_UNIT_TIME_FORMS = ("linear", "decreasing", "increasing-decreasing")
 
 
 def diffusion_coefficient(
     path: Path, t: float, form: DiffusionForm | Callable[[float], float] = "sigma", norm: float = 1.0
 ) -> float:
-    """``w(t)``: ``"sigma"`` = ``norm * sigma_t`` (SiT's best), ``"constant"`` = ``norm``, or a callable of t."""
+    """``w(t)`` of a named SiT diffusion form (module docstring) scaled by ``norm``, or a callable of t."""
     if callable(form):
         return float(form(t))
-    if form == "sigma":
-        return norm * float(path.sigma(torch.tensor(t, dtype=torch.float64)))
+    if form not in DIFFUSION_FORMS:
+        raise ValueError(f"unknown diffusion form {form!r}; expected one of {list(DIFFUSION_FORMS)} or a callable")
+    if form in _UNIT_TIME_FORMS and path.t_max != 1.0:
+        raise ValueError(f"diffusion form {form!r} is defined for t in [0, 1], but this path has t_max = "
+                         f"{path.t_max}; use 'sigma', 'SBDM', 'constant' or a callable")
     if form == "constant":
         return float(norm)
-    raise ValueError(f"unknown diffusion form {form!r}; expected 'sigma', 'constant' or a callable")
+    if form == "linear":
+        return norm * t
+    if form == "decreasing":
+        return 0.25 * (1.0 - norm * math.cos(math.pi * t)) ** 2
+    if form == "increasing-decreasing":
+        return norm * math.sin(math.pi * t) ** 2
+    a, s, da, ds = (float(c) for c in path.coefficients(torch.tensor(t, dtype=torch.float64)))
+    if form == "sigma":
+        return norm * s
+    # SBDM: the diffusion g_t of the score SDE whose drift is (alpha' / alpha) x (SiT compute_drift), in our time.
+    return norm * (s * ds - da / a * s * s) if a > 0 else math.inf
 
 
 @torch.no_grad()
@@ -67,7 +99,7 @@ def sample_euler_maruyama(
         y: labels ``(B,)`` or None.
         callback: called per step with ``{"x", "i", "t", "t_next", "denoised"}``.
         randn_like: source of the step noise ``z`` (per-image generators keep a sample set batch-independent).
-        diffusion: ``w(t)`` form, or a callable ``t -> w``.
+        diffusion: ``w(t)`` form (``DIFFUSION_FORMS``, see the module docstring), or a callable ``t -> w``.
         diffusion_norm: scale of the named forms.
         last_step: deterministic step on the interval that ends at 0: ``"euler"`` (ODE) or ``"mean"`` (drift).
 
@@ -88,6 +120,9 @@ def sample_euler_maruyama(
             x = x + h * v
             continue
         w = diffusion_coefficient(path, t, diffusion, diffusion_norm)
+        if not math.isfinite(w):
+            raise ValueError(f"diffusion {diffusion!r} is infinite at t = {t} (alpha = 0 there); start the grid "
+                             f"below the path's t_max, e.g. grid kind karras or log_snr")
         score = path.score_from_velocity(x, v, t).to(x.dtype)
         x = x + h * (v - w * score)
         if t_next > 0.0:

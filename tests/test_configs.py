@@ -14,8 +14,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from gen.paths import EDMPath, LinearPath
 from gen.utils.build import TRAINING_PACKAGES, build
-from pipeline import SamplerSpec
+from pipeline import SamplerSpec, run_sampler
+from samplers.guidance import in_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -93,3 +95,64 @@ def test_unknown_override_is_refused_with_its_name() -> None:
 def test_sample_config_composes() -> None:
     cfg = _compose(["snapshot=x.safetensors"], name="sample")
     assert cfg.sampler.solver._target_ == "samplers.sample_euler" and cfg.seeds == "0-63"
+
+
+def _sampler(overrides: list[str]) -> tuple[SamplerSpec, dict]:
+    c = OmegaConf.to_container(_compose(overrides), resolve=True)
+    return SamplerSpec.from_config(c["sampler"]), c
+
+
+@pytest.mark.parametrize("epochs,scale,start", [(64, 10.0, 0.10), (800, 6.7, 0.125)])
+def test_lightningdit_sampler_presets_match_their_inference(epochs: int, scale: float, start: float) -> None:
+    # hustvl/LightningDiT transport/integrators.py ode: t = linspace(0, 1, 250) shifted by s t / (1 + (s - 1) t) with
+    # s = 0.3 (data at t = 1), Euler between the points; models/lightningdit.py forward_with_cfg guides the first 3
+    # channels unless t < cfg_interval_start (configs/reproductions/lightningdit_xl_vavae_f16d32_{64,800}ep_cfg.yaml).
+    spec, _ = _sampler([f"sampler=euler_lightningdit_{epochs}ep"])
+    t_l = torch.linspace(0.0, 1.0, 250, dtype=torch.float64)
+    t_l = 0.3 * t_l / (1 + (0.3 - 1) * t_l)
+    ts = spec.time_grid(LinearPath())
+    assert spec.config["solver"]["_target_"] == "samplers.sample_euler" and spec.steps == 249 and len(ts) == 250
+    torch.testing.assert_close(ts, 1.0 - t_l, rtol=0, atol=1e-14)  # t_ours = 1 - t_theirs, point by point
+    guided = in_interval(ts, tuple(spec.guidance["interval"]))
+    assert torch.equal(guided, t_l >= start)
+    assert spec.guidance["scale"] == scale and spec.guidance["dit_legacy_channels"] == 3
+
+
+def test_lightningdit_experiment_uses_the_64_epoch_sampler() -> None:
+    spec, c = _sampler(["experiment=in256_lightningdit_xl1"])
+    assert c["trainer"]["total_kimg"] == 81920  # 80K steps x 1024 = 64 epochs
+    assert spec.guidance == {"scale": 10.0, "interval": [0.0, 0.9], "dit_legacy_channels": 3} and spec.steps == 249
+
+
+def test_sit_sde_preset_and_dit_experiment_match_sit_defaults() -> None:
+    # willisma/SiT sample_sde defaults: Euler, diffusion "sigma" (norm 1), last step "Mean" of size 0.04, 250 steps on
+    # linspace(0, 0.96, 250) of its time (data at 1).
+    for overrides in (["sampler=euler_maruyama_sit"], ["experiment=in256_dit_xl2"]):
+        spec, _ = _sampler(overrides)
+        ts = spec.time_grid(LinearPath())
+        want = torch.cat([1.0 - torch.linspace(0.0, 0.96, 250, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        torch.testing.assert_close(ts, want, rtol=0, atol=1e-14)
+        assert spec.steps == 250 and spec.config["solver"] == {
+            "_target_": "samplers.sample_euler_maruyama", "diffusion": "sigma", "diffusion_norm": 1.0,
+            "last_step": "mean"}
+    assert spec.guidance["scale"] == 1.5 and spec.guidance["dit_legacy_channels"] == 3
+
+
+def test_edm_imagenet64_preset_reproduces_edm_stochastic_sampler() -> None:
+    # NVlabs/edm README (ImageNet-64): --steps=256 --S_churn=40 --S_min=0.05 --S_max=50 --S_noise=1.003. Reference:
+    # edm_sampler of NVlabs/edm generate.py at commit 008a4e5316c8e3bfe61a62f874bddba254295afb with those settings, run
+    # outside this repository in float64 on the Gaussian of tests/test_samplers.py (net = E[x0 | x]), latents
+    # [[0.3, -1.2], [1.5, 0.7], [-0.8, 0.1]] and randn_like from torch.Generator().manual_seed(0) (float64).
+    from tests.test_samplers import GaussianVelocity
+
+    spec, _ = _sampler(["sampler=heun_edm_in64"])
+    assert spec.config["solver"] == {"_target_": "samplers.sample_heun", "s_churn": 40.0, "s_min": 0.05,
+                                     "s_max": 50.0, "s_noise": 1.003}
+    path = EDMPath()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.tensor([[0.3, -1.2], [1.5, 0.7], [-0.8, 0.1]], dtype=torch.float64)
+    x = run_sampler(GaussianVelocity(path), noise, None, path, spec,
+                    randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    want = [[1.16828939079334, -1.88228585248926], [0.479035957089768, -2.39815164080638],
+            [2.00842872365513, -1.72856014553525]]
+    torch.testing.assert_close(x, torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-9)

@@ -160,7 +160,7 @@ def test_edm_loss_weight_closed_form_and_loss() -> None:
     net = TinyNet()
     x0, y = toy_batch(8, torch.Generator().manual_seed(0))
     out = obj(net, {"x0": x0, "label": y}, rng(8, 2))
-    torch.testing.assert_close(out["loss"], edm_loss_weight(out["sigma"]) * out["mse"])
+    torch.testing.assert_close(out["loss"], edm_loss_weight(out["sigma"]) * out["mse"] * x0[0].numel())
     g = torch.Generator().manual_seed(2)
     sigma = torch.exp(-1.2 + 1.2 * torch.randn(8, generator=g, dtype=torch.float64)).float()
     eps = torch.randn(x0.shape, generator=g)
@@ -170,6 +170,30 @@ def test_edm_loss_weight_closed_form_and_loss() -> None:
         "path": {"_target_": "gen.paths.EDMPath", "sigma_max": 80.0}, "prediction": "x0",
         "precond": {"_target_": "gen.models.precond.EDMPrecond", "sigma_data": 0.5},
     }
+
+
+def test_edm_loss_sums_over_elements_like_nvlabs_edm() -> None:
+    # NVlabs/edm training/loss.py returns weight * (D - y)^2 unreduced and training/training_loop.py backpropagates
+    # loss.sum() / batch: a sum over the elements of each sample. Closed form with F = 0, x0 = 0, eps = 1:
+    # D = c_skip sigma, so the per-sample loss is lambda c_skip^2 sigma^2 * numel = sd^2 / (sigma^2 + sd^2) * numel.
+    sigma = torch.tensor([0.5, 1.0, 2.0])
+
+    class Fixed(EDMLoss):
+        def draw(self, x0, y, null_class, rng):
+            return torch.ones_like(x0), sigma, y
+
+    class Zero(nn.Module):
+        num_classes = 1
+
+        def forward(self, x, t, y):
+            return ModelOutput(torch.zeros_like(x))
+
+    x0 = torch.zeros(3, 3, 4, 4)
+    out = Fixed(sigma_data=0.5)(Zero(), {"x0": x0}, rng(3, 0))
+    want = 0.25 / (sigma**2 + 0.25) * 48  # 48 = 3 * 4 * 4 elements
+    torch.testing.assert_close(out["loss"], want)
+    assert out["loss"][0].item() == pytest.approx(24.0)
+    torch.testing.assert_close(out["mse"], want / 48 / edm_loss_weight(sigma))  # logged: unweighted mean
 
 
 def test_velocity_model_from_spec() -> None:

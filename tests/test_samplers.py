@@ -14,6 +14,7 @@ from gen.utils.seed import PerImageRandom
 from samplers import (
     cfg,
     karras_grid,
+    log_snr_grid,
     sample_dpmpp_2m,
     sample_euler,
     sample_euler_maruyama,
@@ -199,6 +200,71 @@ def test_dpmpp_2m_beats_euler_at_equal_nfe() -> None:
     assert err["sample_dpmpp_2m"] < 0.2 * err["sample_euler"], err
 
 
+# Reference values from the official DPM-Solver (LuChengTHU/dpm-solver, dpm_solver_pytorch.py at commit
+# 52bc3fbcd5de56d60917b826b15d2b69460fc2fa), run outside this repository in float64 on the Gaussian above and the
+# linear path (its noise schedule given alpha = 1 - t, sigma = t, lambda and the inverse of lambda):
+# DPM_Solver(noise model = E[eps | x], algorithm_type="dpmsolver++").sample(sigma(t_T) * DPM_NOISE, steps=nfe - 1,
+# t_start=80/81, t_end=0.002/1.002, order=2, skip_type="logSNR", method="multistep", lower_order_final=lof,
+# denoise_to_zero=True). Its denoise_to_zero step is our interval into t = 0, so NFE matches.
+DPM_NOISE = torch.tensor([[0.3, -1.2], [1.5, 0.7], [-0.8, 0.1]], dtype=torch.float64)
+DPM_OFFICIAL = {
+    (4, True): [[0.818001232956259, -2.28996550973245], [2.04795366754932, -1.33426822131573],
+                [0.579931814644328, -2.19778545769893]],
+    (6, True): [[0.779541542754151, -2.5050340058246], [2.56539254636252, -1.02627066684659],
+                [0.352153815920751, -2.2572332116655]],
+    (8, True): [[0.782453636804484, -2.57282484917308], [2.68802248853903, -0.958123662673374],
+                [0.293407166840276, -2.26238191785799]],
+    (10, True): [[0.783508275611331, -2.58929162361286], [2.71687521256838, -0.94223873126734],
+                 [0.279438714302375, -2.26331867468277]],
+    # 10 solver steps: the official code no longer lowers the order (its test is `steps < 10`).
+    (11, True): [[0.784499567493847, -2.59259519956218], [2.72056489116462, -0.94055249425931],
+                 [0.277313145781356, -2.26280184855646]],
+    (6, False): [[0.775247078015075, -2.54269819327904], [2.64943967192421, -0.977029729993113],
+                 [0.314382525729304, -2.265437871324]],
+}
+# get_time_steps("logSNR", 80/81, 0.002/1.002, N=5) of the same run: our log_snr_grid(6) without its final 0.
+DPM_OFFICIAL_LOGSNR_TS = [0.9876543209876543, 0.9057403688545937, 0.5357819126974506, 0.12175078313500343,
+                          0.016378347237546245, 0.0019960079840319364]
+
+
+@pytest.mark.parametrize("nfe,lof", list(DPM_OFFICIAL), ids=[f"nfe{n}-{'lof' if lof else 'nolof'}"
+                                                             for n, lof in DPM_OFFICIAL])
+def test_dpmpp_2m_matches_official_solver(nfe: int, lof: bool) -> None:
+    path = LinearPath()
+    ts = log_snr_grid(nfe, path=path)
+    kwargs = {} if lof else {"lower_order_final": False}  # the default is the official one
+    x = sample_dpmpp_2m(GaussianVelocity(path), DPM_NOISE, ts, path=path, **kwargs)
+    torch.testing.assert_close(x, torch.tensor(DPM_OFFICIAL[nfe, lof], dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_log_snr_grid_is_uniform_in_lambda_and_second_order_for_dpmpp_2m() -> None:
+    path = LinearPath()
+    ts = log_snr_grid(6, path=path)
+    torch.testing.assert_close(ts[:-1], torch.tensor(DPM_OFFICIAL_LOGSNR_TS, dtype=torch.float64), rtol=1e-13, atol=0)
+    assert len(ts) == 7 and ts[-1].item() == 0.0
+    lam = path.log_snr(ts[:-1])
+    torch.testing.assert_close(torch.diff(lam), torch.full((5,), (math.log(80.0) - math.log(0.002)) / 5,
+                                                           dtype=torch.float64))
+    torch.testing.assert_close(log_snr_grid(6)[:-1], ts[:-1] / (1 - ts[:-1]))  # EDM sigma = t / (1 - t)
+    from pipeline import SamplerSpec
+
+    spec = SamplerSpec.from_config({"solver": {"_target_": "samplers.sample_dpmpp_2m"}, "steps": 6,
+                                    "grid": {"_target_": "samplers.grids.log_snr_grid"}})
+    torch.testing.assert_close(spec.time_grid(path), ts, rtol=0, atol=0)
+
+    # Order 2 against the exact solution of the same problem: the flow to the last positive time, then E[x0 | x].
+    model, noise = GaussianVelocity(path), gaussian_noise(512, 1)
+    steps, errors = [16, 32, 64, 128], []
+    for n in steps:
+        ts = log_snr_grid(n, path=path)
+        t_min = ts[-2].item()
+        x_min = model.flow_map(noise * ts[0], ts[0].item(), t_min)
+        x0_hat, _ = path.x0_eps_from_velocity(x_min, model(x_min, torch.full((512,), t_min), None), t_min)
+        errors.append((sample_dpmpp_2m(model, noise, ts, path=path) - x0_hat).norm(dim=1).mean().item())
+    slope = fit_order(errors, steps)
+    assert 1.8 < slope < 2.3, (slope, errors)
+
+
 @pytest.mark.parametrize(
     "path,diffusion,last_step",
     [(LinearPath(), "sigma", "euler"), (LinearPath(), "sigma", "mean"), (LinearPath(), "constant", "euler"),
@@ -214,6 +280,88 @@ def test_euler_maruyama_recovers_gaussian_moments(path, diffusion, last_step) ->
         diffusion=diffusion, last_step=last_step,
     )
     assert_moments(x, mu_tol=0.03, cov_tol=0.04)
+
+
+# Reference values from SiT's SDE sampler (willisma/SiT transport/transport.py Sampler.sample_sde, integrators.py sde,
+# path.py compute_diffusion, at commit 947f95bd3a510e9af441d38c1e9f72e0eee873c5), run outside this repository in
+# float64: Transport(velocity, Linear or GVP path, sample_eps=1e-3), sample_sde(sampling_method="Euler",
+# diffusion_form=form, diffusion_norm=norm, last_step="Mean", last_step_size=0.04, num_steps=20), model(x, t) =
+# -v(x, 1 - t) of the Gaussian above (its data at t = 1), initial state sigma * SDE_NOISE at its t0 (1e-3 for SBDM,
+# else 0), after torch.manual_seed(0) (the step noise is th.randn, float64). Their t in [t0, 0.96] plus the last step
+# of 0.04 is our uniform_grid(20, 1 - t0, t_min=0.04). SiT's "increasing-decreasing" key is spelled
+# "inccreasing-decreasing" there.
+SDE_NOISE = DPM_NOISE
+SIT_SDE = {
+    ("linear", "sigma", 1.0): [[-0.013042598521578, -2.33179696031924], [1.1738188252301, -1.59883338473533],
+                               [0.490184605672028, -1.87405319573661]],
+    ("linear", "SBDM", 1.0): [[-0.392947968963139, -2.46072085084888], [1.35040942647561, -1.53437600368],
+                              [1.12686257159372, -1.46965861128989]],
+    ("linear", "linear", 2.0): [[-0.166147521486879, -2.43448401561567], [1.01927935174999, -1.76131625446941],
+                                [0.738120235233462, -1.66571199970554]],
+    ("linear", "decreasing", 0.5): [[0.230512855086879, -2.40024525921223], [1.35327201131433, -1.4770957143953],
+                                    [0.330177882842931, -2.00891493916345]],
+    ("linear", "increasing-decreasing", 1.0): [[-0.412055825070093, -2.43353029134007],
+                                               [1.93909746385283, -1.1722106210038],
+                                               [0.820258326139919, -1.63443567057513]],
+    # 20 steps are far too few where the SBDM diffusion (pi / 2) tan(pi t / 2) is large; the values still pin it.
+    ("cosine", "SBDM", 0.5): [[2.97081883724157, 0.251926271806383], [-9.01212663502067, -7.87686577871318],
+                              [1.66381106582788, -1.61713671666427]],
+    ("cosine", "decreasing", 1.0): [[0.609993724374552, -2.46774057844838], [1.32978455538969, -1.52553628211906],
+                                    [0.253532890810198, -2.24034511856048]],
+}
+
+
+@pytest.mark.parametrize("case", list(SIT_SDE), ids=["-".join(map(str, c)) for c in SIT_SDE])
+def test_euler_maruyama_matches_sit_sde_sampler(case) -> None:
+    kind, form, norm = case
+    path = LinearPath() if kind == "linear" else CosinePath()
+    t0 = 1e-3 if form == "SBDM" else 0.0
+    g = torch.Generator().manual_seed(0)
+    x = sample_euler_maruyama(
+        GaussianVelocity(path), SDE_NOISE, uniform_grid(20, 1.0 - t0, t_min=0.04), path=path,
+        randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype),
+        diffusion=form, diffusion_norm=norm, last_step="mean",
+    )
+    torch.testing.assert_close(x, torch.tensor(SIT_SDE[case], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("form", ["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"])
+def test_euler_maruyama_mean_last_step_closed_form(form: str) -> None:
+    # SiT's "Mean" last step: x + drift * 0.04 with drift = v_SiT + w s (transport.py __get_last_step). In our time,
+    # with E[x0 | x], E[eps | x] of the Gaussian and s = -E[eps | x] / t on the linear path, it is
+    # x - 0.04 (E[eps] - E[x0] + w E[eps] / t) at t = 0.04, with w from SiT's formulas (path.py compute_diffusion)
+    # at SiT time 0.96, norm 0.8.
+    t, n = 0.04, 0.8
+    t_sit = 1.0 - t
+    w = {"sigma": n * (1 - t_sit), "constant": n, "SBDM": n * (1 / t_sit * (1 - t_sit) ** 2 + (1 - t_sit)),
+         "linear": n * (1 - t_sit), "decreasing": 0.25 * (n * math.cos(math.pi * t_sit) + 1) ** 2,
+         "increasing-decreasing": n * math.sin(math.pi * t_sit) ** 2}[form]
+    path = LinearPath()
+    x = gaussian_noise(6, 9) * 0.3 + MU
+    # Gaussian conditioning: C = alpha^2 cov + sigma^2 I, E[eps | x] = sigma C^-1 (x - alpha mu),
+    # E[x0 | x] = mu + alpha cov C^-1 (x - alpha mu).
+    a, s = 1 - t, t
+    cinv = torch.linalg.inv(a**2 * COV + s**2 * torch.eye(2, dtype=torch.float64))
+    r = (x - a * MU) @ cinv.T
+    e_eps, e_x0 = s * r, MU + a * r @ COV.T
+    want = x - t * (e_eps - e_x0 + w * e_eps / t)
+    got = sample_euler_maruyama(GaussianVelocity(path), x / t, torch.tensor([t, 0.0], dtype=torch.float64),
+                                path=path, diffusion=form, diffusion_norm=n, last_step="mean")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+def test_diffusion_forms_refuse_bad_settings() -> None:
+    from samplers.sde import diffusion_coefficient
+
+    assert diffusion_coefficient(LinearPath(), 1.0, "SBDM") == math.inf
+    assert diffusion_coefficient(EDMPath(), 2.0, "SBDM") == pytest.approx(2.0)  # sigma sigma' on the EDM path
+    with pytest.raises(ValueError, match="t_max"):
+        diffusion_coefficient(EDMPath(), 2.0, "decreasing")
+    with pytest.raises(ValueError, match="unknown diffusion form"):
+        diffusion_coefficient(LinearPath(), 0.5, "sbdm")
+    with pytest.raises(ValueError, match="infinite at t = 1.0"):
+        sample_euler_maruyama(GaussianVelocity(LinearPath()), gaussian_noise(2, 0), uniform_grid(4),
+                              path=LinearPath(), diffusion="SBDM")
 
 
 def test_euler_maruyama_is_stochastic_and_zero_diffusion_is_euler() -> None:
@@ -258,6 +406,56 @@ def test_edm_path_heun_with_karras_grid() -> None:
     model = GaussianVelocity(path)
     x = sample_heun(model, gaussian_noise(20_000, 2), karras_grid(32), path=path)
     assert_moments(x, mu_tol=0.04, cov_tol=0.05)
+
+
+# Reference values from EDM's sampler (NVlabs/edm generate.py ``edm_sampler`` at commit
+# 008a4e5316c8e3bfe61a62f874bddba254295afb), run outside this repository in float64 on the Gaussian above with
+# net(x, sigma) = E[x0 | x] on the EDM path, latents EDM_NOISE, the default Karras grid (sigma 80 -> 0.002, rho 7) and
+# randn_like drawing float64 from torch.Generator().manual_seed(0).
+EDM_NOISE = DPM_NOISE
+EDM_CHURN = {
+    # (num_steps, S_churn, S_min, S_max, S_noise): samples
+    (16, 40.0, 0.05, 50.0, 1.003): [[0.666119092589325, -2.23336770463164], [0.728754638496205, -1.83372081466194],
+                                    [2.32865408856821, -1.19685289690547]],
+    (16, 3.0, 0.0, math.inf, 1.0): [[0.815750290391345, -2.33279307698354], [0.301095201475622, -2.07249842983761],
+                                    [1.42150191652614, -1.58382725615208]],
+}
+
+
+@pytest.mark.parametrize("setting", list(EDM_CHURN), ids=["gamma-capped-in-range", "gamma-3/16-everywhere"])
+def test_heun_churn_matches_edm_sampler(setting) -> None:
+    # gamma = min(S_churn / N, sqrt(2) - 1): 40 / 16 is capped at 0.414, 3 / 16 = 0.1875 is not. EDM draws the churn
+    # noise at every step, also outside [S_min, S_max], so the random streams (and the samples) agree.
+    n, churn, s_min, s_max, s_noise = setting
+    g = torch.Generator().manual_seed(0)
+    path = EDMPath()
+    model = GaussianVelocity(path)
+    x = sample_heun(model, EDM_NOISE, karras_grid(n), path=path, s_churn=churn, s_min=s_min, s_max=s_max,
+                    s_noise=s_noise, randn_like=lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype))
+    torch.testing.assert_close(x, torch.tensor(EDM_CHURN[setting], dtype=torch.float64), rtol=0, atol=1e-10)
+    assert model.calls == heun_nfe(n)  # churn costs no evaluations
+
+
+def test_heun_churn_on_the_linear_path_is_edm_churn_in_noise_ratio() -> None:
+    # On a scaled path the churn raises EDM's sigma = sigma_t / alpha_t (t / (1 - t) here) and acts on x / alpha as on
+    # EDM's x (NVlabs/edm generate.py ablation_sampler with scaling s = alpha): the model sees
+    # x_hat = (alpha_hat / alpha) x + alpha_hat sqrt(r_hat^2 - r^2) z at t_hat.
+    lin, seen = LinearPath(), []
+    ts = karras_grid(4, path=lin)
+    noise = gaussian_noise(3, 5)
+    z = gaussian_noise(3, 6)
+    sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=1.0, randn_like=lambda x: z, callback=seen.append)
+    t0, r0 = ts[0].item(), ts[0].item() / (1 - ts[0].item())
+    r_hat = r0 * (1 + 0.25)  # gamma = 1 / 4 steps
+    t_hat = r_hat / (1 + r_hat)
+    assert seen[0]["t"] == pytest.approx(t_hat, rel=1e-14)
+    want = (1 - t_hat) / (1 - t0) * (t0 * noise) + (1 - t_hat) * math.sqrt(r_hat**2 - r0**2) * z
+    torch.testing.assert_close(seen[0]["x"], want)
+    # Without churn (the default), Heun is deterministic and ignores randn_like.
+    a = sample_heun(GaussianVelocity(lin), noise, ts, path=lin, randn_like=lambda x: 1 / 0)
+    torch.testing.assert_close(a, sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=0.0))
+    with pytest.raises(ValueError, match="s_churn"):
+        sample_heun(GaussianVelocity(lin), noise, ts, path=lin, s_churn=-1.0)
 
 
 def test_sampler_determinism_and_dtype() -> None:

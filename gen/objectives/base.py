@@ -8,7 +8,9 @@ Contract (docs/architecture.md)::
 ``batch["label"]`` the class labels (B,); other keys (``"image"``: uint8 pixels) are there for objectives that
 need them (representation alignment). ``rng`` is the per-sample randomness (``gen.utils.seed.SampleRandom``):
 every draw goes through it, so a sample's loss does not depend on the batch it is in. The training method
-reduces and backpropagates. Auxiliary trainable modules (projectors) are children, so they reach the optimizer
+averages ``"loss"`` over the batch and backpropagates. How a sample's elements are reduced is the objective's
+choice, stated in its docstring, because it sets the gradient scale that learning rates and clipping are tuned to
+(EDM sums, flow matching averages). Auxiliary trainable modules (projectors) are children, so they reach the optimizer
 and the training state; frozen networks are held with ``gen.utils.frozen.hold_frozen``.
 """
 

@@ -1,12 +1,14 @@
 """Flow matching / rectified flow with a velocity target (Lipman et al. 2023; Liu et al. 2023; SiT, Ma et al. 2024).
 
 One step: ``t ~ p(t)``, ``eps ~ N(0, I)``, ``x_t = alpha_t x0 + sigma_t eps``, target ``v = alpha'_t x0 + sigma'_t eps``
-(``eps - x0`` on the linear path), loss ``||v_hat(x_t, t, y) - v||^2``. Reduction: the **mean** over elements per
-sample (then the mean over the batch in the training method), as SiT (willisma/SiT transport/transport.py,
-``mean_flat``), REPA (sihyun-yu/REPA loss.py) and LightningDiT (hustvl/LightningDiT transport/transport.py) do, so
-their learning rates carry over. Optional LightningDiT velocity-direction loss: ``1 - cos(v_hat, v)`` along
-channels at every spatial position, averaged over positions, added with weight ``cos_velocity_weight`` (Yao et al.
-2025, "Reconstruction vs. Generation").
+(``eps - x0`` on the linear path), loss ``mean ||v_hat(x_t, t, y) - v||^2`` per sample. Optional LightningDiT
+velocity-direction loss: ``1 - cos(v_hat, v)`` along channels at every spatial position, averaged over positions,
+added with weight ``cos_velocity_weight`` (Yao et al. 2025, "Reconstruction vs. Generation").
+
+Reduction: the squared error is *averaged* over the C*H*W elements of each sample (and the loop averages over the
+batch), as SiT (willisma/SiT transport/transport.py ``training_losses``: ``mean_flat``), REPA (sihyun-yu/REPA loss.py)
+and LightningDiT (hustvl/LightningDiT transport/transport.py, train.py ``loss.mean()``) do, so their learning rates
+carry over. EDM's loss is a sum instead (``gen.objectives.edm``).
 """
 
 from __future__ import annotations
