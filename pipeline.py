@@ -32,7 +32,7 @@ from gen.paths import Path
 from gen.utils.build import build
 from gen.utils.ckpt import load_snapshot, load_state_dict_checked
 from gen.utils.seed import PerImageRandom
-from samplers import guidance, sharing
+from samplers import Streams, guidance, sharing
 
 SAMPLER_KEYS = {"solver", "steps", "grid", "guidance", "sharing"}
 DEFAULT_SAMPLER: dict[str, Any] = {
@@ -72,8 +72,9 @@ class SamplerSpec:
         if unknown_g:
             raise ValueError(f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: {sorted(GUIDANCE_KEYS)}")
         scale = guide.get("scale", 1.0)
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise ValueError(f"sampler.guidance.scale must be a finite number, got {scale!r}")
+        for s in scale if isinstance(scale, (list, tuple)) else [scale]:
+            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+                raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
         sharing = cfg.get("sharing")
         if sharing is not None and (set(sharing) - {"rate", "schedule"} or len(sharing) != 1):
             raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {sharing!r}")
@@ -94,9 +95,9 @@ class SamplerSpec:
 
 def guided_model_fn(model_fn: Callable, spec: SamplerSpec, null_label: int) -> Callable:
     """Wrap a conditional velocity function with classifier-free guidance on all channels."""
-    scale = float(spec.guidance.get("scale", 1.0))
+    scale = spec.guidance.get("scale", 1.0)
     interval = spec.guidance.get("interval")
-    if scale == 1.0:
+    if all(float(s) == 1.0 for s in (scale if isinstance(scale, (list, tuple)) else [scale])):
         return model_fn
     return guidance.cfg(
         model_fn, scale, null_label, interval=tuple(interval) if interval is not None else None,
@@ -177,7 +178,10 @@ class Generator:
         rnd = PerImageRandom(seeds)
         drawn = rnd.randint(self.num_classes)
         y = drawn if labels is None else labels.to(torch.long).cpu()
-        noise = rnd.randn(self.input_shape).to(device)
+        noise: Any = rnd.randn(self.input_shape).to(device)
+        extra = int(getattr(self.net, "extra_token_dim", 0) or 0)
+        if extra > 0:  # REG: the class token is generated with the image, from the same seed, then dropped
+            noise = Streams((noise, rnd.randn((extra,)).to(device)))
         path = prediction_path(self.prediction)
         ts = sampler.time_grid(path)
         net: Any = MinRows(self.net) if self.min_rows > 1 else self.net
@@ -186,6 +190,7 @@ class Generator:
             net = sharing.EncoderSharing(net, ts, recompute)
         model_fn = guided_model_fn(velocity_model(net, self.prediction), sampler, self.num_classes)
         x = run_sampler(model_fn, noise, y.to(device), path, sampler, rnd.randn_like, ts)
+        x = x[0] if isinstance(x, tuple) else x
         images = to_uint8(self.tokenizer.decode(x).float().clamp(-1, 1))
         return images.cpu(), y
 

@@ -4,11 +4,16 @@ Signature shared by every sampler (docs/architecture.md)::
 
     sample_xxx(model_fn, noise, ts, *, path, y=None, callback=None, randn_like=torch.randn_like, **options)
 
+The state may be one tensor or ``Streams`` of several integrated together (REG's image and class token); the
+solvers are written once for both. DDT's encoder cache is not state: ``sharing.EncoderSharing`` keeps it in the
+network call.
+
 This package imports only ``gen.paths`` and ``gen.utils`` (enforced by the layering test).
 """
 
 from __future__ import annotations
 
+from samplers._common import Streams
 from samplers.dpm_solver import sample_dpmpp_2m
 from samplers.euler import sample_euler
 from samplers.grids import karras_grid, log_snr_grid, shifted_grid, uniform_grid
@@ -18,6 +23,7 @@ from samplers.sde import sample_euler_maruyama
 from samplers.sharing import EncoderSharing
 
 __all__ = [
+    "Streams",
     "sample_euler",
     "sample_heun",
     "sample_euler_maruyama",

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from gen.paths import Path
-from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+from samplers._common import Callback, ModelFn, RandnLike, State, call, check_inputs, denoised, prior
 
 # The official solver lowers the order of its final step below this many steps.
 LOWER_ORDER_FINAL_BELOW = 10
@@ -44,7 +44,7 @@ def _coef(path: Path, t: float) -> tuple[float, float, float]:
 @torch.no_grad()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
-    noise: Tensor,
+    noise: State,
     ts: Tensor,
     *,
     path: Path,
@@ -52,7 +52,7 @@ def sample_dpmpp_2m(
     callback: Callback | None = None,
     randn_like: RandnLike = torch.randn_like,
     lower_order_final: bool | None = None,
-) -> Tensor:
+) -> State:
     """Sample with DPM-Solver++(2M) over the path's log-SNR.
 
     Args:
@@ -76,7 +76,7 @@ def sample_dpmpp_2m(
     if lower_order_final is None:
         lower_order_final = solver_steps < LOWER_ORDER_FINAL_BELOW
     x = prior(noise, grid[0], path)
-    d_prev: Tensor | None = None
+    d_prev: State | None = None
     h_prev = math.inf
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         v = call(model_fn, x, t, y)

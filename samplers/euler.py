@@ -9,20 +9,20 @@ import torch
 from torch import Tensor
 
 from gen.paths import Path
-from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+from samplers._common import Callback, ModelFn, RandnLike, State, call, check_inputs, denoised, prior
 
 
 @torch.no_grad()
 def sample_euler(
     model_fn: ModelFn,
-    noise: Tensor,
+    noise: State,
     ts: Tensor,
     *,
     path: Path,
     y: Tensor | None = None,
     callback: Callback | None = None,
     randn_like: RandnLike = torch.randn_like,
-) -> Tensor:
+) -> State:
     """Integrate the probability-flow ODE with Euler steps.
 
     Args:

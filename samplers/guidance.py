@@ -1,7 +1,8 @@
-"""Classifier-free guidance as a wrapper around ``model_fn`` (Ho & Salimans 2022; backbones.md Sec. 1.6, 3.3, 5).
+"""Classifier-free guidance as a wrapper around ``model_fn`` (Ho & Salimans 2022, "Classifier-Free Diffusion Guidance").
 
 ``v = v_u + scale (v_c - v_u)`` with the conditional and unconditional (null-label) branches evaluated in one
-batched call. Options:
+batched call. With several streams (REG's image and class token) each stream has its own scale
+(``scale=(s_image, s_token)``, as REG's ``--cfg-scale`` and ``--cls-cfg-scale``). Options:
 
 * ``interval = (t_lo, t_hi)``: guide only where ``t_lo <= t <= t_hi`` (our time, data at 0); elsewhere only the
   conditional branch is evaluated (Kynkaanniemi et al. 2024). LightningDiT's "cfg_interval_start = 0.125" (data at
@@ -15,10 +16,12 @@ batched call. Options:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
-from samplers._common import ModelFn
+from samplers._common import ModelFn, State, Streams, tmap
 
 __all__ = ["cfg", "in_interval"]
 
@@ -38,9 +41,17 @@ def _combine(v_c: Tensor, v_u: Tensor, scale: float, channels: int | None) -> Te
     return torch.cat([guided[:, :channels], v_c[:, channels:]], dim=1)
 
 
+def _scales(scale: float | Sequence[float], x: State) -> list[float]:
+    n = len(x) if isinstance(x, tuple) else 1
+    scales = [float(s) for s in scale] if isinstance(scale, Sequence) else [float(scale)] * n
+    if len(scales) != n:
+        raise ValueError(f"{len(scales)} guidance scales for {n} stream(s); give one per stream or a single scale")
+    return scales
+
+
 def cfg(
     model_fn: ModelFn,
-    scale: float,
+    scale: float | Sequence[float],
     null_label: int,
     *,
     interval: tuple[float, float] | None = None,
@@ -50,12 +61,13 @@ def cfg(
     """Wrap ``model_fn(x, t, y) -> v`` with classifier-free guidance.
 
     Args:
-        model_fn: conditional velocity model.
-        scale: guidance scale w (1 = conditional model, 0 = unconditional).
+        model_fn: conditional velocity model (a tensor state, or ``Streams`` of several).
+        scale: guidance scale w (1 = conditional model, 0 = unconditional), or one per stream.
         null_label: the label of the unconditional branch (the backbone's ``num_classes``).
         interval: ``(t_lo, t_hi)`` in path time where guidance is applied, or None for everywhere.
         always_both: run the unconditional branch outside the interval too (its output is not used there).
-        dit_legacy_channels: guide only this many leading channels (DiT compatibility), or None for all.
+        dit_legacy_channels: guide only this many leading channels of the image (first) stream (DiT
+            compatibility), or None for all.
 
     Returns:
         A guided ``model_fn`` with the same signature. It needs labels: ``y`` must not be None.
@@ -67,20 +79,24 @@ def cfg(
         interval = (lo, hi)
     if dit_legacy_channels is not None and dit_legacy_channels < 1:
         raise ValueError(f"dit_legacy_channels must be >= 1, got {dit_legacy_channels}")
-    scale = float(scale)
 
-    def guided_fn(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+    def guided_fn(x: State, t: Tensor, y: Tensor | None) -> State:
         if y is None:
             raise ValueError("classifier-free guidance needs labels y")
+        scales = _scales(scale, x)
         mask = in_interval(t, interval)
         if not bool(mask.any()) and not always_both:
             return model_fn(x, t, y)  # outside the interval: conditional branch only (half the cost)
         y_null = torch.full_like(y, null_label)
-        out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))
-        v_c, v_u = out.chunk(2)
-        v = _combine(v_c, v_u, scale, dit_legacy_channels)
-        if bool(mask.all()):
-            return v
-        return torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), v, v_c)
+        out = model_fn(tmap(lambda a: torch.cat([a, a]), x), torch.cat([t, t]), torch.cat([y, y_null]))
+        parts = out if isinstance(out, tuple) else (out,)
+        result = []
+        for i, (o, s) in enumerate(zip(parts, scales)):
+            v_c, v_u = o.chunk(2)
+            v = _combine(v_c, v_u, s, dit_legacy_channels if i == 0 else None)
+            if not bool(mask.all()):
+                v = torch.where(mask.reshape(-1, *([1] * (v.ndim - 1))), v, v_c)
+            result.append(v)
+        return Streams(result) if isinstance(out, tuple) else result[0]
 
     return guided_fn

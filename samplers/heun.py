@@ -22,7 +22,17 @@ import torch
 from torch import Tensor
 
 from gen.paths import Path
-from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+from samplers._common import (
+    Callback,
+    ModelFn,
+    RandnLike,
+    State,
+    call,
+    check_inputs,
+    denoised,
+    prior,
+    randn_streams,
+)
 
 
 def heun_nfe(steps: int) -> int:
@@ -31,8 +41,8 @@ def heun_nfe(steps: int) -> int:
 
 
 def _churn(
-    path: Path, x: Tensor, t: float, gamma: float, s_min: float, s_max: float, s_noise: float, z: Tensor
-) -> tuple[Tensor, float]:
+    path: Path, x: State, t: float, gamma: float, s_min: float, s_max: float, s_noise: float, z: State
+) -> tuple[State, float]:
     """One churn: raise the noise ratio at ``t`` by ``gamma`` if it lies in ``[s_min, s_max]``; ``(x_hat, t_hat)``."""
     tt = torch.tensor(t, dtype=torch.float64)
     a, r = float(path.alpha(tt)), float(path.noise_ratio(tt))
@@ -48,7 +58,7 @@ def _churn(
 @torch.no_grad()
 def sample_heun(
     model_fn: ModelFn,
-    noise: Tensor,
+    noise: State,
     ts: Tensor,
     *,
     path: Path,
@@ -59,7 +69,7 @@ def sample_heun(
     s_min: float = 0.0,
     s_max: float = math.inf,
     s_noise: float = 1.0,
-) -> Tensor:
+) -> State:
     """Integrate the probability-flow ODE with Heun's second-order method (Euler on the last step), with churn.
 
     Args:
@@ -88,7 +98,7 @@ def sample_heun(
     x = prior(noise, grid[0], path)
     for i, (t, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         if s_churn > 0:
-            x, t = _churn(path, x, t, gamma, s_min, s_max, s_noise, randn_like(x))
+            x, t = _churn(path, x, t, gamma, s_min, s_max, s_noise, randn_streams(randn_like, x))
         h = t_next - t
         v = call(model_fn, x, t, y)
         if callback is not None:

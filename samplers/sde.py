@@ -42,7 +42,18 @@ import torch
 from torch import Tensor
 
 from gen.paths import Path
-from samplers._common import Callback, ModelFn, RandnLike, call, check_inputs, denoised, prior
+from samplers._common import (
+    Callback,
+    ModelFn,
+    RandnLike,
+    State,
+    call,
+    check_inputs,
+    denoised,
+    prior,
+    randn_streams,
+    tmap,
+)
 
 DiffusionForm = Literal["sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing"]
 DIFFUSION_FORMS = ("sigma", "constant", "SBDM", "linear", "decreasing", "increasing-decreasing")
@@ -78,7 +89,7 @@ def diffusion_coefficient(
 @torch.no_grad()
 def sample_euler_maruyama(
     model_fn: ModelFn,
-    noise: Tensor,
+    noise: State,
     ts: Tensor,
     *,
     path: Path,
@@ -88,7 +99,7 @@ def sample_euler_maruyama(
     diffusion: DiffusionForm | Callable[[float], float] = "sigma",
     diffusion_norm: float = 1.0,
     last_step: Literal["euler", "mean"] = "euler",
-) -> Tensor:
+) -> State:
     """Sample with Euler-Maruyama steps of the reverse SDE and a final deterministic step.
 
     Args:
@@ -122,9 +133,9 @@ def sample_euler_maruyama(
         w = diffusion_coefficient(path, t, diffusion, diffusion_norm)
         if not math.isfinite(w):
             raise ValueError(f"diffusion {diffusion!r} is infinite at t = {t} (alpha = 0 there); start the grid "
-                             f"below the path's t_max, e.g. grid kind karras or log_snr")
-        score = path.score_from_velocity(x, v, t).to(x.dtype)
+                             f"below the path's t_max, e.g. samplers.grids.karras_grid or log_snr_grid")
+        score = tmap(lambda xi, vi, t=t: path.score_from_velocity(xi, vi, t).to(xi.dtype), x, v)
         x = x + h * (v - w * score)
         if t_next > 0.0:
-            x = x + math.sqrt(2.0 * w * -h) * randn_like(x)
+            x = x + math.sqrt(2.0 * w * -h) * randn_streams(randn_like, x)
     return x

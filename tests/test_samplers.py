@@ -695,3 +695,68 @@ def test_schedule_json_round_trip(tmp_path) -> None:
     with torch.no_grad():
         x = sample_euler(_velocity(EncoderSharing(net, ts, data["recompute"])), noise, ts, path=LinearPath(), y=y)
     assert x.shape == noise.shape and bool(torch.isfinite(x).all())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Several streams integrated together (REG's image and class token)
+
+
+SOLVERS = [
+    (sample_euler, {}),
+    (sample_heun, {}),
+    (sample_heun, {"s_churn": 10.0}),
+    (sample_dpmpp_2m, {}),
+    (sample_euler_maruyama, {}),
+]
+
+
+def _seeded(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("solver, options", SOLVERS, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_zero_width_extra_stream_equals_the_plain_sampler(solver, options) -> None:
+    """A second stream of width 0 (no class token) changes nothing, bit for bit, for every solver."""
+    from samplers import Streams
+
+    path, model = LinearPath(), GaussianVelocity(LinearPath())
+    noise, ts = gaussian_noise(64, 3), uniform_grid(12)
+    plain = solver(model, noise, ts, path=path, randn_like=_seeded(1), **options)
+    empty = torch.zeros(64, 0, dtype=torch.float64)
+    both = solver(lambda x, t, y: (model(x[0], t, y), x[1] * 0), Streams((noise, empty)), ts, path=path,
+                  randn_like=_seeded(1), **options)
+    assert isinstance(both, tuple) and both[1].shape == (64, 0)
+    assert torch.equal(both[0], plain)
+
+
+@pytest.mark.parametrize("solver, options", SOLVERS[:2] + SOLVERS[3:4], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_two_streams_are_each_integrated_exactly(solver, options) -> None:
+    """Two independent Gaussians of different shapes, integrated as streams, each equal their own integration."""
+    from samplers import Streams
+
+    path = LinearPath()
+    a, b = GaussianVelocity(path), GaussianVelocity(path, MU * -2.0, COV * 0.5)
+    na, nb = gaussian_noise(32, 4), gaussian_noise(32, 5)
+    ts = uniform_grid(10)
+    sa = solver(a, na, ts, path=path, **options)
+    sb = solver(b, nb, ts, path=path, **options)
+    both = solver(lambda x, t, y: (a(x[0], t, y), b(x[1], t, y)), Streams((na, nb)), ts, path=path, **options)
+    torch.testing.assert_close(both[0], sa, rtol=0, atol=0)
+    torch.testing.assert_close(both[1], sb, rtol=0, atol=0)
+
+
+def test_guidance_scales_per_stream() -> None:
+    from samplers import Streams
+
+    def model(x, t, y):  # conditional and unconditional branches differ by the label
+        return (x[0] * 0 + y[:, None].double(), x[1] * 0 + 2 * y[:, None].double())
+
+    x = Streams((torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 1, dtype=torch.float64)))
+    y, t = torch.tensor([1, 2]), torch.full((2,), 0.5)
+    v_img, v_tok = cfg(model, (3.0, 0.5), 4)(x, t, y)
+    # v = v_u + s (v_c - v_u) with v_u from the null label 4.
+    torch.testing.assert_close(v_img, (4 + 3.0 * (y - 4)).double()[:, None].expand(2, 3))
+    torch.testing.assert_close(v_tok, (8 + 0.5 * (2 * y - 8)).double()[:, None])
+    with pytest.raises(ValueError, match="one per stream"):
+        cfg(model, (1.0, 2.0, 3.0), 4)(x, t, y)

@@ -40,7 +40,8 @@ def velocity_model(net: nn.Module, spec: Mapping[str, Any]) -> ModelFn:
 
     Returns:
         A function of ``x (B, C, H, W)``, ``t (B,)``, ``y (B,)`` and backbone keywords, returning the velocity
-        ``dx/dt`` (float32, or float64 for float64 input). With preconditioning the network is wrapped first (EDM:
+        ``dx/dt`` (float32, or float64 for float64 input). For REG's two streams ``x = (image, token (B, D))`` the
+        token is the backbone's ``extra_token`` and both velocities are returned. With preconditioning the network is wrapped first (EDM:
         ``v = (x - D(x, sigma)) / sigma``, ``t`` being sigma on the EDM path).
     """
     path = prediction_path(spec)
@@ -50,7 +51,11 @@ def velocity_model(net: nn.Module, spec: Mapping[str, Any]) -> ModelFn:
     precond = spec.get("precond")
     inner = net if precond is None else build(precond, net=net)
 
-    def model_fn(x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Tensor:
+    def model_fn(x: Tensor | tuple[Tensor, Tensor], t: Tensor, y: Tensor | None, **kwargs: Any) -> Any:
+        if isinstance(x, tuple):  # REG: (image, class token) integrated together, the token as the extra input
+            x_img, x_tok = x
+            res = inner(x_img, t, y, extra_token=x_tok, **kwargs)
+            return path.to_velocity(kind, x_img, res.out, t), path.to_velocity(kind, x_tok, res.extra, t)
         return path.to_velocity(kind, x, inner(x, t, y, **kwargs).out, t)
 
     return model_fn
