@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from gen.models import build_model  # noqa: E402
+from gen.utils.build import build  # noqa: E402
 
 
 @dataclass
@@ -50,9 +50,16 @@ class Row:
     num_classes: int
 
 
+ARCHS = {  # our classes and options for the three recipes (LightningDiT is DiT with RMSNorm, SwiGLU, RoPE)
+    "dit": {"_target_": "gen.models.dit.DiT"},
+    "lightningdit": {"_target_": "gen.models.dit.DiT", "norm": "rms", "ffn": "swiglu", "rope": "axial"},
+    "ddt": {"_target_": "gen.models.ddt.DDT"},
+}
+
+
 def _dit_like(arch: str, width: int, depth: int, heads: int, patch: int, c: int, res: int, k: int, **kw) -> dict:
     return {
-        "arch": arch,
+        **ARCHS[arch],
         "input_size": res,
         "patch_size": patch,
         "in_channels": c,
@@ -117,7 +124,7 @@ def make_step(
     def forward() -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             if kind.startswith("ours"):
-                out = model(x, t, y)
+                out = model(x, t, y).out
             else:
                 out = model(x, timestep=t * 1000, class_labels=y, return_dict=False)[0]
         return out.float()
@@ -150,9 +157,9 @@ def run_row(row: Row, args: argparse.Namespace, device: torch.device) -> dict:
         torch.randn(B, C, R, R, generator=g).to(device),
     )
     torch.manual_seed(0)
-    models = {"ours": build_model(row.config).to(device).train()}
+    models = {"ours": build(row.config).to(device).train()}
     if args.compile:
-        models["ours+cmp"] = build_model({**row.config, "compile": True}).to(device).train()
+        models["ours+cmp"] = build({**row.config, "compile": True}).to(device).train()
     models["diffusers"] = diffusers_reference(row).to(device).train()
     steps = {k: make_step(m, k, batch, args.precision) for k, m in models.items()}
     # Counted in eager mode (compiled graphs are opaque to the counter; the FLOPs are the same).

@@ -37,6 +37,11 @@ def frozen_projection(channels: int, width: int, seed: int) -> nn.Module:
     return net
 
 
+def make_critic(feature_width: int) -> nn.Module:
+    """A small conv critic on the frozen features: (B, width, h, w) -> (B, 1); its last layer sizes itself."""
+    return nn.Sequential(nn.Conv2d(feature_width, 32, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(), nn.LazyLinear(1))
+
+
 class AdversarialFlow(Method):
     """Rectified flow plus a hinge adversarial loss on the one-step estimate ``x0_hat = x_t - t v``.
 
@@ -70,8 +75,7 @@ class AdversarialFlow(Method):
         super().__init__()
         self.net = net
         channels = net.in_channels
-        self.critic = nn.Sequential(nn.Conv2d(feature_width, 32, 3, padding=1), nn.LeakyReLU(0.2), nn.Flatten(),
-                                    nn.LazyLinear(1))
+        self.critic = make_critic(feature_width)
         hold_frozen(self, "features", frozen_projection(channels, feature_width, feature_seed))
         with torch.no_grad():  # materialise the lazy layer so the optimizer sees its parameters
             self.critic(self.features(torch.zeros(1, channels, net.input_size, net.input_size)))
