@@ -169,6 +169,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "net": lambda: _build(c["model"], "model", packages, **shape_args),
         "objective": lambda: _build(c["objective"], "objective", packages),
         "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
+        "image_resolution": lambda: dataset.resolution,
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))

@@ -81,8 +81,12 @@ def test_every_experiment_composes_and_builds(experiment: str) -> None:
     cfg = _compose([f"experiment={experiment}"])
     c = OmegaConf.to_container(cfg, resolve=True)
     assert c["name"], "experiments must set a run name"
-    _build_model(c)
-    build(c["objective"])
+    net = _build_model(c)
+    if (c["objective"].get("align") or {}).get("encoder", {}).get("name", "").startswith("dinov2"):
+        c["objective"]["align"]["encoder"]["random_init"] = True  # no DINOv2 weights here: same architecture
+    objective = build(c["objective"])
+    if c["objective"].get("align"):
+        objective.bind(net, c["data"]["resolution"])  # depth, width, token grid and REG's token fit the backbone
     build({**c["optim"], "_partial_": True}, allow=TRAINING_PACKAGES)
     SamplerSpec.from_config(c["sampler"])
 

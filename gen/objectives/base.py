@@ -67,6 +67,13 @@ class Objective(nn.Module, ABC):
             y = drop_labels(y, self.label_dropout, null_class, rng)
         return eps, t, y
 
+    def bind(self, net: nn.Module, image_resolution: int | None = None) -> None:
+        """Join the objective to its backbone before training: check what must fit (alignment depth, width, token
+        grid, REG's extra token) and create parts sized by the backbone (the alignment projector)."""
+        align = getattr(self, "align", None)
+        if align is not None:
+            align.bind(net, image_resolution)
+
     @abstractmethod
     def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
         """Per-sample losses: ``{"loss": (B,), <logged key>: (B,), ...}``."""

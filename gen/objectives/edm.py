@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from gen.models.precond import EDMPrecond
+from gen.objectives.align import Alignment, align_terms
 from gen.objectives.base import Objective, check_label_dropout, mean_flat, sum_flat
 from gen.paths import EDMPath, LogNormalSigma
 from gen.utils.seed import Randomness
@@ -37,6 +38,8 @@ class EDMLoss(Objective):
         sigma_data: data standard deviation used by the preconditioning and the weight.
         sigma_max: largest noise level used at sampling time (the path's ``t_max``; stored in the spec).
         label_dropout: probability of training a sample with the null label (classifier-free guidance).
+        align: REPA added to the loss (``gen.objectives.align``); the backbone's tokens are those of the
+            preconditioned call. REG is not offered here: its class token would need its own preconditioning.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class EDMLoss(Objective):
         sigma_data: float = 0.5,
         sigma_max: float = 80.0,
         label_dropout: float = 0.1,
+        align: Alignment | None = None,
     ) -> None:
         super().__init__()
         if sigma_data <= 0:
@@ -54,6 +58,9 @@ class EDMLoss(Objective):
         self.time_sampler = LogNormalSigma(p_mean, p_std)
         self.sigma_data = float(sigma_data)
         self.label_dropout = check_label_dropout(label_dropout)
+        if align is not None and align.reg:
+            raise ValueError("REG is defined for flow matching (objective=rectified_flow); with EDM use REPA (align=repa)")
+        self.align = align
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
         """Per-sample ``{"loss", "mse", "sigma"}``, each ``(B,)``.
@@ -64,10 +71,18 @@ class EDMLoss(Objective):
         x0 = batch["x0"].float()
         eps, sigma, y = self.draw(x0, batch.get("label"), net.num_classes, rng)
         x_noisy = self.path.sample(x0, eps, sigma)
-        denoised = EDMPrecond(net, self.sigma_data)(x_noisy, sigma, y).out
+        precond = EDMPrecond(net, self.sigma_data)
+        out: dict[str, Tensor] = {}
+        if self.align is None:
+            denoised, extra = precond(x_noisy, sigma, y).out, 0.0
+        else:
+            res, terms = align_terms(self.align, precond, x_noisy, sigma, y, batch, self.path, rng,
+                                     lambda f, x, t, yy, **kw: f(x, t, yy, **kw))
+            denoised, extra = res.out, terms.pop("total")
+            out.update(terms)
         sq = (denoised - x0) ** 2
-        loss = edm_loss_weight(sigma, self.sigma_data) * sum_flat(sq)
-        return {"loss": loss, "mse": mean_flat(sq), "sigma": sigma.detach()}
+        loss = edm_loss_weight(sigma, self.sigma_data) * sum_flat(sq) + extra
+        return {"loss": loss, "mse": mean_flat(sq), "sigma": sigma.detach(), **out}
 
     def prediction_spec(self) -> dict[str, Any]:
         return {

@@ -18,6 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gen.objectives.align import Alignment, align_terms
 from gen.objectives.base import Objective, check_label_dropout, mean_flat
 from gen.paths import LinearPath, Path, TimeSampler, UniformTime
 from gen.utils.seed import Randomness
@@ -40,6 +41,7 @@ class FlowMatching(Objective):
             1 = none.
         cos_velocity_weight: weight of the velocity-direction (cosine) loss; 0 disables it.
         label_dropout: probability of training a sample with the null label (classifier-free guidance).
+        align: representation alignment (REPA, or REG) added to the loss (``gen.objectives.align``).
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class FlowMatching(Objective):
         shift: float = 1.0,
         cos_velocity_weight: float = 0.0,
         label_dropout: float = 0.1,
+        align: Alignment | None = None,
     ) -> None:
         super().__init__()
         self.path = LinearPath() if path is None else path
@@ -61,17 +64,25 @@ class FlowMatching(Objective):
             raise ValueError(f"cos_velocity_weight must be >= 0, got {cos_velocity_weight}")
         self.cos_velocity_weight = float(cos_velocity_weight)
         self.label_dropout = check_label_dropout(label_dropout)
+        self.align = align
 
     def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
-        """Per-sample losses ``{"loss", "mse"[, "cos"]}``, each ``(B,)``; ``batch["x0"]`` is ``(B, C, H, W)``."""
+        """Per-sample losses ``{"loss", "mse"[, "cos", "repa", "reg"]}``, each ``(B,)``; ``batch["x0"]`` is (B, C, H, W)."""
         x0 = batch["x0"].float()
         eps, t, y = self.draw(x0, batch.get("label"), net.num_classes, rng)
         x_t = self.path.sample(x0, eps, t)
         target = self.path.velocity(x0, eps, t)
-        v_hat = net(x_t, t, y).out.float()
+        out: dict[str, Tensor] = {}
+        if self.align is None:
+            v_hat = net(x_t, t, y).out.float()
+            loss = 0.0
+        else:
+            res, terms = align_terms(self.align, net, x_t, t, y, batch, self.path, rng, _call)
+            v_hat, loss = res.out.float(), terms.pop("total")
+            out.update(terms)
         mse = mean_flat((v_hat - target) ** 2)
-        out = {"mse": mse}
-        loss = mse
+        out["mse"] = mse
+        loss = loss + mse
         if self.cos_velocity_weight > 0:
             cos = cosine_direction_loss(v_hat, target)
             out["cos"] = cos
@@ -81,3 +92,7 @@ class FlowMatching(Objective):
 
     def prediction_spec(self) -> dict[str, Any]:
         return {"path": dict(self.path.config), "prediction": "velocity", "precond": None}
+
+
+def _call(net: nn.Module, x: Tensor, t: Tensor, y: Tensor | None, **kw: Any) -> Any:
+    return net(x, t, y, **kw)

@@ -25,14 +25,18 @@ class Diffusion(Method):
         objective: per-sample losses of ``net`` on a batch.
         optimizer: optimizer factory over parameter groups (the ``optim`` config group, ``_partial_``); its
             ``weight_decay`` applies to parameters with two or more dimensions only.
+        image_resolution: side of the training images (checks the alignment encoder's token grid up front).
     """
 
     trainable = ("net", "objective")
     ema_modules = ("net",)
     snapshot_module = "net"
 
-    def __init__(self, net: nn.Module, objective: Objective, optimizer: OptimizerFactory) -> None:
+    def __init__(
+        self, net: nn.Module, objective: Objective, optimizer: OptimizerFactory, image_resolution: int | None = None
+    ) -> None:
         super().__init__()
+        objective.bind(net, image_resolution)
         self.net = net
         self.objective = objective
         self._optimizer = optimizer

@@ -142,7 +142,7 @@ def build(spec: Mapping[str, Any], /, *, allow: Iterable[str] = PROJECT_PACKAGES
         return functools.partial(fn, **args)
     try:
         return fn(**args)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, FileNotFoundError) as e:  # bad arguments, or a file the object needs is missing
         raise BuildError(f"cannot build {target}: {e}") from e
 
 
