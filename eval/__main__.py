@@ -3,7 +3,7 @@
 Run from the repository root (single process, or under ``torchrun --nproc_per_node=N``; the images are
 split across processes by index/seed and the statistics reduced, so results do not depend on N):
 
-    # reference statistics of a built-in dataset with its yardstick network (DESIGN.md §5)
+    # reference statistics of a built-in dataset with its yardstick network
     python -m eval ref --dataset mnist5k --extractor yardstick --out refs/mnist5k_train.npz
     # ... of an ADM-style batch or an image folder with the FID Inception (local weights file), with sFID
     python -m eval ref --npz VIRTUAL_imagenet256_labeled.npz --extractor inception \\

@@ -1,4 +1,4 @@
-"""The yardstick networks for the built-in data (DESIGN.md §5).
+"""The yardstick networks for the built-in data (the small benchmark of bench/README.md).
 
 A small LeNet-style CNN is trained deterministically (fixed seed, fixed data order, one thread) on the
 training split of a built-in dataset and cached as safetensors under

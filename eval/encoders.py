@@ -13,7 +13,7 @@ Every encoder is an :class:`AlignmentEncoder`; its name picks the backbone behin
   ``x_norm_patchtokens`` and the class token ``x_norm_clstoken``, both after the final norm; registers
   are dropped.
 - ``foundation-<dataset>`` (``mnist5k``, ``shapes``): the yardstick's separately trained residual network
-  (``eval.classifier.FoundationNet``, another architecture and seed than the FID LeNet; DESIGN.md §5),
+  (``eval.classifier.FoundationNet``, another architecture and seed than the FID LeNet),
   trained and cached on first use. Images go to [-1, 1] without resizing; the 4x4 grid of a 32 px image
   gives the patch tokens and their mean the class token.
 

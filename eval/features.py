@@ -13,7 +13,7 @@ modes are never compared.
   interpolated at forward time), with the FD-DINOv2 preprocessing of dgm-eval / EDM2; class token after
   the final norm (FD-DINOv2). Alignment encoders built on the same loading live in ``eval.encoders``.
 - ``YardstickFeatures``: the penultimate layer of the small classifier trained on the built-in data
-  (``eval.classifier``; DESIGN.md §5).
+  (``eval.classifier``; the small benchmark of bench/README.md).
 
 Pretrained weights are never fetched silently: a file is looked up at an explicit path, then in the
 cache directories, and downloaded only with ``download=True``. A missing file raises
@@ -658,7 +658,7 @@ class DINOv2Features(FeatureExtractor):
 
 
 class YardstickFeatures(FeatureExtractor):
-    """Penultimate features of the small classifier trained on a built-in dataset (DESIGN.md §5).
+    """Penultimate features of the small classifier trained on a built-in dataset (the yardstick).
 
     Args:
         dataset_name: ``mnist5k`` or ``shapes``.

@@ -1,6 +1,6 @@
 """Fréchet distance (FID, sFID, FD-DINOv2), Inception Score and improved precision/recall.
 
-The Fréchet distance between Gaussians N(μ1, Σ1) and N(μ2, Σ2) (methods/evaluation.md §1.3) is
+The Fréchet distance between Gaussians N(μ1, Σ1) and N(μ2, Σ2) (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule") is
 
     d² = ‖μ1 − μ2‖² + Tr Σ1 + Tr Σ2 − 2 Tr (Σ1 Σ2)^{1/2}.                                   (1)
 

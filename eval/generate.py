@@ -4,7 +4,7 @@ Image k of a sample set is made from seed k alone (``gen.utils.seed.PerImageRand
 ``generate_fn``), the seeds are cut into batches and dealt round-robin to the processes
 (``fixed_batches``: EDM2's scheme, with batches that do not change with the world size), and each process adds its features to float64 sums that
 are reduced with one all-reduce at the end. The metric therefore does not depend on the number of
-processes or the batch size (methods/evaluation.md §4.3). No PNG is written unless ``png_dir`` is given.
+processes or the batch size (as EDM2's generate_images.py seeds per image). No PNG is written unless ``png_dir`` is given.
 
 The model side is one callable, ``generate_fn(seeds: list[int]) -> (uint8 images (B, C, H, W), labels (B,)
 or None)``; the entry points build it from a snapshot and a sampler.
@@ -346,7 +346,7 @@ def yardstick_fid(
     batch_size: int = 250,
     seed_offset: int = 0,
 ) -> float:
-    """Training hook: the yardstick FID of ``num_images`` samples against the training images (DESIGN.md §5).
+    """Training hook: the yardstick FID of ``num_images`` samples against the training images (the yardstick).
 
     Call it on every process (it reduces across them) every N kimg and log the value beside the loss.
     """

@@ -9,7 +9,7 @@ computed from them) do not depend on how the images were split between processes
 Reference statistics are ``.npz`` files holding ``mu``, ``sigma`` (and ``mu_s``, ``sigma_s`` for sFID)
 plus a JSON manifest (``manifest`` key): extractor, weights SHA-256, resize mode, feature dim, image count
 and dataset. Loading compares the manifest with the extractor in use and refuses a mismatch, since FIDs
-from different networks or resize modes are not comparable (methods/evaluation.md §2.7).
+from different networks or resize modes are not comparable (clean-fid, Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation").
 ADM reference batches (``arr_0`` NHWC uint8 images, ``mu``/``sigma``) are read and written too.
 """
 

@@ -1,4 +1,4 @@
-"""Euler ODE sampler for ``dx/dt = v(x, t)`` from ``t_max`` down to 0 (objectives.md Sec. 2).
+"""Euler ODE sampler for ``dx/dt = v(x, t)`` from ``t_max`` down to 0 (Liu et al. 2023, "Flow Straight and Fast").
 
 ``x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i)``; NFE = number of intervals = ``len(ts) - 1``.
 """

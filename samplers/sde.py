@@ -1,4 +1,4 @@
-"""Euler-Maruyama for the reverse-time SDE of a velocity model (SiT, Ma et al. 2024; backbones.md Sec. 2.3).
+"""Euler-Maruyama for the reverse-time SDE of a velocity model (SiT, Ma et al. 2024, Sec. 2.3; willisma/SiT transport/).
 
 For any ``w(t) >= 0`` the forward SDE ``dx = [v + w s] dt + sqrt(2 w) dW`` (``s`` the score) has the path's
 marginals (its Fokker-Planck equation reduces to the continuity equation of ``v``). Run backwards from ``t_max`` to

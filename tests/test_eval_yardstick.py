@@ -1,4 +1,4 @@
-"""The yardstick classifier and FID on the built-in digits (eval.classifier, DESIGN.md §5)."""
+"""The yardstick classifier and FID on the built-in digits (eval.classifier; the small benchmark of bench/README.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The import layering of docs/architecture.md and DESIGN.md §2, checked on the source with ``ast``.
+"""The import layering of docs/architecture.md, checked on the source with ``ast``.
 
 Each library package may import only the project packages listed for it; no library module
 imports Hydra or OmegaConf (only the entry points turn config into objects), nothing imports

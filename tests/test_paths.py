@@ -68,7 +68,7 @@ def test_linear_path_closed_forms() -> None:
     torch.testing.assert_close(path.velocity(x0, eps, t), eps - x0)
     torch.testing.assert_close(path.sample(x0, eps, t), (1 - t[:, None]) * x0 + t[:, None] * eps)
     assert path.t_max == 1.0 and EDMPath().t_max == 80.0
-    # EDM sigma_max = 80 sits at t = 80/81 on the linear path (objectives.md Sec. 0).
+    # EDM sigma_max = 80 sits at t = 80/81 on the linear path (sangyun884/rfpp network_edm.py, EDMPrecondVel).
     assert math.isclose(path.t_from_noise_ratio(torch.tensor(80.0)).item(), 80 / 81, rel_tol=1e-6)
 
 

@@ -7,7 +7,7 @@ encoder-sharing sampler unchanged. Each adapter is an ``nn.Module`` with the bac
 ``(x, t, y, **kwargs)`` in *our* time, and ``prediction_spec()`` gives the spec for
 ``gen.models.prediction.velocity_model`` / ``pipeline.Generator``.
 
-``FlippedTimeVelocity`` (SiT, LightningDiT, DDT; backbones.md Sec. 0): they put data at ``s = 1`` with
+``FlippedTimeVelocity`` (SiT, LightningDiT, DDT; willisma/SiT transport/path.py, hustvl/LightningDiT transport/): they put data at ``s = 1`` with
 ``x_s = s x0 + (1 - s) eps`` and predict ``v_s = dx_s/ds = x0 - eps``. With ``s = 1 - t`` the state is the same
 tensor as our linear-path ``x_t``, and ``v_ours = dx/dt = -v_s``. So the adapter feeds ``1 - t`` and returns
 ``-v``. Time enters their embedders unscaled: build the backbone with
@@ -15,7 +15,7 @@ tensor as our linear-path ``x_t``, and ``v_ours = dx/dt = -v_s``. So the adapter
 * SiT / LightningDiT weights: ``time_scale=1`` (t in [0, 1] goes straight into DiT's sinusoid, ``max_period=1e4``);
 * DDT weights: ``time_scale=1, max_period=10`` (our DDT defaults).
 
-``DDPMEpsilon`` (DiT's 1000-step VP models; backbones.md Sec. 1.5): ``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps``
+``DDPMEpsilon`` (DiT's 1000-step VP models; facebookresearch/DiT diffusion/gaussian_diffusion.py): ``x_k = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps``
 with linear betas 1e-4..0.02 and the integer step ``k`` fed to the embedder. A state of any of our paths at time
 ``t`` has the noise ratio ``r = sigma / alpha``; the DDPM step with the same ratio has ``abar = 1 / (1 + r^2)``
 and the state ``x_t / sqrt(alpha^2 + sigma^2)``. The adapter finds the (fractional) step ``k`` by interpolating
