@@ -21,7 +21,6 @@ initialised networks of the identical architecture (``make_random_inception_weig
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from abc import ABC, abstractmethod
@@ -32,6 +31,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Weights lookup is shared with tokenizers and LPIPS; re-exported here, where it was first defined.
+from gen.utils.weights import WeightsNotFoundError as WeightsNotFoundError
+from gen.utils.weights import file_sha256 as file_sha256
+from gen.utils.weights import resolve_weights
+from gen.utils.weights import weights_cache_dir as weights_cache_dir
 
 InceptionResize = Literal["tf1-bilinear", "bilinear-antialias"]
 
@@ -52,79 +57,6 @@ DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{short}/{file}"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights files.
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A pretrained weights file is not on this machine (message says which, its hash and where to put it)."""
-
-
-def weights_cache_dir() -> Path:
-    """``${GEN_CACHE:-~/.cache/gen}/weights``: where pretrained feature-network files are looked up."""
-    return Path(os.environ.get("GEN_CACHE", Path.home() / ".cache" / "gen")).expanduser() / "weights"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_weights(
-    filename: str,
-    expected_sha256: str | None,
-    url: str | None,
-    weights_path: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    download: bool = False,
-) -> tuple[Path, str]:
-    """Find a pretrained weights file and return (path, its SHA-256).
-
-    Search order: ``weights_path`` (any file is accepted, e.g. a custom conversion; its hash is recorded),
-    then ``cache_dir`` (default ``weights_cache_dir()``) and torch.hub's checkpoint folder under
-    ``filename``, which must match ``expected_sha256`` when that is known. With ``download=True`` a
-    missing file is fetched from ``url`` into ``cache_dir`` and verified.
-
-    Raises:
-        WeightsNotFoundError: no file; the message names it, its expected hash and the folders searched.
-        ValueError: a cached file with the wrong hash (a truncated or foreign download).
-    """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"weights file {path} does not exist (expected the file {filename}, SHA-256 "
-                f"{expected_sha256 or 'not pinned'}{'; download it from ' + url if url else ''})"
-            )
-        return path, file_sha256(path)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
-    candidates = [cache / filename, Path(torch.hub.get_dir()) / "checkpoints" / filename]
-    for path in candidates:
-        if path.is_file():
-            sha = file_sha256(path)
-            if expected_sha256 is not None and sha != expected_sha256:
-                raise ValueError(
-                    f"{path} has SHA-256 {sha}, expected {expected_sha256}; the file is damaged or not "
-                    f"the original {filename}. Delete it and fetch it again, or pass it as an explicit path."
-                )
-            return path, sha
-    if download and url is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        path = cache / filename
-        torch.hub.download_url_to_file(url, str(path), progress=False)
-        return resolve_weights(filename, expected_sha256, None, None, cache, False)
-    raise WeightsNotFoundError(
-        f"pretrained weights {filename} (SHA-256 {expected_sha256 or 'not pinned'}) not found. Looked in: "
-        + ", ".join(str(p) for p in candidates)
-        + f". Put the file in {cache} (or set GEN_CACHE), pass its path explicitly"
-        + (f", or allow downloading it from {url} (download=True) on a machine with internet." if url else ".")
-    )
 
 
 # ----------------------------------------------------------------------------------------------
