@@ -4,9 +4,12 @@ Encode: ours is ``SDVAE.encode(uint8, per-image generators)`` (pixel mapping, po
 x 0.18215); the direct call is ``vae.encode(u / 127.5 - 1).latent_dist.sample(generator=generators) * 0.18215``.
 Decode: ``SDVAE.decode(z)`` against ``vae.decode(z / 0.18215).sample``. Both sides use the very same
 ``AutoencoderKL`` module (random weights of the published config; speed does not depend on the values), so the
-ratio measures only what our wrapper adds. Timed calls alternate (ours, direct, ours, ...) so load from other
-processes affects both alike; reported are images/s from the median call, ours / direct from the medians and
-from the fastest calls, and from CPU time.
+ratio measures only what our wrapper adds. Timed calls alternate in ABBA order (ours, direct, direct, ours, ...)
+so load from other processes and warm-up affect both alike; reported are images/s from the median call,
+ours / direct from the medians, from the fastest calls and from CPU time, and the spread (quartiles) of the
+per-pair ratios, which shows the noise of the machine. Because the two paths run the same network, the bench
+also times the wrapper alone: both paths with the network's ``encode`` / ``decode`` replaced by returning a
+stored output; ``overhead`` is the extra time of our path per call as a fraction of a real network call.
 
 Extraction: ``gen.data.latents.extract_latents`` of ``shapes`` images with the same SD-VAE, one thread per
 process, gloo, 1 and 2 processes; images/s from the wall time, and the CPU time of the busiest process
@@ -46,6 +49,30 @@ def _timed(fn) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def _wrapper_overhead(vae: torch.nn.Module, op: str, ours, direct, calls: int = 200) -> float:
+    """Seconds per call that our path adds when the network itself costs nothing (its output is replayed)."""
+    real = getattr(vae, op)
+    captured = {}
+
+    def record(*args, **kwargs):
+        captured["out"] = real(*args, **kwargs)
+        return captured["out"]
+
+    setattr(vae, op, record)
+    try:
+        ours()
+        setattr(vae, op, lambda *args, **kwargs: captured["out"])
+        per = {}
+        for name, fn in (("ours", ours), ("direct", direct), ("ours2", ours), ("direct2", direct)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per[name] = (time.perf_counter() - t0) / calls
+    finally:
+        delattr(vae, op)  # back to the class method
+    return min(per["ours"], per["ours2"]) - min(per["direct"], per["direct2"])
+
+
 def bench_paths(folder: str, resolution: int, batch: int, repeats: int) -> dict:
     tok = SDVAE(weights=folder)
     vae = tok.vae
@@ -77,16 +104,20 @@ def bench_paths(folder: str, resolution: int, batch: int, repeats: int) -> dict:
     rows = {}
     for op, ours, direct in (("encode", ours_encode, direct_encode), ("decode", ours_decode, direct_decode)):
         times: dict[str, list[tuple[float, float]]] = {"ours": [], "direct": []}
-        for _ in range(repeats):
-            times["ours"].append(_timed(ours))
-            times["direct"].append(_timed(direct))
+        for r in range(repeats):
+            pair = (("ours", ours), ("direct", direct)) if r % 2 == 0 else (("direct", direct), ("ours", ours))
+            for name, fn in pair:
+                times[name].append(_timed(fn))
         wall = {k: statistics.median(t[0] for t in v) for k, v in times.items()}
         best = {k: min(t[0] for t in v) for k, v in times.items()}
         cpu = {k: statistics.median(t[1] for t in v) for k, v in times.items()}
+        pairs = sorted(d[1] / o[1] for o, d in zip(times["ours"], times["direct"], strict=True))
+        q1, q3 = pairs[len(pairs) // 4], pairs[(3 * len(pairs)) // 4]
         rows[op] = {
             "ours_img_s": round(batch / wall["ours"], 3), "direct_img_s": round(batch / wall["direct"], 3),
             "ratio_median": round(wall["direct"] / wall["ours"], 4), "ratio_best": round(best["direct"] / best["ours"], 4),
-            "ratio_cpu": round(cpu["direct"] / cpu["ours"], 4),
+            "ratio_cpu": round(cpu["direct"] / cpu["ours"], 4), "pair_ratio_cpu_quartiles": [round(q1, 3), round(q3, 3)],
+            "overhead": round(_wrapper_overhead(vae, op, ours, direct) / wall["direct"], 6),
         }
     return rows
 

@@ -199,9 +199,14 @@ class AutoencoderKLTokenizer(Tokenizer):
                 if isinstance(m, Attention):
                     m.register_forward_hook(_contiguous_output)
 
+    def _like_weights(self, x: torch.Tensor) -> torch.Tensor:
+        # diffusers' ModelMixin.device / .dtype walk every submodule (about 1 ms a call); one weight tells the same.
+        w = self.vae.decoder.conv_in.weight
+        return x.to(device=w.device, dtype=w.dtype)
+
     def encode_raw(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         """[-1, 1] images (B, C, H, W) -> posterior sample or mean (B, latent_channels, H / f, W / f)."""
-        x = x.to(device=self.vae.device, dtype=self.vae.dtype)
+        x = self._like_weights(x)
         dist = self.vae.encode(x).latent_dist
         if self.posterior == "mean":
             return dist.mean
@@ -211,4 +216,4 @@ class AutoencoderKLTokenizer(Tokenizer):
 
     def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw latents (B, latent_channels, h, w) -> images (B, C, h * f, w * f), nominally in [-1, 1]."""
-        return self.vae.decode(raw.to(device=self.vae.device, dtype=self.vae.dtype)).sample
+        return self.vae.decode(self._like_weights(raw)).sample
