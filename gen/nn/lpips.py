@@ -69,8 +69,11 @@ class LPIPS(nn.Module):
         from torchmetrics.functional.image.lpips import _LPIPS
 
         path, sha = resolve_weights(VGG16_FILE, VGG16_SHA256_PREFIX, VGG16_URL, vgg_weights, cache_dir, download)
-        # Built without any weights (no torchvision download, no unpickling inside torchmetrics); filled below.
-        net = _LPIPS(pretrained=False, net="vgg", pnet_rand=True)
+        # Built on the meta device (no torchvision download, no unpickling inside torchmetrics, no 138M-parameter
+        # random init of the full VGG16); every parameter is assigned below. The input scaling constants are
+        # non-persistent buffers made on the CPU either way.
+        with torch.device("meta"):
+            net = _LPIPS(pretrained=False, net="vgg", pnet_rand=True)
         vgg = torch.load(path, map_location="cpu", weights_only=True)
         heads_path = _lin_heads_path()
         heads = torch.load(heads_path, map_location="cpu", weights_only=True)
@@ -90,7 +93,7 @@ class LPIPS(nn.Module):
                 state[key] = heads[key]
         if missing:
             raise ValueError(f"{path} is not a torchvision VGG16 state dict: it lacks {missing[:3]} ({len(missing)} keys)")
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(state, strict=True, assign=True)
         self.net = net.eval().requires_grad_(False)
         self.weights_sha256 = sha
         self.heads_sha256 = file_sha256(heads_path)
