@@ -61,7 +61,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_items_follow_the_contract_and_statistics_are_exact(tmp_path: Path) -> None:
-    from gen.data.latents import _generators
+    from gen.utils.seed import per_image_generators
 
     out = _extract(tmp_path / "lat")
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", *[shard_name(k) for k in range(5)], "stats.json"]
@@ -79,8 +79,8 @@ def test_items_follow_the_contract_and_statistics_are_exact(tmp_path: Path) -> N
         assert item["latent"].dtype == torch.float32 and item["latent"].shape == (4, 8, 8)
         assert item["image"].dtype == torch.uint8 and torch.equal(item["image"], image)
         with torch.no_grad():
-            plain = tok.raw_latents(image[None], _generators([j], 7, False))[0]
-            flip = tok.raw_latents(image.flip(-1)[None], _generators([j], 7, True))[0]
+            plain = tok.raw_latents(image[None], per_image_generators([j], "latent", 7, "plain"))[0]
+            flip = tok.raw_latents(image.flip(-1)[None], per_image_generators([j], "latent", 7, "flip"))[0]
         # Posterior samples seeded per image: equal to encoding the image alone (up to convolution rounding).
         assert torch.allclose(item["latent"], plain, atol=1e-5) and torch.allclose(item["latent_flip"], flip, atol=1e-5)
         assert not torch.allclose(item["latent"], item["latent_flip"].flip(-1), atol=1e-3)

@@ -31,31 +31,13 @@ import torch
 from torch import nn
 
 from gen.utils.frozen import weights_sha256
-from gen.utils.seed import derive_seed
+from gen.utils.seed import per_image_generators as per_image_generators  # re-exported for tokenizer users
 
 # One generator for the whole batch, or one per image (row k of the batch uses generator k).
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 # Config keys that choose how a tokenizer is loaded or used, not which latent space it defines.
 RUNTIME_KEYS: tuple[str, ...] = ("weights", "download", "cache_dir", "posterior", "mean", "std", "scaling_factor")
-
-
-def per_image_generators(
-    seeds: Sequence[int], *parts: int | str, device: torch.device | str = "cpu"
-) -> list[torch.Generator]:
-    """One generator per image, seeded from ``(*parts, seed_k)`` alone (gen.utils.seed.derive_seed).
-
-    Args:
-        seeds: one integer per image, e.g. dataset indices.
-        parts: what the randomness is for (e.g. ``"latent", run_seed, "flip"``), so streams never collide.
-        device: generator device.
-    """
-    out = []
-    for s in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(derive_seed(*parts, int(s)))
-        out.append(g)
-    return out
 
 
 def _pixels_to_unit(images: torch.Tensor) -> torch.Tensor:

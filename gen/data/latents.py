@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write
-from gen.utils.seed import derive_seed
+from gen.utils.seed import per_image_generators
 
 FORMAT = "gen-latents-v1"
 MANIFEST = "manifest.json"
@@ -62,15 +62,6 @@ def _json_text(obj: Any) -> str:
 
 def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(_json_text(obj)))
-
-
-def _generators(indices: Sequence[int], seed: int, flip: bool) -> list[torch.Generator]:
-    gens = []
-    for i in indices:
-        g = torch.Generator()
-        g.manual_seed(derive_seed("latent", seed, int(i), "flip" if flip else "plain"))
-        gens.append(g)
-    return gens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +155,8 @@ def _encode_shard(
         if images.dtype != torch.uint8:
             raise TypeError(f"dataset {plan['dataset']['name']!r} yields {images.dtype} images; extraction needs uint8")
         for key, batch, flip in (("latent", images, False), ("latent_flip", images.flip(-1), True)):
-            z = tokenizer.raw_latents(batch.to(device), _generators(idx, plan["seed"], flip)).float().cpu()
+            gens = per_image_generators(idx, "latent", plan["seed"], "flip" if flip else "plain")
+            z = tokenizer.raw_latents(batch.to(device), gens).float().cpu()
             bad = ~torch.isfinite(z.flatten(1)).all(1)
             if bool(bad.any()):
                 first = idx[int(bad.nonzero()[0])]
@@ -221,7 +213,7 @@ def extract_latents(
         out: the extraction folder.
         shard_size: images per shard (the unit of resuming and of work split).
         batch_size: images per tokenizer call (does not change the result beyond convolution rounding).
-        seed: seeds the posterior samples: image i, flip f uses ``derive_seed("latent", seed, i, f)``.
+        seed: seeds the posterior samples: image i uses ``derive_seed("latent", seed, "plain" | "flip", i)``.
         store_images: also store the uint8 images (for methods that need pixels next to latents).
         workers: DataLoader workers decoding images.
         device: where the tokenizer runs (default: this process's CUDA device, else CPU).

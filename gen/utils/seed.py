@@ -14,6 +14,24 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def per_image_generators(
+    seeds: Sequence[int], *parts: int | str, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per image, seeded from ``(*parts, seed_k)`` alone, for per-image randomness in a batch.
+
+    Args:
+        seeds: one integer per image, e.g. dataset indices.
+        parts: what the randomness is for (e.g. ``"latent", run_seed, "flip"``), so streams never collide.
+        device: generator device.
+    """
+    out = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(*parts, int(s)))
+        out.append(g)
+    return out
+
+
 def step_generator(seed: int, rank: int, nimg: int, device: torch.device | str = "cpu") -> torch.Generator:
     """Generator for one training step, reseeded from (seed, rank, nimg) so a resumed run repeats exactly."""
     gen = torch.Generator(device=device)
