@@ -40,11 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
+from gen.pipeline import Generator, SamplerSpec, generator_from_snapshot  # noqa: E402
+
 from eval.generate import yardstick_metrics  # noqa: E402
 from gen.data import to_uint8  # noqa: E402
-from gen.objectives import velocity_model  # noqa: E402
 from gen.paths import path_from_spec  # noqa: E402
-from gen.pipeline import Generator, SamplerSpec, generator_from_snapshot  # noqa: E402
 from gen.utils.ckpt import list_snapshots  # noqa: E402
 from gen.utils.seed import PerImageRandom  # noqa: E402
 from samplers import uniform_grid  # noqa: E402

@@ -14,6 +14,9 @@ split across processes by index/seed and the statistics reduced, so results do n
     # generate N images from a snapshot (seeds 0..N-1) and evaluate them
     python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/in256.npz \\
         --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
+    # tokenizer reconstruction: rFID, PSNR, SSIM, LPIPS (a tokenizer preset or a snapshot's tokenizer)
+    python -m eval recon --tokenizer configs/tokenizer/sd_vae_ema.yaml --set weights=/models/sd-vae-ft-ema \\
+        --folder /data/imagenet/val --resolution 256 --weights weights-inception-2015-12-05-6726825d.pth
 
 The extractor is rebuilt from the reference file's manifest unless ``--extractor`` is given. Metrics are
 printed as JSON (rank 0) and written to ``--out``. Progress goes to stderr (rank 0): a bar on a terminal,
@@ -337,7 +340,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Every argument that can be checked without doing the work, with the argument's name in the message."""
     if args.command == "ref" and not (args.out and args.extractor):
         raise CommandError("ref needs --extractor (inception | dinov2 | yardstick) and --out FILE.npz")
-    if args.extractor == "yardstick" and args.command != "ref":
+    if args.extractor == "yardstick" and args.command not in ("ref", "recon"):
         raise CommandError("with npz/folder the yardstick network comes from --ref's manifest; drop --extractor")
     if args.command == "ref" and args.extractor == "yardstick" and not args.dataset:
         raise CommandError("--extractor yardstick needs --dataset (mnist5k or shapes): it is trained on that dataset")
@@ -354,6 +357,69 @@ def _check_args(args: argparse.Namespace) -> None:
         check_writable_file(args.out, "--out")
     if getattr(args, "png_dir", None):
         check_writable_dir(args.png_dir, "--png-dir")
+
+
+def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
+    """A tokenizer ``_target_`` spec from a YAML/JSON file or a snapshot's metadata, with ``key=value`` overrides."""
+    import yaml
+
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer spec {path} does not exist (a configs/tokenizer/*.yaml file or a snapshot)")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        spec = json.loads(meta.get("config", "{}")).get("tokenizer")
+        if spec is None:
+            raise ValueError(f"{path} has no tokenizer in its metadata; was it written by train.py?")
+    else:
+        spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise ValueError(f"{path} is not a tokenizer spec (a mapping with '_target_')")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+        spec[key] = yaml.safe_load(value)
+    for key, value in spec.items():
+        if isinstance(value, str) and "${" in value:
+            raise ValueError(f"{path}: tokenizer.{key} = {value!r} is a config interpolation; give the value with --set {key}=...")
+    return spec
+
+
+def cmd_recon(args: argparse.Namespace) -> None:
+    from eval.recon import reconstruction_metrics, tokenizer_roundtrip
+    from gen.utils.build import build
+
+    spec = _tokenizer_spec(args.tokenizer, args.set)
+    if args.folder and args.resolution:
+        from gen.data.folder import ImageFolder
+
+        images: Any = ImageFolder(args.folder, args.resolution, labels="none")
+        source = f"{args.folder} (centre-cropped to {args.resolution})"
+    else:
+        images, _, source = _load_images(args)
+    if args.num_images is not None:
+        if args.num_images < 1 or args.num_images > len(images):
+            raise ValueError(f"--num-images must lie in [1, {len(images)}], got {args.num_images}")
+        images = images[: args.num_images] if isinstance(images, torch.Tensor) else torch.utils.data.Subset(
+            images, range(args.num_images))
+    tokenizer = build(spec).to(args.device).eval().requires_grad_(False)
+    ext = _extractor(args, {"extractor": "inception-v3-pool3"}, dataset=args.dataset)
+    lpips = None
+    if not args.no_lpips:
+        from gen.nn.lpips import LPIPS
+
+        lpips = LPIPS(args.lpips_weights, cache_dir=args.cache_dir, download=args.download).to(args.device)
+    metrics = reconstruction_metrics(
+        tokenizer_roundtrip(tokenizer, seed=args.seed), images, ext, batch_size=args.batch_size,
+        allow_singular=args.allow_singular, lpips=lpips, with_ssim=not args.no_ssim, device=args.device,
+    )
+    extra = {"lpips_network": lpips.identity()} if lpips is not None else {}
+    _emit(args, {"tokenizer": tokenizer.describe(), "tokenizer_spec": spec, "images": source, "seed": args.seed,
+                 **ext.manifest(), **extra, **metrics})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -402,6 +468,26 @@ def build_parser() -> argparse.ArgumentParser:
         _eval_options(p)
         _common(p)
         p.set_defaults(func=cmd_samples)
+
+    rec = sub.add_parser("recon", help="tokenizer reconstruction metrics: rFID, PSNR, SSIM, LPIPS")
+    rec.add_argument("--tokenizer", required=True,
+                     help="tokenizer spec: a YAML/JSON file with _target_ (configs/tokenizer/*.yaml) or a snapshot")
+    rec.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a tokenizer argument (YAML value), e.g. --set weights=/models/sd-vae-ft-ema")
+    src = rec.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="built-in dataset (shapes; mnist5k for 1-channel tokenizers)")
+    src.add_argument("--folder", help="folder of images (one size, or any sizes with --resolution)")
+    src.add_argument("--npz", help="ADM-style .npz (arr_0)")
+    rec.add_argument("--split", default="heldout", choices=["train", "heldout"], help="split of a built-in dataset")
+    rec.add_argument("--resolution", type=int, help="with --folder: ADM centre crop of every image to this side")
+    rec.add_argument("--num-images", type=int, help="only the first N images")
+    rec.add_argument("--seed", type=int, default=0, help="posterior samples: image i draws from a generator seeded by (seed, i)")
+    rec.add_argument("--lpips-weights", help="torchvision's vgg16-397923af.pth for LPIPS (default: the weights cache)")
+    rec.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
+    rec.add_argument("--no-ssim", action="store_true", help="skip SSIM")
+    rec.add_argument("--allow-singular", action="store_true", help="accept fewer images than feature dims (biased)")
+    _common(rec)
+    rec.set_defaults(func=cmd_recon)
 
     for name, n in PRESETS.items():
         p = sub.add_parser(name, help=f"generate {n} images from a snapshot and evaluate them")

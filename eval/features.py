@@ -24,7 +24,6 @@ initialised networks of the identical architecture (``make_random_inception_weig
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import tempfile
@@ -36,6 +35,12 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# Weights lookup is shared with tokenizers and LPIPS; re-exported here, where it was first defined.
+from gen.utils.weights import WeightsNotFoundError as WeightsNotFoundError
+from gen.utils.weights import file_sha256 as file_sha256
+from gen.utils.weights import first_line, load_weights_file, resolve_weights, state_dict_misfit
+from gen.utils.weights import weights_cache_dir as weights_cache_dir
 
 InceptionResize = Literal["tf1-bilinear", "bilinear-antialias"]
 
@@ -64,127 +69,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------
-# Weights files.
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A pretrained weights file is not on this machine (message says which, its hash and where to put it)."""
-
-
-def weights_cache_dir() -> Path:
-    """``${GEN_CACHE:-~/.cache/gen}/weights``: where pretrained feature-network files are looked up."""
-    return Path(os.environ.get("GEN_CACHE", Path.home() / ".cache" / "gen")).expanduser() / "weights"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_weights(
-    filename: str,
-    expected_sha256: str | None,
-    url: str | None,
-    weights_path: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    download: bool = False,
-) -> tuple[Path, str]:
-    """Find a pretrained weights file and return (path, its SHA-256).
-
-    Search order: ``weights_path`` (any file is accepted, e.g. a custom conversion; its hash is recorded),
-    then ``cache_dir`` (default ``weights_cache_dir()``) and torch.hub's checkpoint folder under
-    ``filename``, which must match ``expected_sha256`` when that is known. With ``download=True`` a
-    missing file is fetched from ``url`` into ``cache_dir`` and verified.
-
-    Raises:
-        WeightsNotFoundError: no file; the message names it, its expected hash and the folders searched.
-        ValueError: a cached file with the wrong hash (a truncated or foreign download).
-    """
-    if weights_path is not None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"weights file {path} does not exist (expected the file {filename}, SHA-256 "
-                f"{expected_sha256 or 'not pinned'}{'; download it from ' + url if url else ''})"
-            )
-        return path, file_sha256(path)
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
-    candidates = [cache / filename, Path(torch.hub.get_dir()) / "checkpoints" / filename]
-    for path in candidates:
-        if path.is_file():
-            sha = file_sha256(path)
-            if expected_sha256 is not None and sha != expected_sha256:
-                raise ValueError(
-                    f"{path} has SHA-256 {sha}, expected {expected_sha256}; the file is damaged or not "
-                    f"the original {filename}. Delete it and fetch it again, or pass it as an explicit path."
-                )
-            return path, sha
-    if download and url is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        path = cache / filename
-        try:
-            torch.hub.download_url_to_file(url, str(path), progress=False)
-        except Exception as e:  # offline, proxy, HTTP error: say what to fetch by hand
-            raise WeightsNotFoundError(
-                f"could not download {url} ({type(e).__name__}: {e}). Fetch {filename} on a machine with internet "
-                f"and put it in {cache}, or pass its path explicitly."
-            ) from e
-        return resolve_weights(filename, expected_sha256, None, None, cache, False)
-    raise WeightsNotFoundError(
-        f"pretrained weights {filename} (SHA-256 {expected_sha256 or 'not pinned'}) not found. Looked in: "
-        + ", ".join(str(p) for p in candidates)
-        + f". Put the file in {cache} (or set GEN_CACHE), pass its path explicitly"
-        + (f", or allow downloading it from {url} (download=True) on a machine with internet." if url else ".")
-    )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def state_dict_misfit(module: nn.Module, state: dict[str, torch.Tensor]) -> str:
-    """Empty when ``state`` fits ``module`` exactly, else a short account of missing, extra and mis-shaped keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    shapes = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
-             ((missing, "missing keys"), (extra, "unexpected keys"), (shapes, "keys of another shape")) if keys]
-    return ", ".join(parts)
-
-
-def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.safetensors`` or ``.pt/.pth`` file (``weights_only``: no code runs).
-
-    Raises:
-        ValueError: naming the file and ``what`` it should hold, when it is damaged or not a state dict.
-    """
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch/safetensors signal foreign or truncated files with many exception types
-        if isinstance(e, OSError) and e.errno is not None:  # unreadable (permissions, I/O), not damaged
-            raise
-        # torch's own message suggests weights_only=False, i.e. running the file's code; it is not repeated here.
-        reason = "damaged, or not a state dict of tensors (other objects are never unpickled, for safety)"
-        if path.suffix == ".safetensors":
-            reason = f"not a valid safetensors file: {_first_line(e)}"
-        raise ValueError(f"weights file {path} is not a readable weights file ({reason}); expected {what}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {path} does not hold a state dict of tensors; expected {what}")
-    return state
-
-
 # ----------------------------------------------------------------------------------------------
 # Interface.
 
@@ -534,7 +418,7 @@ def load_dinov2_timm(
         try:
             state = checkpoint_filter_fn(state, net)
         except Exception as e:  # timm's converter indexes keys of the expected layout
-            raise ValueError(f"weights file {path} is not a DINOv2 checkpoint ({_first_line(e)}); expected {file}") from e
+            raise ValueError(f"weights file {path} is not a DINOv2 checkpoint ({first_line(e)}); expected {file}") from e
         misfit = state_dict_misfit(net, state)
         if misfit:
             raise ValueError(f"weights file {path} does not fit DINOv2 {arch} ({misfit}); pick the matching --dinov2-arch")

@@ -44,7 +44,7 @@ def test_reconstruction_metrics_identity_and_noisy_tokenizer() -> None:
     ident = reconstruction_metrics(tokenizer_roundtrip(PixelTokenizer(channels=1)), images, ext, batch_size=16)
     assert ident["rfid"] < 1e-6 and ident["psnr"] > 140 and ident["num_images"] == 80
 
-    def noisy(x: torch.Tensor) -> torch.Tensor:
+    def noisy(x: torch.Tensor, indices: list[int]) -> torch.Tensor:
         return (x.float() + 20 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 255).round().to(torch.uint8)
 
     worse = reconstruction_metrics(noisy, images, ext, batch_size=16)

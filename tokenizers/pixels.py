@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenizers.base import Tokenizer
+from tokenizers.base import Generators, Tokenizer
 
 
 class PixelTokenizer(Tokenizer):
@@ -26,7 +26,7 @@ class PixelTokenizer(Tokenizer):
             image_channels=channels, latent_channels=channels, downsample=1, config={"channels": int(channels)}
         )
 
-    def encode_raw(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_raw(self, x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
         return x
 
     def decode_raw(self, raw: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""Datasets (built-in, procedural, image folders, CIFAR-10), the per-rank infinite sampler and pixel helpers.
+"""Datasets (built-in, procedural, image folders, CIFAR-10, latent shards), the per-rank infinite sampler and pixel helpers.
 
-Every dataset yields ``(image, label)`` with image uint8 (C, H, W) and label an int, and exposes
+Every image dataset yields ``(image, label)`` with image uint8 (C, H, W) and label an int, and exposes
 ``num_classes``, ``channels``, ``resolution``, ``name`` and ``len()``. In-memory datasets also have
-``tensors()`` so the training loop can index batches without a DataLoader.
+``tensors()`` so the training loop can index batches without a DataLoader. ``LatentShards`` (pre-extracted
+tokenizer latents) yields dicts ``{"label", "latent", "latent_flip"[, "image"]}`` and exposes the same
+attributes plus the latent statistics and the identity of the tokenizer that made them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gen.data.folder import (
     scan_images,
     verify_images,
 )
+from gen.data.latents import LatentShards, apply_statistics, check_tokenizer, extract_latents
 from gen.data.sampler import InfiniteSampler
 from gen.data.shapes import SHAPES, Shapes
 from gen.data.transforms import center_crop_resize, pad_or_resize, random_hflip, to_model_input, to_uint8
@@ -31,12 +34,16 @@ __all__ = [
     "FolderProblemError",
     "ImageFolder",
     "InfiniteSampler",
+    "LatentShards",
     "MNIST5k",
     "SHAPES",
     "Shapes",
     "TensorImageDataset",
+    "apply_statistics",
     "center_crop_resize",
     "decode_image",
+    "check_tokenizer",
+    "extract_latents",
     "find_images",
     "load_image",
     "pad_or_resize",

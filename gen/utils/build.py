@@ -27,6 +27,7 @@ import difflib
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -181,6 +182,8 @@ def _plain(value: Any) -> Any:
     """A JSON-able copy of a constructor argument (objects with a ``config`` spec are replaced by it)."""
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

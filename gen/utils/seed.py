@@ -15,6 +15,24 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def per_image_generators(
+    seeds: Sequence[int], *parts: int | str, device: torch.device | str = "cpu"
+) -> list[torch.Generator]:
+    """One generator per image, seeded from ``(*parts, seed_k)`` alone, for per-image randomness in a batch.
+
+    Args:
+        seeds: one integer per image, e.g. dataset indices.
+        parts: what the randomness is for (e.g. ``"latent", run_seed, "flip"``), so streams never collide.
+        device: generator device.
+    """
+    out = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(derive_seed(*parts, int(s)))
+        out.append(g)
+    return out
+
+
 class SampleRandom:
     """Per-sample random streams: row i of every draw comes from its own generator, seeded by ``(*key, keys[i])``.
 
