@@ -154,6 +154,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 f"data.{key}={c['data'][key]} but the dataset has {key}={getattr(dataset, key)}; fix data.{key}"
             )
     tokenizer = _build(c["tokenizer"], "tokenizer", packages)
+    if hasattr(dataset, "latent_mean"):  # pre-extracted latents: only the tokenizer that made them may read them
+        _bind_latents(tokenizer, dataset)
     channels, size, _ = tokenizer.latent_shape(dataset.resolution)
     # The model's input shape comes from the tokenizer and its classes from the data ("interface" arguments).
     shape_args = {"in_channels": channels, "input_size": size, "num_classes": dataset.num_classes}
@@ -210,6 +212,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         dist.print0("\n" + "\n".join(f"{k:>28}: {v}" for k, v in summary.items()))
     return summary
+
+
+def _bind_latents(tokenizer: Any, dataset: Any) -> None:
+    """Check the tokenizer against the latents' extraction; a tokenizer that normalises per channel (scaling
+    factor 1, no statistics of its own: VA-VAE, LightningDiT) takes the dataset's statistics, which then ride in
+    every snapshot. A scaled tokenizer (SD-VAE x 0.18215, as DiT) keeps its scale."""
+    from gen.data.latents import apply_statistics, check_tokenizer
+
+    try:
+        if tokenizer.scaling_factor == 1.0 and not tokenizer.has_statistics():
+            apply_statistics(tokenizer, dataset)
+        else:
+            check_tokenizer(tokenizer, dataset)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _ema_profiles(c: Mapping[str, Any]) -> list:

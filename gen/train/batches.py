@@ -88,6 +88,6 @@ def make_batch(raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hfl
     if "latent" in batch:
         latent = mirror(batch["latent"], batch.get("latent_flip")) if "latent_flip" in batch else mirror(batch["latent"])
         batch["x0"] = tokenizer.normalize(latent.float())
-    else:
-        batch["x0"] = tokenizer.encode(batch["image"])
+    else:  # a stochastic encoder (VAE posterior) draws from each sample's own stream, after the flip
+        batch["x0"] = tokenizer.encode(batch["image"], generator=rng.generators)
     return batch
