@@ -33,9 +33,13 @@ def _compose(overrides: list[str], name: str = "train") -> OmegaConf:
 
 
 def _build_model(c: dict) -> torch.nn.Module:
-    """The model as train.py builds it: input shape from the tokenizer, classes from the data."""
-    tokenizer = build(c["tokenizer"])
-    channels, size, _ = tokenizer.latent_shape(c["data"]["resolution"])
+    """The model as train.py builds it: input shape from the tokenizer, classes from the data.
+
+    Every tokenizer preset states ``latent_channels`` and ``downsample``; they give the shape without building
+    the tokenizer (pretrained SD-VAE / VA-VAE weights are not on this machine).
+    """
+    channels = c["tokenizer"]["latent_channels"]
+    size = c["data"]["resolution"] // c["tokenizer"]["downsample"]
     with torch.device("meta"):
         return build(c["model"], in_channels=channels, input_size=size, num_classes=c["data"]["num_classes"])
 
