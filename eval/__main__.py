@@ -48,6 +48,7 @@ from gen.utils.cli import (
 )
 
 PROG = "python -m eval"
+DEFAULT_DINOV2 = "vit_large_patch14_dinov2"
 PRESETS = {"fid5k": 5000, "fid10k": 10000, "fid50k": 50000}
 
 
@@ -157,6 +158,13 @@ def _extractor(args: argparse.Namespace, manifest: dict[str, Any] | None, datase
         name = f"dinov2-{args.dinov2_arch}-cls"
     if name.startswith(("yardstick", "lenet-", "foundation-")):
         _say(f"loading the {name} feature network (a yardstick network is trained on first use, about 25 s on 2 cores)")
+    spec = (manifest or {}).get("spec")
+    if spec and not (args.extractor or args.resize or (dinov2 and args.dinov2_arch != DEFAULT_DINOV2)):
+        # A statistics file says how its features are rebuilt: its spec, built by the project's constructor.
+        from eval.features import extractor_from_spec
+
+        return extractor_from_spec(spec, weights_path=args.weights, cache_dir=args.cache_dir, download=args.download,
+                                   device=args.device)
     return build_extractor(
         name, weights_path=args.weights, resize=resize if (inception or dinov2) else None,
         dataset=dataset, cache_dir=args.cache_dir, download=args.download, device=args.device,
@@ -429,7 +437,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--resize", choices=["tf1-bilinear", "bilinear-antialias", "torch", "pil"],
         help="Inception: tf1-bilinear (torch-fidelity/ADM) | bilinear-antialias; DINOv2: torch (EDM2) | pil (dgm-eval)",
     )
-    p.add_argument("--dinov2-arch", default="vit_large_patch14_dinov2")
+    p.add_argument("--dinov2-arch", default=DEFAULT_DINOV2)
     p.add_argument("--cache-dir", help="weights / yardstick cache (default ${GEN_CACHE:-~/.cache/gen}/...)")
     p.add_argument("--download", action="store_true", help="download missing pretrained weights")
     p.add_argument("--batch-size", type=_count(1), default=64)

@@ -92,9 +92,15 @@ class FeatureExtractor(ABC):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3|1, H, W) -> float32 (B, dim)."""
 
+    @abstractmethod
+    def spec(self) -> dict[str, Any]:
+        """The ``_target_`` spec of these features: the arguments that define them, without where the weights live
+        or where the network runs (``build(spec, weights_path=..., device=...)`` rebuilds the extractor)."""
+
     def manifest(self) -> dict[str, Any]:
-        """The identity of these features, stored with every statistics file."""
-        return {"extractor": self.name, "weights_sha256": self.weights_sha256, "resize": self.resize, "dim": self.dim}
+        """The identity of these features, stored with every statistics file (with the spec that rebuilds them)."""
+        return {"extractor": self.name, "weights_sha256": self.weights_sha256, "resize": self.resize, "dim": self.dim,
+                "spec": self.spec()}
 
 
 def check_uint8_images(images: torch.Tensor, channels: Sequence[int] = (1, 3)) -> None:
@@ -234,6 +240,9 @@ class InceptionFeatures(FeatureExtractor):
         self.resize = resize
         self.weights_sha256 = sha
         self.weights_path = path
+
+    def spec(self) -> dict[str, Any]:
+        return {"_target_": "eval.features.InceptionFeatures", "resize": self.resize}
 
     @torch.no_grad()
     def extract(self, images: torch.Tensor, spatial: bool = False) -> dict[str, torch.Tensor]:
@@ -512,6 +521,10 @@ class DINOv2Features(FeatureExtractor):
         self.resize = f"{'edm2-torch' if resize == 'torch' else 'pil'}-bicubic-{image_size}"
         self.weights_sha256 = sha
 
+    def spec(self) -> dict[str, Any]:
+        return {"_target_": "eval.features.DINOv2Features", "arch": self.arch, "image_size": self.image_size,
+                "resize": self.resize_mode}
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3|1, H, W) -> normalised float (B, 3, S, S), operation for operation as EDM2."""
         x = dinov2_resize(to_rgb(images).to(self.device), self.image_size, self.resize_mode)
@@ -558,6 +571,10 @@ class YardstickFeatures(FeatureExtractor):
         self.dim = int(self.yardstick.net.feature_dim)
         self.resize = "none-32"
         self.weights_sha256 = self.yardstick.weights_sha256
+        self._spec = {"_target_": "eval.features.YardstickFeatures", "dataset_name": dataset_name, "kind": kind}
+
+    def spec(self) -> dict[str, Any]:
+        return dict(self._spec)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         check_uint8_images(images)
@@ -586,6 +603,23 @@ def _dinov2_resize_spec(resize: str | None) -> tuple[DINOv2Resize, int]:
         "statistics written before the FD-DINOv2 features followed EDM2/dgm-eval ('bicubic-antialias-224') "
         "must be recomputed"
     )
+
+
+RUNTIME_ARGS = ("weights_path", "cache_dir", "download", "device")
+
+
+def extractor_from_spec(spec: dict[str, Any], **runtime: Any) -> FeatureExtractor:
+    """Rebuild an extractor from the ``spec`` a manifest stores, with where its weights live and where it runs.
+
+    ``runtime`` may hold ``weights_path``, ``cache_dir``, ``download`` and ``device``; the ones the extractor's
+    constructor does not take are dropped (the yardstick networks find their weights in their cache).
+    """
+    import inspect
+
+    from gen.utils.build import build, resolve
+
+    params = inspect.signature(resolve(str(spec.get("_target_")), ("eval.features",))).parameters
+    return build(spec, allow=("eval.features",), **{k: v for k, v in runtime.items() if k in params and k in RUNTIME_ARGS})
 
 
 def build_extractor(
