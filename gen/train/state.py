@@ -10,14 +10,15 @@ with a message that lists the differences.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
 from gen.utils.ckpt import load_state_dict_checked
+from gen.utils.finite import finite_number, non_finite_tensors
+
+__all__ = ["StateRegistry", "Value", "finite_number"]
 
 
 class Stateful(Protocol):
@@ -78,15 +79,8 @@ class StateRegistry:
                 item.load_state_dict(state[name])
 
     def non_finite(self) -> list[str]:
-        """Names of floating-point tensors in registered modules that hold NaN or infinity (``module[key]``)."""
-        bad = []
-        for name, module in self.modules().items():
-            for key, t in module.state_dict().items():
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    bad.append(f"{name}[{key}]")
-        return bad
+        """Names of floating-point tensors anywhere in the state (weights, EMAs, optimizer moments) with NaN/inf.
 
-
-def finite_number(value: Any) -> bool:
-    """True for a real, finite int or float (not bool)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        Optimizer state counts too: resuming from a non-finite Adam moment poisons the next update.
+        """
+        return non_finite_tensors(self.state_dict())

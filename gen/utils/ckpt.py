@@ -2,7 +2,9 @@
 
 Training states hold everything needed to resume and are loaded with ``weights_only=True`` so a file
 from elsewhere cannot run code. Snapshots hold weights plus a JSON config in the safetensors
-metadata, enough to rebuild the network without the training config.
+metadata, enough to rebuild the network without the training config; :func:`build_from_snapshot`
+rebuilds it without trusting that config (see there). A write that fails (a full disk) raises an
+``OSError`` that names the file and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 STATE_PATTERN = re.compile(r"^state-(\d+)\.pt$")
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A training state or snapshot cannot be read or does not describe a model we can build; names the file."""
+
 SNAPSHOT_PATTERN = re.compile(r"^snapshot-(\d+)\.safetensors$")
 
 
@@ -36,32 +44,65 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     # mkstemp creates 0600; give the file the permissions a plain open() would (0666 minus umask).
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # Some writers (safetensors) recreate the file with 0600, so the mode is set after writing.
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            # A failed write on an open file (a full disk) names no file; name the one being written.
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
     return path
 
 
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 of a file's bytes (a snapshot's identity)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
     """Save a dict of tensors / state dicts / plain values atomically with torch.save."""
-    return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+    def write(tmp: str) -> None:
+        # Through a Python file object: a full disk then raises OSError(ENOSPC) instead of torch's
+        # "unexpected pos" RuntimeError, which says nothing about the cause.
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+
+    return atomic_write(path, write)
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a training state without unpickling arbitrary objects (``weights_only=True``)."""
+    """Load a training state without unpickling arbitrary objects (``weights_only=True``).
+
+    Raises:
+        CheckpointError: the file is damaged, foreign, or holds objects other than tensors and plain values.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
     except Exception as e:  # corrupt or foreign file
-        raise RuntimeError(
-            f"could not load training state {path}: {e}. Delete the file to restart from the previous state."
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"training state {path} cannot be read ({reason}); it is damaged or not a training state of this "
+            "toolkit. Delete it to resume from the previous state."
         ) from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"training state {path} holds a {type(state).__name__}, not a training state; delete it")
+    return state
 
 
 def _numbered(folder: str | os.PathLike, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
@@ -103,7 +144,18 @@ def save_snapshot(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
     """Write an inference snapshot: tensors as safetensors, ``config`` as JSON metadata."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"config": json.dumps(config, sort_keys=True), "format": "gen-snapshot-v1"}
-    return atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=meta))
+
+    def write(tmp: str) -> None:
+        try:
+            save_file(flat, tmp, metadata=meta)
+        except Exception as e:  # safetensors reports I/O failures (a full disk) as its own error type
+            m = _OS_ERROR.search(str(e))
+            if m is None:
+                raise
+            code = int(m.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from e
+
+    return atomic_write(path, write)
 
 
 def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -116,14 +168,26 @@ def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise RuntimeError(f"{path} is not a readable safetensors snapshot: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors snapshot ({reason}); it is damaged or not a snapshot") from e
     if "config" not in meta:
-        raise ValueError(f"{path} has no 'config' metadata; it was not written by this toolkit's save_snapshot")
-    return tensors, json.loads(meta["config"])
+        raise CheckpointError(f"{path} has no 'config' metadata; it was not written by this toolkit's save_snapshot")
+    try:
+        config = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its 'config' metadata is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its 'config' metadata is not a JSON object; the file is damaged")
+    return tensors, config
 
 
-def load_state_dict_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "") -> None:
-    """load_state_dict(strict) with an error that lists missing, unexpected and mis-shaped keys."""
+def load_state_dict_checked(
+    module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "", assign: bool = False
+) -> None:
+    """load_state_dict(strict) with an error that lists missing, unexpected and mis-shaped keys.
+
+    ``assign=True`` only compares (and assigns, as ``nn.Module.load_state_dict`` does), for meta-device skeletons.
+    """
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -146,4 +210,76 @@ def load_state_dict_checked(module: torch.nn.Module, state: Mapping[str, torch.T
             lines.append(f"  shape mismatches ({len(shapes)}): {head(shapes)}")
         lines.append("  Is this a checkpoint of another model or preset? Check the model config.")
         raise ValueError("\n".join(lines))
-    module.load_state_dict(dict(state), strict=True)
+    module.load_state_dict(dict(state), strict=True, assign=assign)
+
+
+# Tensors a module holds that a snapshot does not store (non-persistent buffers such as RoPE tables) may
+# take at most this many values: they are derived from config numbers, not bounded by the file.
+MAX_UNSTORED_NUMEL = 1 << 24
+
+
+def _config_ints(value: Any, key: str) -> list[tuple[str, int]]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [(key, value)]
+    if isinstance(value, Mapping):
+        return [kv for k, v in value.items() for kv in _config_ints(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [kv for i, v in enumerate(value) for kv in _config_ints(v, f"{key}[{i}]")]
+    return []
+
+
+def snapshot_int_bound(tensors: Mapping[str, torch.Tensor]) -> int:
+    """The largest integer an untrusted snapshot config may hold, given the tensors actually in the file.
+
+    Sizes of a real model appear among its tensors' dimensions (width, channels, classes + 1, tokens) and
+    counts (depth, heads) are at most its number of tensors, so no honest setting exceeds the larger of the
+    two (with a floor of 1024 for tiny models).
+    """
+    dims = [int(d) for t in tensors.values() for d in t.shape]
+    return max([len(tensors), 1024, *dims])
+
+
+def check_config_ints(config: Mapping[str, Any], bound: int, source: str, section: str) -> None:
+    """Refuse a config holding an integer above ``bound`` before anything is built from it."""
+    big = [(k, v) for k, v in _config_ints(config, section) if abs(v) > bound]
+    if big:
+        k, v = big[0]
+        raise CheckpointError(
+            f"{source}: its config sets {k}={v}, more than any size or count the file's tensors allow "
+            f"(at most {bound}); the metadata does not describe these weights. Refusing to build it."
+        )
+
+
+def build_from_snapshot(spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> torch.nn.Module:
+    """Build the module an untrusted snapshot config describes and load the file's tensors, bounded by the file.
+
+    Nothing is allocated from the config alone: every integer in ``spec`` must be at most
+    :func:`snapshot_int_bound` of the tensors; the module is then built on the meta device (no memory) and its
+    state-dict names and shapes must equal the file's, and the tensors it holds beyond them (non-persistent
+    buffers) must stay below ``MAX_UNSTORED_NUMEL`` values. Only then is it built for real and loaded.
+    ``_target_`` is restricted to the project's packages by :func:`gen.utils.build.build`.
+
+    Raises:
+        CheckpointError / ValueError: naming ``source`` and what does not fit.
+    """
+    from gen.utils.build import build
+
+    check_config_ints(spec, snapshot_int_bound(tensors), source, "model")
+    with torch.device("meta"):
+        skeleton = build(spec)
+    if not isinstance(skeleton, torch.nn.Module):
+        raise CheckpointError(f"{source}: its model config builds a {type(skeleton).__name__}, not a network")
+    load_state_dict_checked(skeleton, {k: v.to("meta") for k, v in tensors.items()}, source, assign=True)
+    stored = skeleton.state_dict()
+    unstored = sum(b.numel() for name, b in skeleton.named_buffers() if name not in stored)
+    if unstored > MAX_UNSTORED_NUMEL:
+        raise CheckpointError(
+            f"{source}: its model config asks for {unstored:,} values that the file does not hold (buffers derived "
+            f"from the config, more than {MAX_UNSTORED_NUMEL:,}); refusing to build it"
+        )
+    del skeleton
+    net = build(spec)
+    load_state_dict_checked(net, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, source)
+    return net

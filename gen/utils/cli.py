@@ -2,7 +2,8 @@
 
 An expected failure (a bad argument, a missing or damaged file, a full disk, an unwritable folder) is
 printed as one ``error: ...`` line that names the file or argument and the fix, with exit status 2;
-a Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of expected errors too.
+values that stopped being finite (weights, a loss, generated images) end the same way with status 3.
+A Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of expected errors too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
+from gen.utils.finite import NonFiniteError
+
 EXIT_USAGE = 2
+EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -128,14 +132,14 @@ def error_message(e: BaseException) -> str:
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:
-    """Run ``main`` and turn expected errors into ``prog: error: ...`` lines with exit status 2."""
+    """Run ``main`` and turn expected errors into ``prog: error: ...`` lines (exit status 2; 3 for non-finite values)."""
     try:
         return main()
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except EXPECTED_ERRORS as e:
+    except (NonFiniteError, *EXPECTED_ERRORS) as e:
         if os.environ.get("GEN_DEBUG"):
             traceback.print_exc()
-        print(f"{prog}: error: {error_message(e)}", file=sys.stderr)
-        return EXIT_USAGE
+        print(f"{prog}: error: {error_message(e)}", file=sys.stderr, flush=True)
+        return EXIT_NON_FINITE if isinstance(e, NonFiniteError) else EXIT_USAGE

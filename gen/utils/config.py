@@ -43,14 +43,36 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return True
 
 
+def type_name(tp: Any) -> str:
+    """A type annotation as a user reads it in a config message ("an integer", "true or false", ...)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if tp in names:
+        return names[tp]
+    if origin in (list, tuple, typing.Sequence):
+        return "a list"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], section: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError.
 
     Args:
         cls: a dataclass type with type annotations.
         data: the config section as a plain mapping.
-        section: its dotted name in the full config, used in messages (e.g. ``"trainer"``).
+        section: its dotted name in the full config, used in messages (e.g. ``"trainer"``); ``""`` for the
+            top level of an entry point's config.
     """
+
+    def name(key: str) -> str:
+        return f"{section}.{key}" if section else key
+
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - fields)
@@ -58,14 +80,19 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], section: str) -> T:
         hints_txt = []
         for k in unknown:
             close = difflib.get_close_matches(k, sorted(fields), n=1)
-            hints_txt.append(f"'{section}.{k}'" + (f" (did you mean '{section}.{close[0]}'?)" if close else ""))
+            hints_txt.append(f"'{name(k)}'" + (f" (did you mean '{name(close[0])}'?)" if close else ""))
         raise ConfigError(
-            f"unknown config key(s) {', '.join(hints_txt)}. Known keys of '{section}': {', '.join(sorted(fields))}"
+            f"unknown config key(s) {', '.join(hints_txt)}. Known keys{f' of {section!r}' if section else ''}: "
+            f"{', '.join(sorted(fields))}"
         )
     for k, v in data.items():
         if not _type_ok(v, hints[k]):
-            raise ConfigError(f"bad value for '{section}.{k}': {v!r} is not of type {hints[k]}")
+            raise ConfigError(f"bad value for '{name(k)}': {v!r}; expected {type_name(hints[k])}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in data  # type: ignore[arg-type]
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key(s) {', '.join(repr(name(k)) for k in missing)}")
     try:
         return cls(**dict(data))
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad '{section}' config: {e}") from e
+        raise ConfigError(f"bad '{section}' config: {e}" if section else str(e)) from e

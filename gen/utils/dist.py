@@ -41,6 +41,30 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(kind: str, key: str = "device") -> torch.device:
+    """This process's device for a setting ``auto | cpu | cuda | cuda:N``, named ``key`` in messages.
+
+    ``cuda`` without CUDA is an error, never a silent fallback to the CPU; ``cuda`` means this process's local GPU.
+    """
+    from gen.utils.config import ConfigError
+
+    try:
+        dev = torch.device("cuda" if kind == "auto" and torch.cuda.is_available() else "cpu" if kind == "auto" else kind)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{key}={kind!r} is not a device; use auto, cpu or cuda") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ConfigError(f"{key}={kind!r}: only auto, cpu and cuda[:N] are supported")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{key}={kind} but CUDA is not available here; use {key}=auto or cpu")
+    if dev.index is None:
+        return default_device()
+    if dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={kind}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 def init_distributed(timeout_s: float = 1800.0) -> None:
     """Initialise the default process group from the environment when launched with several processes.
 
