@@ -40,19 +40,18 @@ from torch import nn
 from gen.ema import EMA, EMAProfile
 from gen.train.batches import Batches, make_batch
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
-from gen.train.state import StateRegistry, Value, finite_number
+from gen.train.state import StateRegistry, Value
 from gen.utils import ckpt, dist
 from gen.utils.config import ConfigError
 from gen.utils.dist import print0
+from gen.utils.finite import NonFiniteError, finite_number, shorten
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
 from gen.utils.seed import SampleRandom, derive_seed
 
 STATE_FORMAT = "gen-train-state-v2"
 
 
-class NonFiniteError(FloatingPointError):
-    """The loss, a gradient or the weights stopped being finite; nothing was written from that point on."""
-
+__all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult"]
 
 # Kept for callers that catch the old name.
 NonFiniteLossError = NonFiniteError
@@ -84,6 +83,8 @@ class TrainConfig:
         find_unused_parameters: DDP's option, for methods whose phases leave some parameters without gradients.
         max_skipped_steps: fp16 only: stop after this many consecutive steps skipped for overflow.
         tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status lines otherwise).
+        resume_ignore: config sections (of ``resume_keys``) allowed to differ from the resumed training state, e.g.
+            ``[data]`` after moving a dataset whose content the loop cannot fingerprint; the differences are printed.
     """
 
     total_kimg: float = 50.0
@@ -108,6 +109,7 @@ class TrainConfig:
     max_skipped_steps: int = 50
     tensorboard: bool = True
     progress: bool = True
+    resume_ignore: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -130,6 +132,7 @@ class TrainConfig:
         need(self.keep_states >= 0, "keep_states", "must be >= 0 (0 keeps every state)")
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
+        need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
 
 
 @dataclass
@@ -196,11 +199,7 @@ def _crossed(prev_nimg: int, nimg: int, interval_kimg: float | None) -> bool:
 
 def resolve_device(kind: str) -> torch.device:
     """The device of this process; ``cuda`` without CUDA is an error, never a silent fallback to the CPU."""
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device=cuda but CUDA is not available here; use trainer.device=auto or cpu")
-    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    return dist.default_device()
+    return dist.resolve_device(kind, "trainer.device")
 
 
 def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -211,6 +210,15 @@ def autocast_context(precision: str, device: torch.device) -> Callable[[], conte
     if not torch.amp.autocast_mode.is_autocast_available(device.type):
         raise ConfigError(f"trainer.precision={precision} is not supported on {device.type}; use trainer.precision=no")
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def precision_note(precision: str, device: torch.device) -> str:
+    """One line saying how the forward really runs, so that a precision setting is never silently dropped."""
+    if precision == "no":
+        return f"precision: fp32 on {device.type}"
+    dtype = "bfloat16" if precision == "bf16" else "float16"
+    scaler = " with a gradient scaler per optimizer" if precision == "fp16" else ""
+    return f"precision: {precision} (autocast to {dtype} on {device.type}{scaler}; weights and optimizer in fp32)"
 
 
 class _Optimizer:
@@ -227,6 +235,11 @@ class _Optimizer:
         for g in self.opt.param_groups:
             if not finite_number(g["lr"]) or g["lr"] < 0:
                 raise ConfigError(f"optimizer '{spec.name}': learning rate {g['lr']!r} must be a finite number >= 0")
+            # Every other number too (betas, eps, weight decay, momentum): one NaN or inf poisons every weight.
+            for key, value in g.items():
+                values = value if isinstance(value, (list, tuple)) else [value]
+                if key != "params" and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                    raise ConfigError(f"optimizer '{spec.name}': {key}={value!r} must be finite (optim.{key})")
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.grad_clip = spec.grad_clip if spec.grad_clip is not None else cfg.grad_clip
         self.scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
@@ -262,6 +275,69 @@ def _check_method(method: Method, specs: Sequence[OptimizerSpec]) -> None:
     unowned = [m for m, mod in modules.items() if m not in owner and any(p.requires_grad for p in mod.parameters())]
     if unowned:
         raise ConfigError(f"trainable module(s) {unowned} have parameters but no optimizer updates them")
+
+
+def _label_range_error(labels: torch.Tensor, num_classes: int, where: str) -> str | None:
+    """A message when ``labels`` leave [0, num_classes); label ``num_classes`` is the backbones' null class."""
+    if labels.numel() == 0:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_classes:
+        return None
+    bad = lo if lo < 0 else hi
+    what = "the null class (unconditional)" if bad == num_classes else "outside the label table"
+    return (
+        f"{where} holds label {bad}, but the data has num_classes={num_classes}: labels must be in "
+        f"[0, {num_classes - 1}]; label {bad} is {what}. Fix the dataset's labels or data.num_classes"
+    )
+
+
+def _all_labels(dataset: Any) -> torch.Tensor | None:
+    """Every label of the dataset when it is known without decoding (in-memory tensors, a list of targets)."""
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        labels = tensors["label"] if isinstance(tensors, Mapping) else tensors[1]
+        return torch.as_tensor(labels).long()
+    targets = getattr(dataset, "targets", None)
+    return torch.as_tensor(list(targets)).long() if targets is not None else None
+
+
+_HASHED_BYTES = 1 << 28  # in-memory data up to 256 MB is hashed whole, larger data by a fixed stride
+
+
+def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+    if flat.numel() > _HASHED_BYTES:
+        flat = flat[:: flat.numel() // _HASHED_BYTES + 1]
+    h.update(flat.numpy().tobytes())
+
+
+def data_identity(dataset: Any) -> dict[str, Any] | None:
+    """A fingerprint of the training data's content, so that a moved dataset is recognised on resume.
+
+    In-memory datasets (``tensors()``): SHA-256 of the image and label tensors (by a fixed stride beyond 256 MB).
+    File datasets (``files`` + ``targets`` + ``root``, e.g. image folders): SHA-256 of every file's path relative to
+    the root, its size and its label (one ``stat`` per file; the bytes are not read). Others: None.
+    """
+    import hashlib
+    import os
+
+    h = hashlib.sha256()
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        items = dict(tensors) if isinstance(tensors, Mapping) else {"image": tensors[0], "label": tensors[1]}
+        for name in sorted(items):
+            _tensor_digest(h, name, torch.as_tensor(items[name]))
+        return {"kind": "tensors", "count": len(dataset), "sha256": h.hexdigest()}
+    files, targets, root = getattr(dataset, "files", None), getattr(dataset, "targets", None), getattr(dataset, "root", None)
+    if files is None or targets is None or root is None:
+        return None
+    for f, y in zip(files, targets, strict=True):
+        rel = os.path.relpath(os.fspath(f), os.fspath(root))
+        h.update(f"{rel}|{os.stat(f).st_size}|{int(y)}\n".encode("utf-8", "surrogateescape"))
+    return {"kind": "files", "count": len(files), "sha256": h.hexdigest()}
 
 
 def train(
@@ -305,6 +381,14 @@ def train(
             f"{world} processes; choose batch_per_gpu so that batch_size = batch_per_gpu * processes * rounds"
         )
     autocast = autocast_context(cfg.precision, device)
+    print0(precision_note(cfg.precision, device))
+    num_classes = getattr(dataset, "num_classes", None)
+    if num_classes is not None:
+        labels = _all_labels(dataset)
+        problem = None if labels is None else _label_range_error(labels, int(num_classes), "the training data")
+        if problem:
+            raise ConfigError(problem)
+    identity = data_identity(dataset)
     run_dir = Path(run_dir)
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -347,13 +431,14 @@ def train(
     resumed_from = ckpt.latest_training_state(run_dir)
     if resumed_from is not None:
         state = ckpt.load_training_state(resumed_from)
-        _check_resume(state, config, frozen, resume_keys, resumed_from)
+        _check_resume(state, config, frozen, resume_keys, resumed_from, identity, cfg.resume_ignore)
         registry.load_state_dict(state["registry"], str(resumed_from))
         bad = registry.non_finite()
         if bad:
+            earlier = [p for _, p in ckpt.list_training_states(run_dir) if p != resumed_from]
             raise NonFiniteError(
-                f"{resumed_from} holds non-finite weights ({', '.join(bad[:4])}); delete it to resume from the "
-                "previous state"
+                f"{resumed_from} holds non-finite values ({shorten(bad)}); training cannot resume from it. "
+                + (f"Delete it to resume from {earlier[-1]}." if earlier else "Delete the run folder to start again.")
             )
         print0(f"Resuming from {resumed_from} at kimg {nimg / 1000:.1f} (step {step})")
     total_nimg = int(round(cfg.total_kimg * 1000))
@@ -382,9 +467,9 @@ def train(
         bad = registry.non_finite()
         if bad:
             raise NonFiniteError(
-                f"weights became non-finite by step {step} (kimg {nimg / 1000:.3f}): {', '.join(bad[:4])}"
-                f"{' ...' if len(bad) > 4 else ''}. The {what} was not written; the last good training state is "
-                f"{last_state or 'none'}. Lower the learning rate, enable trainer.grad_clip, or use fp32."
+                f"weights became non-finite by step {step} (kimg {nimg / 1000:.3f}): {shorten(bad)}. The {what} was "
+                f"not written and the run has no result; the last good training state is {last_state or 'none'}. "
+                "Lower the learning rate, enable trainer.grad_clip, or use fp32."
             )
 
     def save_state() -> Path:
@@ -398,6 +483,7 @@ def train(
                     "format": STATE_FORMAT,
                     "registry": registry.state_dict(),
                     "frozen": frozen,
+                    "data_identity": identity,
                     "config": json.dumps(dict(config), sort_keys=True, default=str),
                 },
             )
@@ -506,6 +592,10 @@ def train(
         def micro_batches() -> Any:
             for _ in range(rounds):
                 raw = batches.next()
+                if num_classes is not None:  # data read through a loader: labels are only known now
+                    problem = _label_range_error(raw["label"], int(num_classes), "a batch of the training data")
+                    if problem:
+                        raise ConfigError(problem)
                 rng = SampleRandom(raw["position"].tolist(), namespace=f"train/{cfg.seed}", device=device)
                 yield make_batch(raw, tokenizer, rng, cfg.hflip, device), rng
 
@@ -584,14 +674,28 @@ def train(
     return TrainResult(nimg, step, run_dir, last_state, last_snapshot, resumed_from, metrics)
 
 
+def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """The leaves where two plain config values differ, as (dotted key, old, new)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]
+
+
 def _check_resume(
     state: Mapping[str, Any],
     config: Mapping[str, Any],
     frozen: Mapping[str, Mapping[str, str]],
     keys: Sequence[str],
     path: Path,
+    identity: Mapping[str, Any] | None = None,
+    ignore: Sequence[str] = (),
 ) -> None:
-    """Refuse to resume a state written by another setup or with other frozen networks."""
+    """Refuse to resume a state written by another setup or with other frozen networks.
+
+    The data is told by its content: when the state's data fingerprint (``data_identity``) equals this run's, text
+    settings of the ``data`` section (a moved folder) may differ. Sections in ``ignore`` may differ at all. Every
+    accepted difference is printed.
+    """
     if state.get("format") != STATE_FORMAT:
         raise ConfigError(
             f"{path} is not a training state of this version of the toolkit (format {state.get('format')!r}, "
@@ -601,13 +705,28 @@ def _check_resume(
         old = json.loads(state.get("config", "{}"))
     except json.JSONDecodeError:
         old = {}
+    old_identity = state.get("data_identity")
     for key in keys:
         a, b = old.get(key), json.loads(json.dumps(config.get(key), default=str))
-        if a is not None and b is not None and a != b:
-            raise ConfigError(
-                f"{path} was written with a different '{key}' config than this run:\n  state: {a}\n  now:   {b}\n"
-                "Use another experiment name (name=...) for a new run, or restore the old setting to resume."
+        if a is None or b is None or a == b:
+            continue
+        diffs = _differences(a, b, key)
+        listed = "; ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+        if key in ignore:
+            print0(f"Resuming although '{key}' changed (trainer.resume_ignore): {listed}")
+            continue
+        same_data = key == "data" and old_identity is not None and old_identity == identity
+        if same_data and all(isinstance(x, str) and isinstance(y, str) for _, x, y in diffs):
+            print0(f"Resuming with the same data ({identity['count']} items, content {identity['sha256'][:12]}) "
+                   f"at another location: {listed}")
+            continue
+        hint = "Use another experiment name (name=...) for a new run, or restore the old setting to resume."
+        if key == "data":
+            hint += (
+                " If the data only moved or was renamed, resuming is allowed when its content is the same (it differs "
+                "here, or the dataset has no content fingerprint); to resume anyway, set trainer.resume_ignore=[data]."
             )
+        raise ConfigError(f"{path} was written with a different '{key}' config than this run ({listed}). {hint}")
     old_frozen = state.get("frozen", {})
     for name in sorted(set(old_frozen) | set(frozen)):
         a, b = old_frozen.get(name), frozen.get(name)
