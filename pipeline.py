@@ -6,6 +6,10 @@ pipeline:snapshot_generate_fn``): ``network + prediction spec -> velocity model_
 decode -> uint8``. Noise and labels of image ``k`` come from its own seed, so a sample set is the same at
 any batch size and on any number of processes.
 
+Nothing is trusted or silent: a snapshot's metadata is checked against the tensors in the file before anything
+is built (``gen.utils.ckpt.build_from_snapshot``), non-finite weights are refused when loading, and a batch whose
+values stop being finite is refused before it becomes (black) images.
+
 Sampler config (``configs/sampler/*.yaml``); ``solver`` and ``grid`` are ``_target_`` specs built as partials::
 
     solver: {_target_: samplers.sample_euler}       # + the solver's options (e.g. S_churn, diffusion, last_step)
@@ -17,7 +21,6 @@ Sampler config (``configs/sampler/*.yaml``); ``solver`` and ``grid`` are ``_targ
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +33,16 @@ from gen.models import ModelOutput
 from gen.models.prediction import prediction_path, velocity_model
 from gen.paths import Path
 from gen.utils.build import build
-from gen.utils.ckpt import load_snapshot, load_state_dict_checked
+from gen.utils.ckpt import (
+    CheckpointError,
+    build_from_snapshot,
+    check_config_ints,
+    load_snapshot,
+    snapshot_int_bound,
+)
+from gen.utils.cli import describe_os_error
+from gen.utils.dist import resolve_device
+from gen.utils.finite import NonFiniteError, finite_number, nan_settings, non_finite_tensors, shorten
 from gen.utils.seed import PerImageRandom
 from samplers import Streams, guidance, sharing
 
@@ -39,12 +51,17 @@ DEFAULT_SAMPLER: dict[str, Any] = {
     "solver": {"_target_": "samplers.sample_euler"}, "steps": 30, "grid": {"_target_": "samplers.grids.uniform_grid"},
 }
 GUIDANCE_KEYS = {"scale", "interval", "dit_legacy_channels"}
+MAX_STEPS = 100_000  # far above any published sampler; a larger value is a typo (and a time grid of that size)
 
 
 def _partial(cfg: Any, key: str) -> Callable[..., Any]:
     if not isinstance(cfg, Mapping) or "_target_" not in cfg:
         raise ValueError(f"sampler.{key} needs a '_target_' spec, got {cfg!r}")
     return build({**cfg, "_partial_": True})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
@@ -60,25 +77,59 @@ class SamplerSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SamplerSpec:
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"the sampler config must be a mapping of {sorted(SAMPLER_KEYS)}, got {cfg!r}")
         cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
         unknown = set(cfg) - SAMPLER_KEYS
         if unknown:
             raise ValueError(f"unknown sampler key(s) {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
+        nan = nan_settings(cfg, "sampler")
+        if nan:  # NaN passes every range check below and in the solvers, and turns every image black
+            raise ValueError(f"{nan[0]} is NaN; give a number")
         steps = cfg.get("steps")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"sampler.steps must be a positive integer, got {steps!r}")
-        guide = dict(cfg.get("guidance") or {})
+        if not _positive_int(steps) or steps > MAX_STEPS:
+            raise ValueError(f"sampler.steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+        guide = cfg.get("guidance") or {}
+        if not isinstance(guide, Mapping):
+            raise ValueError(f"sampler.guidance must be a mapping with keys {sorted(GUIDANCE_KEYS)}, got {guide!r}")
+        guide = dict(guide)
         unknown_g = set(guide) - GUIDANCE_KEYS
         if unknown_g:
             raise ValueError(f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: {sorted(GUIDANCE_KEYS)}")
         scale = guide.get("scale", 1.0)
+        if isinstance(scale, (list, tuple)) and not scale:
+            raise ValueError("sampler.guidance.scale is an empty list; give a number (or one per stream)")
         for s in scale if isinstance(scale, (list, tuple)) else [scale]:
-            if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s):
+            if not finite_number(s):
                 raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
+        interval = guide.get("interval")
+        if interval is not None and not (
+            isinstance(interval, (list, tuple)) and len(interval) == 2 and all(finite_number(v) for v in interval)
+            and 0 <= interval[0] <= interval[1]
+        ):
+            raise ValueError(
+                f"sampler.guidance.interval must be null or [t_lo, t_hi] with 0 <= t_lo <= t_hi (path time, data at 0), "
+                f"got {interval!r}"
+            )
+        channels = guide.get("dit_legacy_channels")
+        if channels is not None and not _positive_int(channels):
+            raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or a positive integer, got {channels!r}")
         sharing = cfg.get("sharing")
-        if sharing is not None and (set(sharing) - {"rate", "schedule"} or len(sharing) != 1):
+        if sharing is not None and (
+            not isinstance(sharing, Mapping) or set(sharing) - {"rate", "schedule"} or len(sharing) != 1
+        ):
             raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {sharing!r}")
-        return cls(cfg, _partial(cfg.get("solver"), "solver"), _partial(cfg.get("grid"), "grid"), steps, guide, sharing)
+        if sharing is not None and "rate" in sharing and not _positive_int(sharing["rate"]):
+            raise ValueError(f"sampler.sharing.rate must be a positive integer, got {sharing['rate']!r}")
+        spec = cls(cfg, _partial(cfg.get("solver"), "solver"), _partial(cfg.get("grid"), "grid"), steps, guide, sharing)
+        if sharing is not None:
+            try:  # read the schedule file now, not at the first preview of a long training run
+                spec.recompute_steps()
+            except OSError as e:
+                raise ValueError("sampler.sharing.schedule: " + describe_os_error(e, e.filename, "read")) from e
+            except ValueError as e:
+                raise ValueError(f"sampler.sharing: {e}") from e
+        return spec
 
     def time_grid(self, path: Path) -> Tensor:
         """The descending grid from the path's ``t_max`` to 0."""
@@ -112,6 +163,43 @@ def run_sampler(
     """Integrate from ``noise`` at ``t_max`` to data with the configured solver and grid."""
     ts = spec.time_grid(path) if ts is None else ts
     return spec.solver(model_fn, noise, ts.to(noise.device), path=path, y=y, randn_like=randn_like)
+
+
+def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes: int) -> None:
+    """Run the configured grid, guidance and solver once on a stand-in model, so bad settings fail before any work.
+
+    The stand-in predicts zero velocity for a single 1x2x2 image: this costs ``steps`` trivial solver steps, not a
+    network call, and reaches every solver and grid option (a negative churn, a grid that is not descending, ...).
+
+    Raises:
+        ValueError: naming the sampler setting that cannot run.
+    """
+    path = prediction_path(prediction)
+    try:
+        ts = spec.time_grid(path)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"sampler.grid cannot build a time grid of {spec.steps} steps: {e}") from e
+    if not isinstance(ts, Tensor) or ts.ndim != 1 or len(ts) < 2 or not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"sampler.grid built {ts!r} for {spec.steps} steps; expected a finite 1-D grid ending at 0")
+    if float(ts[-1]) != 0.0 or float(ts[0]) <= 0.0 or bool((ts[1:] > ts[:-1]).any()):
+        raise ValueError(
+            f"sampler.grid must descend from t_max to 0; it gives {ts[0].item():.4g} ... {ts[-1].item():.4g} with "
+            f"{int((ts[1:] > ts[:-1]).sum())} rising step(s). Check the grid options"
+        )
+
+    def zero_velocity(x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Tensor:
+        return torch.zeros_like(x)
+
+    rnd = PerImageRandom([0])
+    noise = rnd.randn((1, 2, 2))
+    try:
+        x = run_sampler(guided_model_fn(zero_velocity, spec, num_classes), noise, torch.zeros(1, dtype=torch.long),
+                        path, spec, rnd.randn_like, ts)
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"the sampler cannot run with these settings: {e}") from e
+    x = x[0] if isinstance(x, tuple) else x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the sampler produces non-finite values with these settings; check its options")
 
 
 class MinRows(nn.Module):
@@ -191,25 +279,65 @@ class Generator:
         model_fn = guided_model_fn(velocity_model(net, self.prediction), sampler, self.num_classes)
         x = run_sampler(model_fn, noise, y.to(device), path, sampler, rnd.randn_like, ts)
         x = x[0] if isinstance(x, tuple) else x
-        images = to_uint8(self.tokenizer.decode(x).float().clamp(-1, 1))
+        decoded = self.tokenizer.decode(x).float()
+        bad = ~torch.isfinite(decoded.flatten(1)).all(1)
+        if bool(bad.any()):
+            # clamp() would turn NaN into black pixels and inf into white ones: refuse instead.
+            seeds_bad = [int(s) for s, b in zip(seeds, bad.tolist()) if b]
+            raise NonFiniteError(
+                f"sampling produced non-finite values for {len(seeds_bad)} of {len(seeds)} images (seeds "
+                f"{shorten([str(s) for s in seeds_bad])}); no image was written from them. The weights are finite, "
+                "so the sampler diverged: check the sampler settings (guidance scale, steps, solver and grid options)"
+            )
+        images = to_uint8(decoded.clamp(-1, 1))
         return images.cpu(), y
 
 
 def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tuple[Generator, dict[str, Any]]:
-    """Rebuild the network, prediction spec and tokenizer from a snapshot's metadata."""
+    """Rebuild the network, prediction spec and tokenizer from a snapshot's metadata.
+
+    The metadata is untrusted: the network is built only after its config has been checked against the tensors
+    in the file (``build_from_snapshot``), the weights must be finite, and the data section must agree with the
+    network (its class count: a mismatch would draw the null label as a class; its resolution: the noise size).
+
+    Raises:
+        CheckpointError / ValueError: naming the file and what is wrong. NonFiniteError: non-finite weights.
+    """
     tensors, config = load_snapshot(path)
-    for key in ("model", "prediction", "data"):
-        if key not in config:
-            raise ValueError(f"snapshot {path} lacks '{key}' in its config metadata; was it written by train.py?")
-    net = build(config["model"])
-    load_state_dict_checked(net, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, path)
+    for key in ("model", "prediction", "data", "tokenizer"):
+        if not isinstance(config.get(key), Mapping):
+            raise CheckpointError(f"snapshot {path} lacks '{key}' in its config metadata; was it written by train.py?")
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteError(
+            f"snapshot {path} holds non-finite weights ({shorten(bad)}); it cannot make images. Use an earlier "
+            "snapshot of the run"
+        )
+    bound = snapshot_int_bound(tensors)
+    for key in ("data", "tokenizer"):
+        check_config_ints(config[key], bound, str(path), key)
+    net = build_from_snapshot(config["model"], tensors, str(path))
     net = net.to(device).eval().requires_grad_(False)
-    if "tokenizer" not in config:
-        raise ValueError(f"snapshot {path} lacks 'tokenizer' in its config metadata; was it written by train.py?")
     tokenizer = build(config["tokenizer"]).to(device)
     data = config["data"]
-    shape = tokenizer.latent_shape(int(data["resolution"]))
-    gen = Generator(net, config["prediction"], tokenizer, shape, int(data["num_classes"]))
+    try:
+        num_classes, resolution = int(data["num_classes"]), int(data["resolution"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"snapshot {path}: its data metadata {data!r} lacks an integer num_classes/resolution") from e
+    net_classes = getattr(net, "num_classes", num_classes)
+    if num_classes < 1 or num_classes != net_classes:
+        raise CheckpointError(
+            f"snapshot {path}: its data metadata says num_classes={num_classes} but the network has {net_classes} "
+            f"classes (label {net_classes} is its null class); the metadata is damaged or edited"
+        )
+    shape = tuple(tokenizer.latent_shape(resolution))
+    want = (getattr(net, "in_channels", shape[0]), getattr(net, "input_size", shape[1]), getattr(net, "input_size", shape[2]))
+    if shape != want:
+        raise CheckpointError(
+            f"snapshot {path}: data resolution {resolution} gives model inputs of shape {shape} but the network takes "
+            f"{want}; the metadata is damaged or edited"
+        )
+    gen = Generator(net, config["prediction"], tokenizer, shape, num_classes)  # type: ignore[arg-type]
     return gen, config
 
 
@@ -228,11 +356,7 @@ def snapshot_generate_fn(
         python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/x.npz \\
             --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
     """
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if batch_device == "auto" else batch_device)
-    if device.type == "cuda":
-        from gen.utils.dist import default_device
-
-        device = default_device()
+    device = resolve_device(batch_device, "batch_device")
     gen, config = generator_from_snapshot(snapshot, device)
     sampler_cfg = dict(config.get("sampler") or DEFAULT_SAMPLER)
     if kind is not None:  # a solver by its short name, e.g. "heun" -> samplers.sample_heun
