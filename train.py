@@ -12,6 +12,12 @@ The run folder is ``${paths.runs}/${name}``; re-running the same command resumes
 training state there. The folder receives the resolved ``config.yaml``, ``stats.jsonl``,
 TensorBoard events, sample grids by kimg (``samples/``), training states, safetensors snapshots,
 ``loss.png`` and ``results.json``.
+
+Everything that can be checked is checked before the first step: every setting (trainer, preview, eval,
+sampler, name), the run folder's writability, the evaluation's weights and reference files, the sampler
+(run once on a stand-in model) and the data's labels. An expected failure ends with one ``train.py: error:``
+line naming the key or file and the fix (exit status 2; 3 when values stopped being finite, in which case
+no ``results.json`` is written); ``GEN_DEBUG=1`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 import hydra
 import torch
@@ -29,15 +36,19 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gen.ema import make_profiles
-from gen.train.loop import HookContext, NonFiniteError, TrainConfig, train
+from gen.train.loop import HookContext, TrainConfig, autocast_context, resolve_device, train
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
 from gen.utils.ckpt import atomic_write
+from gen.utils.cli import CommandError, check_writable_dir, describe_os_error, run_main
 from gen.utils.config import ConfigError, from_mapping
+from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
+from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
-from pipeline import Generator, SamplerSpec
+from pipeline import Generator, SamplerSpec, check_sampler
 
+PROG = "train.py"
 TOP_LEVEL_KEYS = {
     "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "method", "objective", "sampler", "ema",
     "optim", "trainer", "preview", "eval", "experiment", "packages",
@@ -58,22 +69,107 @@ def _container(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
-        raise ConfigError(f"config does not resolve: {e}") from e
+        raise ConfigError(f"config does not resolve: {' '.join(str(e).split())}") from e
+
+
+def _interval(value: float | None) -> bool:
+    """An interval in kimg: null (at the end only), a positive number, or inf."""
+    return value is None or (isinstance(value, (int, float)) and not math.isnan(value) and value > 0)
+
+
+# ---- settings of the hooks, checked like trainer.* (unknown keys, types, ranges) ----------------------------
+
+
+@dataclass
+class PreviewConfig:
+    """``preview``: a grid of ``images`` samples (``nrow`` per row) every ``interval_kimg`` (0 images: none)."""
+
+    images: int = 100
+    nrow: int = 10
+    interval_kimg: float = 16.0
+
+    def __post_init__(self) -> None:
+        if self.images < 0:
+            raise ValueError(f"preview.images={self.images} must be >= 0 (0: no preview grids)")
+        if self.nrow < 1:
+            raise ValueError(f"preview.nrow={self.nrow} must be >= 1")
+        if not _interval(self.interval_kimg) or self.interval_kimg is None:
+            raise ValueError(f"preview.interval_kimg={self.interval_kimg} must be > 0 (inf: at the end only)")
+
+
+@dataclass
+class YardstickEvalConfig:
+    """``eval`` with ``metric: yardstick``: FID and class accuracy with the built-in data's small networks."""
+
+    enabled: bool = True
+    metric: Literal["yardstick"] = "yardstick"
+    num_images: int = 5000
+    dataset_name: str = "mnist5k"
+    cache_dir: str | None = None
+    batch_size: int = 250
+    seed_offset: int = 0
+    interval_kimg: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_eval_numbers(self)
+        if self.dataset_name not in ("mnist5k", "shapes"):
+            raise ValueError(
+                f"eval.dataset_name={self.dataset_name!r}: the yardstick networks exist for the built-in data only "
+                "(mnist5k, shapes); for other data use eval=fid5k (Inception) or eval=none"
+            )
+
+
+@dataclass
+class InceptionEvalConfig:
+    """``eval`` with ``metric: inception``: FID (IS, sFID, precision/recall when the references allow)."""
+
+    enabled: bool = True
+    metric: Literal["inception"] = "inception"
+    num_images: int = 10000
+    ref_stats: str = ""
+    ref_batch: str | None = None
+    weights: str | None = None
+    resize: Literal["tf1-bilinear", "bilinear-antialias"] = "tf1-bilinear"
+    batch_size: int = 64
+    seed_offset: int = 0
+    interval_kimg: float | None = None
+    at_end_only: bool = True
+
+    def __post_init__(self) -> None:
+        _check_eval_numbers(self)
+        if not self.ref_stats:
+            raise ValueError("eval.ref_stats is empty; give the reference statistics file (python -m eval ref ...)")
+
+
+def _check_eval_numbers(c: Any) -> None:
+    if c.num_images < 2:
+        raise ValueError(f"eval.num_images={c.num_images} must be >= 2")
+    if c.batch_size < 1:
+        raise ValueError(f"eval.batch_size={c.batch_size} must be >= 1")
+    if c.seed_offset < 0:
+        raise ValueError(f"eval.seed_offset={c.seed_offset} must be >= 0")
+    if not _interval(c.interval_kimg):
+        raise ValueError(f"eval.interval_kimg={c.interval_kimg} must be null (at the end only) or > 0")
 
 
 class PreviewHook:
     """A grid of samples every ``interval_kimg`` (fixed seeds, one row per class) into ``samples/``."""
 
-    def __init__(self, make_generator: Any, sampler: SamplerSpec, num_images: int, interval_kimg: float, nrow: int):
+    def __init__(self, make_generator: Any, sampler: SamplerSpec, settings: PreviewConfig):
         self.make_generator, self.sampler = make_generator, sampler
-        self.num_images, self.interval_kimg, self.nrow = num_images, interval_kimg, nrow
+        self.num_images, self.interval_kimg, self.nrow = settings.images, settings.interval_kimg, settings.nrow
 
     def __call__(self, ctx: HookContext) -> Mapping[str, float]:
         if dist.is_main():
             gen: Generator = self.make_generator(ctx.ema_net)
             labels = torch.arange(self.num_images) // max(self.num_images // gen.num_classes, 1) % gen.num_classes
-            images, _ = gen.generate(list(range(self.num_images)), self.sampler, labels=labels, device=ctx.device)
-            save_grid(images, ctx.run_dir / "samples" / f"grid-{ctx.nimg:09d}.png", nrow=self.nrow, scale=2)
+            try:
+                images, _ = gen.generate(list(range(self.num_images)), self.sampler, labels=labels, device=ctx.device)
+            except NonFiniteError as e:
+                # A preview is not worth stopping the run for, but a grid of black images is never written.
+                dist.print0(f"preview at kimg {ctx.nimg / 1000:g} not written: {e}")
+            else:
+                save_grid(images, ctx.run_dir / "samples" / f"grid-{ctx.nimg:09d}.png", nrow=self.nrow, scale=2)
         dist.barrier()
         return {}
 
@@ -85,47 +181,93 @@ class EvalHook:
     processes and the statistics reduced with sums, so the numbers do not depend on the world size.
     Metric ``yardstick``: FID with the built-in data's yardstick network against its training images,
     plus the class accuracy of the samples. Metric ``inception``: FID (and IS, sFID when the reference
-    has them) with the Inception network against ``ref_stats``.
+    has them; precision/recall with ``ref_batch``) with the Inception network against ``ref_stats``.
+
+    Everything it needs is loaded when it is built, before training: the feature network (the yardstick is
+    trained on first use), the reference statistics, and the check that ``num_images`` exceeds the feature
+    dimension (fewer images give a singular covariance and a meaningless FID). It reports progress like training.
     """
 
-    KEYS = {
-        "yardstick": {"enabled", "metric", "num_images", "dataset_name", "cache_dir", "batch_size", "seed_offset",
-                      "interval_kimg"},
-        "inception": {"enabled", "metric", "num_images", "ref_stats", "ref_batch", "weights", "resize", "batch_size",
-                      "seed_offset", "interval_kimg", "at_end_only"},
-    }
-
-    def __init__(self, make_generator: Any, sampler: SamplerSpec, cfg: Mapping[str, Any]):
+    def __init__(self, make_generator: Any, sampler: SamplerSpec, cfg: Mapping[str, Any], device: torch.device):
         metric = cfg.get("metric")
-        if metric not in self.KEYS:
-            raise ConfigError(f"eval.metric={metric!r} cannot run during training; use one of {sorted(self.KEYS)}")
-        unknown = set(cfg) - self.KEYS[metric]
-        if unknown:
-            raise ConfigError(f"unknown eval key(s) {sorted(unknown)} for metric {metric!r}")
-        self.make_generator, self.sampler, self.cfg = make_generator, sampler, dict(cfg)
-        self.interval_kimg = math.inf if cfg.get("at_end_only") or not cfg.get("interval_kimg") else cfg["interval_kimg"]
+        kinds = {"yardstick": YardstickEvalConfig, "inception": InceptionEvalConfig}
+        if metric not in kinds:
+            raise ConfigError(f"eval.metric={metric!r} cannot run during training; use one of {sorted(kinds)}")
+        self.cfg: Any = from_mapping(kinds[metric], cfg, "eval")
+        self.make_generator, self.sampler = make_generator, sampler
+        c = self.cfg
+        at_end = getattr(c, "at_end_only", False) or c.interval_kimg is None
+        self.interval_kimg = math.inf if at_end else float(c.interval_kimg)
+        self.real: torch.Tensor | None = None
+        # The feature dimension is known before loading anything, so a singular setting fails at once.
+        self._check_count(self._feature_dim(metric), metric)
+        try:
+            if metric == "yardstick":
+                self._load_yardstick()
+            else:
+                self._load_inception(device)
+        except (OSError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            hint = "set eval.weights / eval.ref_stats, or eval=none" if metric == "inception" else "or use eval=none"
+            raise ConfigError(f"eval ({metric}): {e} ({hint})") from e
+        self._check_count(self.ext.dim, self.ext.name)
+
+    @staticmethod
+    def _feature_dim(metric: str) -> int:
+        if metric == "inception":
+            return 2048  # Inception-v3 pool3
+        from eval.classifier import RECIPES
+
+        return RECIPES["lenet"].feature_dim
+
+    def _check_count(self, dim: int, extractor: str) -> None:
+        n = self.cfg.num_images
+        if n <= dim:
+            raise ConfigError(
+                f"eval.num_images={n} must exceed the {dim} feature dimensions of the {extractor} features: fewer "
+                f"images give a singular covariance and a meaningless FID. Use eval.num_images>={dim + 1} or eval=none"
+            )
+
+    def _load_yardstick(self) -> None:
+        from eval.generate import yardstick_reference
+
+        c = self.cfg
+        if c.cache_dir is not None and dist.is_main():
+            check_writable_dir(c.cache_dir, "eval.cache_dir")
+        dist.print0(f"evaluation: loading the yardstick of {c.dataset_name} (trained on first use, about 25 s on 2 cores)")
+        self.ext, self.ref = yardstick_reference(c.dataset_name, "train", c.cache_dir)
+
+    def _load_inception(self, device: torch.device) -> None:
+        from eval.features import InceptionFeatures
+        from eval.stats import load_image_npz, load_stats
+
+        c = self.cfg
+        self.ext = InceptionFeatures(c.weights, resize=c.resize, device=device)
+        self.ref = load_stats(c.ref_stats, expect=self.ext.manifest())
+        if c.ref_batch is not None:
+            self.real = load_image_npz(c.ref_batch)[0]
 
     def __call__(self, ctx: HookContext) -> Mapping[str, float]:
         from eval import generate as evgen
 
         gen: Generator = self.make_generator(ctx.ema_net)
         c = self.cfg
+        what = f"evaluation ({c.metric}, {c.num_images} samples)"
+        with Progress(evgen.share(c.num_images, c.batch_size), what) as bar:
 
-        def generate_fn(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            return gen.generate(seeds, self.sampler, device=ctx.device)
+            def generate_fn(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+                out = gen.generate(seeds, self.sampler, device=ctx.device)
+                bar.advance(len(seeds))
+                return out
 
-        if c["metric"] == "yardstick":
-            out = evgen.yardstick_metrics(generate_fn, c["num_images"], c["dataset_name"], c["cache_dir"],
-                                          c["batch_size"], c["seed_offset"])
-            return {f"yardstick_{k}" if k == "fid" else k: float(v) for k, v in out.items()}
-        from eval.features import InceptionFeatures
-        from eval.stats import load_stats
-
-        ext = InceptionFeatures(c["weights"], resize=c["resize"], device=ctx.device)
-        ref = load_stats(c["ref_stats"], expect=ext.manifest())
-        seeds = range(c["seed_offset"], c["seed_offset"] + c["num_images"])
-        out = evgen.evaluate(generate_fn, seeds, ext, ref, batch_size=c["batch_size"])
-        return {f"{k}{c['num_images'] // 1000}k" if k in ("fid", "sfid") else k: float(v) for k, v in out.items()}
+            if c.metric == "yardstick":
+                out = evgen.yardstick_metrics(generate_fn, c.num_images, c.dataset_name, c.cache_dir, c.batch_size,
+                                              c.seed_offset)
+                return {f"yardstick_{k}" if k == "fid" else k: float(v) for k, v in out.items()}
+            seeds = range(c.seed_offset, c.seed_offset + c.num_images)
+            got = evgen.evaluate(generate_fn, seeds, self.ext, self.ref, batch_size=c.batch_size, real_images=self.real)
+        return {f"{k}{c.num_images // 1000}k" if k in ("fid", "sfid") else k: float(v) for k, v in got.items()}
 
 
 def _interface(target: str, packages: tuple[str, ...], available: Mapping[str, Any]) -> dict[str, Any]:
@@ -136,17 +278,52 @@ def _interface(target: str, packages: tuple[str, ...], available: Mapping[str, A
     return {k: v() for k, v in available.items() if k in params}
 
 
+def _run_dir(c: Mapping[str, Any]) -> Path:
+    """The run folder, refusing names that would train into the runs root or outside it."""
+    name = c.get("name")
+    if isinstance(name, (int, float)) and not isinstance(name, bool):
+        name = str(name)  # `name=nan` or `name=7`: Hydra typed the name; ${name} in run_dir is its text
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"name={name!r}: give the experiment a name (the run folder is ${{paths.runs}}/${{name}})")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\0" in name:
+        raise ConfigError(f"name={name!r} must be a relative folder name without '.' or '..' parts, e.g. name=mnist_dit")
+    run_dir = c.get("run_dir")
+    if not isinstance(run_dir, str) or not run_dir.strip():
+        raise ConfigError(f"run_dir={run_dir!r}: give a folder (default ${{paths.runs}}/${{name}})")
+    runs = (c.get("paths") or {}).get("runs")
+    if isinstance(runs, str) and Path(run_dir).resolve() == Path(runs).resolve():
+        raise ConfigError(f"run_dir={run_dir} is the runs root paths.runs itself; give each run its own folder")
+    return Path(run_dir)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
+    """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
     unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
     if unknown:
         raise ConfigError(f"unknown top-level config key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
     c = _container(cfg)
+    run_dir = _run_dir(c)
+    # `name=nan` or `name=1e3` are names that Hydra reads as numbers, so the name is not scanned.
+    nan = [k for key, value in c.items() if key != "name" for k in nan_settings(value, key)]
+    if nan:  # NaN passes every range check (all comparisons are false) and poisons whatever reads it
+        raise ConfigError(f"{nan[0]} is NaN; give a number")
+    if not isinstance(c.get("seed"), int) or isinstance(c.get("seed"), bool):
+        raise ConfigError(f"seed={c.get('seed')!r} must be an integer")
+    extra_packages = c.get("packages") or []
+    if not isinstance(extra_packages, list) or not all(isinstance(x, str) and x for x in extra_packages):
+        raise ConfigError(f"packages={extra_packages!r} must be a list of package names")
     # Training configs are written by the user: they may name optimizers and, through `packages`, their own code.
-    packages = TRAINING_PACKAGES + tuple(c.get("packages") or ())
+    packages = TRAINING_PACKAGES + tuple(extra_packages)
     trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
+    dist.init_distributed()
+    device = resolve_device(trainer.device)
+    autocast_context(trainer.precision, device)  # refuses a precision the device cannot run, before any work
     ema_profiles = _ema_profiles(c["ema"])
     sampler = SamplerSpec.from_config(c["sampler"])
+    preview = from_mapping(PreviewConfig, c["preview"], "preview")
+    if dist.is_main():
+        check_writable_dir(run_dir, "run_dir")  # not after an hour of training
     dataset = _build(c["data"]["dataset"], "data.dataset", packages)
     for key in ("channels", "resolution", "num_classes"):
         if getattr(dataset, key) != c["data"][key]:
@@ -176,38 +353,49 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
 
-    run_dir = Path(c["run_dir"])
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        text = OmegaConf.to_yaml(OmegaConf.create(c))
-        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     snapshot_meta = {
         "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},
         "tokenizer": tokenizer.config,
         "sampler": c["sampler"],
     }
     input_shape = tokenizer.latent_shape(dataset.resolution)
+    prediction = method.snapshot_config()["prediction"]
+    # The sampler runs at the first preview and at the end: check its settings now, not after hours of training.
+    check_sampler(sampler, prediction, dataset.num_classes)
 
     def make_generator(ema_net: torch.nn.Module) -> Generator:
-        return Generator(ema_net, method.snapshot_config()["prediction"], tokenizer, input_shape, dataset.num_classes)
+        return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
 
-    pv = c["preview"]
-    unknown_pv = set(pv) - {"images", "nrow", "interval_kimg"}
-    if unknown_pv:
-        raise ConfigError(f"unknown preview key(s) {sorted(unknown_pv)}; known: images, nrow, interval_kimg")
     hooks: list[Any] = []
-    if pv["images"] > 0:
-        hooks.append(PreviewHook(make_generator, sampler, pv["images"], pv["interval_kimg"], pv["nrow"]))
+    if preview.images > 0:
+        hooks.append(PreviewHook(make_generator, sampler, preview))
+    if not isinstance(c["eval"].get("enabled", False), bool):
+        raise ConfigError(f"eval.enabled={c['eval']['enabled']!r} must be true or false")
     if c["eval"].get("enabled", False):
-        hooks.append(EvalHook(make_generator, sampler, c["eval"]))
-    result = train(
-        method=method, dataset=dataset, tokenizer=tokenizer, ema_profiles=ema_profiles, cfg=trainer, run_dir=run_dir,
-        config=c, snapshot_meta=snapshot_meta, hooks=hooks,
-    )
+        hooks.append(EvalHook(make_generator, sampler, c["eval"], device))
+    elif set(c["eval"]) - {"enabled"}:
+        dist.print0(f"eval.enabled=false: the eval settings {sorted(set(c['eval']) - {'enabled'})} are not used")
+
+    if dist.is_main():
+        text = OmegaConf.to_yaml(OmegaConf.create(c))
+        atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+    try:
+        result = train(
+            method=method, dataset=dataset, tokenizer=tokenizer, ema_profiles=ema_profiles, cfg=trainer,
+            run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
+        )
+    except OSError as e:
+        raise CommandError(
+            describe_os_error(e, e.filename) + " Re-running the same command resumes from the last complete "
+            "training state."
+        ) from e
     summary = {
         "run_dir": str(run_dir), "kimg": result.nimg / 1000, "steps": result.step,
         "training_state": str(result.state_path), "snapshot": str(result.snapshot_path), **result.metrics,
     }
+    bad = [k for k, v in result.metrics.items() if not (isinstance(v, (int, float)) and finite_number(v))]
+    if bad:
+        raise NonFiniteError(f"the evaluation gave non-finite {', '.join(bad)}; results.json was not written")
     if dist.is_main():
         atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         dist.print0("\n" + "\n".join(f"{k:>28}: {v}" for k, v in summary.items()))
@@ -235,20 +423,25 @@ def _ema_profiles(c: Mapping[str, Any]) -> list:
         raise ConfigError(f"unknown ema key(s) {sorted(unknown)}; known: decays, halflife_kimg, rampup_ratio")
     try:
         return make_profiles(c.get("decays") or (), c.get("halflife_kimg") or (), c.get("rampup_ratio"))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"ema: {e}") from e
+
+
+def main_checked(cfg: DictConfig, runner: Callable[[DictConfig], Any] = run) -> int:
+    """Run training with expected errors as one line: exit 0 done, 2 bad setting or file, 3 non-finite values."""
+
+    def go() -> int:
+        runner(cfg)
+        return 0
+
+    return run_main(go, PROG)
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except NonFiniteError as e:
-        print(f"training stopped: {e}", file=sys.stderr, flush=True)
-        sys.exit(3)
+    code = main_checked(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
