@@ -175,7 +175,7 @@ def _sample(snapshot: Path, outdir: Path, extra: list[str] = (), launcher: list[
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with np.load(outdir / "samples.npz") as f:
-        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (16, 32, 32, 3)
+        assert f["arr_0"].dtype == np.uint8 and f["arr_0"].shape == (16, 32, 32, 1)  # grey stays grey
         assert f["arr_1"].shape == (16,)
         return np.concatenate([f["arr_0"].reshape(16, -1), f["arr_1"][:, None]], axis=1)
 
@@ -255,6 +255,25 @@ def test_snapshot_of_another_model_is_refused(tmp_path: Path) -> None:
     save_snapshot(bad, tensors, meta)
     with pytest.raises(ValueError, match="missing keys"):
         generator_from_snapshot(str(bad))
+
+
+def test_documented_sample_then_eval_path(tmp_path: Path) -> None:
+    """README "Evaluation": sample.py on the quick start's run folder, then `python -m eval ref` and `eval npz`,
+    the same commands (fewer seeds and steps); the grey digits reach the yardstick as they are."""
+    _train(tmp_path, "quickstart")
+    env = {**_env(), "GEN_CACHE": str(ROOT / ".cache")}  # the yardstick cache the other tests share
+
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc
+
+    run(str(ROOT / "sample.py"), f"snapshot={tmp_path / 'quickstart'}", "seeds=0-159", "sampler=euler_cfg",
+        "sampler.steps=4")
+    run("-m", "eval", "ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--out", "refs/mnist5k.npz")
+    proc = run("-m", "eval", "npz", "quickstart/samples/snapshot-000000512/samples.npz", "--ref", "refs/mnist5k.npz")
+    metrics = json.loads(proc.stdout)
+    assert metrics["num_images"] == 160 and metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
 
 
 def test_eval_cli_generates_from_a_snapshot(tmp_path: Path) -> None:
