@@ -385,8 +385,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
         )
     except OSError as e:
+        # Writers that do not name their file (a plot, TensorBoard) still write into the run folder.
+        where, action = (e.filename, "write") if e.filename else (run_dir, "write into")
         raise CommandError(
-            describe_os_error(e, e.filename) + " Re-running the same command resumes from the last complete "
+            describe_os_error(e, where, action) + " Re-running the same command resumes from the last complete "
             "training state."
         ) from e
     summary = {

@@ -6,13 +6,13 @@ naming the file or argument, or, where the input is legitimate but unusual (16-b
 the folder, a moved dataset, a killed run), it is handled correctly; nothing is silently duplicated, mislabelled,
 dropped, mixed, executed or written from non-finite values.
 
-Closing note for train.py / sample.py (issue 11): 76 cases tried here and in tests/test_train.py (the documented
-sample -> eval path): 30 training settings and 26 sampling settings/files in the two tables, 8 training faults
-(non-finite end and resume, full disk, fp16 on CPU, moved/changed dataset and its override, evaluation progress),
-9 output-folder cases of sample.py, 2 through the real commands, 1 end-to-end path. 64 are refused with one line
-naming the key or file and the fix, 12 are legitimate and handled (resumed, honoured, kept, reported); none is
-silent. 63 of them failed on the code before this change (11 settings were already refused, and a non-finite
-end and fp16 on CPU were already handled; their tests verify that).
+Closing note for train.py / sample.py (issue 11): 78 cases tried here and in tests/test_train.py (the documented
+sample -> eval path): 30 training settings and 26 sampling settings/files in the two tables, 10 training faults
+(non-finite end and resume, damaged state, full disk for the state and for the log, fp16 on CPU, moved/changed
+dataset and its override, evaluation progress), 9 output-folder cases of sample.py, 2 through the real commands,
+1 end-to-end path. 66 are refused with one line naming the key or file and the fix, 12 are legitimate and handled
+(resumed, honoured, kept, reported); none is silent. 65 of them failed on the code before this change (11
+settings were already refused, and a non-finite end and fp16 on CPU were already handled; their tests verify it).
 """
 
 from __future__ import annotations
@@ -894,6 +894,14 @@ def test_resume_refuses_a_non_finite_state(tmp_path: Path, capsys: pytest.Captur
     assert not (tmp_path / "runs" / "r" / "state-000000064.pt").exists()
 
 
+def test_damaged_training_state_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli(tmp_path, ["trainer.total_kimg=0.032"])[0] == 0
+    state = tmp_path / "runs" / "r" / "state-000000032.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # cut, as by a disk error or a partial copy
+    code, _, err = train_cli(tmp_path, [], capsys)
+    assert_refused_by(code, err, 2, str(state), "cannot be read", "Delete it")
+
+
 def _enospc_torch_save(obj: object, f: object, *args: object, **kwargs: object) -> None:
     f.write(b"partial")  # type: ignore[attr-defined]
     raise OSError(errno.ENOSPC, "No space left on device")
@@ -907,6 +915,20 @@ def test_full_disk_during_training_is_one_line_and_leaves_no_partial_state(
     assert "resumes" in line
     run = tmp_path / "runs" / "r"
     assert not list(run.glob(".tmp-*")) and not list(run.glob("state-*")) and not (run / "results.json").exists()
+
+
+def test_full_disk_writing_the_training_log_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    import gen.utils.log
+
+    class FullDisk(io.StringIO):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gen.utils.log, "open", lambda *a, **k: FullDisk(), raising=False)
+    code, _, err = train_cli(tmp_path, [], capsys)
+    assert_refused_by(code, err, 2, str(tmp_path / "runs" / "r" / "stats.jsonl"), "disk is full")
+    assert not (tmp_path / "runs" / "r" / "results.json").exists()
 
 
 def test_fp16_on_cpu_is_honoured_and_said(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -44,8 +44,12 @@ class StatsLog:
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append a record; numeric values also go to TensorBoard at x = nimg."""
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(record)) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(record)) + "\n")
+        except OSError as e:
+            # A failed write on an open file (a full disk) names no file; name it (a torn line is skipped on reading).
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
         if self.tb is not None:
             nimg = int(record.get("nimg", 0))
             for k, v in record.items():
