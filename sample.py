@@ -193,34 +193,40 @@ def _remove_staging(outdir: Path, keep: str | None = None) -> None:
             pass  # something else lives there: leave it
 
 
-def prepare_outdir(outdir: Path, identity: dict[str, Any], key: str, overwrite: bool) -> None:
-    """Rank 0: make ``outdir`` hold this run's set (refusing another one), clean temp files, write the manifest."""
+def check_outdir(outdir: Path, identity: dict[str, Any], key: str, overwrite: bool) -> list[Path]:
+    """Every process: refuse an ``outdir`` holding another sample set (read-only, so all processes agree and stop
+    together). Returns that set's files to remove when ``overwrite`` is on."""
     check_writable_dir(outdir, "outdir")
     old = _read_manifest(outdir)
     images = outdir / "images"
     outputs = [*_our_pngs(images), *[outdir / n for n in ("samples.npz", "grid.png") if (outdir / n).is_file()]]
-    staged = [d for d in outdir.glob(".staging-*") if d.is_dir()]
-    same = old is not None and old.get("id") == key
-    if not same and outputs:
-        if old is None or not old.get("id"):
-            origin = f"of unknown origin (no readable {MANIFEST})"
-        else:
-            changed = [k for k in ("snapshot_sha256", "sampler", "class_label", "device") if old.get(k) != identity[k]]
-            origin = f"of another {'/'.join(changed) or 'setup'} (snapshot {old.get('snapshot')}, see {MANIFEST})"
-        if not overwrite:
-            pngs = sum(1 for f in outputs if f.suffix == ".png" and f.parent == images)
-            raise CommandError(
-                f"outdir {printable(outdir)} holds a sample set {origin}: {pngs} PNG(s) in images/"
-                f"{', samples.npz' if (outdir / 'samples.npz').is_file() else ''}"
-                f"{', grid.png' if (outdir / 'grid.png').is_file() else ''}. Mixing them with this run's images would "
-                "give a wrong set; give another outdir=..., or overwrite=true to replace that set (files not written "
-                "by sample.py are left alone)"
-            )
-        for f in outputs:
-            f.unlink()
-    if not same:
-        _remove_staging(outdir)
-    for folder in (outdir, images, *staged):
+    if (old is not None and old.get("id") == key) or not outputs:
+        return []
+    if old is None or not old.get("id"):
+        origin = f"of unknown origin (no readable {MANIFEST})"
+    else:
+        changed = [k for k in ("snapshot_sha256", "sampler", "class_label", "device") if old.get(k) != identity[k]]
+        origin = f"of another {'/'.join(changed) or 'setup'} (snapshot {old.get('snapshot')}, see {MANIFEST})"
+    if not overwrite:
+        pngs = sum(1 for f in outputs if f.parent == images)
+        raise CommandError(
+            f"outdir {printable(outdir)} holds a sample set {origin}: {pngs} PNG(s) in images/"
+            f"{', samples.npz' if (outdir / 'samples.npz').is_file() else ''}"
+            f"{', grid.png' if (outdir / 'grid.png').is_file() else ''}. Mixing them with this run's images would "
+            "give a wrong set; give another outdir=..., or overwrite=true to replace that set (files not written "
+            "by sample.py are left alone)"
+        )
+    return outputs
+
+
+def claim_outdir(outdir: Path, identity: dict[str, Any], key: str, replaced: list[Path]) -> None:
+    """Rank 0: remove the set being replaced, temp files of killed runs and stale staging; write the manifest."""
+    for f in replaced:
+        f.unlink(missing_ok=True)
+    old = _read_manifest(outdir)
+    if old is None or old.get("id") != key:
+        _remove_staging(outdir)  # staged PNGs of another set
+    for folder in (outdir, outdir / "images", *[d for d in outdir.glob(".staging-*") if d.is_dir()]):
         remove_stale_temp_files(folder)  # left by a killed run: never complete files
     manifest = {"format": MANIFEST_FORMAT, "id": key, **identity, "complete": False}
     atomic_write(outdir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
@@ -269,8 +275,10 @@ def sample(
     }
     key = file_key(identity)
     png_dir = outdir / "images" if images else outdir / f".staging-{key[:16]}"
+    replaced = check_outdir(outdir, identity, key, overwrite)
+    dist.barrier()  # every process has checked before rank 0 changes anything
     if dist.is_main():
-        prepare_outdir(outdir, identity, key, overwrite)
+        claim_outdir(outdir, identity, key, replaced)
         png_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
 

@@ -322,8 +322,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ema_profiles = _ema_profiles(c["ema"])
     sampler = SamplerSpec.from_config(c["sampler"])
     preview = from_mapping(PreviewConfig, c["preview"], "preview")
-    if dist.is_main():
-        check_writable_dir(run_dir, "run_dir")  # not after an hour of training
+    check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
     dataset = _build(c["data"]["dataset"], "data.dataset", packages)
     for key in ("channels", "resolution", "num_classes"):
         if getattr(dataset, key) != c["data"][key]:
