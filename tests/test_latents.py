@@ -244,3 +244,18 @@ def test_latents_data_config_builds(tmp_path: Path) -> None:
             "data=latents", f"data.dataset.root={out}", "data.resolution=16", "data.num_classes=6"])
     ds = build(OmegaConf.to_container(cfg.data.dataset, resolve=True))
     assert isinstance(ds, LatentShards) and len(ds) == N and ds.channels == cfg.data.channels
+
+
+def test_moved_extraction_keeps_its_content_identity(tmp_path: Path) -> None:
+    """A latent folder moved elsewhere has the same content fingerprint (the training loop resumes on it)."""
+    import shutil
+
+    from gen.train.loop import data_identity
+
+    out = _extract(tmp_path / "a", dataset=_data(count=7))
+    first = data_identity(LatentShards(out))
+    moved = tmp_path / "b"
+    shutil.move(str(out), moved)
+    assert data_identity(LatentShards(moved)) == first and first["kind"] == "latents" and first["count"] == 7
+    other = _extract(tmp_path / "c", dataset=_data(count=7), seed=8)  # other posterior samples: other content
+    assert data_identity(LatentShards(other))["sha256"] != first["sha256"]

@@ -381,6 +381,18 @@ class LatentShards(Dataset):
     def __len__(self) -> int:
         return self._n
 
+    def content_identity(self) -> dict[str, Any]:
+        """A fingerprint of the extraction's content (its manifest, statistics and every shard's name and size), so
+        a training run resumes on the same latents after the folder moved; the bytes of the shards are not read."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name in (MANIFEST, STATS):
+            h.update((self.root / name).read_bytes())
+        for k in range((self._n + self._shard_size - 1) // self._shard_size):
+            h.update(f"{shard_name(k)}|{(self.root / shard_name(k)).stat().st_size}\n".encode())
+        return {"kind": "latents", "count": self._n, "sha256": h.hexdigest()}
+
     def _shard(self, k: int) -> Any:
         from safetensors import safe_open
 

@@ -319,11 +319,14 @@ def data_identity(dataset: Any) -> dict[str, Any] | None:
 
     In-memory datasets (``tensors()``): SHA-256 of the image and label tensors (by a fixed stride beyond 256 MB).
     File datasets (``files`` + ``targets`` + ``root``, e.g. image folders): SHA-256 of every file's path relative to
-    the root, its size and its label (one ``stat`` per file; the bytes are not read). Others: None.
+    the root, its size and its label (one ``stat`` per file; the bytes are not read). Datasets that know their own
+    content (``content_identity()``, e.g. latent shards): theirs. Others: None.
     """
     import hashlib
     import os
 
+    if hasattr(dataset, "content_identity"):
+        return dataset.content_identity()
     h = hashlib.sha256()
     if hasattr(dataset, "tensors"):
         tensors = dataset.tensors()
