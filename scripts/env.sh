@@ -19,7 +19,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[env] installing requirements (pinned by constraints.txt); this takes a few minutes once" >&2
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r requirements.txt -c constraints.txt 2>&1 \
     | grep -v "is ignored: it is neither a file nor a directory" >&2 || true
-  "$venv/bin/python" -c "import torch, torchvision, diffusers, timm, accelerate, hydra" \
+  "$venv/bin/python" -c "import torch, torchvision, diffusers, timm, hydra, torch_fidelity, safetensors" \
     || { echo "[env] install failed: see the pip output above" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
