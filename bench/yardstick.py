@@ -537,6 +537,8 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
             "method": row.method, "variant": v.name, "seed": seed, "kimg": k, "nimg": nimg, "nfe": v.nfe,
             "steps": v.steps, "guidance": v.scale, "encoder_passes": v.encoder_passes(), **m, **facts,
             "num_images": args.num_images, "sampler": _portable(sampler), "snapshot": _rel(snap),
+            # Trained parameters (the fixed sin-cos table is a parameter without gradient in the DiT family).
+            "params": sum(p.numel() for n, p in gen.net.named_parameters() if n != "pos_embed"),
             "snapshot_sha256": file_sha256(snap), "train": run.train_summary(nimg / 1000),
             "command": record_command(bench, args, row.method, seed, k, v.name),
             "train_command": shlex.join(run.train_command()).replace(str(ROOT) + "/", ""),
