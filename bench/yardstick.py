@@ -113,12 +113,11 @@ class Variant:
         return self.steps * (2 if self.scale != 1.0 else 1)
 
     def encoder_passes(self) -> int:
-        """Encoder passes per image (DDT sharing), counted like :attr:`nfe`."""
+        """Encoder passes per image (DDT sharing), one per recomputing step (a guided pass covers both branches)."""
         if self.sharing is None:
-            return self.nfe
+            return self.steps
         kind, n = self.sharing
-        k = len(range(0, self.steps, n)) if kind == "rate" else n
-        return k * (2 if self.scale != 1.0 else 1)
+        return len(range(0, self.steps, n)) if kind == "rate" else n
 
     def definition(self) -> dict[str, Any]:
         return {"steps": self.steps, "scale": self.scale, "interval": self.interval, "sharing": self.sharing}
