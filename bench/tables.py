@@ -181,22 +181,19 @@ def sharing(records: Records, bench: str) -> str:
 
 
 def redesign(records: Records, bench: str = "redesign") -> str:
-    """Before/after the training redesign: medians per side, after / before ratio (wall and CPU)."""
+    """Before/after the training redesign: medians per side and the median after/before ratio of paired bursts."""
     recs = [r for r in records.get(bench, []) if r.get("kind") == "throughput"]
-    header = ["measurement", "unit", "before (3bef4cd)", "after", "after / before (wall)", "after / before (CPU)",
-              "repetitions"]
+    header = ["measurement", "before (3bef4cd)", "after", "after / before (wall)", "after / before (CPU)", "pairs"]
     rows = []
-    for what in dict.fromkeys(r["what"] for r in recs):
-        mine = [r for r in recs if r["what"] == what]
-        side = {s: [r for r in mine if r["side"] == s] for s in ("before", "after")}
-        if not side["before"] or not side["after"]:
-            continue
-        rate = {s: statistics.median(r["rate"] for r in v) for s, v in side.items()}
-        cpu = {s: statistics.median(r["cpu_rate"] for r in v) for s, v in side.items()}
-        spread = {s: f"{min(r['rate'] for r in v):.3g}-{max(r['rate'] for r in v):.3g}" for s, v in side.items()}
-        rows.append([mine[0]["label"], mine[0]["unit"], f"{rate['before']:.3g} ({spread['before']})",
-                     f"{rate['after']:.3g} ({spread['after']})", f"{rate['after'] / rate['before']:.3f}",
-                     f"{cpu['after'] / cpu['before']:.3f}", str(min(len(side['before']), len(side['after'])))])
+    for r in recs:
+        def med(side: str, key: str = "rates", r: dict[str, Any] = r) -> str:
+            vals = r[side][key]
+            return f"{statistics.median(vals):.3g} {r['unit']} ({min(vals):.3g}-{max(vals):.3g})"
+
+        ratio, cpu = statistics.median(r["pair_ratios"]), statistics.median(r["cpu_pair_ratios"])
+        spread = f" ({min(r['pair_ratios']):.2f}-{max(r['pair_ratios']):.2f})"
+        rows.append([r["label"], med("before"), med("after"), f"**{ratio:.3f}**{spread}", f"{cpu:.3f}",
+                     str(len(r["pair_ratios"]))])
     return table(header, rows)
 
 

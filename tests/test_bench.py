@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import tables  # noqa: E402
 import yardstick  # noqa: E402
-from redesign_throughput import parse_train_throughput  # noqa: E402
+from redesign_throughput import ping_pong  # noqa: E402
 
 
 def test_snapshot_interval_covers_every_point() -> None:
@@ -93,16 +93,21 @@ def test_readme_tables_match_the_stored_records() -> None:
     assert tables.main(["--check"]) == 0, "bench/README.md is out of date: run python bench/tables.py"
 
 
-def test_parse_train_throughput_output() -> None:
-    text = (
-        "row                                model      params M   s/step   cpu s    img/s  GFLOP/step  GFLOP/s\n"
-        "DiT tiny 1x32x32                   ours           7.38    0.500   0.480    32.00       29.30    58.60\n"
-        "                                   diffusers      7.40    0.520   0.500    30.77       29.30    56.35\n"
-        "                                   ratio     ours/diffusers images/s = 1.04x (process CPU time: 1.04x)\n"
-    )
-    got = parse_train_throughput(text)
-    assert got["DiT tiny 1x32x32"]["ours"] == {"s_per_step": 0.5, "cpu_s_per_step": 0.48, "img_per_s": 32.0}
-    assert got["DiT tiny 1x32x32"]["diffusers"]["img_per_s"] == 30.77
+class _FakeWorker:
+    def __init__(self, wall: float) -> None:
+        self.wall, self.calls = wall, []
+
+    def burst(self, name: str) -> dict:
+        self.calls.append(name)
+        return {"wall": self.wall, "cpu": self.wall / 2, "work": 10}
+
+
+def test_ping_pong_pairs_adjacent_bursts() -> None:
+    workers = {"before": _FakeWorker(2.0), "after": _FakeWorker(1.0)}
+    res = ping_pong(workers, ["ours", "diffusers"], 4)
+    assert workers["before"].calls == ["ours", "diffusers"] * 4
+    assert res["ours"]["pair_ratios"] == [2.0] * 4  # after is twice as fast
+    assert res["ours"]["before"]["rates"] == [5.0] * 4 and res["ours"]["after"]["cpu_rates"] == [20.0] * 4
 
 
 @pytest.fixture(scope="module")
