@@ -9,7 +9,8 @@ CPU time too: contention for caches and cores), so the comparison is made of *pa
   (``ROWS`` and ``make_step``: forward + MSE + backward + fused AdamW, batch 16) and the diffusers DiT of the same
   size; the driver then alternates short bursts (before, after, after, before, ...; ``--bursts`` each) and reports
   the median of the after/before ratios of adjacent bursts. The diffusers model is the same code on both sides: its
-  ratio is an A/A control that shows the noise floor of the method.
+  ratio is an A/A control that shows the noise floor of the method. Both workers are pinned to one CPU (only one
+  runs at a time): pinned apart, a core shared with a busy foreign job would favour one side throughout.
 * ``sampling``: the same ping-pong with the quick-start sampler (Euler 30 steps, CFG 2, the snapshot's own sampler
   config) through each tree's ``Generator.generate`` on a quick-start snapshot that the same tree trained
   (``train_loop``); 32 images per burst.
@@ -119,9 +120,9 @@ def worker_sampling(run_dir: Path, images: int, threads: int) -> None:
 class Worker:
     """A worker process in one tree."""
 
-    def __init__(self, tree: Path, threads: int, args: list[str]) -> None:
+    def __init__(self, tree: Path, threads: int, args: list[str], pin: int = -1) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args, "--threads", str(threads),
-               "--tree", str(tree)]
+               "--tree", str(tree), "--pin", str(pin)]
         self.proc = subprocess.Popen(cmd, cwd=tree, env=_env(tree, threads), stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1)
         line = self.proc.stdout.readline().strip()  # type: ignore[union-attr]
@@ -218,11 +219,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--train-kimg", type=float, default=6.0, help="quick-start training length in train_loop")
     ap.add_argument("--loop-reps", type=int, default=3, help="train_loop repetitions (both sides at once)")
     ap.add_argument("--sample-images", type=int, default=32, help="images per sampling burst")
+    ap.add_argument("--pin", type=int, default=0,
+                    help="CPU that both sides' workers are pinned to (bursts never overlap, so they share it; pinned "
+                         "apart, a busier core would favour one side), or -1 to leave placement to the OS")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--worker", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tree", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker is not None:
+        if args.pin >= 0 and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {args.pin})
         kind, *rest = args.worker
         if kind == "train_step":
             worker_train_step(args.tree, rest[0], args.train_steps, args.threads)
@@ -245,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if "train_loop" in what:
                 records.append(rec)
         if "sampling" in what:
-            workers = {s: Worker(trees[s], args.threads, ["sampling", str(run_dirs[s])]) for s in SIDES}
+            workers = {s: Worker(trees[s], args.threads, ["sampling", str(run_dirs[s])], args.pin) for s in SIDES}
             res = ping_pong(workers, ["sample"], args.bursts)["sample"]
             for w in workers.values():
                 w.close()
@@ -256,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(_summary("sampling", res), flush=True)
         if "train_step" in what:
             for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-                workers = {s: Worker(trees[s], args.threads, ["train_step", model]) for s in SIDES}
+                workers = {s: Worker(trees[s], args.threads, ["train_step", model], args.pin) for s in SIDES}
                 res = ping_pong(workers, ["ours", "diffusers"], args.bursts)
                 for w in workers.values():
                     w.close()

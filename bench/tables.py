@@ -197,11 +197,44 @@ def redesign(records: Records, bench: str = "redesign") -> str:
     return table(header, rows)
 
 
+def ours_vs_diffusers(records: Records, bench: str = "redesign") -> str:
+    """Training step of our backbones against diffusers' DiT of the same size, from the paired bursts of
+    ``redesign_throughput.py`` (ours and diffusers alternate inside one process): medians and the median ratio."""
+    recs = [r for r in records.get(bench, []) if r.get("kind") == "throughput" and r["what"].startswith("train_step/")]
+    header = ["row (batch 16, fp32, 1 thread)", "ours img/s", "diffusers img/s", "ours / diffusers", "(before the redesign)"]
+    rows = []
+    for r in recs:
+        _, model, kind = r["what"].split("/")
+        ref = next((d for d in recs if d["what"] == f"train_step/{model}/diffusers"), None)
+        if kind != "ours" or ref is None:
+            continue
+        ratio = {s: statistics.median(a / b for a, b in zip(r[s]["rates"], ref[s]["rates"])) for s in ("after", "before")}
+        rows.append([model, f"{statistics.median(r['after']['rates']):.3g}", f"{statistics.median(ref['after']['rates']):.3g}",
+                     f"**{ratio['after']:.2f}x**", f"{ratio['before']:.2f}x"])
+    return table(header, rows)
+
+
+def fid_throughput(records: Records, bench: str = "fid_throughput") -> str:
+    """``bench/fid_throughput.py``: ours vs torchmetrics, and 1 -> 2 processes."""
+    header = ["row", "ours img/s", "torchmetrics img/s", "ours / torchmetrics (median batch; fastest batch)",
+              "1 -> 2 processes, wall", "1 -> 2, busiest process CPU time", "command"]
+    rows = []
+    for r in records.get(bench, []):
+        what = (f"Inception-v3 (random weights), {r['images']} images at {r['resolution']}x{r['resolution']}"
+                if r["row"] == "inception" else f"yardstick LeNet, {r['images']:,} images")
+        rows.append([what, f"{r['ours_img_s']:.1f}", f"{r['torchmetrics_img_s']:.1f}",
+                     f"{r['ratio']:.2f}x; {r['ratio_best']:.2f}x", f"{r.get('scaling', float('nan')):.2f}x",
+                     f"{r.get('cpu_scaling', float('nan')):.2f}x", f"`{r['command']}`"])
+    return table(header, rows)
+
+
 TABLES: dict[str, Callable[[Records], str]] = {
     "backbones/fid_vs_kimg": lambda r: fid_vs_kimg(r, "backbones"),
     "backbones/fid_vs_nfe": lambda r: fid_vs_nfe(r, "backbones"),
     "backbones/sharing": lambda r: sharing(r, "backbones"),
     "redesign/throughput": lambda r: redesign(r, "redesign"),
+    "redesign/ours_vs_diffusers": lambda r: ours_vs_diffusers(r, "redesign"),
+    "fid_throughput": lambda r: fid_throughput(r, "fid_throughput"),
 }
 
 
