@@ -20,7 +20,7 @@ Examples (from the repository root)::
 
     OMP_NUM_THREADS=1 python bench/fid_throughput.py                          # both rows, 64x64 images
     python bench/fid_throughput.py --rows inception --num-images 96 --resolution 256 --threads 2
-    python bench/fid_throughput.py --rows lenet --out bench/fid_throughput.json
+    python bench/fid_throughput.py --rows lenet --out bench/results/fid_throughput.json   # records for tables.py
 """
 
 from __future__ import annotations
@@ -200,7 +200,25 @@ def main() -> None:
               f"{r['ratio']:6.3f} {r['ratio_best']:6.3f} {r.get('wall_1proc_s', float('nan')):8.2f} {r.get('wall_2proc_s', float('nan')):8.2f} "
               f"{r.get('scaling', float('nan')):6.2f} {r.get('cpu_scaling', float('nan')):5.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        _store(Path(args.out), rows, args)
+
+
+def _store(file: Path, rows: list[dict], args: argparse.Namespace) -> None:
+    """Add the rows to ``{"records": [...]}`` in ``file`` (``bench/tables.py`` reads it), replacing earlier
+    records of the same row, resolution and image count."""
+    import datetime
+    import shlex
+
+    data = json.loads(file.read_text())["records"] if file.exists() else []
+    command = shlex.join(["python", "bench/fid_throughput.py", *sys.argv[1:]])
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for r in rows:
+        key = f"{r['row']}|{r['resolution']}|{r['images']}"
+        data = [d for d in data if d.get("key") != key]
+        data.append({**r, "kind": "fid_throughput", "key": key, "command": command, "threads": args.threads,
+                     "repeats": args.repeats, "load_1min": round(os.getloadavg()[0], 2), "date": stamp})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"records": data}, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

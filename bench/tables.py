@@ -1,0 +1,337 @@
+"""Rebuild every table of ``bench/README.md`` from ``bench/results/*.json``, and plot FID against training images and
+against NFE (``bench/results/<bench>_fid_vs_kimg.png``, ``<bench>_fid_vs_nfe.png``).
+
+A table sits in the README between ``<!-- tables.py: <name> -->`` and ``<!-- /tables.py -->``; this script replaces
+what is between the markers and nothing else. ``--check`` only reports whether the README is up to date (exit 1 if
+not), which the test suite runs, so a table cannot drift from its records.
+
+    python bench/tables.py            # rewrite the tables, draw the plots
+    python bench/tables.py --check    # README in sync with the records?
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import statistics
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+README = BENCH_DIR / "README.md"
+MARKER = re.compile(r"(<!-- tables\.py: (?P<name>[\w/.-]+) -->\n)(?P<body>.*?)(<!-- /tables\.py -->)", re.DOTALL)
+# Bench name -> the module that declares it (rows, variants and labels in the order the tables use).
+BENCH_MODULES = {"backbones": "yardstick_backbones"}
+
+Records = dict[str, list[dict[str, Any]]]
+
+
+def load(results: Path = RESULTS_DIR) -> Records:
+    """Every ``<bench>.json`` in ``results``: bench name -> records."""
+    out: Records = {}
+    for f in sorted(Path(results).glob("*.json")):
+        out[f.stem] = json.loads(f.read_text())["records"]
+    return out
+
+
+def bench_spec(name: str) -> Any:
+    """The ``yardstick.Bench`` a bench script declares (None for benches without a module)."""
+    module = BENCH_MODULES.get(name)
+    if module is None:
+        return None
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(module).BENCH
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Formatting
+
+
+def fmt_seeds(values: dict[int, float], digits: int = 1) -> str:
+    """``mean (seed 0 / seed 1)``; a single seed is marked as such; missing is blank."""
+    if not values:
+        return ""
+    vals = [values[s] for s in sorted(values)]
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f} (1 seed)"
+    inner = " / ".join(f"{v:.{digits}f}" for v in vals)
+    return f"**{statistics.mean(vals):.{digits}f}** ({inner})"
+
+
+def mean_or_blank(values: Iterable[float], digits: int = 3, scale: float = 1.0) -> str:
+    vals = [v for v in values if v == v]  # drop NaN
+    return f"{scale * statistics.mean(vals):.{digits}f}" if vals else ""
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def evals(records: Sequence[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind", "eval") == "eval" and all(r.get(k) == v for k, v in match.items())]
+
+
+def by_seed(records: Iterable[dict[str, Any]], key: str) -> dict[int, float]:
+    return {int(r["seed"]): float(r[key]) for r in records if r.get(key) is not None}
+
+
+def _label(row: Any) -> str:
+    return row.label or row.method
+
+
+def _params(records: Sequence[dict[str, Any]], method: str) -> str:
+    p = [r["params"] for r in evals(records, method=method) if "params" in r]
+    return f"{p[0] / 1e6:.2f}M" if p else ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Yardstick tables (any bench declared through bench/yardstick.py)
+
+
+def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20") -> str:
+    """FID at every kimg point (mean and both seeds), class accuracy and train speed at the last point."""
+    spec = bench_spec(bench)
+    recs = records.get(bench, [])
+    points = sorted({r["kimg"] for r in evals(recs, variant=variant)})
+    header = ["row", "params", *[f"FID @ {k:g} kimg" for k in points], "class acc. (last)", "train s/kimg"]
+    rows = []
+    for row in spec.rows:
+        mine = evals(recs, method=row.method, variant=variant)
+        if not mine:
+            continue
+        cells = [fmt_seeds(by_seed([r for r in mine if r["kimg"] == k], "fid")) for k in points]
+        last = [r for r in mine if r["kimg"] == max(points)]
+        acc = mean_or_blank(r["class_accuracy"] for r in last)
+        speed = mean_or_blank((r["train"].get("sec_per_kimg", float("nan")) for r in last), 1)
+        rows.append([_label(row), _params(recs, row.method), *cells, acc, speed])
+    return table(header, rows)
+
+
+def fid_vs_nfe(records: Records, bench: str) -> str:
+    """FID against the number of Euler steps at the last kimg point (no guidance, no sharing)."""
+    spec = bench_spec(bench)
+    recs = records.get(bench, [])
+    plain = {v.name: v for v in spec.variants if v.sharing is None and v.scale == 1.0}
+    rs = [r for r in evals(recs) if r["variant"] in plain]
+    if not rs:
+        return table(["row"], [])
+    last = max(r["kimg"] for r in rs)
+    steps = sorted({plain[r["variant"]].steps for r in rs if r["kimg"] == last})
+    header = ["row", *[f"FID, Euler {s} (NFE {s})" for s in steps]]
+    rows = []
+    for row in spec.rows:
+        cells = []
+        for s in steps:
+            names = [n for n, v in plain.items() if v.steps == s]
+            cells.append(fmt_seeds(by_seed([r for r in rs if r["method"] == row.method and r["kimg"] == last
+                                             and r["variant"] in names], "fid")))
+        if any(cells):
+            rows.append([_label(row), *cells])
+    return f"At {last:g} kimg.\n\n" + table(header, rows)
+
+
+def sharing(records: Records, bench: str) -> str:
+    """DDT encoder sharing: FID and timed speed of each schedule against no sharing, per timing group."""
+    spec = bench_spec(bench)
+    recs = records.get(bench, [])
+    variants = {v.name: v for v in spec.variants}
+    timing = [r for r in recs if r.get("kind") == "timing"]
+    header = ["sampler", "encoder recomputation", "encoder passes / image", "est. reuse error", "FID", "class acc.",
+              "ms / image (wall)", "ms / image (CPU)", "speed-up (CPU)"]
+    rows = []
+    for g in spec.timing:
+        for method in g.methods or [r.method for r in spec.rows]:
+            t_recs = [t for t in timing if t["group"] == g.name and t["method"] == method]
+            base = g.variants[0]
+            for name in g.variants:
+                v = variants[name]
+                e = [r for r in evals(recs, method=method, variant=name)]
+                if e:
+                    e = [r for r in e if r["kimg"] == max(r2["kimg"] for r2 in e)]
+                wall = [t["results"][name]["sec_per_image"] for t in t_recs if name in t["results"]]
+                cpu = [t["results"][name]["cpu_sec_per_image"] for t in t_recs if name in t["results"]]
+                speed = [t["results"][base]["cpu_sec_per_image"] / t["results"][name]["cpu_sec_per_image"]
+                         for t in t_recs if name in t["results"] and base in t["results"]]
+                if not e and not wall:
+                    continue
+                guide = f", CFG {v.scale:g} on t in {list(v.interval)}" if v.scale != 1.0 and v.interval else (
+                    f", CFG {v.scale:g}" if v.scale != 1.0 else "")
+                what = "every step (no sharing)" if v.sharing is None else (
+                    f"DP schedule, K = {v.sharing[1]}" if v.sharing[0] == "dp" else f"even, i % {v.sharing[1]} == 0")
+                errs = [r.get("estimated_error", 0.0 if v.sharing is None else float("nan")) for r in e]
+                err = f"{statistics.mean(errs):.3g}" if errs and all(x == x for x in errs) else ""
+                rows.append([f"{method} Euler {v.steps}{guide}", what, str(v.encoder_passes()), err,
+                             fmt_seeds(by_seed(e, "fid")), mean_or_blank(r["class_accuracy"] for r in e),
+                             mean_or_blank(wall, 1, 1000), mean_or_blank(cpu, 1, 1000),
+                             f"{statistics.mean(speed):.2f}x" if speed else ""])
+    return table(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Throughput tables (bench/redesign_throughput.py, bench/train_throughput.py)
+
+
+def redesign(records: Records, bench: str = "redesign") -> str:
+    """Before/after the training redesign: medians per side and the median after/before ratio of paired bursts."""
+    recs = [r for r in records.get(bench, []) if r.get("kind") == "throughput"]
+    header = ["measurement", "before (3bef4cd)", "after", "after / before (wall)", "after / before (CPU)", "pairs"]
+    rows = []
+    for r in recs:
+        def med(side: str, key: str = "rates", r: dict[str, Any] = r) -> str:
+            vals = r[side][key]
+            return f"{statistics.median(vals):.3g} {r['unit']} ({min(vals):.3g}-{max(vals):.3g})"
+
+        ratio, cpu = statistics.median(r["pair_ratios"]), statistics.median(r["cpu_pair_ratios"])
+        spread = f" ({min(r['pair_ratios']):.2f}-{max(r['pair_ratios']):.2f})"
+        rows.append([r["label"], med("before"), med("after"), f"**{ratio:.3f}**{spread}", f"{cpu:.3f}",
+                     str(len(r["pair_ratios"]))])
+    return table(header, rows)
+
+
+def ours_vs_diffusers(records: Records, bench: str = "redesign") -> str:
+    """Training step of our backbones against diffusers' DiT of the same size, from the paired bursts of
+    ``redesign_throughput.py`` (ours and diffusers alternate inside one process): medians and the median ratio."""
+    recs = [r for r in records.get(bench, []) if r.get("kind") == "throughput" and r["what"].startswith("train_step/")]
+    header = ["row (batch 16, fp32, 1 thread)", "ours img/s", "diffusers img/s", "ours / diffusers", "(before the redesign)"]
+    rows = []
+    for r in recs:
+        _, model, kind = r["what"].split("/")
+        ref = next((d for d in recs if d["what"] == f"train_step/{model}/diffusers"), None)
+        if kind != "ours" or ref is None:
+            continue
+        ratio = {s: statistics.median(a / b for a, b in zip(r[s]["rates"], ref[s]["rates"])) for s in ("after", "before")}
+        rows.append([model, f"{statistics.median(r['after']['rates']):.3g}", f"{statistics.median(ref['after']['rates']):.3g}",
+                     f"**{ratio['after']:.2f}x**", f"{ratio['before']:.2f}x"])
+    return table(header, rows)
+
+
+def fid_throughput(records: Records, bench: str = "fid_throughput") -> str:
+    """``bench/fid_throughput.py``: ours vs torchmetrics, and 1 -> 2 processes."""
+    header = ["row", "ours img/s", "torchmetrics img/s", "ours / torchmetrics (median batch; fastest batch)",
+              "1 -> 2 processes, wall", "1 -> 2, busiest process CPU time", "command"]
+    rows = []
+    for r in records.get(bench, []):
+        what = (f"Inception-v3 (random weights), {r['images']} images at {r['resolution']}x{r['resolution']}"
+                if r["row"] == "inception" else f"yardstick LeNet, {r['images']:,} images")
+        rows.append([what, f"{r['ours_img_s']:.1f}", f"{r['torchmetrics_img_s']:.1f}",
+                     f"{r['ratio']:.2f}x; {r['ratio_best']:.2f}x", f"{r.get('scaling', float('nan')):.2f}x",
+                     f"{r.get('cpu_scaling', float('nan')):.2f}x", f"`{r['command']}`"])
+    return table(header, rows)
+
+
+TABLES: dict[str, Callable[[Records], str]] = {
+    "backbones/fid_vs_kimg": lambda r: fid_vs_kimg(r, "backbones"),
+    "backbones/fid_vs_nfe": lambda r: fid_vs_nfe(r, "backbones"),
+    "backbones/sharing": lambda r: sharing(r, "backbones"),
+    "redesign/throughput": lambda r: redesign(r, "redesign"),
+    "redesign/ours_vs_diffusers": lambda r: ours_vs_diffusers(r, "redesign"),
+    "fid_throughput": lambda r: fid_throughput(r, "fid_throughput"),
+}
+
+
+def render(text: str, records: Records) -> str:
+    """The README with every marked table rebuilt."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise KeyError(f"README names table {name!r}; known: {sorted(TABLES)}")
+        return m.group(1) + TABLES[name](records) + m.group(4)
+
+    return MARKER.sub(sub, text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot(records: Records, out_dir: Path) -> list[Path]:
+    """FID against training images (the main variant, every seed and the mean) and against NFE (last point)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for bench in records:
+        spec = bench_spec(bench)
+        if spec is None:
+            continue
+        recs = evals(records[bench])
+        main = next((v for v in spec.variants if v.at == "all"), None)
+        plain = {v.name: v for v in spec.variants if v.sharing is None and v.scale == 1.0}
+        for kind in ("kimg", "nfe"):
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            drawn = False
+            for i, row in enumerate(spec.rows):
+                if kind == "kimg":
+                    rs = [r for r in recs if main is not None and r["method"] == row.method and r["variant"] == main.name]
+                    pts = [(r["kimg"], r["fid"]) for r in rs]
+                else:
+                    last = max((r["kimg"] for r in recs if r["variant"] in plain), default=None)
+                    rs = [r for r in recs if r["method"] == row.method and r["variant"] in plain and r["kimg"] == last]
+                    pts = [(plain[r["variant"]].steps, r["fid"]) for r in rs]
+                if not pts:
+                    continue
+                xs = sorted({x for x, _ in pts})
+                mean = [statistics.mean(f for x2, f in pts if x2 == x) for x in xs]
+                color = f"C{i}"
+                ax.plot(xs, mean, "-o", color=color, label=row.method)
+                ax.scatter([x for x, _ in pts], [f for _, f in pts], s=10, color=color, alpha=0.5)
+                drawn = True
+            if not drawn:
+                plt.close(fig)
+                continue
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("training images (kimg)" if kind == "kimg" else "NFE (Euler steps)")
+            counts = sorted({r["num_images"] for r in recs})
+            ax.set_ylabel(f"yardstick FID ({', '.join(f'{n:,}' for n in counts)} samples)")
+            title = f"{bench}: FID vs training images ({main.label if main else ''})" if kind == "kimg" else (
+                f"{bench}: FID vs NFE at {last:g} kimg")
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            path = out_dir / f"{bench}_fid_vs_{kind}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--check", action="store_true", help="exit 1 if the README tables differ from the records")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    records = load(args.results)
+    text = args.readme.read_text()
+    new = render(text, records)
+    if args.check:
+        if new != text:
+            print(f"{args.readme} is out of date; run python bench/tables.py", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.readme.write_text(new)
+        print(f"updated {args.readme}")
+    if not args.no_plots:
+        for p in plot(records, args.results):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

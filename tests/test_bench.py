@@ -1,0 +1,151 @@
+"""The benchmark harness (bench/yardstick.py, bench/tables.py, bench/redesign_throughput.py) on tiny inputs.
+
+Records are stored once per key and survive concurrent writers; the README tables are in sync with the stored
+records; the DDT sharing statistics come from the production sampler (the recorded images equal plain sampling,
+and under guidance every recorded encoder output holds the conditional and the unconditional rows), and a DP
+schedule read back through ``sampler.sharing`` runs exactly the planned encoder passes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import tables  # noqa: E402
+import yardstick  # noqa: E402
+from redesign_throughput import ping_pong  # noqa: E402
+
+
+def test_snapshot_interval_covers_every_point() -> None:
+    assert yardstick.snapshot_interval((8, 16, 32, 64)) == 8
+    assert yardstick.snapshot_interval((8, 12)) == 4
+    assert yardstick.snapshot_interval((0.064, 0.128)) == pytest.approx(0.064)
+
+
+def test_train_command_resumes_in_its_own_folder(tmp_path: Path) -> None:
+    row = yardstick.Row("dit", ("experiment=yardstick_dit",))
+    run = yardstick.Run("b", row, 1, (8.0, 16.0, 32.0, 64.0), tmp_path)
+    cmd = run.train_command()
+    assert run.run_dir == tmp_path / "b" / "dit-s1"
+    for arg in ("experiment=yardstick_dit", "seed=1", f"run_dir={run.run_dir}", "trainer.total_kimg=64",
+                "trainer.snapshot_kimg=8", "eval=none"):
+        assert arg in cmd
+    assert run.snapshot_at(8) is None and not run.trained()
+    for nimg in (8000, 16000):
+        (run.run_dir / f"snapshot-{nimg:09d}.safetensors").parent.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / f"snapshot-{nimg:09d}.safetensors").write_bytes(b"")
+    assert run.snapshot_at(8).name == "snapshot-000008000.safetensors"
+    assert run.snapshot_at(12).name == "snapshot-000016000.safetensors"
+    assert run.snapshot_at(32) is None
+
+
+def test_variant_counts() -> None:
+    v = yardstick.Variant("x", 20, sharing=("rate", 3))
+    assert v.nfe == 20 and v.encoder_passes() == 7  # i % 3 == 0 for i < 20
+    g = yardstick.Variant("g", 20, scale=2.0, sharing=("dp", 10))
+    assert g.nfe == 40 and g.encoder_passes() == 10
+
+
+def _put(file: str, i: int) -> None:
+    yardstick.Store(Path(file)).put({"key": f"k{i}", "method": "m", "seed": i})
+
+
+def test_store_replaces_by_key_and_survives_concurrent_writers(tmp_path: Path) -> None:
+    store = yardstick.Store(tmp_path / "b.json")
+    store.put({"key": "a", "fid": 1.0})
+    store.put({"key": "a", "fid": 2.0})
+    assert [r["fid"] for r in store.records()] == [2.0]
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_put, args=(str(store.file), i)) for i in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert sorted(r["key"] for r in store.records()) == ["a"] + [f"k{i}" for i in range(8)]
+
+
+def _record(method: str, seed: int, kimg: float, fid: float, variant: str = "euler20") -> dict:
+    return {"kind": "eval", "key": f"{method}{seed}{kimg}{variant}", "method": method, "seed": seed, "kimg": kimg,
+            "variant": variant, "fid": fid, "class_accuracy": 0.5, "num_images": 2000, "params": 7.38e6,
+            "train": {"sec_per_kimg": 30.0}}
+
+
+def test_tables_render_between_markers_only() -> None:
+    records = {"backbones": [_record("dit", 0, 8, 90.0), _record("dit", 1, 8, 80.0), _record("ddt", 0, 8, 40.0)]}
+    text = "intro\n<!-- tables.py: backbones/fid_vs_kimg -->\nstale\n<!-- /tables.py -->\noutro\n"
+    out = tables.render(text, records)
+    assert out.startswith("intro\n<!-- tables.py: backbones/fid_vs_kimg -->\n| row |") and out.endswith(
+        "<!-- /tables.py -->\noutro\n")
+    assert "**85.0** (90.0 / 80.0)" in out and "40.0 (1 seed)" in out and "stale" not in out
+    assert tables.render(out, records) == out
+    with pytest.raises(KeyError, match="nope"):
+        tables.render("<!-- tables.py: nope -->\n<!-- /tables.py -->", records)
+
+
+def test_readme_tables_match_the_stored_records() -> None:
+    assert tables.main(["--check"]) == 0, "bench/README.md is out of date: run python bench/tables.py"
+
+
+class _FakeWorker:
+    def __init__(self, wall: float) -> None:
+        self.wall, self.calls = wall, []
+
+    def burst(self, name: str) -> dict:
+        self.calls.append(name)
+        return {"wall": self.wall, "cpu": self.wall / 2, "work": 10}
+
+
+def test_ping_pong_pairs_adjacent_bursts() -> None:
+    workers = {"before": _FakeWorker(2.0), "after": _FakeWorker(1.0)}
+    res = ping_pong(workers, ["ours", "diffusers"], 4)
+    assert workers["before"].calls == ["ours", "diffusers"] * 4
+    assert res["ours"]["pair_ratios"] == [2.0] * 4  # after is twice as fast
+    assert res["ours"]["before"]["rates"] == [5.0] * 4 and res["ours"]["after"]["cpu_rates"] == [20.0] * 4
+
+
+@pytest.fixture(scope="module")
+def ddt_generator():
+    from gen.models import DDT
+    from pipeline import Generator
+    from tests.presets import micro
+    from tokenizers.pixels import PixelTokenizer
+
+    torch.manual_seed(0)
+    net = micro("ddt", input_size=16, in_channels=1, num_classes=4)
+    assert isinstance(net, DDT)
+    with torch.no_grad():  # away from the zero-output init, so the encoder output changes along the trajectory
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    spec = {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "velocity", "precond": None}
+    return Generator(net.eval().requires_grad_(False), spec, PixelTokenizer(channels=1), (1, 16, 16), 4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_sharing_statistics_come_from_the_production_sampler(ddt_generator, tmp_path: Path, scale: float) -> None:
+    from pipeline import SamplerSpec
+
+    snap = tmp_path / "snapshot-000000064.safetensors"
+    variant = yardstick.Variant("v", 6, scale=scale, interval=(0.0, 0.7) if scale != 1.0 else None,
+                                sharing=("dp", 3))
+    sampler, facts = yardstick.sampler_config(variant, ddt_generator, tmp_path, snap)
+    stats = yardstick.sharing_statistics(ddt_generator, yardstick.euler_config(6, scale, variant.interval),
+                                         tmp_path, snap)
+    n = len(yardstick.TEMPLATE_SEEDS)
+    assert stats["rows_per_step"] == (2 * n if scale != 1.0 else n)  # guidance: conditional + unconditional rows
+    assert len(stats["similarity"]) == 6 and len(facts["recompute"]) == 3 and facts["recompute"][0] == 0
+    spec = SamplerSpec.from_config(sampler)
+    assert spec.recompute_steps() == facts["recompute"]
+    calls: list[int] = []
+    hook = ddt_generator.net.s_embedder.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        images, _ = ddt_generator.generate(list(range(4)), spec)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 and images.dtype == torch.uint8
