@@ -308,3 +308,27 @@ def _tensors(state: object) -> list[dict[str, torch.Tensor]]:
     if isinstance(state, (list, tuple)):
         return [d for v in state for d in _tensors(v)]
     return []
+
+
+@pytest.mark.parametrize("experiment", ["yardstick_kl_f4d4", "yardstick_kl_f4d16", "yardstick_vavae_f4d16",
+                                        "vavae_f16d32_in256"])
+def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from gen.utils.build import TRAINING_PACKAGES, build
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        c = OmegaConf.to_container(compose(config_name="train", overrides=[f"experiment={experiment}"]), resolve=True)
+    assert c["tokenizer"]["_target_"] == "tokenizers.pixels.PixelTokenizer"  # the method sees pixels
+    assert c["method"]["autoencoder"]["_target_"] == "tokenizers.kl.AutoencoderKLTokenizer"
+    if experiment.startswith("vavae_f16d32"):
+        assert c["method"]["foundation"]["name"] == "dinov2_vitl14" and c["method"]["autoencoder"]["downsample"] == 16
+        return
+    if c["method"]["foundation"]:
+        c["method"]["foundation"]["random_init"] = True  # the yardstick network is trained on first use; not here
+    adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+    method = build(c["method"], allow=TRAINING_PACKAGES, optimizer=build(adam, allow=TRAINING_PACKAGES),
+                   image_channels=c["data"]["channels"])
+    assert method.tokenizer.latent_shape(32) == (c["method"]["autoencoder"]["latent_channels"], 8, 8)
+    assert (method.foundation is not None) == experiment.startswith("yardstick_vavae")
