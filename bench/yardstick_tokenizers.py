@@ -104,12 +104,17 @@ class Store:
         return next((r for r in self.records() if r.get("key") == key), None)
 
     def put(self, record: dict[str, Any]) -> None:
-        recs = [r for r in self.records() if r.get("key") != record["key"]] + [record]
-        recs.sort(key=lambda r: (r.get("kind", ""), r.get("method", ""), r.get("kimg", 0), r.get("seed", 0)))
+        """Add or replace ``record`` under an exclusive lock (several bench processes may share the file)."""
+        import fcntl
+
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"records": recs}, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.file)
+        with open(self.file.with_name(f".{self.file.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            recs = [r for r in self.records() if r.get("key") != record["key"]] + [record]
+            recs.sort(key=lambda r: (r.get("kind", ""), r.get("method", ""), r.get("kimg", 0), r.get("seed", 0)))
+            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"records": recs}, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.file)
 
 
 def _now() -> str:
