@@ -332,3 +332,15 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
                    image_channels=c["data"]["channels"])
     assert method.tokenizer.latent_shape(32) == (c["method"]["autoencoder"]["latent_channels"], 8, 8)
     assert (method.foundation is not None) == experiment.startswith("yardstick_vavae")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["data=shapes"], "the data has 3-channel images but the autoencoder takes 1; set method.autoencoder.image_channels=3"),
+    (["eval=yardstick_quick"], "tokenizer training takes eval=recon_yardstick"),
+    (["method.lpips=null", "method.perceptual_weight=1.0"], "perceptual_weight > 0 needs method.lpips"),
+])
+def test_bad_tokenizer_training_configs_are_refused_before_work(tmp_path: Path, override: list[str], message: str) -> None:
+    cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=bad", "experiment=yardstick_kl_f4d4", *override]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not list_training_states(tmp_path / "bad")
