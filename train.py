@@ -270,6 +270,66 @@ class EvalHook:
         return {f"{k}{c.num_images // 1000}k" if k in ("fid", "sfid") else k: float(v) for k, v in got.items()}
 
 
+class ReconstructionPreviewHook:
+    """Tokenizer training: a grid of fixed training images (odd rows) above their reconstructions by the EMA
+    autoencoder (even rows) every ``interval_kimg``, into ``samples/``."""
+
+    def __init__(self, method: Any, dataset: Any, num_images: int, interval_kimg: float, nrow: int):
+        self.method, self.interval_kimg, self.nrow = method, interval_kimg, nrow
+        step = max(len(dataset) // max(num_images, 1), 1)  # spread over the data (class-sorted sets show every class)
+        self.images = torch.stack([_image_of(dataset[i]) for i in range(0, len(dataset), step)][:num_images])
+
+    def __call__(self, ctx: HookContext) -> Mapping[str, float]:
+        if dist.is_main():
+            from gen.data.transforms import to_uint8
+            from gen.utils.seed import per_image_generators
+
+            n = self.images.shape[0]
+            gens = per_image_generators(range(n), "preview", 0)
+            recon = to_uint8(self.method.reconstruct(ctx.ema_net, self.images, gens)).cpu()
+            rows = [t for k in range(0, n, self.nrow) for t in (self.images[k:k + self.nrow], recon[k:k + self.nrow])]
+            save_grid(torch.cat(rows), ctx.run_dir / "samples" / f"grid-{ctx.nimg:09d}.png", nrow=self.nrow, scale=2)
+        dist.barrier()
+        return {}
+
+
+class ReconstructionEvalHook:
+    """Tokenizer training, ``eval.metric=recon_yardstick``: rFID (yardstick features) and PSNR of the EMA autoencoder's
+    reconstructions of the built-in dataset's training images (``eval.recon.reconstruction_metrics``; posterior samples
+    seeded per image index, images split across processes)."""
+
+    KEYS = {"enabled", "metric", "num_images", "dataset_name", "cache_dir", "batch_size", "interval_kimg"}
+
+    def __init__(self, method: Any, dataset: Any, cfg: Mapping[str, Any]):
+        unknown = set(cfg) - self.KEYS
+        if unknown:
+            raise ConfigError(f"unknown eval key(s) {sorted(unknown)} for metric 'recon_yardstick'")
+        self.method, self.dataset, self.cfg = method, dataset, dict(cfg)
+        self.interval_kimg = cfg.get("interval_kimg") or math.inf
+
+    def __call__(self, ctx: HookContext) -> Mapping[str, float]:
+        from eval.features import YardstickFeatures
+        from eval.recon import reconstruction_metrics
+        from gen.data.transforms import to_uint8
+        from gen.utils.seed import per_image_generators
+
+        c = self.cfg
+        ext = YardstickFeatures(c["dataset_name"], c["cache_dir"])
+        n = min(int(c["num_images"]), len(self.dataset))
+        images = torch.utils.data.Subset(self.dataset, range(n))
+
+        def roundtrip(x: torch.Tensor, indices: Any) -> torch.Tensor:
+            gens = per_image_generators(indices, "recon", 0)
+            return to_uint8(self.method.reconstruct(ctx.ema_net, x, gens)).cpu()
+
+        out = reconstruction_metrics(roundtrip, images, ext, batch_size=c["batch_size"], with_ssim=True)
+        return {"rfid": float(out["rfid"]), "psnr": float(out["psnr"]), "ssim": float(out["ssim"])}
+
+
+def _image_of(item: Any) -> torch.Tensor:
+    return item["image"] if isinstance(item, dict) else item[0]
+
+
 def _interface(target: str, packages: tuple[str, ...], available: Mapping[str, Any]) -> dict[str, Any]:
     """The objects built here (network, objective, optimizer) that the method's constructor takes by name."""
     import inspect
@@ -348,6 +408,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "objective": lambda: _build(c["objective"], "objective", packages),
         "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
         "image_resolution": lambda: dataset.resolution,
+        "image_channels": lambda: dataset.channels,
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
@@ -358,20 +419,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "sampler": c["sampler"],
     }
     input_shape = tokenizer.latent_shape(dataset.resolution)
-    prediction = method.snapshot_config()["prediction"]
-    # The sampler runs at the first preview and at the end: check its settings now, not after hours of training.
-    check_sampler(sampler, prediction, dataset.num_classes)
+    prediction = method.snapshot_config().get("prediction")
+    if prediction is not None:  # a generator: its sampler runs at the first preview and at the end, so check it now
+        check_sampler(sampler, prediction, dataset.num_classes)
 
     def make_generator(ema_net: torch.nn.Module) -> Generator:
         return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
 
     hooks: list[Any] = []
+    # A method that reconstructs images (tokenizer training) previews and evaluates reconstructions, not samples.
+    recon = hasattr(method, "reconstruct")
     if preview.images > 0:
-        hooks.append(PreviewHook(make_generator, sampler, preview))
+        hooks.append(ReconstructionPreviewHook(method, dataset, preview.images, preview.interval_kimg, preview.nrow)
+                     if recon else PreviewHook(make_generator, sampler, preview))
     if not isinstance(c["eval"].get("enabled", False), bool):
         raise ConfigError(f"eval.enabled={c['eval']['enabled']!r} must be true or false")
     if c["eval"].get("enabled", False):
-        hooks.append(EvalHook(make_generator, sampler, c["eval"], device))
+        if recon != (c["eval"].get("metric") == "recon_yardstick"):
+            raise ConfigError(
+                f"eval.metric={c['eval'].get('metric')!r} does not fit method {method_spec.get('_target_')}: tokenizer "
+                "training takes eval=recon_yardstick (or eval=none), generators take the sample metrics"
+            )
+        hooks.append(ReconstructionEvalHook(method, dataset, c["eval"]) if recon
+                     else EvalHook(make_generator, sampler, c["eval"], device))
     elif set(c["eval"]) - {"enabled"}:
         dist.print0(f"eval.enabled=false: the eval settings {sorted(set(c['eval']) - {'enabled'})} are not used")
 

@@ -379,9 +379,12 @@ def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        spec = json.loads(meta.get("config", "{}")).get("tokenizer")
+        config = json.loads(meta.get("config", "{}"))
+        spec = config.get("tokenizer")
         if spec is None:
             raise ValueError(f"{path} has no tokenizer in its metadata; was it written by train.py?")
+        if config.get("tokenizer_weights") == "snapshot":  # a tokenizer-training snapshot: its tensors are the weights
+            spec = {**spec, "weights": str(path)}
     else:
         spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or "_target_" not in spec:

@@ -27,7 +27,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gen.ema": ("gen.utils",),
     "gen.data": ("gen.utils",),
     "gen.train": ("gen.objectives", "gen.ema", "gen.data", "gen.utils", "gen.paths", "gen.models", "gen.nn"),
-    "tokenizers": ("gen.nn", "gen.utils", "gen.data"),
+    # gen.train: tokenizer training is a training method (tokenizers/training.py implements gen.train.method.Method).
+    "tokenizers": ("gen.nn", "gen.utils", "gen.data", "gen.train"),
     "samplers": ("gen.paths", "gen.utils"),
     "eval": ("samplers", "tokenizers", "gen.models", "gen.paths", "gen.data", "gen.utils", "gen.nn"),
     "distill": ("gen", "samplers", "tokenizers"),
