@@ -27,7 +27,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 MARKER = re.compile(r"(<!-- tables\.py: (?P<name>[\w/.-]+) -->\n)(?P<body>.*?)(<!-- /tables\.py -->)", re.DOTALL)
 # Bench name -> the module that declares it (rows, variants and labels in the order the tables use).
-BENCH_MODULES = {"backbones": "yardstick_backbones"}
+BENCH_MODULES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment"}
 
 Records = dict[str, list[dict[str, Any]]]
 
@@ -228,6 +228,74 @@ def fid_throughput(records: Records, bench: str = "fid_throughput") -> str:
     return table(header, rows)
 
 
+def images_to_reach(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The first training kimg at which a FID curve, linear between its measured ``(kimg, fid)`` points, falls to
+    ``target``; None when it never does within the points."""
+    pts = sorted(points)
+    for i, (k, f) in enumerate(pts):
+        if f <= target:
+            if i == 0:
+                return k
+            k0, f0 = pts[i - 1]
+            return k0 + (k - k0) * (f0 - target) / (f0 - f)
+    return None
+
+
+def reach(records: Records, bench: str, baseline: str, variant: str = "euler20") -> str:
+    """Training images each row needs to reach the baseline row's final FID (mean over seeds; per seed in brackets,
+    against that seed's target), and the ratio to the baseline's own count."""
+    spec = bench_spec(bench)
+    recs = evals(records.get(bench, []), variant=variant)
+    base = [r for r in recs if r["method"] == baseline]
+    if not base:
+        return table(["row", "kimg to reach the baseline's final FID"], [])
+    last = max(r["kimg"] for r in base)
+    seeds = sorted({int(r["seed"]) for r in base})
+
+    def curve(method: str, seed: int | None) -> list[tuple[float, float]]:
+        mine = [r for r in recs if r["method"] == method and (seed is None or int(r["seed"]) == seed)]
+        ks = sorted({r["kimg"] for r in mine})
+        return [(k, statistics.mean(r["fid"] for r in mine if r["kimg"] == k)) for k in ks
+                if seed is not None or len({int(r["seed"]) for r in mine if r["kimg"] == k}) == len(seeds)]
+
+    target = statistics.mean(r["fid"] for r in base if r["kimg"] == last)
+    base_k = images_to_reach(curve(baseline, None), target)
+    header = ["row", f"kimg to reach FID {target:.1f} (baseline {baseline} at {last:g} kimg)", "per seed",
+              "vs baseline"]
+    rows = []
+    for row in spec.rows:
+        if not any(r["method"] == row.method for r in recs):
+            continue
+        k = images_to_reach(curve(row.method, None), target)
+        per = []
+        for s in seeds:
+            t = statistics.mean([r["fid"] for r in base if r["kimg"] == last and int(r["seed"]) == s] or [target])
+            ks = images_to_reach(curve(row.method, s), t)
+            per.append("-" if ks is None else f"{ks:.1f}")
+        reached = "not within " + f"{max(p[0] for p in curve(row.method, None)):g}" if k is None else f"{k:.1f}"
+        ratio = "" if k is None or not base_k else f"{k / base_k:.2f}x"
+        rows.append([_label(row), reached, " / ".join(per), ratio])
+    return table(header, rows)
+
+
+def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
+    """``bench/yardstick_tokenizers.py``: each tokenizer's reconstruction and the generator trained on its latents."""
+    recs = records.get(bench, [])
+    header = ["tokenizer", "latent", "rFID", "PSNR", "SSIM", "generator kimg", "yardstick FID (per seed)",
+              "class acc.", "images"]
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in recs if r.get("kind") == "eval"):
+        ev = [r for r in recs if r.get("kind") == "eval" and r["method"] == method]
+        rec = next((r for r in recs if r.get("kind") == "recon" and r["method"] == method), {})
+        for k in sorted({r["kimg"] for r in ev}):
+            at = [r for r in ev if r["kimg"] == k]
+            shape = "x".join(map(str, at[0]["latent_shape"]))
+            rows.append([at[0]["label"], shape, f"{rec['rfid']:.2f}" if rec else "-", f"{rec['psnr']:.2f}" if rec else "-",
+                         f"{rec['ssim']:.3f}" if rec else "-", f"{k:g}", fmt_seeds(by_seed(at, "fid")),
+                         mean_or_blank(r["class_accuracy"] for r in at), str(at[0]["num_images"])])
+    return table(header, rows)
+
+
 TABLES: dict[str, Callable[[Records], str]] = {
     "backbones/fid_vs_kimg": lambda r: fid_vs_kimg(r, "backbones"),
     "backbones/fid_vs_nfe": lambda r: fid_vs_nfe(r, "backbones"),
@@ -235,6 +303,9 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "redesign/throughput": lambda r: redesign(r, "redesign"),
     "redesign/ours_vs_diffusers": lambda r: ours_vs_diffusers(r, "redesign"),
     "fid_throughput": lambda r: fid_throughput(r, "fid_throughput"),
+    "alignment/fid_vs_kimg": lambda r: fid_vs_kimg(r, "alignment"),
+    "alignment/reach": lambda r: reach(r, "alignment", "dit"),
+    "tokenizers": lambda r: tokenizers(r, "yardstick_tokenizers"),
 }
 
 

@@ -149,3 +149,24 @@ def test_sharing_statistics_come_from_the_production_sampler(ddt_generator, tmp_
     finally:
         hook.remove()
     assert len(calls) == 3 and images.dtype == torch.uint8
+
+
+def test_images_to_reach_interpolates_between_measured_points() -> None:
+    curve = [(2.0, 100.0), (4.0, 60.0), (8.0, 20.0)]
+    assert tables.images_to_reach(curve, 60.0) == 4.0
+    assert tables.images_to_reach(curve, 40.0) == pytest.approx(6.0)  # halfway from 60 to 20 between 4 and 8 kimg
+    assert tables.images_to_reach(curve, 150.0) == 2.0  # reached at the first point
+    assert tables.images_to_reach(curve, 10.0) is None  # never within the measured points
+
+
+def test_reach_table_counts_against_the_baselines_final_fid() -> None:
+    def rec(method: str, seed: int, kimg: float, fid: float) -> dict:
+        return {"kind": "eval", "variant": "euler20", "method": method, "seed": seed, "kimg": kimg, "fid": fid}
+
+    recs = [rec("dit", s, k, f) for s in (0, 1) for k, f in ((4.0, 80.0), (8.0, 40.0))]
+    recs += [rec("dit_repa", s, k, f) for s in (0, 1) for k, f in ((4.0, 40.0), (8.0, 30.0))]
+    text = tables.reach({"alignment": recs}, "alignment", "dit")
+    dit = next(line for line in text.splitlines() if line.startswith("| DiT |"))
+    repa = next(line for line in text.splitlines() if line.startswith("| DiT + REPA"))
+    assert "| 8.0 |" in dit and "1.00x" in dit
+    assert "| 4.0 |" in repa and "0.50x" in repa
