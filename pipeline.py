@@ -165,11 +165,13 @@ def run_sampler(
     return spec.solver(model_fn, noise, ts.to(noise.device), path=path, y=y, randn_like=randn_like)
 
 
-def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes: int) -> None:
+def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes: int, extra_token_dim: int = 0) -> None:
     """Run the configured grid, guidance and solver once on a stand-in model, so bad settings fail before any work.
 
-    The stand-in predicts zero velocity for a single 1x2x2 image: this costs ``steps`` trivial solver steps, not a
-    network call, and reaches every solver and grid option (a negative churn, a grid that is not descending, ...).
+    The stand-in predicts zero velocity for a single 1x2x2 image (plus REG's class-token stream of width
+    ``extra_token_dim`` when the model takes one, so per-stream guidance scales are checked against the real number
+    of streams): this costs ``steps`` trivial solver steps, not a network call, and reaches every solver and grid
+    option (a negative churn, a grid that is not descending, ...).
 
     Raises:
         ValueError: naming the sampler setting that cannot run.
@@ -187,11 +189,13 @@ def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes:
             f"{int((ts[1:] > ts[:-1]).sum())} rising step(s). Check the grid options"
         )
 
-    def zero_velocity(x: Tensor, t: Tensor, y: Tensor | None, **kwargs: Any) -> Tensor:
-        return torch.zeros_like(x)
+    def zero_velocity(x: Any, t: Tensor, y: Tensor | None, **kwargs: Any) -> Any:
+        return Streams(torch.zeros_like(a) for a in x) if isinstance(x, Streams) else torch.zeros_like(x)
 
     rnd = PerImageRandom([0])
-    noise = rnd.randn((1, 2, 2))
+    noise: Any = rnd.randn((1, 2, 2))
+    if extra_token_dim > 0:
+        noise = Streams((noise, rnd.randn((extra_token_dim,))))
     try:
         x = run_sampler(guided_model_fn(zero_velocity, spec, num_classes), noise, torch.zeros(1, dtype=torch.long),
                         path, spec, rnd.randn_like, ts)

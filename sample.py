@@ -268,7 +268,7 @@ def sample(
         raise ValueError(
             f"class_label={class_label} is outside [0, {gen.num_classes - 1}] (label {gen.num_classes} is the null class)"
         )
-    check_sampler(sampler, gen.prediction, gen.num_classes)
+    check_sampler(sampler, gen.prediction, gen.num_classes, int(getattr(gen.net, "extra_token_dim", 0) or 0))
     identity = {
         "snapshot": str(snap), "snapshot_sha256": file_sha256(snap), "sampler": sampler.config,
         "class_label": class_label, "device": dev.type,

@@ -421,7 +421,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     input_shape = tokenizer.latent_shape(dataset.resolution)
     prediction = method.snapshot_config().get("prediction")
     if prediction is not None:  # a generator: its sampler runs at the first preview and at the end, so check it now
-        check_sampler(sampler, prediction, dataset.num_classes)
+        check_sampler(sampler, prediction, dataset.num_classes, int(c["model"].get("extra_token_dim") or 0))
 
     def make_generator(ema_net: torch.nn.Module) -> Generator:
         return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
