@@ -266,13 +266,17 @@ def reach(records: Records, bench: str, baseline: str, variant: str = "euler20")
     for row in spec.rows:
         if not any(r["method"] == row.method for r in recs):
             continue
-        k = images_to_reach(curve(row.method, None), target)
+        mean_curve = curve(row.method, None)  # points that every seed has reached
+        k = images_to_reach(mean_curve, target)
         per = []
         for s in seeds:
             t = statistics.mean([r["fid"] for r in base if r["kimg"] == last and int(r["seed"]) == s] or [target])
             ks = images_to_reach(curve(row.method, s), t)
             per.append("-" if ks is None else f"{ks:.1f}")
-        reached = "not within " + f"{max(p[0] for p in curve(row.method, None)):g}" if k is None else f"{k:.1f}"
+        if k is not None:
+            reached = f"{k:.1f}"
+        else:
+            reached = f"not within {max(p[0] for p in mean_curve):g}" if mean_curve else "- (not every seed yet)"
         ratio = "" if k is None or not base_k else f"{k / base_k:.2f}x"
         rows.append([_label(row), reached, " / ".join(per), ratio])
     return table(header, rows)
