@@ -157,6 +157,20 @@ def snapshot_interval(kimg: Sequence[float]) -> float:
     return reduce(math.gcd, nimg) / 1000
 
 
+def run_logged(cmd: list[str], log_file: Path, threads: int, tag: str = "run") -> None:
+    """Run a command of this repository (``cmd[0]`` the interpreter) from the root with ``threads`` threads, its
+    output appended to ``log_file``; a non-zero exit raises, naming the log."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    print(f"[{tag}] {shlex.join(cmd[1:])}  (log: {log_file})", flush=True)
+    t0 = time.time()
+    with open(log_file, "a") as log:
+        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if code != 0:
+        raise RuntimeError(f"{shlex.join(cmd[1:2])} failed (exit {code}); see {log_file}")
+    print(f"[{tag}] done in {(time.time() - t0) / 60:.1f} min ({log_file.stem})", flush=True)
+
+
 @dataclass(frozen=True)
 class Run:
     """One (row, training seed) run folder."""
@@ -195,17 +209,7 @@ class Run:
         """Run (or resume) the training; the output goes to ``<run_dir>.log``."""
         if self.trained():
             return
-        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-        cmd = self.train_command(sys.executable)
-        log_file = self.run_dir.with_suffix(".log")
-        print(f"[train] {shlex.join(cmd[1:])}  (log: {log_file})", flush=True)
-        t0 = time.time()
-        with open(log_file, "a") as log:
-            code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        if code != 0:
-            raise RuntimeError(f"train.py failed (exit {code}) for {self.run_dir.name}; see {log_file}")
-        print(f"[train] {self.run_dir.name} done in {(time.time() - t0) / 60:.1f} min", flush=True)
+        run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
 
     def train_summary(self, kimg: float) -> dict[str, Any]:
         """Training numbers up to ``kimg``: median s/kimg (load-dependent), last logged loss, batch, parameters."""

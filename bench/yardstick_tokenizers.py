@@ -48,6 +48,9 @@ if str(ROOT) not in sys.path:
 
 from gen.utils.ckpt import list_snapshots  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
+from yardstick import run_logged  # noqa: E402
+
 BENCH = "yardstick_tokenizers"
 DATASET = "mnist5k"
 # method -> (tokenizer-training experiment, tokenizer preset), None for pixels.
@@ -63,18 +66,6 @@ LABELS = {
     "kl_f4d16": "(b) KL-VAE f4d16 (16 x 8 x 8, patch 1)",
     "vavae_f4d16": "(c) VA-VAE f4d16, VF loss (16 x 8 x 8, patch 1)",
 }
-
-
-def _run(cmd: list[str], log: Path, threads: int) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[run] {shlex.join(cmd[1:])}  (log {log})", flush=True)
-    t0 = time.time()
-    with open(log, "a") as fh:
-        code = subprocess.call(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
-    if code != 0:
-        raise RuntimeError(f"command failed (exit {code}); see {log}")
-    print(f"      done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
 def _last_snapshot(run_dir: Path, nimg: int) -> Path | None:
@@ -151,7 +142,7 @@ def train_tokenizer(method: str, args: argparse.Namespace) -> Path:
     snap = _last_snapshot(run_dir, nimg)
     if snap is None:
         cmd = tokenizer_command(method, args)
-        _run([sys.executable, *cmd[1:]], run_dir.with_suffix(".log"), args.threads)
+        run_logged([sys.executable, *cmd[1:]], run_dir.with_suffix(".log"), args.threads)
         snap = _last_snapshot(run_dir, nimg)
     assert snap is not None, f"no snapshot in {run_dir}"
     return snap.resolve()
@@ -199,7 +190,7 @@ def extract(method: str, snap: Path, args: argparse.Namespace) -> Path:
     out = args.runs / f"latents-{method}"
     if not (out / "stats.json").is_file():
         cmd = extract_command(method, snap, args)
-        _run([sys.executable, *cmd[1:]], args.runs / f"latents-{method}.log", args.threads)
+        run_logged([sys.executable, *cmd[1:]], args.runs / f"latents-{method}.log", args.threads)
     return out
 
 
@@ -232,7 +223,7 @@ def generation_records(method: str, seed: int, tok_snap: Path | None, recon: dic
     run_dir = args.runs / f"{method}-s{seed}"
     cmd = generator_command(method, seed, args, tok_snap)
     if _last_snapshot(run_dir, int(round(max(args.kimg) * 1000))) is None:
-        _run([sys.executable, *cmd[1:]], run_dir.with_suffix(".log"), args.threads)
+        run_logged([sys.executable, *cmd[1:]], run_dir.with_suffix(".log"), args.threads)
     from eval.generate import yardstick_metrics
     from pipeline import SamplerSpec, generator_from_snapshot
 

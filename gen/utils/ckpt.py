@@ -62,7 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (a snapshot's identity)."""
+    """SHA-256 of a file's bytes (the identity of a snapshot or a pretrained weights file)."""
     import hashlib
 
     h = hashlib.sha256()

@@ -7,12 +7,13 @@ file raises :class:`WeightsNotFoundError` naming the file, its expected SHA-256 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from gen.utils.ckpt import file_sha256  # one file hash for snapshots and pretrained weights
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -22,15 +23,6 @@ class WeightsNotFoundError(FileNotFoundError):
 def weights_cache_dir() -> Path:
     """``${GEN_CACHE:-~/.cache/gen}/weights``: where pretrained feature-network files are looked up."""
     return Path(os.environ.get("GEN_CACHE", Path.home() / ".cache" / "gen")).expanduser() / "weights"
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_weights(
