@@ -11,7 +11,7 @@ CPU time too: contention for caches and cores), so the comparison is made of *pa
   the median of the after/before ratios of adjacent bursts. The diffusers model is the same code on both sides: its
   ratio is an A/A control that shows the noise floor of the method. Both workers are pinned to one CPU (only one
   runs at a time): pinned apart, a core shared with a busy foreign job would favour one side throughout.
-* ``sampling``: the same ping-pong with the quick-start sampler (Euler 30 steps, CFG 2, the snapshot's own sampler
+* ``sampling``: the same ping-pong with the quick-start sampler (Euler with CFG 2: the snapshot's own sampler
   config) through each tree's ``Generator.generate`` on a quick-start snapshot that the same tree trained
   (``train_loop``); 32 images per burst.
 * ``train_loop``: the quick start, ``train.py`` with its default config for ``--train-kimg`` kimg (previews,
