@@ -288,9 +288,12 @@ def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
     header = ["tokenizer", "latent", "rFID", "PSNR", "SSIM", "generator kimg", "yardstick FID (per seed)",
               "class acc.", "images"]
     rows = []
-    for method in dict.fromkeys(r["method"] for r in recs if r.get("kind") == "eval"):
+    recon = {r["method"]: r for r in recs if r.get("kind") == "recon"}
+    labels = {r["method"]: r["label"] for r in recs if r.get("kind") == "eval"}
+    # Pixels (no tokenizer) first, then the tokenizers by their label: (a), (b), (c).
+    for method in sorted(labels, key=lambda m: (m in recon, labels[m])):
         ev = [r for r in recs if r.get("kind") == "eval" and r["method"] == method]
-        rec = next((r for r in recs if r.get("kind") == "recon" and r["method"] == method), {})
+        rec = recon.get(method, {})
         for k in sorted({r["kimg"] for r in ev}):
             at = [r for r in ev if r["kimg"] == k]
             shape = "x".join(map(str, at[0]["latent_shape"]))
