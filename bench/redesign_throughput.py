@@ -11,9 +11,9 @@ CPU time too: contention for caches and cores), so the comparison is made of *pa
   the median of the after/before ratios of adjacent bursts. The diffusers model is the same code on both sides: its
   ratio is an A/A control that shows the noise floor of the method. Both workers are pinned to one CPU (only one
   runs at a time): pinned apart, a core shared with a busy foreign job would favour one side throughout.
-* ``sampling``: the same ping-pong with the quick-start sampler (Euler with CFG 2: the snapshot's own sampler
-  config) through each tree's ``Generator.generate`` on a quick-start snapshot that the same tree trained
-  (``train_loop``); 32 images per burst.
+* ``sampling``: the same ping-pong with the quick-start sampler (the snapshot's own sampler config, Euler with
+  CFG 2, at ``SAMPLING_STEPS`` = 30 steps on both sides) through each tree's ``Generator.generate`` on a
+  quick-start snapshot that the same tree trained (``train_loop``); 32 images per burst.
 * ``train_loop``: the quick start, ``train.py`` with its default config for ``--train-kimg`` kimg (previews,
   evaluation and TensorBoard off; status every kimg), both sides *at the same time* (one thread each, start order
   swapped every repetition): median wall seconds per kimg over the status intervals after the first. This covers
@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "redesign.json"
 TRAIN_STEP_MODELS = "tiny_dit,tiny_lightningdit,tiny_ddt,dit_s2"
 SIDES = ("before", "after")
+SAMPLING_STEPS = 30  # the quick start's Euler steps at the time of the redesign (3bef4cd and after it)
 
 
 def _commit(tree: Path) -> str:
@@ -111,7 +112,9 @@ def worker_sampling(run_dir: Path, images: int, threads: int) -> None:
         from gen.pipeline import SamplerSpec, generator_from_snapshot  # before (3bef4cd)
     snap = sorted(run_dir.glob("snapshot-*.safetensors"))[-1]
     gen, config = generator_from_snapshot(str(snap))
-    spec = SamplerSpec.from_config(config["sampler"])
+    # Both sides sample the same number of steps: the quick start's sampler went from 30 to 20 steps after the
+    # redesign, and each tree's snapshot stores its own.
+    spec = SamplerSpec.from_config({**config["sampler"], "steps": SAMPLING_STEPS})
     seeds = list(range(images))
     gen.generate(seeds, spec)  # warm-up
     _serve({"sample": (lambda: gen.generate(seeds, spec), images)})
@@ -256,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for w in workers.values():
                 w.close()
             records.append({**res, "what": "sampling", "unit": "img/s",
-                            "label": f"quick-start sampler (Euler 30, CFG 2), Generator.generate, {args.sample_images} "
+                            "label": f"quick-start sampler (Euler {SAMPLING_STEPS}, CFG 2), Generator.generate, {args.sample_images} "
                                      "images per burst",
                             "command": "python bench/redesign_throughput.py --what sampling"})
             print(_summary("sampling", res), flush=True)
