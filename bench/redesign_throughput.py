@@ -259,8 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for w in workers.values():
                 w.close()
             records.append({**res, "what": "sampling", "unit": "img/s",
-                            "label": f"quick-start sampler (Euler {SAMPLING_STEPS}, CFG 2), Generator.generate, {args.sample_images} "
-                                     "images per burst",
+                            "label": f"quick-start sampler (Euler {SAMPLING_STEPS}, CFG 2), Generator.generate, "
+                                     f"{args.sample_images} images per burst",
                             "command": "python bench/redesign_throughput.py --what sampling"})
             print(_summary("sampling", res), flush=True)
         if "train_step" in what:

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import list_snapshots  # noqa: E402
+from gen.utils.ckpt import file_sha256, list_snapshots  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 DEFAULT_KIMG = (8.0, 16.0, 32.0, 64.0)
@@ -274,14 +274,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def machine() -> dict[str, Any]:
     """Where and under what load a number was measured (timings on a shared machine move with the load)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
@@ -476,11 +468,12 @@ def record_command(bench: Bench, args: argparse.Namespace, method: str, seed: in
         parts.append(f"--num-images={args.num_images}")
     default_runs = ROOT / "runs" / "yardstick"
     if args.runs.resolve() != default_runs:
-        parts.append(f"--runs={_rel(args.runs)}")
+        parts.append(f"--runs={rel_path(args.runs)}")
     return shlex.join(parts)
 
 
-def _rel(path: Path) -> str:
+def rel_path(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it (records stay portable)."""
     try:
         return str(Path(path).resolve().relative_to(ROOT))
     except ValueError:
@@ -539,14 +532,14 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
             "kind": "eval", "key": _eval_key(bench.name, row, seed, k, v, args.num_images), "bench": bench.name,
             "method": row.method, "variant": v.name, "seed": seed, "kimg": k, "nimg": nimg, "nfe": v.nfe,
             "steps": v.steps, "guidance": v.scale, "encoder_passes": v.encoder_passes(), **m, **facts,
-            "num_images": args.num_images, "sampler": _portable(sampler), "snapshot": _rel(snap),
+            "num_images": args.num_images, "sampler": _portable(sampler), "snapshot": rel_path(snap),
             # Trained parameters (the fixed sin-cos table is a parameter without gradient in the DiT family).
             "params": sum(p.numel() for n, p in gen.net.named_parameters() if n != "pos_embed"),
             "snapshot_sha256": file_sha256(snap), "train": run.train_summary(nimg / 1000),
             "command": record_command(bench, args, row.method, seed, k, v.name),
             "train_command": shlex.join(run.train_command()).replace(str(ROOT) + "/", ""),
             "eval_command": eval_command(snap, sampler, args.num_images),
-            "machine": machine(), "code": code_version(), "date": _now(),
+            "machine": machine(), "code": code_version(), "date": utc_now(),
         }
         store.put(record)
         print(f"        FID {m['fid']:.2f}  acc {m['class_accuracy']:.3f}  {1000 * m['sec_per_image']:.1f} ms/img "
@@ -569,9 +562,9 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
         store.put({
             "kind": "timing", "key": timing_key[g.name], "bench": bench.name, "group": g.name, "method": row.method,
             "seed": seed, "kimg": max(kimg), "variant": g.name, "num_images": g.num_images, "rounds": g.rounds,
-            "results": {k: {**res[k], **extra[k]} for k in res}, "snapshot": _rel(snap),
+            "results": {k: {**res[k], **extra[k]} for k in res}, "snapshot": rel_path(snap),
             "command": record_command(bench, args, row.method, seed, max(kimg), None, g.name),
-            "machine": machine(), "code": code_version(), "date": _now(),
+            "machine": machine(), "code": code_version(), "date": utc_now(),
         })
         print("        " + ", ".join(f"{k} {1000 * r['sec_per_image']:.1f} ms/img" for k, r in res.items()), flush=True)
 
@@ -580,7 +573,7 @@ def _portable(sampler: dict[str, Any]) -> dict[str, Any]:
     """The sampler config with repository paths made relative (schedule files)."""
     out = json.loads(json.dumps(sampler))
     if out.get("sharing") and "schedule" in out["sharing"]:
-        out["sharing"]["schedule"] = _rel(Path(out["sharing"]["schedule"]))
+        out["sharing"]["schedule"] = rel_path(Path(out["sharing"]["schedule"]))
     return out
 
 
@@ -591,12 +584,13 @@ def _dataset(snapshot: Path) -> str:
         return json.loads((f.metadata() or {})["config"])["data"]["name"]
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The date of a record, UTC, to the second."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def eval_command(snapshot: Path, sampler: Mapping[str, Any], num_images: int) -> str:
-    return shlex.join(["python", "bench/yardstick.py", "eval", _rel(snapshot), "--sampler",
+    return shlex.join(["python", "bench/yardstick.py", "eval", rel_path(snapshot), "--sampler",
                        json.dumps(_portable(dict(sampler)), separators=(",", ":")), f"--num-images={num_images}"])
 
 

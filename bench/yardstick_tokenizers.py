@@ -19,8 +19,9 @@ no guidance) at every ``--kimg`` point, decoded by the row's tokenizer.
 Records: one JSON record per (method, seed, kimg) in ``bench/results/yardstick_tokenizers.json`` with the fields of
 the shared yardstick harness (method, seed, kimg, nfe, fid, class_accuracy, sec_per_image, command) plus the
 tokenizer's rFID/PSNR/SSIM; ``kind: "recon"`` records hold the tokenizers' own numbers. Re-running resumes: trained
-runs, extractions and stored records are not repeated. When the shared harness (``bench/yardstick.py``) lands, the
-rows map onto its ``Row`` (tokenizer rows need the two preparation steps above before their ``train.py`` command).
+runs, extractions and stored records are not repeated. The records, their store and the logged subprocesses are the
+shared harness's (``bench/yardstick.py``); the rows are not its ``Row`` because a tokenizer row needs the two
+preparation steps above before its ``train.py`` command.
 
 Example (from the repository root)::
 
@@ -30,11 +31,7 @@ Example (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +46,8 @@ if str(ROOT) not in sys.path:
 from gen.utils.ckpt import list_snapshots  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
-from yardstick import run_logged  # noqa: E402
+from tables import tokenizers as tokenizer_table  # noqa: E402  (the table bench/README.md shows)
+from yardstick import Store, code_version, machine, rel_path, run_logged, utc_now  # noqa: E402
 
 BENCH = "yardstick_tokenizers"
 DATASET = "mnist5k"
@@ -75,55 +73,6 @@ def _last_snapshot(run_dir: Path, nimg: int) -> Path | None:
     return None
 
 
-def _rel(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(ROOT))
-    except ValueError:
-        return str(path)
-
-
-class Store:
-    """``bench/results/<bench>.json``: ``{"records": [...]}``, one record per key (the shared harness's format)."""
-
-    def __init__(self, file: Path) -> None:
-        self.file = file
-
-    def records(self) -> list[dict[str, Any]]:
-        return json.loads(self.file.read_text())["records"] if self.file.exists() else []
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        return next((r for r in self.records() if r.get("key") == key), None)
-
-    def put(self, record: dict[str, Any]) -> None:
-        """Add or replace ``record`` under an exclusive lock (several bench processes may share the file)."""
-        import fcntl
-
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file.with_name(f".{self.file.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            recs = [r for r in self.records() if r.get("key") != record["key"]] + [record]
-            recs.sort(key=lambda r: (r.get("kind", ""), r.get("method", ""), r.get("kimg", 0), r.get("seed", 0)))
-            tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"records": recs}, indent=1, sort_keys=True) + "\n")
-            os.replace(tmp, self.file)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _machine() -> dict[str, Any]:
-    return {"cores": os.cpu_count(), "threads": torch.get_num_threads(), "load_1min": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__}
-
-
-def _code() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Steps
 
@@ -131,7 +80,7 @@ def _code() -> str:
 def tokenizer_command(method: str, args: argparse.Namespace) -> list[str]:
     experiment, _ = ROWS[method]  # type: ignore[misc]
     return ["python", "train.py", f"experiment={experiment}", "seed=0", f"name={BENCH}-tok-{method}",
-            f"run_dir={_rel(args.runs / f'tok-{method}')}", f"trainer.total_kimg={args.tokenizer_kimg:g}",
+            f"run_dir={rel_path(args.runs / f'tok-{method}')}", f"trainer.total_kimg={args.tokenizer_kimg:g}",
             f"trainer.snapshot_kimg={args.tokenizer_kimg:g}", "eval=none", "trainer.progress=false",
             "trainer.tensorboard=false"]
 
@@ -169,11 +118,11 @@ def recon_record(method: str, snap: Path, args: argparse.Namespace, store: Store
     rec = {
         "kind": "recon", "key": key, "bench": BENCH, "method": method, "seed": 0, "kimg": args.tokenizer_kimg,
         "rfid": m["rfid"], "psnr": m["psnr"], "ssim": m["ssim"], "num_images": m["num_images"],
-        "snapshot": _rel(snap), "seconds": time.time() - t0,
-        "command": shlex.join(["python", "-m", "eval", "recon", "--tokenizer", _rel(snap), "--dataset", DATASET,
-                               "--extractor", "yardstick", "--cache-dir", _rel(Path(args.cache)), "--no-lpips"]),
-        "train_command": shlex.join(tokenizer_command(method, args)), "machine": _machine(), "code": _code(),
-        "date": _now(),
+        "snapshot": rel_path(snap), "seconds": time.time() - t0,
+        "command": shlex.join(["python", "-m", "eval", "recon", "--tokenizer", rel_path(snap), "--dataset", DATASET,
+                               "--extractor", "yardstick", "--cache-dir", rel_path(Path(args.cache)), "--no-lpips"]),
+        "train_command": shlex.join(tokenizer_command(method, args)), "machine": machine(), "code": code_version(),
+        "date": utc_now(),
     }
     store.put(rec)
     print(f"[recon] {method}: rFID {m['rfid']:.2f}  PSNR {m['psnr']:.2f}  SSIM {m['ssim']:.3f}", flush=True)
@@ -183,7 +132,7 @@ def recon_record(method: str, snap: Path, args: argparse.Namespace, store: Store
 def extract_command(method: str, snap: Path, args: argparse.Namespace) -> list[str]:
     _, preset = ROWS[method]  # type: ignore[misc]
     return ["python", "-m", "scripts.extract_latents", f"data={DATASET}", f"tokenizer={preset}",
-            f"tokenizer.weights={snap}", f"out={_rel(args.runs / f'latents-{method}')}"]
+            f"tokenizer.weights={snap}", f"out={rel_path(args.runs / f'latents-{method}')}"]
 
 
 def extract(method: str, snap: Path, args: argparse.Namespace) -> Path:
@@ -196,13 +145,13 @@ def extract(method: str, snap: Path, args: argparse.Namespace) -> Path:
 
 def generator_command(method: str, seed: int, args: argparse.Namespace, snap: Path | None) -> list[str]:
     common = ["experiment=yardstick_lightningdit", f"seed={seed}", f"name={BENCH}-{method}-s{seed}",
-              f"run_dir={_rel(args.runs / f'{method}-s{seed}')}", f"trainer.total_kimg={max(args.kimg):g}",
+              f"run_dir={rel_path(args.runs / f'{method}-s{seed}')}", f"trainer.total_kimg={max(args.kimg):g}",
               f"trainer.snapshot_kimg={min(args.kimg):g}", f"trainer.checkpoint_kimg={min(args.kimg):g}", "eval=none",
               "preview.images=0", "trainer.progress=false", "trainer.tensorboard=false"]
     if ROWS[method] is None:
         return ["python", "train.py", *common]
     _, preset = ROWS[method]  # type: ignore[misc]
-    latents = _rel(args.runs / f"latents-{method}")
+    latents = rel_path(args.runs / f"latents-{method}")
     return ["python", "train.py", *common, "data=latents", f"data.dataset.root={latents}", f"data.name={DATASET}",
             "data.channels=1", "data.resolution=32", "data.num_classes=10", "data.hflip=false",
             f"tokenizer={preset}", f"tokenizer.weights={snap}", "model.patch_size=1"]
@@ -252,46 +201,18 @@ def generation_records(method: str, seed: int, tok_snap: Path | None, recon: dic
             "kimg": k, "nimg": int(snap.name.split("-")[1].split(".")[0]), "nfe": args.steps, "steps": args.steps,
             "guidance": 1.0, "fid": float(m["fid"]), "class_accuracy": float(m.get("class_accuracy", float("nan"))),
             "sec_per_image": spent["seconds"] / max(spent["images"], 1), "num_images": args.num_images,
-            "eval_seconds": time.time() - t0, "snapshot": _rel(snap), "latent_shape": list(gen.input_shape),
+            "eval_seconds": time.time() - t0, "snapshot": rel_path(snap), "latent_shape": list(gen.input_shape),
             "tokenizer_kimg": args.tokenizer_kimg if tok_snap is not None else None,
             "rfid": recon["rfid"] if recon else None, "psnr": recon["psnr"] if recon else None,
             "command": shlex.join(["python", f"bench/{BENCH}.py", f"--methods={method}", f"--seeds={seed}",
                                    f"--kimg={','.join(f'{x:g}' for x in args.kimg)}",
                                    f"--tokenizer-kimg={args.tokenizer_kimg:g}", f"--num-images={args.num_images}"]),
             "train_command": shlex.join(cmd).replace(str(ROOT) + "/", ""),
-            "machine": _machine(), "code": _code(), "date": _now(),
+            "machine": machine(), "code": code_version(), "date": utc_now(),
         }
         store.put(rec)
         print(f"[eval] {method}-s{seed} {k:g} kimg: FID {rec['fid']:.2f}  acc {rec['class_accuracy']:.3f}  "
               f"{1000 * rec['sec_per_image']:.1f} ms/img", flush=True)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Table
-
-
-def table(store: Store, methods: list[str]) -> str:
-    import statistics
-
-    recs = store.records()
-    recon = {r["method"]: r for r in recs if r.get("kind") == "recon"}
-    gen = [r for r in recs if r.get("kind") == "eval"]
-    kimgs = sorted({r["kimg"] for r in gen})
-    head = "| tokenizer | rFID | PSNR | " + " | ".join(f"FID @ {k:g} kimg (seeds)" for k in kimgs) + " | acc | ms/img |"
-    lines = [head, "|" + "---|" * (5 + len(kimgs))]
-    for m in methods:
-        rows = [r for r in gen if r["method"] == m]
-        rc = recon.get(m)
-        cells = [LABELS[m], f"{rc['rfid']:.2f}" if rc else "-", f"{rc['psnr']:.2f}" if rc else "-"]
-        for k in kimgs:
-            vals = sorted((r["seed"], r["fid"]) for r in rows if r["kimg"] == k)
-            cells.append(f"**{statistics.mean(v for _, v in vals):.2f}** ({', '.join(f'{v:.2f}' for _, v in vals)})"
-                         if vals else "-")
-        last = [r for r in rows if kimgs and r["kimg"] == kimgs[-1]]
-        cells.append(f"{statistics.mean(r['class_accuracy'] for r in last):.3f}" if last else "-")
-        cells.append(f"{1000 * statistics.mean(r['sec_per_image'] for r in last):.1f}" if last else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -331,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         for s in (int(x) for x in args.seeds.split(",")):
             for m in methods:
                 generation_records(m, s, *prepared[m], args, store)
-    print(table(store, methods))
+    print(tokenizer_table({BENCH: store.records()}, BENCH))
 
 
 if __name__ == "__main__":
