@@ -5,10 +5,12 @@ Every yardstick table in ``bench/README.md`` is measured the same way (the proto
 * **Training.** A row is a set of ``train.py`` overrides (an ``experiment=yardstick_*`` preset plus deltas); each
   (row, training seed) trains in its own run folder ``<runs>/<bench>/<method>-s<seed>`` up to the last evaluation
   point, writing snapshots every ``gcd`` of the points (8, 16, 32, 64 kimg -> every 8 kimg). Re-running resumes
-  (``train.py`` resumes from the newest training state of its folder), and a finished run is not touched.
+  (``train.py`` resumes from the newest training state of its folder), and a finished run is not touched. Rows of
+  different benches that train the same configuration share one run folder (``Row.run_group``), and a lock on the
+  folder lets only one process train it at a time.
 * **Evaluation.** A snapshot and a sampler config (``pipeline.SamplerSpec``: Euler 20 steps, no guidance unless a
-  variant says otherwise) give the yardstick FID (``eval.generate.yardstick_metrics``: LeNet features of 2,000
-  samples, seeds 0-1999, labels drawn from the seeds, against the mnist5k training split), the class accuracy of the
+  variant says otherwise) give the yardstick FID (``eval.generate.yardstick_metrics``: LeNet features of 1,000
+  samples, seeds 0-999, labels drawn from the seeds, against the mnist5k training split), the class accuracy of the
   samples, and the wall and CPU seconds per image spent in sampling (feature extraction excluded).
 * **Records.** One JSON record per (method, seed, kimg, variant) in ``bench/results/<bench>.json``, with the command
   that reproduces it (the bench script restricted to that record; ``--refresh`` recomputes it), the ``train.py``
@@ -58,8 +60,9 @@ if str(ROOT) not in sys.path:
 from gen.utils.ckpt import file_sha256, list_snapshots  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
-DEFAULT_KIMG = (8.0, 16.0, 32.0, 64.0)
-DEFAULT_NUM_IMAGES = 2000
+# Protocol v2 (bench/README.md): FID at 16, 32, 64 and 96k images (the quick start's length), 1,000 samples.
+DEFAULT_KIMG = (16.0, 32.0, 64.0, 96.0)
+DEFAULT_NUM_IMAGES = 1000
 # Seeds of the DP schedule's template samples: disjoint from the evaluation seeds 0..N-1.
 TEMPLATE_SEEDS = tuple(range(10**6, 10**6 + 8))
 GenerateFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor]"]
@@ -136,11 +139,22 @@ class TimingGroup:
 
 @dataclass(frozen=True)
 class Row:
-    """One trained configuration of a table: its name, what the tables call it, and its ``train.py`` overrides."""
+    """One trained configuration of a table: its name, what the tables call it, and its ``train.py`` overrides.
+
+    ``run_group`` names the folder group the run trains in (default: the bench's name); rows of several benches with
+    the same overrides set it to one group so the configuration is trained once (the alignment table's plain DiT
+    and LightningDiT rows are the backbone table's runs).
+    """
 
     method: str
     overrides: tuple[str, ...]
     label: str = ""
+    run_group: str | None = None
+
+
+# The protocol's samplers: Euler 20 without guidance at every point, the quick start's sampler at the last.
+EULER20 = Variant("euler20", 20, label="Euler 20")
+QUICKSTART = Variant("qs", 20, scale=2.0, at="last", label="quick-start sampler (Euler 20, CFG 2)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,7 +197,7 @@ class Run:
 
     @property
     def run_dir(self) -> Path:
-        return self.runs / self.bench / f"{self.row.method}-s{self.seed}"
+        return self.runs / (self.row.run_group or self.bench) / f"{self.row.method}-s{self.seed}"
 
     def train_command(self, python: str = "python") -> list[str]:
         """``train.py`` with the row's overrides; sample grids and in-training FID are off (evaluated here)."""
@@ -206,10 +220,21 @@ class Run:
         return self.snapshot_at(max(self.kimg)) is not None
 
     def train(self, threads: int) -> None:
-        """Run (or resume) the training; the output goes to ``<run_dir>.log``."""
+        """Run (or resume) the training; the output goes to ``<run_dir>.log``.
+
+        A lock beside the folder (``<run_dir>.lock``, released by the kernel when a process dies) makes a second
+        bench that shares the run wait for the first instead of training the same folder at the same time.
+        """
         if self.trained():
             return
-        run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
+        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not self.trained():  # another bench may have finished it while this one waited
+                    run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def train_summary(self, kimg: float) -> dict[str, Any]:
         """Training numbers up to ``kimg``: median s/kimg (load-dependent), last logged loss, batch, parameters."""
@@ -229,6 +254,13 @@ class Run:
             c = yaml.safe_load(cfg.read_text())
             out["batch_size"] = c["trainer"]["batch_size"]
         return out
+
+    def remaining_kimg(self) -> float:
+        """Training images (kimg) still to train to the last point (0 when trained)."""
+        if self.trained():
+            return 0.0
+        done = max((int(p.name.split("-")[1].split(".")[0]) for p in self.run_dir.glob("state-*.pt")), default=0)
+        return max(max(self.kimg) - done / 1000, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,22 +1,24 @@
 """Yardstick of the backbone recipes: plain DiT vs LightningDiT vs DDT, and DDT encoder sharing.
 
-Rows (the presets ``configs/experiment/yardstick_{dit,lightningdit,ddt}.yaml``; same data, width 256, depth 6,
-patch 4, batch, learning rate, warm-up, clipping and EMA; only the recipe differs), each trained with seeds 0 and 1
-and evaluated at 8, 16, 32 and 64 kimg with the yardstick sampler (Euler 20 steps, no guidance), through the
-harness in ``bench/yardstick.py``. At the last point every row is also sampled with 5, 10 and 50 Euler steps
-(FID against NFE).
+Protocol v2 (bench/README.md): rows are the presets ``configs/experiment/yardstick_{dit,lightningdit,ddt}.yaml`` on
+the quick start's backbone size (width 128, depth 6, patch 4, batch 32, AdamW lr 1e-3 with a 2 kimg warm-up, grad
+clip 1, EMA half-life 2 kimg; ``yardstick_dit`` *is* the quick start, the others change only their recipe), each
+trained with seeds 0 and 1 and evaluated at 16, 32, 64 and 96 kimg with Euler 20 steps and no guidance (1,000
+samples), through the harness in ``bench/yardstick.py``. At the last point every row is also sampled with the quick
+start's sampler (Euler 20, CFG 2) and with 5, 10 and 50 Euler steps (FID against NFE).
 
 DDT encoder sharing (Wang et al. 2025, "DDT: Decoupled Diffusion Transformer", Sec. 4.4; MCG-NJU/DDT
 src/diffusion/stateful_flow_matching/sharing_sampling.py) is measured on the last DDT snapshots at 20 and 50 steps:
 the statistical DP schedule against upstream's even spacing (``i % rate == 0``) at the same number of encoder passes,
 both through the production sampler (``pipeline.Generator`` with ``sampler.sharing``), the DP statistics recorded
 from 8 template samples under the same sampler and guidance; plus the same at 20 steps with classifier-free
-guidance (scale 2 on DDT's interval, our t in [0, 0.7]), where both branches run at every step. Sampling speed with
-and without sharing is timed side by side (alternating rounds on the same 100 seeds).
+guidance (scale 2 on DDT's interval), where both branches run at every step. Sampling speed with and without
+sharing is timed side by side (alternating rounds on the same 100 seeds).
 
-    nice -n 10 python bench/yardstick_backbones.py --jobs 2        # everything, two processes at a time
-    python bench/yardstick_backbones.py --methods ddt --seeds 0 --kimg 64 --variants euler20-dp10 --timing ''
-    python bench/tables.py                                         # tables in bench/README.md, plots
+    python bench/yardstick_all.py                                   # every yardstick table (this one included)
+    nice -n 10 python bench/yardstick_backbones.py --jobs 2         # this table only
+    python bench/yardstick_backbones.py --methods ddt --seeds 0 --kimg 96 --variants euler20-dp10 --timing ''
+    python bench/tables.py                                          # tables in bench/README.md, plots
 
 Records: ``bench/results/backbones.json``; run folders: ``runs/yardstick/backbones/<method>-s<seed>``.
 """
@@ -28,10 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
 
-from yardstick import Bench, Row, TimingGroup, Variant, main  # noqa: E402
+from yardstick import EULER20, QUICKSTART, Bench, Row, TimingGroup, Variant, main  # noqa: E402
 
 ROWS = (
-    Row("dit", ("experiment=yardstick_dit",), "plain DiT: uniform t, MSE, betas (0.9, 0.999)"),
+    Row("dit", ("experiment=yardstick_dit",), "DiT (the quick start): uniform t, MSE, betas (0.9, 0.99)"),
     Row("lightningdit", ("experiment=yardstick_lightningdit",),
         "LightningDiT: SwiGLU/RMSNorm/RoPE, logit-normal t, + cosine loss, betas (0.9, 0.95)"),
     Row("ddt", ("experiment=yardstick_ddt",), "DDT 4En2De: logit-normal t, betas (0.9, 0.95)"),
@@ -41,7 +43,8 @@ DDT = ("ddt",)
 # DDT's guidance interval 0.3 < t < 1 with data at t = 1 is [0, 0.7] in our time (data at t = 0).
 CFG = {"scale": 2.0, "interval": (0.0, 0.7)}
 VARIANTS = (
-    Variant("euler20", 20, label="Euler 20"),
+    EULER20,
+    QUICKSTART,
     Variant("euler5", 5, at="last", label="Euler 5"),
     Variant("euler10", 10, at="last", label="Euler 10"),
     Variant("euler50", 50, at="last", label="Euler 50"),
