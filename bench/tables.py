@@ -18,6 +18,7 @@ import re
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,22 @@ def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20") -> str:
         speed = mean_or_blank((r["train"].get("sec_per_kimg", float("nan")) for r in last), 1)
         rows.append([_label(row), _params(recs, row.method), *cells, acc, speed])
     return table(header, rows)
+
+
+def at_last_point(records: Records, bench: str, variant: str) -> str:
+    """FID and class accuracy of one sampler variant at its (last) point, every row with records."""
+    spec = bench_spec(bench)
+    recs = evals(records.get(bench, []), variant=variant)
+    rows = []
+    for row in spec.rows:
+        mine = [r for r in recs if r["method"] == row.method]
+        if not mine:
+            continue
+        last = max(r["kimg"] for r in mine)
+        at = [r for r in mine if r["kimg"] == last]
+        rows.append([_label(row), f"{last:g}", fmt_seeds(by_seed(at, "fid")), mean_or_blank(r["class_accuracy"] for r in at),
+                     mean_or_blank((r["sec_per_image"] for r in at), 1, 1000)])
+    return table(["row", "kimg", "FID", "class acc.", "ms / image (wall)"], rows)
 
 
 def fid_vs_nfe(records: Records, bench: str) -> str:
@@ -303,9 +320,131 @@ def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
     return table(header, rows)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Claim against yardstick: each paper's claim beside what the records show
+
+
+def final_fids(records: Records, bench: str, method: str, variant: str = "euler20") -> dict[int, float]:
+    """FID per seed at the row's last evaluated point (every seed at the same point, else the common last one)."""
+    recs = evals(records.get(bench, []), method=method, variant=variant)
+    if not recs:
+        return {}
+    seeds = {int(r["seed"]) for r in recs}
+    common = [k for k in sorted({r["kimg"] for r in recs}) if {int(r["seed"]) for r in recs if r["kimg"] == k} == seeds]
+    if not common:
+        return {}
+    return by_seed([r for r in recs if r["kimg"] == common[-1]], "fid")
+
+
+def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str] | None:
+    """``a`` against ``b`` (lower FID is better): the difference of the means with both seed ranges, and whether
+    ``a`` is better ("yes": every seed of ``a`` below every seed of ``b``; "no": the reverse; "within seed spread")."""
+    if not a or not b:
+        return None
+    d = statistics.mean(a.values()) - statistics.mean(b.values())
+    text = (f"{statistics.mean(a.values()):.1f} ({min(a.values()):.1f}-{max(a.values()):.1f}) vs "
+            f"{statistics.mean(b.values()):.1f} ({min(b.values()):.1f}-{max(b.values()):.1f}), {d:+.1f}")
+    verdict = "yes" if max(a.values()) < min(b.values()) else "no" if min(a.values()) > max(b.values()) else (
+        "within seed spread")
+    return text, verdict
+
+
+def reach_ratio(records: Records, bench: str, method: str, baseline: str, variant: str = "euler20") -> float | None:
+    """Images ``method`` needs to reach ``baseline``'s final mean FID, over the images the baseline needs."""
+    target = final_fids(records, bench, baseline, variant)
+    if not target:
+        return None
+    goal = statistics.mean(target.values())
+
+    def curve(m: str) -> list[tuple[float, float]]:
+        rs = evals(records.get(bench, []), method=m, variant=variant)
+        seeds = {int(r["seed"]) for r in rs}
+        return [(k, statistics.mean(r["fid"] for r in rs if r["kimg"] == k)) for k in sorted({r["kimg"] for r in rs})
+                if {int(r["seed"]) for r in rs if r["kimg"] == k} == seeds]
+
+    k, k0 = images_to_reach(curve(method), goal), images_to_reach(curve(baseline), goal)
+    return None if k is None or not k0 else k / k0
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's claim and how the yardstick tests it: ``measure(records) -> (what it shows, agrees)`` or None while
+    the records are missing; ``reason`` says why where it does not agree (written after reading the numbers)."""
+
+    method: str
+    paper: str
+    claim: str
+    measure: Callable[[Records], "tuple[str, str] | None"]
+    reason: str = ""
+
+
+def _faster(bench: str, method: str, baseline: str, aim: float) -> Callable[[Records], "tuple[str, str] | None"]:
+    def measure(records: Records) -> tuple[str, str] | None:
+        r = reach_ratio(records, bench, method, baseline)
+        if r is None:
+            fids = compare(final_fids(records, bench, method), final_fids(records, bench, baseline))
+            return None if fids is None else (f"does not reach {baseline}'s final FID; FID {fids[0]}", "no")
+        verdict = "yes" if r <= aim else "direction only" if r < 1 else "no"
+        return f"{r:.2f}x the images of {baseline} to its final FID (aim <= {aim:g}x)", verdict
+
+    return measure
+
+
+def _better(bench: str, method: str, baseline: str) -> Callable[[Records], "tuple[str, str] | None"]:
+    def measure(records: Records) -> tuple[str, str] | None:
+        out = compare(final_fids(records, bench, method), final_fids(records, bench, baseline))
+        return None if out is None else (f"FID {out[0]} ({method} vs {baseline}, final point)", out[1])
+
+    return measure
+
+
+def _sharing(records: Records) -> tuple[str, str] | None:
+    recs = records.get("backbones", [])
+    t = [r for r in recs if r.get("kind") == "timing" and r.get("group") == "sharing20"]
+    base, shared = final_fids(records, "backbones", "ddt", "euler20"), final_fids(records, "backbones", "ddt", "euler20-dp10")
+    if not t or not base or not shared:
+        return None
+    speed = statistics.mean(x["results"]["euler20"]["cpu_sec_per_image"] / x["results"]["euler20-dp10"]["cpu_sec_per_image"]
+                            for x in t)
+    out = compare(shared, base)
+    assert out is not None
+    return f"{speed:.2f}x faster at 10 of 20 encoder passes; FID {out[0]}", "yes" if out[1] != "no" else "no"
+
+
+CLAIMS: tuple[Claim, ...] = (
+    Claim("LightningDiT", "Yao et al. 2025", "the LightningDiT recipe (SwiGLU, RMSNorm, RoPE, logit-normal t, "
+          "direction loss) converges much faster than DiT", _faster("backbones", "lightningdit", "dit", 0.5)),
+    Claim("DDT", "Wang et al. 2025", "a decoupled encoder-decoder converges faster than a plain DiT of the same size",
+          _better("backbones", "ddt", "dit")),
+    Claim("DDT sharing", "Wang et al. 2025, Sec. 4.4", "sharing the encoder's condition across steps (DP schedule) "
+          "speeds sampling at nearly the same FID", _sharing),
+    Claim("REPA", "Yu et al. 2025", "aligning block features to a foundation encoder reaches DiT's FID with "
+          "17.5x fewer iterations", _faster("alignment", "dit_repa", "dit", 0.5)),
+    Claim("REPA, encoder", "Yu et al. 2025, Table 2", "a better encoder gives a larger gain",
+          _better("alignment", "dit_repa", "dit_repa_enc1")),
+    Claim("REG", "Wu et al. 2025", "entangling the encoder's class token converges faster than REPA",
+          _better("alignment", "dit_reg", "dit_repa")),
+    Claim("REPA on LightningDiT", "Yao et al. 2025; Yu et al. 2025", "alignment helps the stronger recipe too",
+          _better("alignment", "lightningdit_repa", "lightningdit")),
+)
+
+
+def claims(records: Records) -> str:
+    """The claim table at the top of bench/README.md."""
+    rows = []
+    for c in CLAIMS:
+        got = c.measure(records)
+        shows, agrees = got if got is not None else ("not measured yet", "")
+        rows.append([c.method, c.paper, c.claim, shows, agrees, c.reason])
+    return table(["method", "paper", "claim", "yardstick (protocol v2, 2 seeds)", "agrees", "why not, where not"], rows)
+
+
 TABLES: dict[str, Callable[[Records], str]] = {
+    "claims": claims,
     "backbones/fid_vs_kimg": lambda r: fid_vs_kimg(r, "backbones"),
     "backbones/fid_vs_nfe": lambda r: fid_vs_nfe(r, "backbones"),
+    "backbones/quickstart": lambda r: at_last_point(r, "backbones", "qs"),
+    "alignment/quickstart": lambda r: at_last_point(r, "alignment", "qs"),
     "backbones/sharing": lambda r: sharing(r, "backbones"),
     "redesign/throughput": lambda r: redesign(r, "redesign"),
     "redesign/ours_vs_diffusers": lambda r: ours_vs_diffusers(r, "redesign"),

@@ -133,6 +133,11 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
 
 
+def pick(pending: Sequence[Task], busy: set[Path]) -> Task | None:
+    """The first pending worker whose run folder no running worker holds (None: wait)."""
+    return next((t for t in pending if t.run.run_dir not in busy), None)
+
+
 def run_tasks(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
     """Run the workers ``--jobs`` at a time; two workers sharing a run folder never run together."""
     pending = [t for t in tasks if t.train_kimg or t.evals]
@@ -141,7 +146,7 @@ def run_tasks(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
     while pending or running:
         busy = {t.run.run_dir for t, _, _ in running}
         while len(running) < args.jobs:
-            nxt = next((t for t in pending if t.run.run_dir not in busy), None)
+            nxt = pick(pending, busy)
             if nxt is None:
                 break
             pending.remove(nxt)

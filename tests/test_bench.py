@@ -170,3 +170,54 @@ def test_reach_table_counts_against_the_baselines_final_fid() -> None:
     repa = next(line for line in text.splitlines() if line.startswith("| DiT + REPA"))
     assert "| 8.0 |" in dit and "1.00x" in dit
     assert "| 4.0 |" in repa and "0.50x" in repa
+
+
+def test_yardstick_all_plans_what_is_left_and_never_runs_a_shared_folder_twice(tmp_path: Path) -> None:
+    import argparse
+
+    import yardstick_all
+
+    args = argparse.Namespace(benches=["backbones", "alignment"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    tasks = yardstick_all.plan(args)
+    by_name = {t.name: t for t in tasks}
+    # Every row x seed of both benches; the alignment table's plain rows train in the backbone table's folders.
+    assert by_name["alignment/dit-s0"].run.run_dir == by_name["backbones/dit-s0"].run.run_dir
+    assert by_name["alignment/dit_repa-s0"].run.run_dir != by_name["backbones/dit-s0"].run.run_dir
+    assert all(t.train_kimg == 96.0 for t in tasks)
+    assert by_name["backbones/dit-s0"].evals == 4 + 1 + 3  # Euler 20 at 4 points, quick-start sampler, 3 NFE rows
+    assert by_name["alignment/dit_repa-s1"].evals == 4 + 1
+    # A training state at 32k images leaves 64k to train.
+    run_dir = by_name["backbones/ddt-s1"].run.run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "state-000032000.pt").write_bytes(b"")
+    assert yardstick_all.plan(args)[[t.name for t in tasks].index("backbones/ddt-s1")].train_kimg == 64.0
+    # The shared folder is trained once in the estimate and never picked while a worker holds it.
+    shared = by_name["backbones/dit-s0"].run.run_dir
+    pending = [by_name["alignment/dit-s0"], by_name["alignment/dit_repa-s0"]]
+    assert yardstick_all.pick(pending, {shared}) is by_name["alignment/dit_repa-s0"]
+    assert yardstick_all.pick(pending[:1], {shared}) is None
+    assert yardstick_all.pick(pending, set()) is by_name["alignment/dit-s0"]
+    seconds = yardstick_all.estimate([by_name["backbones/dit-s0"], by_name["alignment/dit-s0"]], args)
+    assert seconds == pytest.approx((96 * 10.0 + 8 * 60.0 + 5 * 60.0) / 2)
+
+
+def test_claim_verdicts_follow_the_seed_ranges() -> None:
+    recs = [_record("dit", s, k, f) for s, curve in ((0, (100, 50, 30, 20)), (1, (110, 52, 32, 22)))
+            for k, f in zip((16, 32, 64, 96), curve)]
+    recs += [_record("dit_repa", s, k, f) for s, curve in ((0, (60, 21, 15, 12)), (1, (70, 19, 14, 13)))
+             for k, f in zip((16, 32, 64, 96), curve)]
+    recs += [_record("dit_reg", s, 96, f) for s, f in ((0, 12.5), (1, 11.0))]
+    records = {"alignment": recs}
+    # REPA reaches DiT's final mean FID (21) at 32 + 32 * (20 - 21) / (20 - 15) ... between 16 and 32 kimg.
+    k = tables.images_to_reach([(16, 65.0), (32, 20.0), (64, 14.5), (96, 12.5)], 21.0)
+    assert tables.reach_ratio(records, "alignment", "dit_repa", "dit") == pytest.approx(k / 96)
+    assert tables.compare({0: 12.0, 1: 13.0}, {0: 20.0, 1: 22.0})[1] == "yes"
+    assert tables.compare({0: 12.5, 1: 11.0}, {0: 12.0, 1: 13.0})[1] == "within seed spread"
+    assert tables.compare({0: 30.0}, {0: 20.0, 1: 22.0})[1] == "no"
+    text = tables.claims(records)
+    repa = next(line for line in text.splitlines() if line.startswith("| REPA |"))
+    assert f"{k / 96:.2f}x the images of dit" in repa and "| yes |" in repa
+    reg = next(line for line in text.splitlines() if line.startswith("| REG |"))
+    assert "within seed spread" in reg
+    assert "not measured yet" in next(line for line in text.splitlines() if line.startswith("| DDT |"))
