@@ -63,6 +63,7 @@ for _p in (str(ROOT), str(BENCH_DIR)):  # run from anywhere without installing; 
 from tables import tokenizers as tokenizer_table  # noqa: E402  (the table bench/README.md shows)
 from yardstick import (  # noqa: E402
     DEFAULT_KIMG,
+    DEFAULT_NUM_IMAGES,
     EULER20,
     QUICKSTART,
     Bench,
@@ -92,6 +93,8 @@ TOKENIZER_SEC_PER_KIMG = {(4, False): 14.0, (16, False): 15.0, (64, False): 16.0
 GENERATOR_SEC_PER_KIMG = 10.0  # the quick start's size on one thread (bench/yardstick_all.py's default)
 SEC_PER_EVAL = 75.0  # 1,000 samples of Euler 20 and their features (bench/yardstick_all.py's default)
 SEC_PER_RECON = 60.0  # rFID/PSNR/SSIM of 4,500 digits
+DEFAULT_RUNS = ROOT / "runs" / "yardstick" / "tokenizers"
+DEFAULT_RECON_IMAGES = 4500
 SEC_PER_EXTRACT = 60.0  # 5,000 digits and their mirror images through the encoder
 PIXEL_ROW = Row("lightningdit", ("experiment=yardstick_lightningdit",),
                 "pixels (1 x 32 x 32, patch 4)", run_group="backbones")
@@ -178,8 +181,8 @@ def latents_dir(args: argparse.Namespace, tok: Tokenizer) -> Path:
 def generator_row(args: argparse.Namespace, method: str) -> Row:
     """The harness row of a generator: LightningDiT on pixels, or on a tokenizer's latents with patch 1."""
     if method == "pixels":
-        if tuple(args.kimg) == DEFAULT_KIMG:
-            return PIXEL_ROW  # the backbone table's run
+        if set(args.kimg) <= set(DEFAULT_KIMG):
+            return PIXEL_ROW  # the backbone table's run (it has snapshots at every protocol point)
         return Row("pixels", PIXEL_ROW.overrides, PIXEL_ROW.label, run_group=_root(args)[1])
     tok = _tok(args, method)
     return Row(method, (
@@ -275,7 +278,32 @@ def generate(args: argparse.Namespace, method: str, seed: int, store: Store) -> 
     hargs.kimg = ",".join(f"{k:g}" for k in args.kimg)  # the harness takes the command line's comma lists
     hargs.variants = ",".join(args.variants)
     hargs.seeds = ",".join(map(str, args.seeds))
-    run_worker(make_bench(args), hargs, generator_row(args, method), seed)
+    row = generator_row(args, method)
+    run_worker(make_bench(args), hargs, row, seed)
+    # The harness writes the command of its own command line; a record here is recomputed by this script with the
+    # tokenizer's settings and this bench's --runs.
+    for rec in store.records():
+        if (rec.get("kind", "eval") == "eval" and rec.get("method") == row.method and rec.get("seed") == seed
+                and rec.get("key", "").startswith(f"{BENCH}|")):
+            cmd = record_command(args, method, seed, rec["kimg"], rec["variant"])
+            if rec.get("command") != cmd:
+                store.put({**rec, "command": cmd})
+
+
+def record_command(args: argparse.Namespace, method: str, seed: int, kimg: float, variant: str) -> str:
+    """This script restricted to one record (add ``--refresh`` to recompute a stored one)."""
+    parts = ["python", SCRIPT, f"--methods={method}", f"--seeds={seed}", f"--kimg={kimg:g}", f"--variants={variant}"]
+    if method != "pixels":
+        parts.append(f"--tokenizer-kimg={args.tokenizer_kimg:g}")
+    if args.num_images != DEFAULT_NUM_IMAGES:
+        parts.append(f"--num-images={args.num_images}")
+    if args.recon_images != DEFAULT_RECON_IMAGES and method != "pixels":
+        parts.append(f"--recon-images={args.recon_images}")
+    if args.vf_encoder != DEFAULT_VF_ENCODER and method.startswith("vavae"):
+        parts.append(f"--vf-encoder={args.vf_encoder}")
+    if args.runs.resolve() != DEFAULT_RUNS:
+        parts.append(f"--runs={rel_path(args.runs)}")
+    return shlex.join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,10 +455,10 @@ def run_jobs(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     ap = parser(make_bench(argparse.Namespace()))  # the harness's options (--seeds, --kimg, --jobs, --runs, ...)
     ap.description = __doc__.split("\n\n")[0]
-    ap.set_defaults(methods=",".join(row_names()), runs=ROOT / "runs" / "yardstick" / "tokenizers", timing="")
+    ap.set_defaults(methods=",".join(row_names()), runs=DEFAULT_RUNS, timing="")
     ap.add_argument("--tokenizer-kimg", type=float, default=DEFAULT_TOKENIZER_KIMG,
                     help="tokenizer training images (kimg; reconstruction has settled by then, bench/README.md)")
-    ap.add_argument("--recon-images", type=int, default=4500, help="training digits for rFID/PSNR/SSIM")
+    ap.add_argument("--recon-images", type=int, default=DEFAULT_RECON_IMAGES, help="training digits for rFID/PSNR/SSIM")
     ap.add_argument("--vf-encoder", default=DEFAULT_VF_ENCODER,
                     help="foundation encoder of the VF loss (method.foundation.name), e.g. foundation2-mnist5k")
     ap.add_argument("--sec-per-kimg", type=float, default=GENERATOR_SEC_PER_KIMG,

@@ -112,7 +112,8 @@ def _fake_done(tmp_path: Path, method: str, seed: int, kimg: float = 0.5) -> Non
     for v in (yardstick.EULER20, yardstick.QUICKSTART):
         store.put({"kind": "eval", "key": yardstick._eval_key(yt.BENCH, row, seed, kimg, v, args.num_images),
                    "method": row.method, "variant": v.name, "seed": seed, "kimg": kimg, "fid": 50.0 + seed,
-                   "class_accuracy": 0.5, "num_images": args.num_images, "eval_seconds": 40.0})
+                   "class_accuracy": 0.5, "num_images": args.num_images, "eval_seconds": 40.0,
+                   "command": yt.record_command(args, method, seed, kimg, v.name)})
 
 
 def test_stored_records_and_finished_steps_are_not_redone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -200,3 +201,16 @@ def test_table_shows_the_sweep_in_order_with_both_seeds() -> None:
                         "**10.5** (10.0 / 11.0) | 0.905 / 0.905 |")
     assert "| vavae_f4d4 | 4 | yes (foundation-mnist5k) | 3.00 |" in lines[3]
     assert out.startswith("Tokenizers trained 48 kimg (seed 0); generator FID of 1,000 samples")
+
+
+def test_record_commands_rerun_one_record_with_the_bench_settings(tmp_path: Path) -> None:
+    args = _parsed(tmp_path, "--tokenizer-kimg=32", "--vf-encoder=foundation2-mnist5k")
+    cmd = yt.record_command(args, "vavae_f4d64-foundation2", 1, 96, "qs")
+    assert cmd == ("python bench/yardstick_tokenizers.py --methods=vavae_f4d64-foundation2 --seeds=1 --kimg=96 "
+                   f"--variants=qs --tokenizer-kimg=32 --vf-encoder=foundation2-mnist5k --runs={tmp_path / 'runs' / 'tokenizers'}")
+    args.runs = yt.DEFAULT_RUNS
+    assert yt.record_command(args, "pixels", 0, 16, "euler20") == (
+        "python bench/yardstick_tokenizers.py --methods=pixels --seeds=0 --kimg=16 --variants=euler20")
+    # A single protocol point still names the backbone table's run, so the command re-evaluates that run.
+    args.kimg = (96.0,)
+    assert yt.generator_run(args, "pixels", 0).run_dir == yt.DEFAULT_RUNS.parent / "backbones" / "lightningdit-s0"
