@@ -5,14 +5,16 @@ Models", hustvl/LightningDiT): more latent channels reconstruct better but are h
 latents with a vision foundation model (the VF loss of VA-VAE) recovers generation. Rows, on mnist5k at 32 x 32:
 
 * ``pixels``: LightningDiT on pixels (patch 4: 8 x 8 tokens). This is the backbone table's ``lightningdit`` run
-  (``<runs>/../backbones/lightningdit-s<seed>``, trained once for both tables) when the points are the protocol's;
+  (``<runs>/../backbones/lightningdit-s<seed>``, trained once for both tables) when the points are among the
+  protocol's;
 * ``kl_f4d{4,16,64}``: KL autoencoders f4 with 4, 16 and 64 channels (``experiment=yardstick_kl_f4d<C>``: L1, KL
   1e-6, PatchGAN; 64 x 8 x 8 is four numbers per pixel);
 * ``vavae_f4d{4,16,64}``: the same plus VA-VAE's VF loss (``experiment=yardstick_vavae_f4d<C>``) against the
   foundation encoder ``--vf-encoder`` (default ``foundation-mnist5k``; another encoder gives rows named
   ``vavae_f4d<C>-<encoder>`` in their own folders, e.g. ``--vf-encoder foundation2-mnist5k``).
 
-A tokenizer row: train the tokenizer once (seed 0, ``--tokenizer-kimg``) through ``train.py``; measure rFID
+A tokenizer row: train the tokenizer once (seed 0, ``--tokenizer-kimg``, default 64 kimg, where its reconstruction
+has settled: see ``DEFAULT_TOKENIZER_KIMG``) through ``train.py``; measure rFID
 (yardstick features of the first ``--recon-images`` training digits against their reconstructions), PSNR and SSIM of
 its final EMA snapshot (``eval.recon.reconstruction_metrics``, the code of ``python -m eval recon``); extract its
 latents (``python -m scripts.extract_latents``, per-channel statistics); then train the v2 LightningDiT
@@ -85,11 +87,17 @@ SCRIPT = "bench/yardstick_tokenizers.py"
 DATASET = "mnist5k"
 CHANNELS = (4, 16, 64)
 DEFAULT_VF_ENCODER = f"foundation-{DATASET}"
-DEFAULT_TOKENIZER_KIMG = 48.0
-# Tokenizer training s/kimg, one thread, measured on the shared 2-core host (2026-12-05, another job running; see
-# bench/README.md): used by --estimate until a run folder has its own stats.jsonl.
-TOKENIZER_SEC_PER_KIMG = {(4, False): 14.0, (16, False): 15.0, (64, False): 16.0,
-                          (4, True): 20.0, (16, True): 21.0, (64, True): 22.0}
+# Tokenizer budget: the f4d16 KL run's EMA snapshots (rFID / PSNR / SSIM on 1,000 training digits) gave at 16, 32,
+# 48, 64 and 80 kimg rFID 1.72 / 1.11 / 0.47 / 0.40 / 0.28, PSNR 23.87 / 24.66 / 26.11 / 26.64 / 26.89 dB, SSIM
+# 0.919 / 0.945 / 0.957 / 0.961 / 0.959: after 48 kimg the PSNR gain halves every 16 kimg (about 0.5 dB left at 64),
+# SSIM is flat and rFID is below 0.5, far under the generators' FIDs, so reconstruction has settled at 64 kimg.
+DEFAULT_TOKENIZER_KIMG = 64.0
+# Tokenizer training s/kimg on one thread of the shared 2-core host at load ~3.5 (2026-12-05): 10 before the
+# discriminator starts (4 kimg), 20 after it; the channel count changes only 1x1 convolutions and does not change the
+# cost measurably (f4d4 / f4d16 / f4d64 side by side at load 6-10: 50-90 s/kimg each); the VF loss (foundation
+# forward, second backward for its adaptive weight) costs 1.15-1.4x. Used by --estimate until a run folder has its
+# own stats.jsonl.
+TOKENIZER_SEC_PER_KIMG = {(c, vf): 26.0 if vf else 20.0 for c in CHANNELS for vf in (False, True)}
 GENERATOR_SEC_PER_KIMG = 10.0  # the quick start's size on one thread (bench/yardstick_all.py's default)
 SEC_PER_EVAL = 75.0  # 1,000 samples of Euler 20 and their features (bench/yardstick_all.py's default)
 SEC_PER_RECON = 60.0  # rFID/PSNR/SSIM of 4,500 digits
