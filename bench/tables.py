@@ -300,24 +300,40 @@ def reach(records: Records, bench: str, baseline: str, variant: str = "euler20")
 
 
 def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
-    """``bench/yardstick_tokenizers.py``: each tokenizer's reconstruction and the generator trained on its latents."""
+    """``bench/yardstick_tokenizers.py``: per row its latent channels, VF loss, the tokenizer's rFID / PSNR / SSIM and
+    the generation FID of the generator trained on its latents at every point (Euler 20, no guidance; mean and each
+    seed), with the quick start's sampler (Euler 20, CFG 2) at the last point and the class accuracy there."""
     recs = records.get(bench, [])
-    header = ["tokenizer", "latent", "rFID", "PSNR", "SSIM", "generator kimg", "yardstick FID (per seed)",
-              "class acc.", "images"]
-    rows = []
     recon = {r["method"]: r for r in recs if r.get("kind") == "recon"}
-    labels = {r["method"]: r["label"] for r in recs if r.get("kind") == "eval"}
-    # Pixels (no tokenizer) first, then the tokenizers by their label: (a), (b), (c).
-    for method in sorted(labels, key=lambda m: (m in recon, labels[m])):
-        ev = [r for r in recs if r.get("kind") == "eval" and r["method"] == method]
-        rec = recon.get(method, {})
-        for k in sorted({r["kimg"] for r in ev}):
-            at = [r for r in ev if r["kimg"] == k]
-            shape = "x".join(map(str, at[0]["latent_shape"]))
-            rows.append([at[0]["label"], shape, f"{rec['rfid']:.2f}" if rec else "-", f"{rec['psnr']:.2f}" if rec else "-",
-                         f"{rec['ssim']:.3f}" if rec else "-", f"{k:g}", fmt_seeds(by_seed(at, "fid")),
-                         mean_or_blank(r["class_accuracy"] for r in at), str(at[0]["num_images"])])
-    return table(header, rows)
+    ev = evals(recs)
+    points = sorted({r["kimg"] for r in ev if r.get("variant") == "euler20"})
+    last = max(points, default=None)
+    header = ["row", "channels", "VF loss", "rFID", "PSNR", "SSIM", *[f"FID @ {k:g} kimg" for k in points],
+              f"FID, CFG 2 @ {last:g} kimg" if last is not None else "FID, CFG 2", "class acc. (Euler 20 / CFG 2)"]
+    pixels = {"pixels", "lightningdit"}  # the pixels row is the backbone table's LightningDiT run
+    methods = {r["method"] for r in ev} | set(recon)
+    # Pixels first, then the sweep: by channels, without the VF loss before with it.
+    order = sorted(methods, key=lambda m: (m not in pixels, recon.get(m, {}).get("channels", 0),
+                                           bool(recon.get(m, {}).get("vf")), m))
+    rows = []
+    for m in order:
+        rec = recon.get(m)
+        mine = [r for r in ev if r["method"] == m]
+        fids = [fmt_seeds(by_seed([r for r in mine if r["variant"] == "euler20" and r["kimg"] == k], "fid"))
+                for k in points]
+        at_last = {v: [r for r in mine if r["variant"] == v and r["kimg"] == last] for v in ("euler20", "qs")}
+        acc = " / ".join(mean_or_blank(r["class_accuracy"] for r in at_last[v]) or "-" for v in ("euler20", "qs"))
+        if rec is None:
+            cells = ["pixels (patch 4)" if m in pixels else m, "-", "-", "-", "-", "-"]
+        else:
+            vf = f"yes ({rec['vf_encoder']})" if rec["vf"] else "no"
+            cells = [m, str(rec["channels"]), vf, f"{rec['rfid']:.2f}", f"{rec['psnr']:.2f}", f"{rec['ssim']:.3f}"]
+        rows.append([*cells, *fids, fmt_seeds(by_seed(at_last["qs"], "fid")), acc])
+    kimg = sorted({r["kimg"] for r in recon.values()})
+    samples = sorted({r["num_images"] for r in ev})
+    note = (f"Tokenizers trained {', '.join(f'{k:g}' for k in kimg)} kimg (seed 0); generator FID of "
+            f"{', '.join(f'{n:,}' for n in samples)} samples, mean (seed 0 / seed 1).\n\n") if recon else ""
+    return note + table(header, rows)
 
 
 # ----------------------------------------------------------------------------------------------------------

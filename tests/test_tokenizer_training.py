@@ -310,8 +310,10 @@ def _tensors(state: object) -> list[dict[str, torch.Tensor]]:
     return []
 
 
-@pytest.mark.parametrize("experiment", ["yardstick_kl_f4d4", "yardstick_kl_f4d16", "yardstick_vavae_f4d16",
-                                        "vavae_f16d32_in256"])
+YARDSTICK_SWEEP = [f"yardstick_{kind}_f4d{c}" for c in (4, 16, 64) for kind in ("kl", "vavae")]
+
+
+@pytest.mark.parametrize("experiment", [*YARDSTICK_SWEEP, "vavae_f16d32_in256"])
 def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: str) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -330,8 +332,29 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
     adam = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
     method = build(c["method"], allow=TRAINING_PACKAGES, optimizer=build(adam, allow=TRAINING_PACKAGES),
                    image_channels=c["data"]["channels"])
-    assert method.tokenizer.latent_shape(32) == (c["method"]["autoencoder"]["latent_channels"], 8, 8)
+    channels = int(experiment.rsplit("d", 1)[1])  # the sweep's channel count is in the name: f4d<C>
+    assert c["method"]["autoencoder"]["latent_channels"] == channels and c["name"] == experiment
+    assert method.tokenizer.latent_shape(32) == (channels, 8, 8)
     assert (method.foundation is not None) == experiment.startswith("yardstick_vavae")
+    if method.foundation is not None:  # the 1x1 projection maps the latent channels to the encoder's width
+        assert c["method"]["foundation"]["name"] == "foundation-mnist5k"
+        assert method.projection.weight.shape[1] == channels
+
+
+@pytest.mark.parametrize("channels", [4, 16, 64])
+def test_the_vf_encoder_of_the_yardstick_sweep_is_one_key(channels: int) -> None:
+    """``method.foundation.name`` picks the VF loss's encoder for every VA-VAE preset of the sweep (they inherit
+    yardstick_vavae_f4d16's); the plain KL presets have no encoder to set."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        c = compose(config_name="train", overrides=[f"experiment=yardstick_vavae_f4d{channels}",
+                                                    "method.foundation.name=foundation2-${data.name}"])
+        assert c.method.foundation.name == "foundation2-mnist5k" and c.method.autoencoder.latent_channels == channels
+        with pytest.raises(ConfigCompositionException, match="method.foundation.name"):
+            compose(config_name="train", overrides=[f"experiment=yardstick_kl_f4d{channels}",
+                                                    "method.foundation.name=foundation2-${data.name}"])
 
 
 @pytest.mark.parametrize("override, message", [
