@@ -9,16 +9,14 @@ so ``DiTPipeline.from_pretrained(folder)`` loads it (``--vae`` copies a local di
 without it the folder has no VAE and is loaded with ``from_pretrained(folder, vae=AutoencoderKL.from_pretrained(...))``,
 e.g. ``stabilityai/sd-vae-ft-ema``).
 
-What diffusers can represent, and the scheduler that matches the snapshot's prediction spec:
-
-* a DDPM epsilon DiT (``scripts.convert --from dit``: ``DDPMEpsilon`` adapter, integer steps, learned sigma):
-  ``DDIMScheduler`` with DiT's linear betas (1e-4 .. 0.02, 1000 steps);
-* a rectified-flow DiT trained here (velocity on ``LinearPath``, data at t = 0, ``time_scale`` 1000): diffusers'
-  ``FlowMatchEulerDiscreteScheduler`` (time = sigma * 1000, the same convention).
+What diffusers can represent: a DDPM epsilon DiT (``scripts.convert --from dit``: ``DDPMEpsilon`` adapter, integer
+steps, learned sigma), written with a ``DDIMScheduler`` of DiT's linear betas (1e-4 .. 0.02, 1000 steps).
 
 Refused, with the reason: LightningDiT (RMSNorm, SwiGLU, RoPE, qk-norm, adaLN without shift), DDT (separate encoder
 and decoder embedders, per-token conditioning), REG's extra token, other time conventions (SiT's data at t = 1, EDM
-preconditioning) and tokenizers with per-channel latent statistics (DiTPipeline divides by one scaling factor).
+preconditioning), rectified-flow DiTs trained here (the network would fit diffusers' flow-matching scheduler, but
+``DiTPipeline`` calls ``scheduler.scale_model_input``, which ``FlowMatchEulerDiscreteScheduler`` lacks) and
+tokenizers with per-channel latent statistics (DiTPipeline divides by one scaling factor).
 
 One known difference remains: diffusers' DiT computes its timestep sinusoid with frequencies ``10000^(-i / 127)``
 (``Timesteps(downscale_freq_shift=1)`` in diffusers models/embeddings.py ``CombinedTimestepLabelEmbeddings``), the
@@ -50,7 +48,7 @@ class ExportError(ValueError):
 
 
 def check_representable(config: dict[str, Any], path: str) -> str:
-    """The scheduler kind (``"ddpm"`` or ``"flow"``) for a snapshot diffusers can represent, else ExportError."""
+    """The scheduler kind (``"ddpm"``) for a snapshot diffusers can represent, else ExportError."""
     model = config.get("model") or {}
     target = model.get("_target_")
     if target == "gen.models.ddt.DDT":
@@ -77,8 +75,9 @@ def check_representable(config: dict[str, Any], path: str) -> str:
             raise ExportError(f"{path}: only DiT's DDPM schedule (1000 steps, betas 1e-4..0.02, integer steps) exports")
         return "ddpm"
     if not precond and pred.get("prediction") == "velocity" and (pred.get("path") or {}).get("_target_") == \
-            "gen.paths.LinearPath" and float(model.get("time_scale", 0)) == 1000.0:
-        return "flow"
+            "gen.paths.LinearPath":
+        raise ExportError(f"{path} is a rectified-flow model: DiTPipeline calls scheduler.scale_model_input, which "
+                          "diffusers' FlowMatchEulerDiscreteScheduler lacks, so its pipeline cannot sample it")
     raise ExportError(
         f"{path}: its prediction spec {json.dumps(pred)} with time_scale {model.get('time_scale')} has no diffusers "
         "scheduler (DiTPipeline passes DDPM integer steps or flow-matching sigma * 1000, data at t = 0)"
@@ -109,7 +108,7 @@ def diffusers_state(ours: dict[str, torch.Tensor], depth: int) -> dict[str, torc
 
 def export(snapshot: str | Path, out: str | Path, vae: str | Path | None = None) -> dict[str, Any]:
     """Write ``out`` (a DiTPipeline folder) from ``snapshot``; returns a summary."""
-    from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     snapshot, out = Path(snapshot), Path(out)
     tensors, config = load_snapshot(snapshot)
@@ -137,13 +136,11 @@ def export(snapshot: str | Path, out: str | Path, vae: str | Path | None = None)
     theirs = transformer.pos_embed.pos_embed
     if not torch.allclose(theirs, net.pos_embed.detach().float(), atol=1e-5):
         raise ExportError(f"{snapshot}: its position table differs from diffusers' 2D sincos table")
-    if kind == "ddpm":
-        abar = ddpm_alphas_cumprod(1000)
-        assert abar.shape == (1000,)
-        scheduler: Any = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                       clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    assert kind == "ddpm"
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                              clip_sample=False, set_alpha_to_one=True, prediction_type="epsilon")
+    # The same betas as the snapshot's DDPMEpsilon adapter.
+    assert torch.allclose(scheduler.alphas_cumprod.double(), ddpm_alphas_cumprod(1000), rtol=1e-5)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

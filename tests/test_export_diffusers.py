@@ -113,6 +113,8 @@ def test_refuses_models_diffusers_cannot_represent(tmp_path: Path, capsys: pytes
                     learn_sigma=True, time_scale=1.0),
                 {**linear, "precond": {"_target_": "gen.models.adapters.FlippedTimeVelocity", "out_channels": 4}},
                 "has no diffusers scheduler"),
+        "rectified_flow": (DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                               num_classes=10), linear, "lacks, so its pipeline cannot sample it"),
     }
     for name, (net, prediction, message) in cases.items():
         snap = tmp_path / f"{name}.safetensors"
