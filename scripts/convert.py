@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # and the sampler preset with the paper's settings (configs/sampler/, FID cited there).
 DEFAULT_TOKENIZER = {"dit": "sd_vae_ema", "sit": "sd_vae_ema", "repa": "sd_vae_ema", "reg": "sd_vae_ema",
                      "ddt": "sd_vae_ema", "lightningdit": "vavae_f16d32"}
-DEFAULT_SAMPLER = {"dit": "heun_dit_xl2", "sit": "euler_maruyama_sit", "repa": "sde_repa_sit_xl2",
+DEFAULT_SAMPLER = {"dit": "heun_dit_xl2", "sit": "sde_sit_xl2", "repa": "sde_repa_sit_xl2",
                    "reg": "sde_reg_sit_xl2", "lightningdit": "euler_lightningdit_800ep", "ddt": "euler_ddt_xl"}
 
 
