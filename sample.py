@@ -387,7 +387,7 @@ def main_checked(cfg: DictConfig) -> int:
     return run_main(go, PROG)
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="sample")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="sample")
 def main(cfg: DictConfig) -> None:
     code = main_checked(cfg)
     if code:
@@ -395,4 +395,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module: Hydra's submitit launcher pickles the task with cloudpickle, which copies
+    # functions of __main__ by value and loses their module's names (dataclass annotations then fail to resolve).
+    import sample
+
+    sample.main()
