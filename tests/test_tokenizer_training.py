@@ -324,6 +324,7 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
     assert c["method"]["autoencoder"]["_target_"] == "tokenizers.kl.AutoencoderKLTokenizer"
     if experiment.startswith("vavae_f16d32"):
         assert c["method"]["foundation"]["name"] == "dinov2_vitl14" and c["method"]["autoencoder"]["downsample"] == 16
+        assert c["method"]["foundation"]["preprocess"] == "vavae"  # VA-VAE's DINOv2 input, not REPA's
         return
     if c["method"]["foundation"]:
         c["method"]["foundation"]["random_init"] = True  # the yardstick network is trained on first use; not here
