@@ -102,15 +102,7 @@ class SamplerSpec:
         for s in scale if isinstance(scale, (list, tuple)) else [scale]:
             if not finite_number(s):
                 raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
-        interval = guide.get("interval")
-        if interval is not None and not (
-            isinstance(interval, (list, tuple)) and len(interval) == 2 and all(finite_number(v) for v in interval)
-            and 0 <= interval[0] <= interval[1]
-        ):
-            raise ValueError(
-                f"sampler.guidance.interval must be null or [t_lo, t_hi] with 0 <= t_lo <= t_hi (path time, data at 0), "
-                f"got {interval!r}"
-            )
+        guidance.parse_interval(guide.get("interval"), "sampler.guidance.interval")  # [t_lo, t_hi(, ends)]
         channels = guide.get("dit_legacy_channels")
         if channels is not None and not _positive_int(channels):
             raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or a positive integer, got {channels!r}")
