@@ -36,6 +36,7 @@ from gen.utils.build import build
 from gen.utils.ckpt import (
     CheckpointError,
     build_from_snapshot,
+    build_snapshot_tokenizer,
     check_config_ints,
     load_snapshot,
     snapshot_int_bound,
@@ -314,7 +315,7 @@ def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tu
         check_config_ints(config[key], bound, str(path), key)
     net = build_from_snapshot(config["model"], tensors, str(path))
     net = net.to(device).eval().requires_grad_(False)
-    tokenizer = build(config["tokenizer"]).to(device)
+    tokenizer = build_snapshot_tokenizer(config["tokenizer"], str(path)).to(device)
     data = config["data"]
     try:
         num_classes, resolution = int(data["num_classes"]), int(data["resolution"])

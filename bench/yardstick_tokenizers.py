@@ -174,6 +174,7 @@ def generation_records(method: str, seed: int, tok_snap: Path | None, recon: dic
     if _last_snapshot(run_dir, int(round(max(args.kimg) * 1000))) is None:
         run_logged([sys.executable, *cmd[1:]], run_dir.with_suffix(".log"), args.threads)
     from eval.generate import yardstick_metrics
+    from gen.utils.ckpt import tokenizer_weights
     from pipeline import SamplerSpec, generator_from_snapshot
 
     spec = SamplerSpec.from_config(euler_sampler(args.steps))
@@ -184,7 +185,8 @@ def generation_records(method: str, seed: int, tok_snap: Path | None, recon: dic
         if snap is None:
             print(f"[miss] no snapshot at {k:g} kimg in {run_dir}", flush=True)
             continue
-        gen, _ = generator_from_snapshot(str(snap))
+        with tokenizer_weights(tok_snap):  # the tokenizer this bench trained (the snapshot's path is not followed)
+            gen, _ = generator_from_snapshot(str(snap))
         spent: dict[str, float] = {"seconds": 0.0, "images": 0}
 
         def generate(seeds: list[int], gen: Any = gen, spent: dict[str, float] = spent) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1035,6 +1035,13 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     return lambda c: c[section].__setitem__(key, value)
 
 
+def _tokenizer(settings: dict) -> Callable[[dict], None]:
+    """Replace the snapshot's tokenizer by a small KL autoencoder with ``settings``."""
+    kl = {"_target_": "tokenizers.kl.AutoencoderKLTokenizer", "block_out_channels": [32], "layers_per_block": 1,
+          "latent_channels": 1, "image_channels": 1, "weights": None, "seed": 0}
+    return lambda c: c.__setitem__("tokenizer", {**kl, **settings})
+
+
 # (id, overrides (with {snap}, {tmp}, {file}), exit status, words of the error line, how the snapshot is edited)
 SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callable] | None]] = [
     ("snapshot-missing", ["~snapshot"], 2, ("snapshot", "is not set"), None),
@@ -1064,6 +1071,25 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
      {"meta": _set("model", "hidden_size", 10_000_000)}),
     ("snapshot-resolution-metadata", [], 2, ("data resolution 64",), {"meta": _set("data", "resolution", 64)}),
     ("snapshot-config-not-json", [], 2, ("metadata is not valid JSON",), {"raw": True}),
+    # The tokenizer half of a snapshot (issue 17): bounded, built on the meta device, no paths followed, statistics
+    # finite and positive.
+    ("snapshot-huge-tokenizer-metadata", [], 2, ("tokenizer settings describe at least", "Refusing"),
+     {"meta": _tokenizer({"block_out_channels": [1024] * 6, "layers_per_block": 1000})}),
+    ("snapshot-tokenizer-weights-path", [], 2, ("/etc/passwd", "not followed", "tokenizer_weights="),
+     {"meta": _tokenizer({"weights": "/etc/passwd"})}),
+    ("snapshot-tokenizer-not-a-tokenizer", [], 2, ("'gen.models.dit.DiT'", "not a class of the tokenizers package"),
+     {"meta": _set("tokenizer", "_target_", "gen.models.dit.DiT")}),
+    ("snapshot-tokenizer-std-nan", [], 2, ("tokenizer.std[0]=nan", "finite number > 0"),
+     {"meta": _tokenizer({"mean": [0.0], "std": [float("nan")]})}),
+    ("snapshot-tokenizer-std-zero", [], 2, ("tokenizer.std[0]=0.0",), {"meta": _tokenizer({"mean": [0.0], "std": [0.0]})}),
+    ("snapshot-tokenizer-mean-inf", [], 2, ("tokenizer.mean[0]=inf",),
+     {"meta": _tokenizer({"mean": [float("inf")], "std": [1.0]})}),
+    ("snapshot-tokenizer-scaling-negative", [], 2, ("tokenizer.scaling_factor=-0.18215",),
+     {"meta": _tokenizer({"scaling_factor": -0.18215})}),
+    ("snapshot-tokenizer-stats-length", [], 2, ("do not fit its channels", "std: 3", "latent_channels: 1"),
+     {"meta": _tokenizer({"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})}),
+    ("tokenizer-weights-missing", ["tokenizer_weights={tmp}/none.safetensors"], 2,
+     ("tokenizer_weights=", "none.safetensors", "does not exist"), None),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append(("device-cuda-missing", ["device=cuda"], 2, ("device=cuda", "CUDA"), None))
