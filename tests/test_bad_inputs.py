@@ -815,6 +815,8 @@ def _file(tmp: Path) -> Path:
 
 
 # (id, overrides (may use {tmp}), words of the error line). Every case is refused before the first step.
+# REPA on the tiny run, with the yardstick's foundation encoder at random weights (no file needed).
+ALIGN_TINY = ["align=repa", "objective.align.encoder.name=foundation-mnist5k", "+objective.align.encoder.random_init=true"]
 TRAIN_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("grad-clip-zero", ["trainer.grad_clip=0"], ("trainer.grad_clip",)),
     ("grad-clip-negative", ["trainer.grad_clip=-1"], ("trainer.grad_clip",)),
@@ -847,6 +849,9 @@ TRAIN_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("eval-enabled-not-bool", ["eval.enabled=maybe"], ("eval.enabled",)),
     ("eval-recon-during-training", ["eval=recon"], ("eval.metric",)),
     ("run-dir-under-a-file", ["paths.runs={file}/runs"], ("run_dir", "a-file", "not a folder")),
+    *[(f"align-{key}-{value}", [*ALIGN_TINY, f"objective.align.{key}={value}"], (f"align.{key}={shown}", "integer >= 1"))
+      for key, value, shown in (("depth", "2.5", "2.5"), ("depth", "0", "0"), ("depth", "true", "True"),
+                                ("projector_dim", "64.5", "64.5"))],
     ("null-class-labels", ["data.dataset._target_=tests.test_bad_inputs.NullLabelData", "~data.dataset.split",
                            "~data.dataset.resolution", "~data.dataset.mode", "~data.dataset.heldout", "packages=[tests]"],
      ("label 10", "null class", "data.num_classes")),

@@ -98,8 +98,10 @@ class Alignment(nn.Module):
         reg_weight: float = 0.03,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"align depth must be a block number >= 1, got {depth}")
+        for name, value in (("depth", depth), ("projector_dim", projector_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 2.5: refused, never truncated
+                what = "a block number, an integer >= 1" if name == "depth" else "an integer >= 1"
+                raise ValueError(f"align.{name}={value!r} must be {what}")
         if weight < 0 or reg_weight < 0:
             raise ValueError(f"align weights must be >= 0, got weight={weight}, reg_weight={reg_weight}")
         hold_frozen(self, "encoder", encoder)
