@@ -1254,3 +1254,26 @@ def test_entry_points_print_one_line_without_traceback(tmp_path: Path) -> None:
         got = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert all(w in got.stderr.strip().splitlines()[-1] for w in words), got.stderr
+
+
+def test_eval_reads_sample_py_rgb_npz_of_grey_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``sample.py npz_rgb=true`` repeats grey to 3 channels; the yardstick network of grey data (1 channel) reads
+    that file as the grey one, exactly, and refuses real colour images by name (issue 17)."""
+    import types
+
+    from eval.classifier import LeNet
+    from eval.features import YardstickFeatures
+
+    torch.manual_seed(0)
+    net = LeNet(1, 10).eval()
+    stub = types.SimpleNamespace(name="yardstick-mnist5k", net=net, weights_sha256="stub",
+                                 features=lambda x: net.features(x.float() / 127.5 - 1))
+    monkeypatch.setattr("eval.classifier.load_or_train_classifier", lambda *a, **k: stub)
+    ext = YardstickFeatures("mnist5k")
+    grey = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    assert torch.equal(ext(grey.expand(-1, 3, -1, -1).contiguous()), ext(grey))
+    colour = grey.repeat(1, 3, 1, 1)
+    colour[:, 2] = 255 - colour[:, 2]
+    with pytest.raises(ValueError, match=r"takes 1-channel images, got shape \(4, 3, 32, 32\) whose channels differ"):
+        ext(colour)
