@@ -1069,6 +1069,7 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
     ("sampler-churn-negative", ["sampler=heun_edm_in64", "sampler.steps=4", "sampler.solver.s_churn=-1"], 2,
      ("s_churn",), None),
     ("outdir-under-a-file", ["outdir={file}/out"], 2, ("outdir", "a-file"), None),
+    ("outdir-is-a-file", ["outdir={file}"], 2, ("outdir", "a-file", "not a folder"), None),
     ("snapshot-nan-weights", [], 3, ("non-finite weights", "final_layer.linear.weight"), {"weights": _nan_weight}),
     ("snapshot-overflowing-weights", [], 3, ("non-finite values", "seeds 0, 1, 2, 3"), {"weights": _huge_weights}),
     ("snapshot-null-class-metadata", [], 2, ("num_classes=11", "null class"), {"meta": _set("data", "num_classes", 11)}),
@@ -1277,3 +1278,41 @@ def test_eval_reads_sample_py_rgb_npz_of_grey_images(tmp_path: Path, monkeypatch
     colour[:, 2] = 255 - colour[:, 2]
     with pytest.raises(ValueError, match=r"takes 1-channel images, got shape \(4, 3, 32, 32\) whose channels differ"):
         ext(colour)
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make ``folder`` behave as on a read-only file system (tests run as root, which ignores permissions)."""
+    import tempfile
+
+    real_mkstemp, real_mkdir = tempfile.mkstemp, Path.mkdir
+
+    def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
+        if str(kwargs.get("dir", "")).startswith(str(folder)):
+            raise OSError(errno.EROFS, "Read-only file system", str(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if str(self).startswith(str(folder)) and self != folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_read_only_outputs_are_one_line(snapshot: Path, tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """sample.py outdir= and eval --out in a read-only folder: refused before any work, naming it."""
+    from eval.__main__ import main
+
+    ro = tmp_path / "ro"
+    argv = _samples_argv(tmp_path)
+    _read_only(monkeypatch, ro)
+    code, _, err = sample_cli([f"snapshot={snapshot}", f"outdir={ro}", "seeds=0-3"], capsys)
+    assert_refused(code, err, "outdir", str(ro), "read-only")
+    code, _, err = sample_cli([f"snapshot={snapshot}", f"outdir={ro / 'sub'}", "seeds=0-3"], capsys)
+    assert_refused(code, err, "outdir", str(ro / "sub"), "read-only")
+    code, out, err = run_cli(main, [*argv, "--out", str(ro / "m.json")], capsys)
+    assert_refused(code, err, "--out", str(ro), "read-only")
+    assert not any(ro.iterdir())
