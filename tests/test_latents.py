@@ -404,3 +404,35 @@ def test_full_disk_during_extraction_is_one_line_and_resumes(tmp_path: Path, mon
     code, err = _extract_cli([f"out={out}"], capsys)
     assert code == 0, err
     assert len(LatentShards(out)) == 7
+
+
+def test_damaged_manifest_statistics_and_misplaced_shards_are_named(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = _extract(tmp_path / "a", dataset=_data(count=12))
+    good = _files(out)
+    # A shard of the same extraction in the wrong place (shard 1 copied over shard 2): same plan, other images.
+    (out / shard_name(2)).write_bytes(good[shard_name(1)])
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors cannot be trusted: it holds images 5\+5, the "
+                                         r"manifest says 10\+2"):
+        LatentShards(out)
+    # Shard metadata that is not a record.
+    with safe_open(str(out / shard_name(1)), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out / shard_name(2)), metadata={"shard": "[1, 2]"})
+    with pytest.raises(ValueError, match="shard-00002.safetensors cannot be trusted: its metadata is not a shard record"):
+        LatentShards(out)
+    (out / shard_name(2)).write_bytes(good[shard_name(2)])
+    (out / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"stats.json is not a JSON statistics file .* re-run the extraction"):
+        LatentShards(out)
+    (out / "stats.json").write_bytes(good["stats.json"])
+    (out / "manifest.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match=r"manifest.json is not a latent extraction of this toolkit \(format 'list'\)"):
+        LatentShards(out)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match=r"manifest.json is not a JSON manifest"):
+        _extract(out, dataset=_data(count=12))
