@@ -36,6 +36,7 @@ from gen.utils.build import build
 from gen.utils.ckpt import (
     CheckpointError,
     build_from_snapshot,
+    build_snapshot_tokenizer,
     check_config_ints,
     load_snapshot,
     snapshot_int_bound,
@@ -102,15 +103,7 @@ class SamplerSpec:
         for s in scale if isinstance(scale, (list, tuple)) else [scale]:
             if not finite_number(s):
                 raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
-        interval = guide.get("interval")
-        if interval is not None and not (
-            isinstance(interval, (list, tuple)) and len(interval) == 2 and all(finite_number(v) for v in interval)
-            and 0 <= interval[0] <= interval[1]
-        ):
-            raise ValueError(
-                f"sampler.guidance.interval must be null or [t_lo, t_hi] with 0 <= t_lo <= t_hi (path time, data at 0), "
-                f"got {interval!r}"
-            )
+        guidance.parse_interval(guide.get("interval"), "sampler.guidance.interval")  # [t_lo, t_hi(, ends)]
         channels = guide.get("dit_legacy_channels")
         if channels is not None and not _positive_int(channels):
             raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or a positive integer, got {channels!r}")
@@ -322,7 +315,7 @@ def generator_from_snapshot(path: str, device: torch.device | str = "cpu") -> tu
         check_config_ints(config[key], bound, str(path), key)
     net = build_from_snapshot(config["model"], tensors, str(path))
     net = net.to(device).eval().requires_grad_(False)
-    tokenizer = build(config["tokenizer"]).to(device)
+    tokenizer = build_snapshot_tokenizer(config["tokenizer"], str(path)).to(device)
     data = config["data"]
     try:
         num_classes, resolution = int(data["num_classes"]), int(data["resolution"])

@@ -42,6 +42,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, remove_stale_temp_files
+from gen.utils.ckpt import tokenizer_weights as tokenizer_weights_from
 from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import load_png, save_grid, save_png
@@ -140,6 +141,7 @@ class SampleConfig:
     npz_rgb: bool = False
     overwrite: bool = False
     device: str = "auto"
+    tokenizer_weights: str | None = None
 
     def __post_init__(self) -> None:
         if not self.snapshot:
@@ -158,6 +160,9 @@ class SampleConfig:
             raise ValueError("images=false npz=false grid=false would write nothing; keep at least one output")
         if self.npz_rgb and not self.npz:
             raise ValueError("npz_rgb=true has no effect with npz=false")
+        if self.tokenizer_weights is not None and not os.path.exists(self.tokenizer_weights):
+            raise ValueError(f"tokenizer_weights={self.tokenizer_weights} does not exist; give the tokenizer's weights "
+                             "file or folder")
 
 
 # ---- the output folder: one sample set, identified by sample.json -------------------------------------------
@@ -258,12 +263,18 @@ def sample(
     npz: bool = True,
     npz_rgb: bool = False,
     overwrite: bool = False,
+    tokenizer_weights: str | None = None,
 ) -> dict[str, Any]:
-    """Generate ``seeds`` from ``snapshot`` into ``outdir`` (split across processes by seed; see the module doc)."""
+    """Generate ``seeds`` from ``snapshot`` into ``outdir`` (split across processes by seed; see the module doc).
+
+    ``tokenizer_weights``: the tokenizer's weights file or folder, named by the user (a path in the snapshot's
+    metadata is never read; ``gen.utils.ckpt.build_snapshot_tokenizer``).
+    """
     dist.init_distributed()
     dev = dist.resolve_device(device, "device")
     snap = resolve_snapshot(snapshot)
-    gen, _ = generator_from_snapshot(str(snap), dev)
+    with tokenizer_weights_from(tokenizer_weights):
+        gen, _ = generator_from_snapshot(str(snap), dev)
     if class_label is not None and not 0 <= class_label < gen.num_classes:
         raise ValueError(
             f"class_label={class_label} is outside [0, {gen.num_classes - 1}] (label {gen.num_classes} is the null class)"
@@ -371,6 +382,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         str(snap), seeds, spec, outdir=outdir, batch_size=settings.batch_size, class_label=settings.class_label,
         device=settings.device, grid=settings.grid, grid_max=settings.grid_max, grid_nrow=settings.grid_nrow,
         images=settings.images, npz=settings.npz, npz_rgb=settings.npz_rgb, overwrite=settings.overwrite,
+        tokenizer_weights=settings.tokenizer_weights,
     )
 
 

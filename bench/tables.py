@@ -156,6 +156,12 @@ def fid_vs_nfe(records: Records, bench: str) -> str:
     return f"At {last:g} kimg.\n\n" + table(header, rows)
 
 
+def interval_label(interval: Sequence[Any]) -> str:
+    """``(0.0, 0.7, "()")`` -> ``(0, 0.7)``; ``(0.0, 0.7)`` -> ``[0, 0.7]`` (interval notation)."""
+    ends = interval[2] if len(interval) == 3 else "[]"
+    return f"{ends[0]}{interval[0]:g}, {interval[1]:g}{ends[1]}"
+
+
 def sharing(records: Records, bench: str) -> str:
     """DDT encoder sharing: FID and timed speed of each schedule against no sharing, per timing group."""
     spec = bench_spec(bench)
@@ -165,6 +171,17 @@ def sharing(records: Records, bench: str) -> str:
     header = ["sampler", "encoder recomputation", "encoder passes / image", "est. reuse error", "FID", "class acc.",
               "ms / image (wall)", "ms / image (CPU)", "speed-up (CPU)"]
     rows = []
+    # Only records of the variants as they are defined now: a variant whose sampler changed (e.g. DDT's guidance
+    # interval, closed before, open now) keeps its name, and its old records must not fill the new row.
+    from yardstick import _digest  # bench_spec put bench/ on the path
+
+    overrides = {r.method: list(r.overrides) for r in spec.rows}
+    groups = {g.name: g for g in spec.timing}
+    timing = [t for t in timing if t["group"] in groups and t["key"].endswith("|" + _digest(
+        [overrides.get(t["method"]), [variants[n].definition() for n in groups[t["group"]].variants],
+         groups[t["group"]].num_images, groups[t["group"]].rounds]))]
+    recs = [r for r in recs if r.get("kind", "eval") != "eval" or r.get("variant") not in variants
+            or r["key"].endswith("|" + _digest([overrides.get(r["method"]), variants[r["variant"]].definition()]))]
     for g in spec.timing:
         for method in g.methods or [r.method for r in spec.rows]:
             t_recs = [t for t in timing if t["group"] == g.name and t["method"] == method]
@@ -180,7 +197,7 @@ def sharing(records: Records, bench: str) -> str:
                          for t in t_recs if name in t["results"] and base in t["results"]]
                 if not e and not wall:
                     continue
-                guide = f", CFG {v.scale:g} on t in {list(v.interval)}" if v.scale != 1.0 and v.interval else (
+                guide = f", CFG {v.scale:g} on t in {interval_label(v.interval)}" if v.scale != 1.0 and v.interval else (
                     f", CFG {v.scale:g}" if v.scale != 1.0 else "")
                 what = "every step (no sharing)" if v.sharing is None else (
                     f"DP schedule, K = {v.sharing[1]}" if v.sharing[0] == "dp" else f"even, i % {v.sharing[1]} == 0")

@@ -73,7 +73,7 @@ GenerateFn = Callable[[list[int]], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def euler_config(
-    steps: int, scale: float = 1.0, interval: Sequence[float] | None = None, sharing: Mapping[str, Any] | None = None
+    steps: int, scale: float = 1.0, interval: Sequence[Any] | None = None, sharing: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """A ``pipeline.SamplerSpec`` config: Euler on the uniform grid, optional CFG and DDT encoder sharing."""
     return {
@@ -92,7 +92,8 @@ class Variant:
     Attributes:
         name: short unique name, used in records and on the command line (``euler20``, ``euler50-dp25``).
         steps: Euler steps (the NFE of one image without guidance).
-        scale: CFG scale (1 = no guidance); ``interval`` limits it to ``[t_lo, t_hi]`` (data at t = 0).
+        scale: CFG scale (1 = no guidance); ``interval`` limits it to ``[t_lo, t_hi]`` (data at t = 0; a third
+            item ``"()"``, ``"[)"`` or ``"(]"`` opens ends, ``samplers.guidance``).
         sharing: DDT encoder sharing: None, ``("rate", r)`` (upstream's ``i % r == 0``) or ``("dp", k)`` (the
             statistical DP schedule with ``k`` encoder passes, from template samples drawn with this variant's
             guidance).
@@ -104,7 +105,7 @@ class Variant:
     name: str
     steps: int
     scale: float = 1.0
-    interval: tuple[float, float] | None = None
+    interval: tuple[Any, ...] | None = None
     sharing: tuple[Literal["rate", "dp"], int] | None = None
     methods: tuple[str, ...] | None = None
     at: Literal["all", "last"] = "all"

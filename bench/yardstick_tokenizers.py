@@ -62,6 +62,7 @@ for _p in (str(ROOT), str(BENCH_DIR)):  # run from anywhere without installing; 
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from gen.utils.ckpt import tokenizer_weights  # noqa: E402
 from tables import tokenizers as tokenizer_table  # noqa: E402  (the table bench/README.md shows)
 from yardstick import (  # noqa: E402
     DEFAULT_KIMG,
@@ -289,7 +290,11 @@ def generate(args: argparse.Namespace, method: str, seed: int, store: Store) -> 
     hargs.variants = ",".join(args.variants)
     hargs.seeds = ",".join(map(str, args.seeds))
     row = generator_row(args, method)
-    run_worker(make_bench(args), hargs, row, seed)
+    # A snapshot's tokenizer weights path is never followed (gen.utils.ckpt.build_snapshot_tokenizer): the bench names
+    # the tokenizer snapshot it trained, as a user does with sample.py tokenizer_weights=.
+    tok_snap = None if method == "pixels" else tokenizer_run(args, _tok(args, method)).snapshot_at(args.tokenizer_kimg)
+    with tokenizer_weights(tok_snap):
+        run_worker(make_bench(args), hargs, row, seed)
     # The harness writes the command of its own command line; a record here is recomputed by this script with the
     # tokenizer's settings and this bench's --runs.
     for rec in store.records():

@@ -369,9 +369,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
     """A tokenizer ``_target_`` spec from a YAML/JSON file or a snapshot's metadata, with ``key=value`` overrides."""
+    return _tokenizer_source(source, overrides)[0]
+
+
+def _tokenizer_source(source: str, overrides: list[str]) -> tuple[dict[str, Any], Path | None]:
+    """``_tokenizer_spec`` and the snapshot it came from (None for a YAML/JSON spec, which the user wrote)."""
     import yaml
 
     path = Path(source)
+    snapshot = None
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer spec {path} does not exist (a configs/tokenizer/*.yaml file or a snapshot)")
     if path.suffix == ".safetensors":
@@ -380,9 +386,10 @@ def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         config = json.loads(meta.get("config", "{}"))
-        spec = config.get("tokenizer")
-        if spec is None:
+        spec = config.get("tokenizer") if isinstance(config, dict) else None
+        if not isinstance(spec, dict):
             raise ValueError(f"{path} has no tokenizer in its metadata; was it written by train.py?")
+        snapshot = path
         if config.get("tokenizer_weights") == "snapshot":  # a tokenizer-training snapshot: its tensors are the weights
             spec = {**spec, "weights": str(path)}
     else:
@@ -397,14 +404,28 @@ def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
     for key, value in spec.items():
         if isinstance(value, str) and "${" in value:
             raise ValueError(f"{path}: tokenizer.{key} = {value!r} is a config interpolation; give the value with --set {key}=...")
-    return spec
+    return spec, snapshot
+
+
+def _build_tokenizer(source: str, overrides: list[str]) -> Any:
+    """The tokenizer to evaluate. A snapshot's metadata is untrusted: its settings are bounded and checked, and
+    its weights are the snapshot itself or what ``--set weights=...`` names (``build_snapshot_tokenizer``)."""
+    from gen.utils.build import build
+    from gen.utils.ckpt import build_snapshot_tokenizer, tokenizer_weights
+
+    spec, snapshot = _tokenizer_source(source, overrides)
+    if snapshot is None:
+        return build(spec)
+    named = [item.partition("=")[2] for item in overrides if item.partition("=")[0] == "weights"]
+    with tokenizer_weights(spec["weights"] if named else None):
+        return build_snapshot_tokenizer(spec, str(snapshot), snapshot)
 
 
 def cmd_recon(args: argparse.Namespace) -> None:
     from eval.recon import reconstruction_metrics, tokenizer_roundtrip
-    from gen.utils.build import build
 
     spec = _tokenizer_spec(args.tokenizer, args.set)
+    tokenizer = _build_tokenizer(args.tokenizer, args.set)  # refused before any image is read
     if args.folder and args.resolution:
         from gen.data.folder import ImageFolder
 
@@ -417,7 +438,7 @@ def cmd_recon(args: argparse.Namespace) -> None:
             raise ValueError(f"--num-images must lie in [1, {len(images)}], got {args.num_images}")
         images = images[: args.num_images] if isinstance(images, torch.Tensor) else torch.utils.data.Subset(
             images, range(args.num_images))
-    tokenizer = build(spec).to(args.device).eval().requires_grad_(False)
+    tokenizer = tokenizer.to(args.device).eval().requires_grad_(False)
     ext = _extractor(args, {"extractor": "inception-v3-pool3"}, dataset=args.dataset)
     lpips = None
     if not args.no_lpips:

@@ -11,7 +11,11 @@ Every encoder is an :class:`AlignmentEncoder`; its name picks the backbone behin
   ``resample_abs_pos_embed``, bicubic with antialias), and images go x/255 -> ImageNet mean/std ->
   bicubic resize (no antialias) to 224·H/256, so 256 px images give 16x16 tokens. Patch tokens are
   ``x_norm_patchtokens`` and the class token ``x_norm_clstoken``, both after the final norm; registers
-  are dropped.
+  are dropped. ``preprocess="vavae"`` feeds DINOv2 as VA-VAE's VF loss does instead (hustvl/LightningDiT,
+  vavae/ldm/models/foundation_models.py ``forward_dinov2``, with the [-1, 1] images of vavae/ldm/data/imagenet.py):
+  x/127.5 - 1, no ImageNet mean/std, bilinear resize (``align_corners=False``, no antialias) to 224·H/256, which
+  is VA-VAE's fixed 224 at its 256 px (the only side its ``reshape`` to H/16 tokens admits); the timm model it runs
+  resamples the position table to the 16x16 grid at forward time, as the table resampled once here.
 - ``foundation-<dataset>`` (``mnist5k``, ``shapes``): the yardstick's separately trained residual network
   (``eval.classifier.FoundationNet``, another architecture and seed than the FID LeNet),
   trained and cached on first use. Images go to [-1, 1] without resizing; the 4x4 grid of a 32 px image
@@ -51,6 +55,7 @@ DINOV2_ENCODERS: dict[str, str] = {
     for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
     for reg in (False, True)
 }
+PREPROCESSING = ("repa", "vavae")  # how DINOv2 reads the images (module docstring)
 YARDSTICK_DATASETS: dict[str, tuple[int, int]] = {"mnist5k": (1, 10), "shapes": (3, 6)}  # channels, classes
 
 
@@ -65,11 +70,12 @@ class _DINOv2(nn.Module):
     PATCH = 14
     STRIDE = 16  # image pixels per token after the 224/256 resize
 
-    def __init__(self, arch: str, resolution: int, net: nn.Module) -> None:
+    def __init__(self, arch: str, resolution: int, net: nn.Module, preprocess: str = "repa") -> None:
         from timm.layers import resample_abs_pos_embed
 
         super().__init__()
         self.net = net
+        self.vavae = preprocess == "vavae"
         grid = self.grid(resolution)
         # REPA resamples the hub model's table (class position first) once to the training grid; timm's
         # register models keep the class position in cls_token, so only patch rows are resampled there.
@@ -90,9 +96,12 @@ class _DINOv2(nn.Module):
         return resolution // self.STRIDE
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        side = self.grid(images.shape[-1]) * self.PATCH  # 224·H/256
+        if self.vavae:  # VA-VAE's VF loss: raw [-1, 1] pixels, bilinear, no ImageNet normalisation
+            x = to_rgb(images).float() / 127.5 - 1.0
+            return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         x = to_rgb(images).float() / 255.0
         x = (x - self.mean) / self.std
-        side = self.grid(images.shape[-1]) * self.PATCH  # 224·H/256
         return F.interpolate(x, size=(side, side), mode="bicubic")
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +154,9 @@ class AlignmentEncoder(nn.Module):
         cache_dir: DINOv2 weights folder, or the yardstick cache for ``foundation-*``.
         download: fetch Meta's DINOv2 file when missing (needs internet).
         random_init: random weights of the identical architecture (tests only), seeded by ``seed``.
+        preprocess: how DINOv2 reads the images: ``"repa"`` (REPA and REG: ImageNet mean/std, bicubic) or
+            ``"vavae"`` (VA-VAE's VF loss: [-1, 1], bilinear); see the module docstring. The ``foundation-*``
+            encoders have one preprocessing ([-1, 1], no resize) and accept either name.
 
     Attributes:
         dim: token width D.
@@ -161,10 +173,14 @@ class AlignmentEncoder(nn.Module):
         download: bool = False,
         random_init: bool = False,
         seed: int = 0,
+        preprocess: str = "repa",
     ) -> None:
         super().__init__()
+        if preprocess not in PREPROCESSING:
+            raise ValueError(f"alignment encoder preprocess={preprocess!r} is not one of {list(PREPROCESSING)}")
         self.name = name
         self.resolution = resolution
+        self.preprocess = preprocess
         if name in DINOV2_ENCODERS:
             arch = DINOV2_ENCODERS[name]
             try:
@@ -174,7 +190,7 @@ class AlignmentEncoder(nn.Module):
                     f"alignment encoder {name!r} needs {DINOV2_FILES[arch]}: {e} In a config, set the encoder's "
                     "weights_path to the file."
                 ) from e
-            self.backbone: nn.Module = _DINOv2(arch, resolution, net)
+            self.backbone: nn.Module = _DINOv2(arch, resolution, net, preprocess)
             self.num_prefix = self.backbone.num_prefix
         elif name.startswith("foundation-") and name[len("foundation-") :] in YARDSTICK_DATASETS:
             self.backbone = _Foundation(self._foundation_net(name[len("foundation-") :], cache_dir, random_init, seed))
@@ -222,6 +238,9 @@ class AlignmentEncoder(nn.Module):
     def identity(self) -> dict[str, Any]:
         """``{"name", "class", "sha256"}``: what a training state records and resuming checks (computed once)."""
         if self._identity is None:
-            self._identity = {"name": self.name, **frozen_identity(self)}
+            # Another preprocessing gives other targets from the same weights; the default stays unrecorded so
+            # that states written before the option existed still resume.
+            extra = {"preprocess": self.preprocess} if self.preprocess != "repa" else {}
+            self._identity = {"name": self.name, **extra, **frozen_identity(self)}
         return dict(self._identity)
 

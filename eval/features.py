@@ -580,10 +580,13 @@ class YardstickFeatures(FeatureExtractor):
         check_uint8_images(images)
         if images.shape[-2:] != (32, 32):
             raise ValueError(f"{self.name} takes 32x32 images (no resizing), got shape {tuple(images.shape)}")
-        if images.shape[1] != self.yardstick.net.config["in_channels"]:
-            raise ValueError(
-                f"{self.name} takes {self.yardstick.net.config['in_channels']}-channel images, got shape {tuple(images.shape)}"
-            )
+        takes = self.yardstick.net.config["in_channels"]
+        if takes == 1 and images.shape[1] == 3 and bool((images[:, 1:] == images[:, :1]).all()):
+            images = images[:, :1]  # grey repeated to RGB (sample.py npz_rgb=true): the same images, exactly
+        if images.shape[1] != takes:
+            extra = (" whose channels differ (colour images, not grey repeated to RGB)"
+                     if takes == 1 and images.shape[1] == 3 else "")
+            raise ValueError(f"{self.name} takes {takes}-channel images, got shape {tuple(images.shape)}{extra}")
         return self.yardstick.features(images.cpu())
 
 

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gen.data.latents import extract_latents
 from gen.utils import dist
-from gen.utils.build import BuildError, build
+from gen.utils.build import build
+from gen.utils.cli import check_writable_dir, run_main
 from gen.utils.config import ConfigError
 
 KEYS = {"paths", "data", "tokenizer", "out", "seed", "shard_size", "batch_size", "images", "workers", "device"}
@@ -40,6 +41,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         c = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config does not resolve: {e}") from e
+    # A file, a read-only folder or a full disk fails now, on every process (no one waits on a failed one).
+    check_writable_dir(c["out"], "out=")
     dataset = build(c["data"]["dataset"])
     tokenizer = build(c["tokenizer"])
     device = None if c["device"] == "auto" else c["device"]
@@ -60,15 +63,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+PROG = "extract_latents"
+
+
+def main_checked(cfg: DictConfig) -> int:
+    """Extract with expected errors as one line (``extract_latents: error: ...``, exit status 2): bad settings,
+    untrusted shards or statistics, and a full disk or unwritable folder, named with the file."""
+    return run_main(lambda: (run(cfg), 0)[1], PROG)
+
+
 @hydra.main(config_path="../configs", config_name="extract", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     dist.init_distributed()
-    try:
-        run(cfg)
-    except (ConfigError, BuildError, ValueError, TypeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    code = main_checked(cfg)
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

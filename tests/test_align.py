@@ -7,6 +7,7 @@ of the alignment interface, so each takes seconds.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,32 @@ def test_repa_loss_equals_direct_computation() -> None:
     proj = build_projector(8, 16, 7)
     assert [type(m) for m in proj] == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
     assert (proj[0].in_features, proj[2].in_features, proj[4].out_features) == (8, 16, 7)
+
+
+# The projector's tensors after the official models' ``initialize_weights``, computed once outside this repository
+# from sihyun-yu/REPA models/sit.py (commit 67f714503e3892f993844aab088ffc5791c92613) and Martinser/REG models/sit.py
+# (commit 021ea2e50c38c5803bd9afff16316958a01fbd1d): SiT(hidden_size=64, projector_dim=256, z_dims=[128]) under
+# torch.manual_seed(0); per Linear of the projector: max |bias|, max |w| / b and std(w) / b with the xavier bound
+# b = sqrt(6 / (fan_in + fan_out)). PyTorch's default init gives max |w| / b = 0.91, 0.58, 0.69 and non-zero biases.
+OFFICIAL_PROJECTOR_INIT = {
+    "repa": [(0.0, 0.99997, 0.57688), (0.0, 1.0, 0.57672), (0.0, 0.99998, 0.57554)],
+    "reg": [(0.0, 0.99992, 0.57951), (0.0, 1.0, 0.57542), (0.0, 0.99998, 0.57579)],
+}
+
+
+@pytest.mark.parametrize("repo", sorted(OFFICIAL_PROJECTOR_INIT))
+def test_projector_init_is_the_official_xavier_uniform_with_zero_biases(repo: str) -> None:
+    torch.manual_seed(0)
+    proj = build_projector(64, 256, 128)
+    linears = [m for m in proj if isinstance(m, nn.Linear)]
+    for lin, (bias_max, wmax, wstd) in zip(linears, OFFICIAL_PROJECTOR_INIT[repo], strict=True):
+        w = lin.weight.detach().double()
+        bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
+        assert lin.bias.abs().max().item() == bias_max
+        assert (w.abs().max() / bound).item() <= 1.0
+        assert (w.abs().max() / bound).item() == pytest.approx(wmax, abs=2e-3)
+        # std of U(-b, b) is b / sqrt(3); the official draws and ours agree to sampling error (n >= 8192 weights).
+        assert (w.std() / bound).item() == pytest.approx(wstd, abs=0.012)
 
 
 def test_objective_adds_the_weighted_alignment_loss() -> None:

@@ -815,6 +815,8 @@ def _file(tmp: Path) -> Path:
 
 
 # (id, overrides (may use {tmp}), words of the error line). Every case is refused before the first step.
+# REPA on the tiny run, with the yardstick's foundation encoder at random weights (no file needed).
+ALIGN_TINY = ["align=repa", "objective.align.encoder.name=foundation-mnist5k", "+objective.align.encoder.random_init=true"]
 TRAIN_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("grad-clip-zero", ["trainer.grad_clip=0"], ("trainer.grad_clip",)),
     ("grad-clip-negative", ["trainer.grad_clip=-1"], ("trainer.grad_clip",)),
@@ -847,6 +849,9 @@ TRAIN_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("eval-enabled-not-bool", ["eval.enabled=maybe"], ("eval.enabled",)),
     ("eval-recon-during-training", ["eval=recon"], ("eval.metric",)),
     ("run-dir-under-a-file", ["paths.runs={file}/runs"], ("run_dir", "a-file", "not a folder")),
+    *[(f"align-{key}-{value}", [*ALIGN_TINY, f"objective.align.{key}={value}"], (f"align.{key}={shown}", "integer >= 1"))
+      for key, value, shown in (("depth", "2.5", "2.5"), ("depth", "0", "0"), ("depth", "true", "True"),
+                                ("projector_dim", "64.5", "64.5"))],
     ("null-class-labels", ["data.dataset._target_=tests.test_bad_inputs.NullLabelData", "~data.dataset.split",
                            "~data.dataset.resolution", "~data.dataset.mode", "~data.dataset.heldout", "packages=[tests]"],
      ("label 10", "null class", "data.num_classes")),
@@ -1035,6 +1040,13 @@ def _set(section: str, key: str, value: object) -> Callable[[dict], None]:
     return lambda c: c[section].__setitem__(key, value)
 
 
+def _tokenizer(settings: dict) -> Callable[[dict], None]:
+    """Replace the snapshot's tokenizer by a small KL autoencoder with ``settings``."""
+    kl = {"_target_": "tokenizers.kl.AutoencoderKLTokenizer", "block_out_channels": [32], "layers_per_block": 1,
+          "latent_channels": 1, "image_channels": 1, "weights": None, "seed": 0}
+    return lambda c: c.__setitem__("tokenizer", {**kl, **settings})
+
+
 # (id, overrides (with {snap}, {tmp}, {file}), exit status, words of the error line, how the snapshot is edited)
 SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callable] | None]] = [
     ("snapshot-missing", ["~snapshot"], 2, ("snapshot", "is not set"), None),
@@ -1057,6 +1069,11 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
     ("sampler-churn-negative", ["sampler=heun_edm_in64", "sampler.steps=4", "sampler.solver.s_churn=-1"], 2,
      ("s_churn",), None),
     ("outdir-under-a-file", ["outdir={file}/out"], 2, ("outdir", "a-file"), None),
+    ("outdir-is-a-file", ["outdir={file}"], 2, ("outdir", "a-file", "not a folder"), None),
+    ("sampler-interval-bad-ends", ["sampler.guidance.scale=2", "sampler.guidance.interval=[0,0.7,open]"], 2,
+     ("sampler.guidance.interval", "ends one of"), None),
+    ("sampler-interval-four-items", ["sampler.guidance.scale=2", "sampler.guidance.interval=[0,0.7,'()',1]"], 2,
+     ("sampler.guidance.interval",), None),
     ("snapshot-nan-weights", [], 3, ("non-finite weights", "final_layer.linear.weight"), {"weights": _nan_weight}),
     ("snapshot-overflowing-weights", [], 3, ("non-finite values", "seeds 0, 1, 2, 3"), {"weights": _huge_weights}),
     ("snapshot-null-class-metadata", [], 2, ("num_classes=11", "null class"), {"meta": _set("data", "num_classes", 11)}),
@@ -1064,6 +1081,25 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
      {"meta": _set("model", "hidden_size", 10_000_000)}),
     ("snapshot-resolution-metadata", [], 2, ("data resolution 64",), {"meta": _set("data", "resolution", 64)}),
     ("snapshot-config-not-json", [], 2, ("metadata is not valid JSON",), {"raw": True}),
+    # The tokenizer half of a snapshot (issue 17): bounded, built on the meta device, no paths followed, statistics
+    # finite and positive.
+    ("snapshot-huge-tokenizer-metadata", [], 2, ("tokenizer settings describe at least", "Refusing"),
+     {"meta": _tokenizer({"block_out_channels": [1024] * 6, "layers_per_block": 1000})}),
+    ("snapshot-tokenizer-weights-path", [], 2, ("/etc/passwd", "not followed", "tokenizer_weights="),
+     {"meta": _tokenizer({"weights": "/etc/passwd"})}),
+    ("snapshot-tokenizer-not-a-tokenizer", [], 2, ("'gen.models.dit.DiT'", "not a class of the tokenizers package"),
+     {"meta": _set("tokenizer", "_target_", "gen.models.dit.DiT")}),
+    ("snapshot-tokenizer-std-nan", [], 2, ("tokenizer.std[0]=nan", "finite number > 0"),
+     {"meta": _tokenizer({"mean": [0.0], "std": [float("nan")]})}),
+    ("snapshot-tokenizer-std-zero", [], 2, ("tokenizer.std[0]=0.0",), {"meta": _tokenizer({"mean": [0.0], "std": [0.0]})}),
+    ("snapshot-tokenizer-mean-inf", [], 2, ("tokenizer.mean[0]=inf",),
+     {"meta": _tokenizer({"mean": [float("inf")], "std": [1.0]})}),
+    ("snapshot-tokenizer-scaling-negative", [], 2, ("tokenizer.scaling_factor=-0.18215",),
+     {"meta": _tokenizer({"scaling_factor": -0.18215})}),
+    ("snapshot-tokenizer-stats-length", [], 2, ("do not fit its channels", "std: 3", "latent_channels: 1"),
+     {"meta": _tokenizer({"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})}),
+    ("tokenizer-weights-missing", ["tokenizer_weights={tmp}/none.safetensors"], 2,
+     ("tokenizer_weights=", "none.safetensors", "does not exist"), None),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append(("device-cuda-missing", ["device=cuda"], 2, ("device=cuda", "CUDA"), None))
@@ -1223,3 +1259,64 @@ def test_entry_points_print_one_line_without_traceback(tmp_path: Path) -> None:
         got = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert all(w in got.stderr.strip().splitlines()[-1] for w in words), got.stderr
+
+
+def test_eval_reads_sample_py_rgb_npz_of_grey_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``sample.py npz_rgb=true`` repeats grey to 3 channels; the yardstick network of grey data (1 channel) reads
+    that file as the grey one, exactly, and refuses real colour images by name (issue 17)."""
+    import types
+
+    from eval.classifier import LeNet
+    from eval.features import YardstickFeatures
+
+    torch.manual_seed(0)
+    net = LeNet(1, 10).eval()
+    stub = types.SimpleNamespace(name="yardstick-mnist5k", net=net, weights_sha256="stub",
+                                 features=lambda x: net.features(x.float() / 127.5 - 1))
+    monkeypatch.setattr("eval.classifier.load_or_train_classifier", lambda *a, **k: stub)
+    ext = YardstickFeatures("mnist5k")
+    grey = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    assert torch.equal(ext(grey.expand(-1, 3, -1, -1).contiguous()), ext(grey))
+    colour = grey.repeat(1, 3, 1, 1)
+    colour[:, 2] = 255 - colour[:, 2]
+    with pytest.raises(ValueError, match=r"takes 1-channel images, got shape \(4, 3, 32, 32\) whose channels differ"):
+        ext(colour)
+
+
+def _read_only(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make ``folder`` behave as on a read-only file system (tests run as root, which ignores permissions)."""
+    import tempfile
+
+    real_mkstemp, real_mkdir = tempfile.mkstemp, Path.mkdir
+
+    def mkstemp(*args: object, **kwargs: object) -> tuple[int, str]:
+        if str(kwargs.get("dir", "")).startswith(str(folder)):
+            raise OSError(errno.EROFS, "Read-only file system", str(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+
+    def mkdir(self: Path, *args: object, **kwargs: object) -> None:
+        if str(self).startswith(str(folder)) and self != folder:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    folder.mkdir(exist_ok=True)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+def test_read_only_outputs_are_one_line(snapshot: Path, tmp_path: Path, tiny: None, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """sample.py outdir= and eval --out in a read-only folder: refused before any work, naming it."""
+    from eval.__main__ import main
+
+    ro = tmp_path / "ro"
+    argv = _samples_argv(tmp_path)
+    _read_only(monkeypatch, ro)
+    code, _, err = sample_cli([f"snapshot={snapshot}", f"outdir={ro}", "seeds=0-3"], capsys)
+    assert_refused(code, err, "outdir", str(ro), "read-only")
+    code, _, err = sample_cli([f"snapshot={snapshot}", f"outdir={ro / 'sub'}", "seeds=0-3"], capsys)
+    assert_refused(code, err, "outdir", str(ro / "sub"), "read-only")
+    code, out, err = run_cli(main, [*argv, "--out", str(ro / "m.json")], capsys)
+    assert_refused(code, err, "--out", str(ro), "read-only")
+    assert not any(ro.iterdir())

@@ -126,6 +126,46 @@ def test_lightningdit_sampler_presets_match_their_inference(epochs: int, scale: 
     assert spec.guidance["scale"] == scale and spec.guidance["dit_legacy_channels"] == 3
 
 
+# The first guided step of the official DDT sampler (MCG-NJU/DDT src/diffusion/stateful_flow_matching/sampling.py
+# EulerSampler at commit 1d1b4d291325939dd98f6b91687af95c98c34d5c, guidance_interval_min 0.3, guidance_interval_max
+# 1.0, timeshift 1, a guidance_fn that records its scale), computed once outside this repository for num_steps
+# N = 1..100 with its default last_step (1/N: the uniform grid) and with last_step 0.04 (the preset's); every later
+# step is guided too. Plus N in {125, 200, 250, 500, 1000}.
+DDT_FIRST_GUIDED = {
+    None: [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10, 10, 10, 11,
+           11, 11, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 15, 15, 15, 16, 16, 16, 16, 17, 17, 17, 18, 18, 18, 19, 19,
+           19, 19, 20, 20, 20, 21, 21, 21, 22, 22, 22, 22, 23, 23, 23, 24, 24, 24, 25, 25, 25, 25, 26, 26, 26, 27, 27,
+           27, 28, 28, 28, 28, 29, 29, 29, 30, 30, 30, 31],
+    0.04: [1, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10, 10, 11, 11,
+           11, 11, 12, 12, 12, 13, 13, 13, 14, 14, 14, 15, 15, 15, 16, 16, 16, 16, 17, 17, 17, 18, 18, 18, 19, 19, 19,
+           20, 20, 20, 21, 21, 21, 21, 22, 22, 22, 23, 23, 23, 24, 24, 24, 25, 25, 25, 26, 26, 26, 26, 27, 27, 27, 28,
+           28, 28, 29, 29, 29, 30, 30, 30, 31, 31, 31, 31],
+}
+DDT_FIRST_GUIDED_LONG = {(125, None): 38, (200, None): 61, (250, None): 76, (500, None): 151, (1000, None): 301,
+                         (125, 0.04): 39, (200, 0.04): 63, (250, 0.04): 78, (500, 0.04): 156, (1000, 0.04): 313}
+
+
+def test_ddt_preset_guides_the_same_steps_as_the_official_sampler() -> None:
+    from samplers.grids import uniform_grid
+
+    spec, _ = _sampler(["experiment=in256_ddt_xl"])
+    interval = tuple(spec.guidance["interval"])
+    assert interval == (0.0, 0.7, "()") and spec.steps == 250
+    cases = {(n, last): first for last, row in DDT_FIRST_GUIDED.items() for n, first in enumerate(row, start=1)}
+    cases.update(DDT_FIRST_GUIDED_LONG)
+    for (n, last), first in cases.items():
+        if last is not None and n == 1:
+            continue  # upstream's one-step grid ignores last_step; ours needs steps >= 2 with t_min
+        # upstream: t_D = linspace(0, 1 - last, N) then 1 (data); ours: t = 1 - t_D
+        ts = uniform_grid(n) if last is None else uniform_grid(n, t_min=last)
+        guided = in_interval(ts[:-1], interval)
+        assert guided.tolist() == [i >= first for i in range(n)], (n, last)
+    # The preset's own grid and the closed [0, 0.7] of before: one step more wherever 0.7 is a grid point.
+    assert int(in_interval(spec.time_grid(LinearPath())[:-1], interval).sum()) == 250 - 78
+    ts = uniform_grid(10)
+    assert int(in_interval(ts[:-1], (0.0, 0.7)).sum()) == int(in_interval(ts[:-1], interval).sum()) + 1
+
+
 def test_lightningdit_experiment_uses_the_64_epoch_sampler() -> None:
     spec, c = _sampler(["experiment=in256_lightningdit_xl1"])
     assert c["trainer"]["total_kimg"] == 81920  # 80K steps x 1024 = 64 epochs

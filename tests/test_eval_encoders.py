@@ -57,6 +57,38 @@ def test_dinov2_encoder_matches_repa(tmp_path, name: str) -> None:
     assert torch.allclose(((p @ torch.cos(0.7 * d)) * torch.cos(0.3 * n)).sum(1), patch_proj, rtol=0, atol=5e-3)
 
 
+# VA-VAE's VF-loss encoder path on make_random_dinov2_weights(seed=0) (ViT-S/14; the official run uses ViT-L/14 of
+# the same family), computed once outside this repository (torch 2.14.1, timm 1.0.31, CPU, 1 thread):
+# hustvl/LightningDiT @ 2725fed42a14898744433809949834e26957bcdd, vavae/ldm/models/foundation_models.py
+# aux_foundation_model("dinov2") with timm.create_model(..., dynamic_img_size=True) given the file through
+# checkpoint_filter_fn instead of the hub, on images/127.5 - 1 (vavae/ldm/data/imagenet.py) of the same images as
+# REPA_REFERENCE; its (B, D, 16, 16) output flattened to (B, 256, D). The first token's first 6 features, and
+# sum_n (patch_n . cos(0.7 d)) cos(0.3 n), sum_n (patch_n . sin(1.3 d)) sin(0.2 n) per image.
+VAVAE_REFERENCE = (
+    [[-0.1479532, 1.179674, 1.49569, -1.986928, 0.6078021, -1.593656],
+     [-0.6463199, 1.145006, 2.124803, -1.214649, 1.762357, -0.4176619]],
+    [17.93397, -98.34979],
+    [-213.5381, -191.7139],
+)
+
+
+def test_dinov2_encoder_with_vavae_preprocessing_matches_the_vf_loss_encoder(tmp_path) -> None:
+    weights = make_random_dinov2_weights(tmp_path / "w.pth", ARCH["dinov2_vits14"], seed=0)
+    enc = AlignmentEncoder("dinov2_vits14", resolution=256, weights_path=str(weights), preprocess="vavae")
+    patches, _ = enc(_images(2, 256))
+    first, proj, proj2 = (torch.tensor(v, dtype=torch.float64) for v in VAVAE_REFERENCE)
+    p = patches.double()
+    d, n = torch.arange(384, dtype=torch.float64), torch.arange(256, dtype=torch.float64)
+    assert torch.allclose(p[:, 0, :6], first, rtol=0, atol=2e-5)
+    assert torch.allclose(((p @ torch.cos(0.7 * d)) * torch.cos(0.3 * n)).sum(1), proj, rtol=0, atol=5e-3)
+    assert torch.allclose(((p @ torch.sin(1.3 * d)) * torch.sin(0.2 * n)).sum(1), proj2, rtol=0, atol=5e-3)
+    # REPA's preprocessing (the default) gives other targets from the same weights
+    repa, _ = AlignmentEncoder("dinov2_vits14", resolution=256, weights_path=str(weights))(_images(2, 256))
+    assert (repa[:, 0, :6].double() - first).abs().max() > 0.1
+    with pytest.raises(ValueError, match="preprocess='imagenet' is not one of"):
+        AlignmentEncoder("dinov2_vits14", resolution=256, weights_path=str(weights), preprocess="imagenet")
+
+
 def test_token_grid_at_several_resolutions() -> None:
     enc = AlignmentEncoder("dinov2_vits14_reg", resolution=32, random_init=True)
     assert (enc.dim, enc.num_prefix) == (384, 5)
@@ -92,7 +124,8 @@ def test_yardstick_foundation_goes_through_the_same_class_and_path() -> None:
 def test_built_from_a_spec_frozen_and_identified(name: str, resolution: int) -> None:
     spec = {"_target_": "eval.encoders.AlignmentEncoder", "name": name, "resolution": resolution, "random_init": True}
     enc = build(spec)
-    assert enc.config == {**spec, "weights_path": None, "cache_dir": None, "download": False, "seed": 0}
+    assert enc.config == {**spec, "weights_path": None, "cache_dir": None, "download": False, "seed": 0,
+                          "preprocess": "repa"}
     again = build(enc.config)
     assert again.identity() == enc.identity() and enc.identity()["name"] == name
     assert enc.identity()["class"] == "eval.encoders.AlignmentEncoder" and len(enc.identity()["sha256"]) == 64

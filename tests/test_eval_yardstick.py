@@ -86,8 +86,11 @@ def test_yardstick_features_refuse_wrong_images(cache) -> None:
     ext = YardstickFeatures("mnist5k", cache)
     with pytest.raises(ValueError, match="32x32"):
         ext(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="1-channel"):
-        ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    colour = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    colour[:, 0] = 255  # grey repeated to RGB (sample.py npz_rgb=true) is read as grey; colour is refused
+    with pytest.raises(ValueError, match="1-channel.*channels differ"):
+        ext(colour)
+    assert torch.equal(ext(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)), ext(torch.zeros(2, 1, 32, 32, dtype=torch.uint8)))
     with pytest.raises(TypeError, match="uint8"):
         ext(torch.zeros(2, 1, 32, 32))
 

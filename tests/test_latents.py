@@ -259,3 +259,180 @@ def test_moved_extraction_keeps_its_content_identity(tmp_path: Path) -> None:
     assert data_identity(LatentShards(moved)) == first and first["kind"] == "latents" and first["count"] == 7
     other = _extract(tmp_path / "c", dataset=_data(count=7), seed=8)  # other posterior samples: other content
     assert data_identity(LatentShards(other))["sha256"] != first["sha256"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards are checked before they are trusted (issue 17).
+
+
+def _flip_byte(path: Path, offset_from_end: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x5A  # a tensor byte (the header is at the start)
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_or_foreign_shards_are_refused_and_rewritten(tmp_path: Path, caplog) -> None:
+    out = _extract(tmp_path / "a")
+    good = _files(out)
+    # Damaged bytes inside a tensor: the shard still parses, its checksum does not match.
+    _flip_byte(out / shard_name(2))
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors cannot be trusted: its contents do not match the "
+                                         r"checksum .* Re-run the extraction command"):
+        LatentShards(out)
+    # Truncated: not a safetensors file any more.
+    (out / shard_name(4)).write_bytes(good[shard_name(4)][:100])
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors cannot be trusted"):
+        LatentShards(out)
+    # Re-running the command rewrites exactly those shards, says so, and everything is as before.
+    with caplog.at_level("WARNING", logger="gen.data.latents"):
+        _extract(out)
+    assert _files(out) == good
+    assert "rewriting" in caplog.text and shard_name(2) in caplog.text and shard_name(4) in caplog.text
+
+    # A shard copied from another tokenizer's extraction (same images, same start and count) is refused, and
+    # re-extraction never mixes it into the statistics.
+    other = _extract(tmp_path / "b", tokenizer=build({**TOKENIZER, "seed": 1}))
+    (out / shard_name(1)).write_bytes((other / shard_name(1)).read_bytes())
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors cannot be trusted: it belongs to another "
+                                         r"extraction \(another tokenizer"):
+        LatentShards(out)
+    (out / "stats.json").unlink()
+    _extract(out)
+    assert _files(out) == good
+
+
+def test_shards_without_a_checksum_are_not_trusted(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = _extract(tmp_path / "a", dataset=_data(count=7))
+    path = out / shard_name(0)
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={"shard": '{"count": 5, "format": "gen-latents-v1", "start": 0}'})
+    with pytest.raises(ValueError, match="shard-00000.safetensors cannot be trusted: it carries no checksum"):
+        LatentShards(out)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: {**s, "std": [float("nan")] + s["std"][1:]}, "the std of latent channel 0 is nan"),
+    (lambda s: {**s, "std": s["std"][:2] + [0.0] + s["std"][3:]}, "the std of latent channel 2 is 0.0"),
+    (lambda s: {**s, "std": s["std"][:1] + [-1.0] + s["std"][2:]}, "the std of latent channel 1 is -1.0"),
+    (lambda s: {**s, "mean": s["mean"][:3] + [float("inf")]}, "the mean of latent channel 3 is inf"),
+    (lambda s: {**s, "mean": s["mean"][:3]}, "3 means and 4 stds"),
+    (lambda s: {**s, "mean": "zero"}, "mean must be a list of numbers"),
+])
+def test_statistics_must_be_finite_and_positive(tmp_path: Path, edit, message: str) -> None:
+    import json
+
+    out = _extract(tmp_path / "a", dataset=_data(count=7))
+    stats = json.loads((out / "stats.json").read_text())
+    (out / "stats.json").write_text(json.dumps(edit(stats)))
+    with pytest.raises(ValueError, match=rf"stats.json: {message}"):
+        LatentShards(out)
+
+
+def test_statistics_of_a_constant_channel_are_not_written(tmp_path: Path) -> None:
+    class _ConstantChannel(PixelTokenizer):
+        def raw_latents(self, images, generator=None):
+            z = super().raw_latents(images, generator)
+            return torch.cat([z[:, :1], torch.zeros_like(z[:, 1:])], dim=1)
+
+    with pytest.raises(ValueError, match="the std of latent channel 1 is 0.0; per-channel normalisation needs"):
+        _extract(tmp_path / "c", dataset=_data(count=7), tokenizer=_ConstantChannel(channels=3))
+    assert not (tmp_path / "c" / "stats.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The extraction command: unwritable outputs and a full disk are one line naming the file (issue 17).
+
+
+def _extract_cli(overrides: list[str], capsys) -> tuple[int, str]:
+    from hydra import compose, initialize_config_dir
+
+    from scripts.extract_latents import main_checked
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="extract", overrides=["data=shapes", "data.dataset.count=7", "data.resolution=16",
+                                                        "tokenizer=pixels", "shard_size=3", *overrides])
+    code = main_checked(cfg)
+    return code, capsys.readouterr().err
+
+
+def _one_line(code: int, err: str, *names: str) -> None:
+    assert code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and all(n in lines[0] for n in names), (names, err)
+
+
+def test_extraction_refuses_unwritable_outputs_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+    import tempfile
+
+    (tmp_path / "file").write_text("x")
+    _one_line(*_extract_cli([f"out={tmp_path / 'file'}"], capsys), str(tmp_path / "file"), "is a file, not a folder")
+    _one_line(*_extract_cli([f"out={tmp_path / 'file' / 'sub'}"], capsys), str(tmp_path / "file"), "is a file")
+
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, **kwargs):  # tests run as root, so a read-only folder is simulated
+        if str(kwargs.get("dir", "")).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", kwargs["dir"])
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    _one_line(*_extract_cli([f"out={tmp_path / 'ro'}"], capsys), str(tmp_path / "ro"), "read-only")
+    assert not any((tmp_path / "ro").iterdir())
+
+
+def test_full_disk_during_extraction_is_one_line_and_resumes(tmp_path: Path, monkeypatch, capsys) -> None:
+    import errno
+
+    out = tmp_path / "lat"
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:
+        if self.name.startswith(".tmp-" + shard_name(1)):
+            real(self, data[: len(data) // 2])  # a real full disk fails after writing part of the file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    _one_line(*_extract_cli([f"out={out}"], capsys), str(out / shard_name(1)), "disk is full")
+    assert not list(out.glob(".tmp-*")) and not (out / shard_name(1)).exists() and not (out / "stats.json").exists()
+    monkeypatch.undo()
+    code, err = _extract_cli([f"out={out}"], capsys)
+    assert code == 0, err
+    assert len(LatentShards(out)) == 7
+
+
+def test_damaged_manifest_statistics_and_misplaced_shards_are_named(tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = _extract(tmp_path / "a", dataset=_data(count=12))
+    good = _files(out)
+    # A shard of the same extraction in the wrong place (shard 1 copied over shard 2): same plan, other images.
+    (out / shard_name(2)).write_bytes(good[shard_name(1)])
+    with pytest.raises(ValueError, match=r"shard-00002.safetensors cannot be trusted: it holds images 5\+5, the "
+                                         r"manifest says 10\+2"):
+        LatentShards(out)
+    # Shard metadata that is not a record.
+    with safe_open(str(out / shard_name(1)), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out / shard_name(2)), metadata={"shard": "[1, 2]"})
+    with pytest.raises(ValueError, match="shard-00002.safetensors cannot be trusted: its metadata is not a shard record"):
+        LatentShards(out)
+    (out / shard_name(2)).write_bytes(good[shard_name(2)])
+    (out / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"stats.json is not a JSON statistics file .* re-run the extraction"):
+        LatentShards(out)
+    (out / "stats.json").write_bytes(good["stats.json"])
+    (out / "manifest.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match=r"manifest.json is not a latent extraction of this toolkit \(format 'list'\)"):
+        LatentShards(out)
+    (out / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match=r"manifest.json is not a JSON manifest"):
+        _extract(out, dataset=_data(count=12))

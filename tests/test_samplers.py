@@ -505,6 +505,32 @@ def test_cfg_batches_branches_in_one_call() -> None:
     assert calls == [6]
 
 
+def test_guidance_interval_open_and_closed_ends() -> None:
+    from samplers.grids import uniform_grid
+    from samplers.guidance import in_interval, parse_interval
+
+    t = torch.tensor([0.9, 0.7, 0.5, 0.3, 0.0], dtype=torch.float64)
+    assert in_interval(t, (0.3, 0.7)).tolist() == [False, True, True, True, False]
+    assert in_interval(t, (0.3, 0.7, "[]")).tolist() == [False, True, True, True, False]
+    assert in_interval(t, (0.3, 0.7, "[)")).tolist() == [False, False, True, True, False]
+    assert in_interval(t, (0.3, 0.7, "(]")).tolist() == [False, True, True, False, False]
+    assert in_interval(t, (0.3, 0.7, "()")).tolist() == [False, False, True, False, False]
+    # Ends that a grid hits in exact arithmetic are decided by the notation, not by the grid's rounding
+    # (7 * 0.1 = 0.7000000000000001 and 0.1 + 0.2 = 0.30000000000000004 in float64).
+    ts = uniform_grid(10)[:-1]
+    assert in_interval(ts, (0.0, 0.7, "()")).tolist() == [False] * 4 + [True] * 6
+    assert in_interval(ts, (0.0, 0.7)).tolist() == [False] * 3 + [True] * 7
+    rounded = torch.tensor([7 * 0.1, 0.1 + 0.2, 0.7 - 1e-7, 0.3 + 1e-7], dtype=torch.float64)
+    assert in_interval(rounded, (0.3, 0.7)).tolist() == [True, True, True, True]
+    assert in_interval(rounded, (0.3, 0.7, "()")).tolist() == [False, False, True, True]
+    for bad in ([0.7, 0.3], [0.0, 0.7, "open"], [0.0], [0.0, 0.7, "()", 1], [-0.1, 0.5], [0.0, float("nan")], "0,0.7",
+                [0.0, True], [0.0, "0.7"]):
+        with pytest.raises(ValueError, match=r"sampler.guidance.interval must be null, \[t_lo, t_hi\] or"):
+            parse_interval(bad, "sampler.guidance.interval")
+    with pytest.raises(ValueError, match="guidance interval must be"):
+        cfg(_label_model, 2.0, 4, interval=(0.0, 0.7, "(("))
+
+
 def test_guidance_interval_switching() -> None:
     calls = []
 

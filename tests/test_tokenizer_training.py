@@ -326,6 +326,16 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
     assert c["method"]["autoencoder"]["_target_"] == "tokenizers.kl.AutoencoderKLTokenizer"
     if experiment.startswith("vavae_f16d32"):
         assert c["method"]["foundation"]["name"] == "dinov2_vitl14" and c["method"]["autoencoder"]["downsample"] == 16
+        assert c["method"]["foundation"]["preprocess"] == "vavae"  # VA-VAE's DINOv2 input, not REPA's
+        # The official GAN start, worked out once from hustvl/LightningDiT at 2725fed42a14898744433809949834e26957bcdd
+        # (vavae/configs/f16d32_vfdinov2.yaml disc_start 5001, batch 8 x 32 GPUs; vavae/ldm/models/autoencoder.py
+        # training_step steps two optimizers per batch under pytorch-lightning 2.4 manual optimisation, one global
+        # step each; vavae/ldm/modules/losses/contperceptual.py adopt_weight: factor 1 once global_step >= 5001):
+        # batch b (0-based) computes the autoencoder loss at global step 2b, so the GAN term is first on at b = 2501.
+        first_gan_batch, batch = 2501, 256
+        start = round(c["method"]["disc_start_kimg"] * 1000)
+        assert c["trainer"]["batch_size"] == batch
+        assert (first_gan_batch - 1) * batch < start <= first_gan_batch * batch  # progress.nimg >= start from b = 2501
         return
     if c["method"]["foundation"]:
         c["method"]["foundation"]["random_init"] = True  # the yardstick network is trained on first use; not here

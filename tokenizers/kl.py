@@ -133,6 +133,27 @@ class AutoencoderKLTokenizer(Tokenizer):
     # projection returns a contiguous tensor) set this; SD-VAE keeps diffusers' behaviour bit for bit.
     contiguous_attention: bool = False
 
+    # Its architecture is its settings: a snapshot's copy is sized on the meta device first
+    # (gen.utils.ckpt.build_snapshot_tokenizer).
+    snapshot_meta_build = True
+
+    @staticmethod
+    def snapshot_numel_estimate(spec: Mapping[str, Any]) -> int:
+        """A lower bound of the weights an architecture spec describes, without building anything: the 3x3
+        convolutions of its residual blocks, ``(2 * layers_per_block + 1) * 2 * 9 * c^2`` per level of width c."""
+        try:
+            layers = int(spec.get("layers_per_block", 1))
+            return sum((2 * layers + 1) * 18 * int(c) ** 2 for c in spec.get("block_out_channels", (32, 64)))
+        except (TypeError, ValueError):
+            return 0  # the constructor refuses malformed settings itself
+
+    @staticmethod
+    def snapshot_skeleton(spec: Mapping[str, Any]) -> nn.Module:
+        """The network ``spec`` describes, on the meta device (no memory): what a snapshot's settings would build."""
+        keys = ("block_out_channels", "layers_per_block", "latent_channels", "attention_levels", "image_channels",
+                "norm_num_groups", "mid_attention")
+        return build_autoencoder_kl(autoencoder_kl_kwargs(**{k: spec[k] for k in keys if k in spec}), meta=True)
+
     def __init__(
         self,
         block_out_channels: Sequence[int] = (32, 64),

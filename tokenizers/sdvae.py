@@ -122,6 +122,8 @@ class SDVAE(AutoencoderKLTokenizer):
         latent_channels, downsample: 4 and 8; accepted so configs can carry them, and checked.
     """
 
+    snapshot_meta_build = False  # a fixed architecture, or the one of its (user-named) weights
+
     def __init__(
         self,
         variant: Literal["ema", "mse"] = "ema",

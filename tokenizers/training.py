@@ -45,10 +45,12 @@ Differences from the official code, on purpose:
 * ``learn_logvar``: the official optimizers leave ``logvar`` out (hustlv/LightningDiT, vavae/ldm/models/autoencoder.py
   ``configure_optimizers``), so it stays at ``logvar_init``; ``learn_logvar: false`` reproduces that, ``true`` trains
   it with the autoencoder as LDM's formulation of a learned output variance intends.
-* The foundation encoder reads the uint8 images through ``AlignmentEncoder`` (REPA's DINOv2 preprocessing: ImageNet
-  mean/std, bicubic resize); VA-VAE feeds DINOv2 the [-1, 1] image resized bilinearly to 224 px without ImageNet
-  normalisation. Token grids that differ from the latent grid are matched by area, as REPA's alignment does
-  (``match_grid``); VA-VAE's grids are equal (16x16).
+* Token grids that differ from the latent grid are matched by area, as REPA's alignment does (``match_grid``);
+  VA-VAE's grids are equal (16x16), and VA-VAE's code admits no other.
+
+The foundation encoder reads the uint8 images through ``AlignmentEncoder(preprocess="vavae")`` (the method preset
+sets it), which feeds DINOv2 as VA-VAE does: the [-1, 1] image resized bilinearly to 224 px at 256 px, without
+ImageNet normalisation (hustvl/LightningDiT, vavae/ldm/models/foundation_models.py).
 
 Snapshots hold the EMA of the autoencoder in diffusers' layout, the state dict an ``AutoencoderKLTokenizer`` loads
 from ``weights``; their metadata carries the tokenizer's ``_target_`` spec (``"tokenizer"``, with ``weights: null``)

@@ -265,6 +265,8 @@ class VAVAE(AutoencoderKLTokenizer):
     # also 4x closer to a float64 run; the two agree to 1e-13 in float64 (bench/README.md).
     contiguous_attention = True
 
+    snapshot_meta_build = False  # a fixed architecture, or the one of its (user-named) weights
+
     def __init__(
         self,
         weights: str | os.PathLike | None = None,

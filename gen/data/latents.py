@@ -10,6 +10,15 @@ latents once instead of encoding every step; hustvl/LightningDiT, NVlabs/edm2)::
     stats.json               per-channel mean/std of all stored latents (both flips); written last, so its
                              presence marks a complete extraction
 
+Every shard is checked before it is trusted, by whoever reads it (``LatentShards`` on opening the folder,
+``extract_latents`` before counting a shard as done and before the statistics): its metadata names the extraction
+it belongs to (``plan``: the SHA-256 of the manifest's settings, tokenizer identity included) and the SHA-256 of
+its tensors (names, dtypes, shapes and bytes, ``content_sha256``). A damaged shard, or one copied from another
+extraction (another tokenizer, seed or dataset), is refused on reading with a message naming the file, and
+rewritten by re-running the extraction. The statistics are computed from checked shards only and must be finite
+with std > 0 in every channel, so ``stats.json`` never holds NaN or statistics over mixed latents. Checking reads
+every shard once (about a second per GB).
+
 Raw latents are stored (before any normalisation), so one extraction serves 0.18215 scaling and per-channel
 statistics alike (EDM2's chain: pixels -> stored raw latents -> normalised latents, training/encoders.py).
 
@@ -22,8 +31,10 @@ convolution rounding may depend on both). The statistics are float64 sums per sh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -113,6 +124,18 @@ def _comparable(plan: Mapping[str, Any]) -> dict[str, Any]:
     return {**plan, "tokenizer_config": config}
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    """``manifest.json`` of an extraction, refused with its path unless it is this toolkit's JSON manifest."""
+    try:
+        plan = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON manifest ({e}); delete {path.parent} and extract again") from e
+    if not isinstance(plan, dict) or plan.get("format") != FORMAT:
+        found = plan.get("format") if isinstance(plan, dict) else type(plan).__name__
+        raise ValueError(f"{path} is not a latent extraction of this toolkit (format {found!r})")
+    return plan
+
+
 def _check_same_plan(found: Mapping[str, Any], plan: Mapping[str, Any], out: Path) -> None:
     found, plan = _comparable(found), _comparable(plan)
     if found == plan:
@@ -126,17 +149,48 @@ def _check_same_plan(found: Mapping[str, Any], plan: Mapping[str, Any], out: Pat
     )
 
 
-def _shard_complete(path: Path, start: int, count: int) -> bool:
+def plan_digest(plan: Mapping[str, Any]) -> str:
+    """SHA-256 of an extraction's settings (the manifest less where the weights were read from): the ``plan``
+    every shard of that extraction records, so a shard of another extraction is recognised."""
+    return hashlib.sha256(_json_text(_comparable(plan)).encode()).hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: names, dtypes, shapes and bytes, in name order (a shard's ``content_sha256``)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def shard_problem(path: Path, start: int, count: int, digest: str) -> str | None:
+    """Why the shard at ``path`` cannot be trusted as images [start, start + count) of the extraction whose
+    :func:`plan_digest` is ``digest`` (None: it can). Reads the whole file."""
     from safetensors import safe_open
 
     if not path.is_file():
-        return False
+        return "it is missing"
     try:
         with safe_open(str(path), "pt") as f:
             info = json.loads((f.metadata() or {}).get("shard", "{}"))
-    except Exception:  # a foreign or damaged file: treat as missing and rewrite it
-        return False
-    return info.get("start") == start and info.get("count") == count
+            if not isinstance(info, dict):
+                return "its metadata is not a shard record"
+            if "content_sha256" not in info or "plan" not in info:
+                return "it carries no checksum (written by an older version of the toolkit, or by another tool)"
+            if info["plan"] != digest:
+                return ("it belongs to another extraction (another tokenizer, seed or dataset) than the manifest "
+                        "describes")
+            if info.get("start") != start or info.get("count") != count:
+                return f"it holds images {info.get('start')}+{info.get('count')}, the manifest says {start}+{count}"
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged headers and data
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        return f"it cannot be read as a safetensors file ({reason})"
+    if tensors_sha256(tensors) != info["content_sha256"]:
+        return "its contents do not match the checksum it was written with (the file is damaged)"
+    return None
 
 
 @torch.no_grad()
@@ -234,23 +288,28 @@ def extract_latents(
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         if manifest.is_file():
-            _check_same_plan(json.loads(manifest.read_text()), plan, out)
+            _check_same_plan(read_manifest(manifest), plan, out)
         else:
             _write_json(manifest, plan)
         for stale in out.glob(".tmp-*"):  # temp files of a killed run: never renamed, never valid
             stale.unlink()
     dist.barrier()
-    _check_same_plan(json.loads(manifest.read_text()), plan, out)
+    _check_same_plan(read_manifest(manifest), plan, out)
 
     n, num_shards = plan["dataset"]["num_images"], plan["num_shards"]
+    digest = plan_digest(plan)
     mine = list(range(dist.rank(), num_shards, dist.world_size()))
     for done, k in enumerate(mine, 1):
         start, stop = k * shard_size, min((k + 1) * shard_size, n)
         path = out / shard_name(k)
-        if not _shard_complete(path, start, stop - start):
+        problem = shard_problem(path, start, stop - start, digest)
+        if problem is not None:
+            if path.exists():  # a damaged or foreign shard is never counted as done: say so, and rewrite it
+                log.warning("rewriting %s: %s", path, problem)
             tensors = _encode_shard(dataset, tokenizer, start, stop, plan, batch_size, workers, device)
             # One metadata entry holding sorted JSON, so the file's bytes are a function of its content.
-            meta = {"shard": json.dumps({"start": start, "count": stop - start, "format": FORMAT}, sort_keys=True)}
+            meta = {"shard": json.dumps({"start": start, "count": stop - start, "format": FORMAT, "plan": digest,
+                                         "content_sha256": tensors_sha256(tensors)}, sort_keys=True)}
             from safetensors.torch import save
 
             data = save(tensors, metadata=meta)
@@ -262,10 +321,26 @@ def extract_latents(
 
     # Statistics from the files (so a resumed run gets them too): per-shard float64 sums, each shard's row
     # filled by the rank that owns it, reduced (adding zeros is exact), then added in shard order.
+    # Every shard is checked again here (a shard written by another process or run, or damaged since), and a bad
+    # one turns its row to NaN, so every rank learns of it through the reduction and none writes statistics.
     sums = torch.zeros(num_shards, 3, plan["latent_shape"][0], dtype=torch.float64)
+    problems: dict[int, str] = {}
     for k in mine:
-        sums[k] = _shard_sums(out / shard_name(k))
+        start, stop = k * shard_size, min((k + 1) * shard_size, n)
+        problem = shard_problem(out / shard_name(k), start, stop - start, digest)
+        if problem is None:
+            sums[k] = _shard_sums(out / shard_name(k))
+        else:
+            problems[k], sums[k] = problem, float("nan")
     dist.all_reduce_sum(sums)
+    bad = [k for k in range(num_shards) if not bool(torch.isfinite(sums[k]).all())]
+    if bad:
+        k = bad[0]
+        why = problems.get(k, "checked by another process")
+        raise ValueError(
+            f"{out / shard_name(k)} cannot be trusted: {why}; {len(bad)} shard(s) affected, stats.json not written. "
+            f"Re-run the extraction command to rewrite them (or delete {out} to start over)."
+        )
     if dist.is_main():
         total = torch.zeros_like(sums[0])
         for k in range(num_shards):
@@ -273,10 +348,37 @@ def extract_latents(
         count, s1, s2 = total
         mean = s1 / count
         std = (s2 / count - mean.square()).clamp_min(0).sqrt()
-        _write_json(out / STATS, {"format": FORMAT, "mean": mean.tolist(), "std": std.tolist(),
-                                  "num_values_per_channel": int(count[0]), "tokenizer": plan["tokenizer"]})
+        stats = {"format": FORMAT, "mean": mean.tolist(), "std": std.tolist(),
+                 "num_values_per_channel": int(count[0]), "tokenizer": plan["tokenizer"]}
+        check_statistics(stats, out / STATS, int(plan["latent_shape"][0]))  # before anything is written
+        _write_json(out / STATS, stats)
     dist.barrier()
     return out
+
+
+def check_statistics(stats: Mapping[str, Any], where: str | os.PathLike, channels: int | None = None) -> None:
+    """Refuse per-channel statistics that cannot normalise latents: not ``channels`` numbers each, a mean that is
+    not finite, or a std that is not finite and > 0 (a constant channel, or NaN from damaged latents).
+
+    Raises:
+        ValueError: naming ``where``, the channel and its value.
+    """
+    mean, std = stats.get("mean"), stats.get("std")
+    for key, values in (("mean", mean), ("std", std)):
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"{where}: {key} must be a list of numbers, one per latent channel, got {values!r:.80}")
+    if len(mean) != len(std) or (channels is not None and len(mean) != channels):
+        raise ValueError(f"{where}: {len(mean)} means and {len(std)} stds for "
+                         f"{channels if channels is not None else len(mean)} latent channels")
+    for c, (m, s) in enumerate(zip(mean, std)):
+        if not math.isfinite(m):
+            raise ValueError(f"{where}: the mean of latent channel {c} is {m}; the latents are damaged or the "
+                             "tokenizer diverged. Re-run the extraction (damaged shards are rewritten).")
+        if not (math.isfinite(s) and s > 0):
+            raise ValueError(f"{where}: the std of latent channel {c} is {s}; per-channel normalisation needs a "
+                             "finite std > 0 (a constant channel cannot be normalised). Check the tokenizer, or "
+                             "normalise with a scaling factor instead of per-channel statistics.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,9 +392,14 @@ def load_latent_statistics(path: str | os.PathLike) -> dict[str, Any]:
         path = path / STATS
     if not path.is_file():
         raise FileNotFoundError(f"no latent statistics at {path}")
-    stats = json.loads(path.read_text())
-    if stats.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a latent statistics file of this toolkit (format {stats.get('format')!r})")
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a JSON statistics file ({e}); re-run the extraction to rewrite it") from e
+    if not isinstance(stats, dict) or stats.get("format") != FORMAT:
+        found = stats.get("format") if isinstance(stats, dict) else type(stats).__name__
+        raise ValueError(f"{path} is not a latent statistics file of this toolkit (format {found!r})")
+    check_statistics(stats, path)
     return stats
 
 
@@ -332,9 +439,7 @@ class LatentShards(Dataset):
                 f"{self.root} holds no latent extraction ({MANIFEST} missing); create it with "
                 f"`python -m scripts.extract_latents data=<images> tokenizer=<preset> out={self.root}`"
             )
-        plan = json.loads(manifest.read_text())
-        if plan.get("format") != FORMAT:
-            raise ValueError(f"{manifest} is not a latent extraction of this toolkit (format {plan.get('format')!r})")
+        plan = read_manifest(manifest)
         missing = [shard_name(k) for k in range(plan["num_shards"]) if not (self.root / shard_name(k)).is_file()]
         if missing or not (self.root / STATS).is_file():
             raise FileNotFoundError(
@@ -368,10 +473,20 @@ class LatentShards(Dataset):
         self.has_images = bool(plan["store_images"])
         self._n = int(data["num_images"])
         self._shard_size = int(plan["shard_size"])
-        labels = []
+        # Every shard is checked against its checksum and the manifest before anything of it is used.
+        digest, labels, self._shard_sha256 = plan_digest(plan), [], []
         for k in range(plan["num_shards"]):
-            with safe_open(str(self.root / shard_name(k)), "pt") as f:
+            path = self.root / shard_name(k)
+            start = k * self._shard_size
+            problem = shard_problem(path, start, min(self._shard_size, self._n - start), digest)
+            if problem is not None:
+                raise ValueError(
+                    f"{path} cannot be trusted: {problem}. Re-run the extraction command that made {self.root} "
+                    f"(`python -m scripts.extract_latents ... out={self.root}`); it rewrites such shards."
+                )
+            with safe_open(str(path), "pt") as f:
                 labels.append(f.get_tensor("label"))
+                self._shard_sha256.append(json.loads(f.metadata()["shard"])["content_sha256"])
         self.labels = torch.cat(labels)
         if self.labels.shape != (self._n,):
             raise ValueError(f"the shards in {self.root} hold {self.labels.shape[0]} labels for {self._n} images")
@@ -382,15 +497,13 @@ class LatentShards(Dataset):
         return self._n
 
     def content_identity(self) -> dict[str, Any]:
-        """A fingerprint of the extraction's content (its manifest, statistics and every shard's name and size), so
-        a training run resumes on the same latents after the folder moved; the bytes of the shards are not read."""
-        import hashlib
-
+        """A fingerprint of the extraction's content (its manifest, statistics and every shard's checked content
+        checksum), so a training run resumes on the same latents after the folder moved."""
         h = hashlib.sha256()
         for name in (MANIFEST, STATS):
             h.update((self.root / name).read_bytes())
-        for k in range((self._n + self._shard_size - 1) // self._shard_size):
-            h.update(f"{shard_name(k)}|{(self.root / shard_name(k)).stat().st_size}\n".encode())
+        for k, sha in enumerate(self._shard_sha256):
+            h.update(f"{shard_name(k)}|{sha}\n".encode())
         return {"kind": "latents", "count": self._n, "sha256": h.hexdigest()}
 
     def _shard(self, k: int) -> Any:

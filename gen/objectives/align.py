@@ -4,7 +4,7 @@ REPA (Yu et al. 2025, "Representation Alignment for Generation: Training Diffusi
 Think"; sihyun-yu/REPA loss.py, models/sit.py): the backbone's tokens after block ``depth`` (1-indexed) go through a
 projector ``Linear(D, 2048) -> SiLU -> Linear(2048, 2048) -> SiLU -> Linear(2048, d_enc)`` and are pulled towards the
 frozen encoder's patch tokens of the *clean* image: ``L_REPA = -mean_tokens cos(h_phi(h_n), y_n)``, added with weight
-``lambda = 0.5``.
+``lambda = 0.5``. The projector starts with xavier-uniform weights and zero biases, as in both official repositories.
 
 REG (Wu et al. 2025, "Representation Entanglement for Generation"; Martinser/REG loss.py, models/sit.py): the
 encoder's class token ``c`` is noised with the image's ``t`` and its own noise, ``c_t = alpha_t c + sigma_t eps_c``,
@@ -36,8 +36,18 @@ from gen.utils.seed import Randomness
 
 
 def build_projector(dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    """REPA's ``build_mlp``: ``Linear(D, H) -> SiLU -> Linear(H, H) -> SiLU -> Linear(H, d_enc)``."""
-    return nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+    """REPA's ``build_mlp``: ``Linear(D, H) -> SiLU -> Linear(H, H) -> SiLU -> Linear(H, d_enc)``.
+
+    Initialised as both official models initialise it: the projectors live inside the SiT, whose
+    ``initialize_weights`` applies ``_basic_init`` to every ``nn.Linear`` (xavier-uniform weights, zero biases) in
+    module order (sihyun-yu/REPA models/sit.py; Martinser/REG models/sit.py), not PyTorch's default init.
+    """
+    proj = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, out_dim))
+    for layer in proj:
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+    return proj
 
 
 def negative_cosine(pred: Tensor, target: Tensor) -> Tensor:
@@ -88,8 +98,10 @@ class Alignment(nn.Module):
         reg_weight: float = 0.03,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"align depth must be a block number >= 1, got {depth}")
+        for name, value in (("depth", depth), ("projector_dim", projector_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # 2.5: refused, never truncated
+                what = "a block number, an integer >= 1" if name == "depth" else "an integer >= 1"
+                raise ValueError(f"align.{name}={value!r} must be {what}")
         if weight < 0 or reg_weight < 0:
             raise ValueError(f"align weights must be >= 0, got weight={weight}, reg_weight={reg_weight}")
         hold_frozen(self, "encoder", encoder)

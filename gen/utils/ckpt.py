@@ -10,10 +10,13 @@ rebuilds it without trusting that config (see there). A write that fails (a full
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +286,131 @@ def build_from_snapshot(spec: Mapping[str, Any], tensors: Mapping[str, torch.Ten
     net = build(spec)
     load_state_dict_checked(net, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, source)
     return net
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The tokenizer half of a snapshot: its settings are untrusted too (issue 17).
+
+MAX_TOKENIZER_NUMEL = 500_000_000  # values a snapshot's tokenizer may hold (SD-VAE: 84M, VA-VAE f16d32: 70M)
+
+_TOKENIZER_WEIGHTS: ContextVar[str | None] = ContextVar("snapshot_tokenizer_weights", default=None)
+
+
+@contextmanager
+def tokenizer_weights(path: str | os.PathLike | None) -> Iterator[None]:
+    """Within the block, snapshots' tokenizers read their weights from ``path``, a file or folder the *user* named
+    (``sample.py tokenizer_weights=...``); None leaves them without. A path in a snapshot's metadata is never read."""
+    token = _TOKENIZER_WEIGHTS.set(None if path is None else os.fspath(path))
+    try:
+        yield
+    finally:
+        _TOKENIZER_WEIGHTS.reset(token)
+
+
+def _bad_statistic(value: Any, positive: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return True
+    return not math.isfinite(value) or (positive and value <= 0)
+
+
+def check_tokenizer_settings(spec: Mapping[str, Any], source: str) -> None:
+    """Refuse a snapshot's tokenizer settings whose normalisation cannot be right: ``scaling_factor`` not finite
+    and > 0, ``mean`` / ``std`` not lists of finite numbers (std > 0) of one length (``latent_channels`` when set).
+
+    Raises:
+        CheckpointError: naming ``source`` and the setting.
+    """
+    hint = "the metadata is damaged or edited; use the snapshot the run wrote"
+    if "scaling_factor" in spec and _bad_statistic(spec["scaling_factor"], True):
+        raise CheckpointError(f"{source}: tokenizer.scaling_factor={spec['scaling_factor']!r} must be a finite number "
+                              f"> 0; {hint}")
+    lengths = {}
+    for key in ("mean", "std"):
+        values = spec.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple)) or not values:
+            raise CheckpointError(f"{source}: tokenizer.{key} must be a list with one number per latent channel, got "
+                                  f"{values!r:.80}; {hint}")
+        for i, v in enumerate(values):
+            if _bad_statistic(v, key == "std"):
+                need = "a finite number > 0" if key == "std" else "a finite number"
+                raise CheckpointError(f"{source}: tokenizer.{key}[{i}]={v!r} must be {need}; {hint}")
+        lengths[key] = len(values)
+    channels = spec.get("latent_channels")
+    if isinstance(channels, int) and not isinstance(channels, bool):
+        lengths["latent_channels"] = channels
+    if len(set(lengths.values())) > 1:
+        raise CheckpointError(f"{source}: tokenizer statistics do not fit its channels "
+                              f"({', '.join(f'{k}: {v}' for k, v in lengths.items())}); {hint}")
+
+
+def build_snapshot_tokenizer(
+    spec: Mapping[str, Any], source: str, snapshot: str | os.PathLike | None = None
+) -> torch.nn.Module:
+    """Build the tokenizer an untrusted snapshot's metadata describes, as :func:`build_from_snapshot` builds its
+    network: nothing read or allocated on the metadata's word.
+
+    * ``_target_`` must be a class of the ``tokenizers`` package.
+    * ``weights``: a path in the metadata is never followed. The tokenizer reads the snapshot file itself (a
+      tokenizer-training snapshot, ``snapshot`` given), the file or folder the user named through
+      :func:`tokenizer_weights`, or, with ``weights: null``, what its class reads then (the user's cache; a
+      seeded random initialisation for ``AutoencoderKLTokenizer``).
+    * Statistics and scaling: :func:`check_tokenizer_settings`.
+    * Size: classes whose architecture is their settings (``snapshot_meta_build``) are estimated
+      (``snapshot_numel_estimate``), then built on the meta device (``snapshot_skeleton``) and refused above
+      ``MAX_TOKENIZER_NUMEL`` values; the others take a fixed architecture or the one of
+      their (trusted) weights.
+
+    Raises:
+        CheckpointError: naming ``source`` and what is refused.
+    """
+    from gen.utils.build import build, resolve
+
+    if not isinstance(spec, Mapping) or not str(spec.get("_target_", "")).startswith("tokenizers."):
+        target = spec.get("_target_") if isinstance(spec, Mapping) else spec
+        raise CheckpointError(f"{source}: its tokenizer metadata names {target!r}, not a class of the tokenizers "
+                              "package; refusing to build it")
+    spec = dict(spec)
+    granted = _TOKENIZER_WEIGHTS.get()
+    named = spec.get("weights")
+    own = snapshot is not None and named is not None and _same_file(named, snapshot)
+    if granted is not None:
+        spec["weights"] = granted
+    elif named is not None and not own:
+        raise CheckpointError(
+            f"{source}: its tokenizer metadata names weights at {named!r}; paths in a snapshot's metadata are not "
+            f"followed. If you trust that file or folder, name it yourself: sample.py tokenizer_weights=<path> "
+            f"(python -m eval recon: --set weights=<path>)"
+        )
+    if "download" in spec:
+        spec["download"] = False  # never fetch on the word of a file; the user's own caches still work
+    check_tokenizer_settings(spec, source)
+    cls = resolve(str(spec["_target_"]))
+    if getattr(cls, "snapshot_meta_build", False):
+        estimate = cls.snapshot_numel_estimate(spec)  # cheap, so that not even the meta build is a time bomb
+        if estimate > MAX_TOKENIZER_NUMEL:
+            raise CheckpointError(
+                f"{source}: its tokenizer settings describe at least {estimate:,} values (more than "
+                f"{MAX_TOKENIZER_NUMEL:,}, far beyond any published tokenizer); the metadata is damaged or edited. "
+                "Refusing to build it."
+            )
+        try:
+            skeleton = cls.snapshot_skeleton(spec)  # on the meta device
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its tokenizer settings do not describe a network ({e})") from e
+        numel = sum(t.numel() for t in skeleton.state_dict().values())
+        if numel > MAX_TOKENIZER_NUMEL:
+            raise CheckpointError(
+                f"{source}: its tokenizer settings describe {numel:,} values (more than {MAX_TOKENIZER_NUMEL:,}, "
+                f"far beyond any published tokenizer); the metadata is damaged or edited. Refusing to build it."
+            )
+        del skeleton
+    return build(spec)
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, TypeError, ValueError):
+        return False
