@@ -7,14 +7,16 @@ The yardstick (bench/README.md, protocol v2) trains the quick start's backbone (
 * ``train``: one training step as the loop runs it (``gen.train.batches.Batches`` -> per-sample streams
   ``SampleRandom`` -> ``make_batch`` -> the method's loss through ``PhaseModule`` -> backward -> gradient clipping ->
   fused AdamW -> EMA update), in several variants built from the same initial weights in one process:
-  ``eager`` (the reference), ``compile`` (``torch.compile`` of the phase module: ``trainer.compile=true``),
+  ``eager`` (the reference), ``eager_aa`` (a second eager copy: the A/A control, whose ratio shows the noise floor),
+  ``compile`` (``torch.compile`` of the phase module: ``trainer.compile=true``),
   ``compile_maxautotune`` (``mode="max-autotune-no-cudagraphs"``), ``compile_blocks`` (``model.compile=true``:
   each DiT block compiled), ``sdpa_math`` (eager with the math attention kernel instead of the default CPU flash
-  kernel), ``flush_denormal`` (eager with subnormal floats flushed to zero in forward and backward). First every variant runs ``--check-steps`` steps on the same batches and its losses are compared with
-  eager's (relative difference; float rounding is ~1e-6). Then ``--rounds`` rounds run ``--steps`` steps of every
-  variant, in an order that rotates each round, and each round gives the ratio eager time / variant time; the
-  record holds every round's seconds per step and the median ratio. The eager steps are also split into
-  their parts (data + random streams, forward, backward, clip + optimizer, EMA) to show where the time goes.
+  kernel), ``flush_denormal`` (eager with subnormal floats flushed to zero in forward and backward). First every
+  variant runs ``--check-steps`` steps on the same batches and its losses are compared with eager's (relative
+  difference; float rounding is ~1e-7). Then ``--rounds`` rounds run ``--steps`` steps of every variant, in an
+  order that rotates each round, and each round gives the ratio eager time / variant time; the record holds every
+  round's seconds per step and the median ratio. The eager steps are also split into their parts (data + random
+  streams, forward, backward, clip + optimizer, EMA) to show where the time goes.
 * ``sample``: ``pipeline.Generator`` with Euler 20 (no guidance, the yardstick's sampler at every point) on
   ``--sample-images`` seeds, at batch sizes ``--batch-sizes``, eager and ``torch.compile(net, dynamic=False)``,
   alternating per round; images are compared with eager's at the same batch (and eager across batch sizes,
@@ -66,7 +68,7 @@ from gen.utils.seed import SampleRandom, derive_seed  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "yardstick_speed.json"
 NOTE = ("shared, loaded 2-core machine: absolute rates move with the load; only the same-process alternating A/B "
         "ratios (medians over rounds) are meaningful")
-TRAIN_VARIANTS = ("eager", "compile", "compile_maxautotune", "compile_blocks", "sdpa_math", "flush_denormal")
+TRAIN_VARIANTS = ("eager", "eager_aa", "compile", "compile_maxautotune", "compile_blocks", "sdpa_math", "flush_denormal")
 
 
 # ----------------------------------------------------------------------------------------------------------
