@@ -88,7 +88,8 @@ def test_yardstick_foundation_goes_through_the_same_class_and_path() -> None:
     assert rgb(x)[0].shape == (4, 16, 64)  # grey images are repeated to the RGB network's 3 channels
 
 
-@pytest.mark.parametrize(("name", "resolution"), [("dinov2_vits14", 32), ("foundation-mnist5k", 32)])
+@pytest.mark.parametrize(("name", "resolution"), [("dinov2_vits14", 32), ("foundation-mnist5k", 32),
+                                                ("foundation2-mnist5k", 32)])
 def test_built_from_a_spec_frozen_and_identified(name: str, resolution: int) -> None:
     spec = {"_target_": "eval.encoders.AlignmentEncoder", "name": name, "resolution": resolution, "random_init": True}
     enc = build(spec)
