@@ -4,8 +4,11 @@ A small LeNet-style CNN is trained deterministically (fixed seed, fixed data ord
 training split of a built-in dataset and cached as safetensors under
 ``${GEN_CACHE:-~/.cache/gen}/yardstick/<name>-<recipe hash>.safetensors``. Its penultimate
 activations are the FID features of the small benchmark; its logits give the class accuracy of
-class-conditional samples. A second, differently built and seeded network (``foundation``) plays the
-part of DINOv2 for alignment experiments on the same data.
+class-conditional samples. A second, differently built and seeded network plays the part of DINOv2 for
+alignment experiments on the same data: ``foundation`` (v1: a 4x4 token grid at 32 px, 6 epochs, kept so that
+records of old runs rebuild) and ``foundation2`` (an 8x8 grid at 32 px, the token grid of a patch-4 backbone, so
+REPA aligns token to token as on ImageNet; a residual stem, one self-attention block, 24 epochs with random
+affine augmentation).
 
 Every file name and every statistics manifest carries ``<name>`` (e.g. ``lenet-mnist5k-v1``) and the
 SHA-256 of the trained weights, so statistics from another network are never mixed up.
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write
 
-Kind = Literal["lenet", "foundation"]
+Kind = Literal["lenet", "foundation", "foundation2"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,6 +126,68 @@ class FoundationNet(nn.Module):
         return self.head(self.features(x))  # (B, num_classes)
 
 
+class _AttentionBlock(nn.Module):
+    """Pre-norm transformer block over tokens (B, N, D): multi-head self-attention and a 2x MLP."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, D / heads)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, N, D))
+        return x + self.mlp(self.norm2(x))
+
+
+class FoundationNet2(nn.Module):
+    """The yardstick's second DINOv2 stand-in: stride 4, so a 32 px image gives an 8x8 token grid.
+
+    A convolutional stem (stride 2, then a residual stage with stride 2) makes an 8x8 grid of ``embed_dim``
+    channels; a residual block and one self-attention block over the 64 tokens give every token the whole
+    image as context (as a ViT's patch tokens have), and a final LayerNorm plays DINOv2's ``x_norm_patchtokens``.
+    The class token is the mean patch token; the classification head reads it (training only).
+    """
+
+    STRIDE = 4
+
+    def __init__(self, in_channels: int, num_classes: int, width: int = 32, embed_dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.config = dict(in_channels=in_channels, num_classes=num_classes, width=width, embed_dim=embed_dim, heads=heads)
+        self.stem = nn.Conv2d(in_channels, width, 3, stride=2, padding=1)  # 16x16
+        self.block1 = _ResBlock(width, width, 1)
+        self.block2 = _ResBlock(width, embed_dim, 2)  # 8x8
+        self.block3 = _ResBlock(embed_dim, embed_dim, 1)
+        self.pos = nn.Parameter(torch.zeros(1, 64, embed_dim))  # learned, for the 8x8 grid of 32 px images
+        self.attn = _AttentionBlock(embed_dim, heads)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        self.feature_dim = embed_dim
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch tokens, (B, C, H, W) in [-1, 1] -> (B, (H/4)(W/4), embed_dim)."""
+        h = self.block3(self.block2(self.block1(F.silu(self.stem(x)))))  # (B, D, H/4, W/4)
+        t = h.flatten(2).transpose(1, 2)  # (B, N, D)
+        pos = self.pos
+        if t.shape[1] != pos.shape[1]:  # another resolution: the table is resampled bilinearly, as ViTs do
+            g = round(pos.shape[1] ** 0.5)
+            grid = pos.transpose(1, 2).reshape(1, -1, g, g)
+            pos = F.interpolate(grid, size=(h.shape[2], h.shape[3]), mode="bilinear", align_corners=False)
+            pos = pos.flatten(2).transpose(1, 2)
+        return self.norm(self.attn(t + pos))  # (B, N, D)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Global embedding (mean of the patch tokens), (B, embed_dim)."""
+        return self.tokens(x).mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, num_classes)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training recipe.
 
@@ -143,22 +208,39 @@ class Recipe:
     label_smoothing: float = 0.1
     width: int = 16
     feature_dim: int = 128
+    rotate: float = 0.0  # random affine augmentation: rotation up to +-rotate degrees ...
+    scale: float = 0.0  # ... and zoom by a factor in [1 - scale, 1 + scale]; both 0: integer shifts only
 
     def hash(self, data_sha256: str) -> str:
-        """Short hash of the recipe and the training data, 12 hex digits."""
-        blob = json.dumps({"recipe": asdict(self), "data": data_sha256}, sort_keys=True).encode()
+        """Short hash of the recipe and the training data, 12 hex digits.
+
+        Fields added after v1 (``ADDED_FIELDS``) enter the hash only when they differ from their defaults, so the
+        cache files of the older recipes keep their names.
+        """
+        recipe = {k: v for k, v in asdict(self).items() if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+        blob = json.dumps({"recipe": recipe, "data": data_sha256}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
+
+
+ADDED_FIELDS: dict[str, float] = {"rotate": 0.0, "scale": 0.0}
 
 
 RECIPES: dict[Kind, Recipe] = {
     "lenet": Recipe(),
     "foundation": Recipe(kind="foundation", seed=1234, epochs=6, lr=2e-3, dropout=0.0, width=32, feature_dim=64),
+    "foundation2": Recipe(
+        kind="foundation2", seed=4321, epochs=24, lr=2e-3, weight_decay=0.05, dropout=0.0, width=32, feature_dim=64,
+        max_shift=3, rotate=12.0, scale=0.1,
+    ),
 }
 
 
-def _build(recipe: Recipe, in_channels: int, num_classes: int) -> nn.Module:
+def build_network(recipe: Recipe, in_channels: int, num_classes: int) -> nn.Module:
+    """The untrained network of a recipe (random init from the global generator)."""
     if recipe.kind == "lenet":
         return LeNet(in_channels, num_classes, recipe.width, recipe.feature_dim, recipe.dropout)
+    if recipe.kind == "foundation2":
+        return FoundationNet2(in_channels, num_classes, width=recipe.width, embed_dim=recipe.feature_dim)
     return FoundationNet(in_channels, num_classes, width=recipe.width, embed_dim=recipe.feature_dim)
 
 
@@ -177,6 +259,24 @@ def _shift(x: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, max_shift: int) 
     idx_b = torch.arange(b).view(b, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_b, rows.view(b, h, 1), cols.view(b, 1, w)]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _affine(x: torch.Tensor, gen: torch.Generator, recipe: Recipe) -> torch.Tensor:
+    """Random rotation, zoom and translation per image (bilinear, background -1), drawn from ``gen``.
+
+    Translation is up to ``recipe.max_shift`` pixels on each axis, rotation up to ``recipe.rotate`` degrees and
+    the zoom factor in ``[1 - recipe.scale, 1 + recipe.scale]``.
+    """
+    b, _, h, w = x.shape
+    u = torch.rand(4, b, generator=gen, dtype=torch.float64) * 2 - 1  # (4, B) in [-1, 1]
+    angle = u[0] * recipe.rotate * torch.pi / 180
+    zoom = 1 + u[1] * recipe.scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
+    # affine_grid works in [-1, 1] coordinates: a pixel shift of s moves 2 s / side there.
+    tx, ty = u[2] * recipe.max_shift * 2 / w, u[3] * recipe.max_shift * 2 / h
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1).float()  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x + 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1
 
 
 def train_classifier(
@@ -215,7 +315,7 @@ def train_classifier(
 
 def _train(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_classes: int) -> nn.Module:
     gen = torch.Generator().manual_seed(recipe.seed)  # data order and augmentation
-    net = _build(recipe, images.shape[1], num_classes)
+    net = build_network(recipe, images.shape[1], num_classes)
     x_all = to_unit_range(images)
     y_all = labels.long()
     n = x_all.shape[0]
@@ -230,8 +330,11 @@ def _train(images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, num_class
         for i in range(steps_per_epoch):
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             x = x_all[idx]
-            shifts = torch.randint(-recipe.max_shift, recipe.max_shift + 1, (2, len(idx)), generator=gen)
-            x = _shift(x, shifts[0], shifts[1], recipe.max_shift)
+            if recipe.rotate or recipe.scale:
+                x = _affine(x, gen, recipe)
+            else:  # the v1 recipes' integer shifts (their draws are part of their weights)
+                shifts = torch.randint(-recipe.max_shift, recipe.max_shift + 1, (2, len(idx)), generator=gen)
+                x = _shift(x, shifts[0], shifts[1], recipe.max_shift)
             loss = F.cross_entropy(net(x), y_all[idx], label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -336,7 +439,7 @@ def load_or_train_classifier(
     Args:
         dataset_name: ``mnist5k`` or ``shapes``.
         cache_dir: defaults to ``default_cache_dir()``.
-        kind: ``lenet`` (FID features, class accuracy) or ``foundation`` (alignment encoder).
+        kind: ``lenet`` (FID features, class accuracy), ``foundation`` or ``foundation2`` (alignment encoders).
         data_fn: ``(dataset_name, split) -> (uint8 images, labels)``; the training split is used.
 
     Returns:
@@ -360,7 +463,7 @@ def load_or_train_classifier(
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         config = json.loads(meta["config"])
-        net = _build(recipe, config["in_channels"], config["num_classes"])
+        net = build_network(recipe, config["in_channels"], config["num_classes"])
         net.load_state_dict(tensors)
     except Exception as e:  # a damaged or foreign cache file; it is derived data, so retraining fixes it
         if isinstance(e, OSError) and e.errno is not None:

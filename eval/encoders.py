@@ -19,7 +19,10 @@ Every encoder is an :class:`AlignmentEncoder`; its name picks the backbone behin
 - ``foundation-<dataset>`` (``mnist5k``, ``shapes``): the yardstick's separately trained residual network
   (``eval.classifier.FoundationNet``, another architecture and seed than the FID LeNet),
   trained and cached on first use. Images go to [-1, 1] without resizing; the 4x4 grid of a 32 px image
-  gives the patch tokens and their mean the class token.
+  gives the patch tokens and their mean the class token. Kept so that records of old runs rebuild.
+- ``foundation2-<dataset>``: the stronger second version (``eval.classifier.FoundationNet2``: stride 4, one
+  self-attention block, 24 epochs with affine augmentation), whose 8x8 grid at 32 px is the token grid of a
+  patch-4 backbone, so REPA aligns token to token with no pooling, as on ImageNet. Same preprocessing.
 
 Encoders are frozen: parameters without gradients, always in eval mode, ``forward`` under ``no_grad``
 (in whatever autocast the caller runs). A method holds one with ``gen.utils.frozen.hold_frozen`` so it
@@ -61,7 +64,16 @@ YARDSTICK_DATASETS: dict[str, tuple[int, int]] = {"mnist5k": (1, 10), "shapes": 
 
 def encoder_names() -> list[str]:
     """Every name :class:`AlignmentEncoder` accepts."""
-    return sorted(DINOV2_ENCODERS) + [f"foundation-{d}" for d in sorted(YARDSTICK_DATASETS)]
+    return sorted(DINOV2_ENCODERS) + [f"{k}-{d}" for k in FOUNDATION_KINDS for d in sorted(YARDSTICK_DATASETS)]
+
+
+FOUNDATION_KINDS: tuple[str, ...] = ("foundation", "foundation2")  # eval.classifier recipes behind the names
+
+
+def _foundation_name(name: str) -> tuple[str, str] | None:
+    """``"foundation2-mnist5k"`` -> ``("foundation2", "mnist5k")``; None for any other name."""
+    kind, _, dataset = name.partition("-")
+    return (kind, dataset) if kind in FOUNDATION_KINDS and dataset in YARDSTICK_DATASETS else None
 
 
 class _DINOv2(nn.Module):
@@ -110,13 +122,12 @@ class _DINOv2(nn.Module):
 
 
 class _Foundation(nn.Module):
-    """The yardstick's FoundationNet: [-1, 1] input, no resize, 8 pixels per token."""
-
-    STRIDE = 8  # stem and two residual stages with stride 2
+    """The yardstick's FoundationNet (8 pixels per token) or FoundationNet2 (4): [-1, 1] input, no resize."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
+        self.STRIDE = int(getattr(net, "STRIDE", 8))  # FoundationNet: stem and two residual stages with stride 2
         self.in_channels = int(net.config["in_channels"])
         self.dim = int(net.feature_dim)
 
@@ -145,13 +156,14 @@ class AlignmentEncoder(nn.Module):
     """A frozen encoder: uint8 images (B, C, H, W) -> (patch tokens (B, N, D), class token (B, D)).
 
     Args:
-        name: ``dinov2_vit{s,b,l,g}14[_reg]`` or ``foundation-{mnist5k,shapes}`` (``encoder_names()``).
+        name: ``dinov2_vit{s,b,l,g}14[_reg]``, ``foundation-{mnist5k,shapes}`` or ``foundation2-{mnist5k,shapes}``
+            (``encoder_names()``).
         resolution: side of the training images; DINOv2's position table is resampled for it once, as
             REPA does (other sides still work: the table is then interpolated at forward time as in
-            the official model). Must be a multiple of 16 (DINOv2) or 8 (foundation).
+            the official model). Must be a multiple of 16 (DINOv2), 8 (foundation) or 4 (foundation2).
         weights_path: DINOv2 weights file (Meta's ``dinov2_vit*14[_reg4]_pretrain.pth`` or timm's
             safetensors); by default looked up in ``${GEN_CACHE:-~/.cache/gen}/weights``.
-        cache_dir: DINOv2 weights folder, or the yardstick cache for ``foundation-*``.
+        cache_dir: DINOv2 weights folder, or the yardstick cache for ``foundation*-*``.
         download: fetch Meta's DINOv2 file when missing (needs internet).
         random_init: random weights of the identical architecture (tests only), seeded by ``seed``.
         preprocess: how DINOv2 reads the images: ``"repa"`` (REPA and REG: ImageNet mean/std, bicubic) or
@@ -192,8 +204,8 @@ class AlignmentEncoder(nn.Module):
                 ) from e
             self.backbone: nn.Module = _DINOv2(arch, resolution, net, preprocess)
             self.num_prefix = self.backbone.num_prefix
-        elif name.startswith("foundation-") and name[len("foundation-") :] in YARDSTICK_DATASETS:
-            self.backbone = _Foundation(self._foundation_net(name[len("foundation-") :], cache_dir, random_init, seed))
+        elif (found := _foundation_name(name)) is not None:
+            self.backbone = _Foundation(self._foundation_net(*found, cache_dir, random_init, seed))
             self.num_prefix = 0
         else:
             raise ValueError(f"unknown alignment encoder {name!r}; choose from {encoder_names()}")
@@ -202,23 +214,22 @@ class AlignmentEncoder(nn.Module):
         self._identity: dict[str, str] | None = None
         freeze(self)
 
-    def _foundation_net(self, dataset: str, cache_dir: str | None, random_init: bool, seed: int) -> nn.Module:
-        from eval.classifier import RECIPES, FoundationNet, load_or_train_classifier
+    def _foundation_net(self, kind: str, dataset: str, cache_dir: str | None, random_init: bool, seed: int) -> nn.Module:
+        from eval.classifier import RECIPES, build_network, load_or_train_classifier
 
         if not random_init:
-            ys = load_or_train_classifier(dataset, cache_dir, kind="foundation")  # trained on first use
+            ys = load_or_train_classifier(dataset, cache_dir, kind=kind)  # type: ignore[arg-type]  # trained on first use
             self.weights_file_sha256 = ys.weights_sha256
             return ys.net
         channels, classes = YARDSTICK_DATASETS[dataset]
-        recipe = RECIPES["foundation"]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = FoundationNet(channels, classes, width=recipe.width, embed_dim=recipe.feature_dim)
+            net = build_network(RECIPES[kind], channels, classes)  # type: ignore[index]
         self.weights_file_sha256 = f"random-init-{seed}"
         return net
 
     def grid(self, resolution: int) -> int:
-        """Token grid side for images of side ``resolution`` (DINOv2: resolution/16; foundation: /8)."""
+        """Token grid side for images of side ``resolution`` (DINOv2: resolution/16; foundation: /8; foundation2: /4)."""
         return self.backbone.grid(resolution)
 
     def train(self, mode: bool = True) -> AlignmentEncoder:

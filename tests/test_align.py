@@ -288,3 +288,33 @@ def test_check_sampler_counts_the_reg_stream() -> None:
     check_sampler(sampler, spec, 10, extra_token_dim=12)
     with pytest.raises(ValueError, match="2 guidance scales for 1 stream"):
         check_sampler(sampler, spec, 10)
+
+
+def test_repa_with_foundation2_on_the_quick_start_backbone_matches_token_to_token() -> None:
+    """The yardstick's REPA at depth 2 of the quick-start DiT (patch 4, 8x8 tokens at 32 px) with foundation2
+    (8x8 tokens): the targets are the encoder's tokens as they are (no pooling), and the loss is by hand."""
+    from eval.encoders import AlignmentEncoder
+    from tests.presets import model_preset
+
+    torch.manual_seed(0)
+    net = model_preset("quickstart_dit", in_channels=1, input_size=32, num_classes=10)
+    encoder = AlignmentEncoder("foundation2-mnist5k", resolution=32, random_init=True)
+    align = Alignment(encoder, depth=2, weight=0.5, projector_dim=32)
+    obj = FlowMatching(align=align, label_dropout=0.0)
+    obj.bind(net, 32)
+    assert net.grid == encoder.grid(32) == 8
+    images = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    batch = {"x0": images.float() / 127.5 - 1, "label": torch.arange(3), "image": images}
+    patches, _ = align.targets(batch)
+    assert torch.equal(patches, encoder(images)[0]) and patches.shape == (3, 64, 64)
+    out = obj(net, batch, BatchRandom(3, torch.Generator().manual_seed(1)))
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(3, generator=g, dtype=torch.float64).float()
+    eps = torch.randn(3, 1, 32, 32, generator=g)
+    x_t = (1 - t.view(-1, 1, 1, 1)) * batch["x0"] + t.view(-1, 1, 1, 1) * eps
+    res = net(x_t, t, torch.arange(3), return_features=[2])
+    repa = -F.cosine_similarity(align.projector(res.features[0]), patches, dim=-1).mean(1)
+    torch.testing.assert_close(out["repa"], repa)
+    out["loss"].mean().backward()
+    assert all(p.grad is not None for p in align.projector.parameters())
+    assert all(p.grad is None for p in encoder.parameters())

@@ -120,7 +120,8 @@ def test_yardstick_foundation_goes_through_the_same_class_and_path() -> None:
     assert rgb(x)[0].shape == (4, 16, 64)  # grey images are repeated to the RGB network's 3 channels
 
 
-@pytest.mark.parametrize(("name", "resolution"), [("dinov2_vits14", 32), ("foundation-mnist5k", 32)])
+@pytest.mark.parametrize(("name", "resolution"), [("dinov2_vits14", 32), ("foundation-mnist5k", 32),
+                                                ("foundation2-mnist5k", 32)])
 def test_built_from_a_spec_frozen_and_identified(name: str, resolution: int) -> None:
     spec = {"_target_": "eval.encoders.AlignmentEncoder", "name": name, "resolution": resolution, "random_init": True}
     enc = build(spec)
@@ -161,3 +162,72 @@ def test_encoder_names() -> None:
     names = encoder_names()
     assert {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"} <= set(names)
     assert {"dinov2_vits14_reg", "dinov2_vitg14_reg", "foundation-mnist5k", "foundation-shapes"} <= set(names)
+
+
+def test_foundation2_has_the_patch4_token_grid_and_refuses_bad_input() -> None:
+    """foundation2-*: stride 4, so 32 px images give the 8x8 grid of a patch-4 backbone; frozen; bad input refused."""
+    from eval.classifier import FoundationNet2, to_unit_range
+
+    enc = AlignmentEncoder("foundation2-mnist5k", resolution=32, random_init=True, seed=3)
+    assert isinstance(enc.backbone.net, FoundationNet2) and (enc.dim, enc.num_prefix) == (64, 0)
+    assert [enc.grid(r) for r in (32, 64)] == [8, 16]
+    x = _images(4, 32, channels=1)
+    patches, cls = enc(x)
+    assert patches.shape == (4, 64, 64) and cls.shape == (4, 64)
+    expected = enc.backbone.net.tokens(to_unit_range(x))
+    assert torch.allclose(patches, expected) and torch.allclose(cls, expected.mean(1))
+    assert enc(_images(1, 64, channels=1))[0].shape == (1, 256, 64)  # the position table is resampled to 16x16
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.train().training
+    with pytest.raises(ValueError, match="multiple of 4, got 30"):
+        enc(torch.zeros(1, 1, 30, 30, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        AlignmentEncoder("foundation2-mnist5k", resolution=30, random_init=True)
+    with pytest.raises(ValueError, match="square"):
+        enc(torch.zeros(1, 1, 32, 64, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="uint8"):
+        enc(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="1-channel images"):
+        enc(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    assert AlignmentEncoder("foundation2-shapes", resolution=32, random_init=True)(x)[0].shape == (4, 64, 64)
+    # Another network than v1 (whose 32 px grid is 4x4), under its own name and identity.
+    old = AlignmentEncoder("foundation-mnist5k", resolution=32, random_init=True, seed=3)
+    assert old.grid(32) == 4 and old.identity()["name"] != enc.identity()["name"]
+    assert {"foundation2-mnist5k", "foundation2-shapes"} <= set(encoder_names())
+    with pytest.raises(ValueError, match="unknown alignment encoder 'foundation3-mnist5k'"):
+        AlignmentEncoder("foundation3-mnist5k", resolution=32, random_init=True)
+
+
+def test_foundation2_is_trained_once_cached_and_rebuilt_identically(tmp_path, monkeypatch) -> None:
+    """First use trains and caches (here on 96 digits so it takes seconds); the second use loads the same file;
+    training again in another cache gives the same weights bit for bit."""
+    import functools
+
+    import eval.classifier as classifier
+
+    def few(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = classifier.load_dataset_tensors(dataset, split)
+        return images[:96], labels[:96]
+
+    monkeypatch.setattr(classifier, "load_or_train_classifier",
+                        functools.partial(classifier.load_or_train_classifier, data_fn=few))
+    enc = AlignmentEncoder("foundation2-mnist5k", resolution=32, cache_dir=str(tmp_path / "a"))
+    files = list((tmp_path / "a").glob("foundation2-mnist5k-v1-*.safetensors"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    again = AlignmentEncoder("foundation2-mnist5k", resolution=32, cache_dir=str(tmp_path / "a"))
+    assert files[0].stat().st_mtime_ns == mtime and again.identity() == enc.identity()
+    fresh = AlignmentEncoder("foundation2-mnist5k", resolution=32, cache_dir=str(tmp_path / "b"))
+    assert fresh.identity() == enc.identity() and fresh.weights_file_sha256 == enc.weights_file_sha256
+    assert enc.identity() != AlignmentEncoder("foundation2-mnist5k", resolution=32, random_init=True).identity()
+    x = _images(3, 32, channels=1)
+    assert torch.equal(enc(x)[0], fresh(x)[0])
+    assert not any(p.requires_grad for p in enc.parameters())
+
+
+def test_the_v1_recipes_keep_their_cache_names() -> None:
+    """Fields added to the recipe for foundation2 leave the v1 hashes (and so the cache file names) unchanged."""
+    from eval.classifier import RECIPES
+
+    assert RECIPES["lenet"].hash("abc") == "cf1ce2be2d7f"  # the values before foundation2 existed
+    assert RECIPES["foundation"].hash("abc") == "34b91ed7aebf"
+    assert RECIPES["foundation2"].hash("abc") not in ("cf1ce2be2d7f", "34b91ed7aebf")
