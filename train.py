@@ -35,7 +35,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gen.ema import make_profiles
 from gen.train.loop import HookContext, TrainConfig, autocast_context, resolve_device, train
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
@@ -379,7 +378,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dist.init_distributed()
     device = resolve_device(trainer.device)
     autocast_context(trainer.precision, device)  # refuses a precision the device cannot run, before any work
-    ema_profiles = _ema_profiles(c["ema"])
+    ema = _ema_factory(c["ema"], packages)
     sampler = SamplerSpec.from_config(c["sampler"])
     preview = from_mapping(PreviewConfig, c["preview"], "preview")
     check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
@@ -409,6 +408,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
         "image_resolution": lambda: dataset.resolution,
         "image_channels": lambda: dataset.channels,
+        "ema": lambda: ema,
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
@@ -450,7 +450,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     try:
         result = train(
-            method=method, dataset=dataset, tokenizer=tokenizer, ema_profiles=ema_profiles, cfg=trainer,
+            method=method, dataset=dataset, tokenizer=tokenizer, ema=ema, cfg=trainer,
             run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
         )
     except OSError as e:
@@ -488,14 +488,14 @@ def _bind_latents(tokenizer: Any, dataset: Any) -> None:
         raise ConfigError(str(e)) from e
 
 
-def _ema_profiles(c: Mapping[str, Any]) -> list:
-    unknown = set(c) - {"decays", "halflife_kimg", "rampup_ratio"}
-    if unknown:
-        raise ConfigError(f"unknown ema key(s) {sorted(unknown)}; known: decays, halflife_kimg, rampup_ratio")
+def _ema_factory(c: Mapping[str, Any], packages: tuple[str, ...]) -> Callable[[torch.nn.Module], Any]:
+    """The ``ema`` spec as a factory ``module -> EMA``, tried once on a stand-in so bad settings fail now."""
+    factory = _build({**c, "_partial_": True}, "ema", packages)
     try:
-        return make_profiles(c.get("decays") or (), c.get("halflife_kimg") or (), c.get("rampup_ratio"))
+        factory(torch.nn.Linear(1, 1))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"ema: {e}") from e
+    return factory
 
 
 def main_checked(cfg: DictConfig, runner: Callable[[DictConfig], Any] = run) -> int:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.data import Digits
-from gen.ema import make_profiles
+from gen.ema import EMA
 from gen.objectives import EDMLoss, FlowMatching
 from gen.objectives.align import Alignment, build_projector, match_grid, negative_cosine
 from gen.train.diffusion import Diffusion
@@ -115,7 +115,7 @@ def _train(run_dir: Path, encoder_seed: int = 0, reg: bool = False, total_kimg: 
     method = Diffusion(net, FlowMatching(align=align), functools.partial(torch.optim.Adam, lr=1e-3), image_resolution=8)
     cfg = TrainConfig(total_kimg=total_kimg, batch_size=16, status_kimg=0.032, checkpoint_kimg=0.032,
                       snapshot_kimg=0.032, tensorboard=False, progress=False, device="cpu")
-    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema_profiles=make_profiles([0.9]),
+    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.9]),
           cfg=cfg, run_dir=run_dir, config={"objective": {"align": "toy"}}, snapshot_meta={})
     return method
 

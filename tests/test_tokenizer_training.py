@@ -18,7 +18,7 @@ import torch
 
 from eval.encoders import AlignmentEncoder
 from gen.data.shapes import Shapes
-from gen.ema import make_profiles
+from gen.ema import EMA
 from gen.train.loop import NonFiniteError, TrainConfig, train
 from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
 from gen.utils.log import read_stats
@@ -139,7 +139,7 @@ def _train(method: KLAutoencoderTraining, run_dir: Path, total_kimg: float, chec
                       checkpoint_kimg=checkpoint_kimg, snapshot_kimg=checkpoint_kimg, tensorboard=False,
                       progress=False, device="cpu")
     train(method=method, dataset=Shapes(count=256, seed=0), tokenizer=PixelTokenizer(channels=3),
-          ema_profiles=make_profiles([0.5]), cfg=cfg, run_dir=run_dir, config={},
+          ema=functools.partial(EMA, decays=[0.5]), cfg=cfg, run_dir=run_dir, config={},
           snapshot_meta={"data": {"name": "shapes", "channels": 3, "resolution": 32, "num_classes": 6}})
 
 

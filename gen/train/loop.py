@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from gen.ema import EMA, EMAProfile
+from gen.ema import EMA, EMAFactory
 from gen.train.batches import Batches, make_batch
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
 from gen.train.state import StateRegistry, Value
@@ -277,6 +277,28 @@ def _check_method(method: Method, specs: Sequence[OptimizerSpec]) -> None:
         raise ConfigError(f"trainable module(s) {unowned} have parameters but no optimizer updates them")
 
 
+def _build_emas(method: Method, default: EMAFactory, trainable: Mapping[str, nn.Module],
+                device: torch.device) -> dict[str, EMA]:
+    """The method's EMAs (``Method.ema_specs``), checked before the first step and attached to the method."""
+    specs = method.ema_specs(default)
+    who = type(method).__name__
+    unknown = [n for n in specs if n not in trainable]
+    if unknown:
+        raise ConfigError(f"{who} declares an EMA of {unknown}, which is not a trainable module {sorted(trainable)}; "
+                          "fix the method's ema_modules / ema_specs")
+    if method.snapshot_module not in specs:
+        raise ConfigError(f"{who}.snapshot_module={method.snapshot_module!r} has no EMA (EMAs: {sorted(specs)}); "
+                          "snapshots hold an EMA: add it to ema_modules / ema_specs")
+    emas: dict[str, EMA] = {}
+    for name, factory in specs.items():
+        try:
+            emas[name] = factory(trainable[name]).to(device)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"the EMA of {name!r} cannot be built: {e}") from e
+    method.attach_emas(emas)
+    return emas
+
+
 def _label_range_error(labels: torch.Tensor, num_classes: int, where: str) -> str | None:
     """A message when ``labels`` leave [0, num_classes); label ``num_classes`` is the backbones' null class."""
     if labels.numel() == 0:
@@ -348,7 +370,7 @@ def train(
     method: Method,
     dataset: Any,
     tokenizer: Any,
-    ema_profiles: Sequence[EMAProfile],
+    ema: EMAFactory,
     cfg: TrainConfig,
     run_dir: str | Path,
     config: Mapping[str, Any],
@@ -363,8 +385,8 @@ def train(
         dataset: yields dicts (``"image"`` uint8 (C, H, W), ``"label"``, ...) or ``(image, label)`` pairs;
             ``.tensors()`` when held in memory.
         tokenizer: ``encode(uint8 (B, C, H, W)) -> model input`` and ``normalize(latents)``.
-        ema_profiles: the EMA profiles to keep of every module in ``method.ema_modules``; the first one is used
-            for snapshots and hooks.
+        ema: the trainer's EMA factory (the ``ema`` config spec), given to ``method.ema_specs``; the first profile
+            of the snapshot module's EMA is used for snapshots and hooks.
         cfg: loop settings.
         run_dir: the run folder (deterministic per experiment name).
         config: the resolved run config, stored in training states; its ``resume_keys`` sections must match
@@ -409,7 +431,7 @@ def train(
     trainable = method.trainable_modules()
     own_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trainable.items()}
     phase_modules = {s.name: s.modules for s in specs}
-    emas = {n: EMA(trainable[n], ema_profiles).to(device) for n in method.ema_modules}
+    emas = _build_emas(method, ema, trainable, device)
     frozen = method.frozen_identities()
 
     # ---- one registry: everything saved and restored ------------------------------------------------
@@ -507,8 +529,8 @@ def train(
                 path = first if i == 0 else run_dir / f"snapshot-{nimg:09d}-{p.name}.safetensors"
                 sd = ema.averaged(p.name).state_dict()
                 weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-                ckpt.save_snapshot(path, weights, {**snapshot_meta, **method.snapshot_config(),
-                                                   "ema": p.name, "nimg": nimg, "step": step})
+                ckpt.save_snapshot(path, weights, {**snapshot_meta, **method.snapshot_config(), "ema": p.name,
+                                                   "ema_spec": ema.spec, "nimg": nimg, "step": step})
         dist.barrier()
         return first
 
@@ -571,6 +593,8 @@ def train(
                     )
         else:
             o.opt.step()
+        if finite:  # an fp16 step skipped for overflow left the weights (and so their EMAs) unchanged
+            stepped.update(o.spec.modules)
         for k, v in step_sums.items():
             sums[k] = sums.get(k, 0.0) + v
             last[k] = v
@@ -588,6 +612,7 @@ def train(
         for o in optims.values():
             o.set_lr(o.spec.lr_schedule(progress) if o.spec.lr_schedule is not None else lr_factor(cfg, progress))
         phases = list(method.phases(progress))
+        stepped: set[str] = set()
         unknown = [p for p in phases if p not in optims]
         if unknown:
             raise RuntimeError(f"{type(method).__name__}.phases() named unknown optimizer(s) {unknown}")
@@ -616,8 +641,9 @@ def train(
         prev_nimg = nimg
         nimg += cfg.batch_size
         step += 1
-        for name, e in emas.items():
-            e.update(trainable[name], prev_nimg, cfg.batch_size)
+        for name, e in emas.items():  # only the averages of modules whose optimizer stepped
+            if name in stepped:
+                e.update(trainable[name], prev_nimg, cfg.batch_size)
         if needs_step_means:
             keys = sorted(k for k in last if not k.endswith("grad_norm"))
             packed = dist.all_reduce_sum(torch.tensor([last[k] for k in keys], dtype=torch.float64))

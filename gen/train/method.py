@@ -3,8 +3,11 @@
 A method is an ``nn.Module`` that owns its parts:
 
 * **trainable modules**, children named in ``trainable`` (backbone, projector, discriminator, fake-score net).
-  Each is saved in training states under its name; EMAs and snapshots are taken of the names in
-  ``ema_modules`` and ``snapshot_module``.
+  Each is saved in training states under its name; snapshots are taken of ``snapshot_module``'s EMA.
+* **EMAs** (:meth:`Method.ema_specs`): which trainable modules are averaged and by which rule (default: the
+  ``ema`` config spec for each name in ``ema_modules``; a method may build its own from a ``_target_`` spec in its
+  config). The loop updates an EMA only after its module's optimizer stepped; the method reads an average (a
+  consistency or distillation target network) with :meth:`Method.averaged`.
 * **frozen modules** (teacher, foundation encoder, LPIPS), held with ``gen.utils.frozen.hold_frozen``: never
   optimised, never in training states or snapshots, identified by class and weights hash, checked on resume.
 * **optimizers** (:class:`OptimizerSpec`): which trainable modules each one updates, built from a factory
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gen.ema import EMA, EMAFactory
 from gen.utils.frozen import frozen_identity, frozen_modules
 from gen.utils.seed import Randomness
 
@@ -104,8 +108,9 @@ class Method(nn.Module):
 
     Attributes:
         trainable: names of the trainable child modules, saved in training states in this order.
-        ema_modules: trainable modules that get exponential moving averages (all EMA profiles each).
-        snapshot_module: the module whose EMA goes into inference snapshots (safetensors).
+        ema_modules: trainable modules that get the trainer's EMA (see :meth:`ema_specs`).
+        snapshot_module: the module whose EMA (first profile) goes into inference snapshots (safetensors); it
+            must have an EMA.
     """
 
     trainable: tuple[str, ...] = ("net",)
@@ -126,6 +131,31 @@ class Method(nn.Module):
     def frozen_identities(self) -> dict[str, dict[str, str]]:
         """Class and weights hash of each frozen network (recorded in training states and checked on resume)."""
         return {name: frozen_identity(m) for name, m in sorted(self.frozen_modules().items())}
+
+    def ema_specs(self, default: EMAFactory) -> dict[str, EMAFactory]:
+        """Module name -> EMA factory for every averaged module (default: ``default`` for each of ``ema_modules``).
+
+        ``default`` is built from the trainer's ``ema`` config spec. A method that needs its own averaging rule
+        (a consistency target with decay 0.95, say) takes a ``_partial_`` EMA spec in its config and returns it
+        here; a name that is not a trainable module is refused before the first step.
+        """
+        return {name: default for name in self.ema_modules}
+
+    def attach_emas(self, emas: Mapping[str, EMA]) -> None:
+        """Called by the loop once the EMAs exist (held unregistered: they are saved as ``ema.<name>``)."""
+        self.__dict__["_emas"] = dict(emas)
+
+    def averaged(self, module: str = "net", profile: str | None = None) -> nn.Module:
+        """The EMA copy of a trainable module (its first profile by default): the method's target network.
+
+        It is updated after the module's optimizer stepped, never inside a loss; read it under ``torch.no_grad``.
+        """
+        emas = self.__dict__.get("_emas")
+        if emas is None:
+            raise RuntimeError(f"{type(self).__name__}.averaged({module!r}): the EMAs exist only inside training")
+        if module not in emas:
+            raise KeyError(f"{type(self).__name__} has no EMA of {module!r} (EMAs: {sorted(emas)}); see ema_specs()")
+        return emas[module].averaged(profile)
 
     def optimizers(self) -> list[OptimizerSpec]:
         """The method's optimizers, in the order their phases run by default."""
