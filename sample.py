@@ -47,7 +47,8 @@ from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import load_png, save_grid, save_png
 from gen.utils.progress import Progress
 from gen.utils.seed import PerImageRandom, shard_seeds
-from pipeline import SamplerSpec, check_sampler, generator_from_snapshot
+from eval.generator import generator_from_snapshot
+from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "sample.py"
 MANIFEST = "sample.json"

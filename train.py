@@ -45,7 +45,8 @@ from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
 from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
-from pipeline import Generator, SamplerSpec, check_sampler
+from eval.generator import Generator
+from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "train.py"
 TOP_LEVEL_KEYS = {

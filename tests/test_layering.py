@@ -25,12 +25,14 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gen.models": ("gen.nn", "gen.utils", "gen.paths"),
     "gen.objectives": ("gen.paths", "gen.models", "gen.nn", "gen.utils"),
     "gen.ema": ("gen.utils",),
+    "gen.snapshot": ("gen.utils",),
     "gen.data": ("gen.utils",),
-    "gen.train": ("gen.objectives", "gen.ema", "gen.data", "gen.utils", "gen.paths", "gen.models", "gen.nn"),
+    "gen.train": ("gen.objectives", "gen.ema", "gen.data", "gen.utils", "gen.paths", "gen.models", "gen.nn",
+                  "gen.snapshot"),
     # gen.train: tokenizer training is a training method (tokenizers/training.py implements gen.train.method.Method).
     "tokenizers": ("gen.nn", "gen.utils", "gen.data", "gen.train"),
     "samplers": ("gen.paths", "gen.utils"),
-    "eval": ("samplers", "tokenizers", "gen.models", "gen.paths", "gen.data", "gen.utils", "gen.nn"),
+    "eval": ("samplers", "tokenizers", "gen.models", "gen.paths", "gen.data", "gen.utils", "gen.nn", "gen.snapshot"),
     "distill": ("gen", "samplers", "tokenizers"),
 }
 FORBIDDEN_EXTERNAL = ("hydra", "omegaconf", "transformers")

@@ -40,6 +40,7 @@ from torch import nn
 from gen.ema import EMA, EMAFactory
 from gen.train.batches import Batches, make_batch
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
+from gen.snapshot import init_from_snapshot
 from gen.train.state import StateRegistry, Value
 from gen.utils import ckpt, dist
 from gen.utils.config import ConfigError
@@ -85,6 +86,8 @@ class TrainConfig:
         tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status lines otherwise).
         resume_ignore: config sections (of ``resume_keys``) allowed to differ from the resumed training state, e.g.
             ``[data]`` after moving a dataset whose content the loop cannot fingerprint; the differences are printed.
+        init: trainable module name -> snapshot file whose weights it starts from (fine-tuning, a distillation
+            student); the files' SHA-256 are recorded in training states and checked on resume.
     """
 
     total_kimg: float = 50.0
@@ -110,6 +113,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     resume_ignore: list[str] = field(default_factory=list)
+    init: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -133,6 +137,8 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
         need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
+        need(all(isinstance(v, str) and v for v in self.init.values()), "init",
+             "must map module names to snapshot files, e.g. {net: runs/teacher/snapshot-000100000.safetensors}")
 
 
 @dataclass
@@ -275,6 +281,45 @@ def _check_method(method: Method, specs: Sequence[OptimizerSpec]) -> None:
     unowned = [m for m, mod in modules.items() if m not in owner and any(p.requires_grad for p in mod.parameters())]
     if unowned:
         raise ConfigError(f"trainable module(s) {unowned} have parameters but no optimizer updates them")
+
+
+def _init_modules(init: Mapping[str, str], trainable: Mapping[str, nn.Module], fresh: bool) -> dict[str, dict[str, str]]:
+    """``trainer.init``: on a fresh start, load each named module from its snapshot; the sources (path, SHA-256)."""
+    unknown = sorted(set(init) - set(trainable))
+    if unknown:
+        raise ConfigError(f"trainer.init names {unknown}, which is not a trainable module {sorted(trainable)}")
+    if not fresh:
+        return {}  # the weights come from the training state; _check_init_sources compares the files
+    sources = {}
+    for name, path in sorted(init.items()):
+        try:
+            sha = init_from_snapshot(trainable[name], path, f"trainer.init.{name}")
+        except FileNotFoundError as e:
+            raise ConfigError(f"trainer.init.{name}: {e}; give an existing snapshot file") from e
+        sources[name] = {"path": str(path), "sha256": sha}
+        print0(f"{name} starts from {path} (sha256 {sha[:12]})")
+    return sources
+
+
+def _check_init_sources(recorded: Mapping[str, Mapping[str, str]], init: Mapping[str, str], path: Path) -> dict:
+    """Resuming: the snapshots named by ``trainer.init`` must be the ones the run started from (by SHA-256)."""
+    if set(recorded) != set(init):
+        raise ConfigError(
+            f"{path} started from snapshots for {sorted(recorded) or 'no module'}, but trainer.init names "
+            f"{sorted(init) or 'none'}; restore trainer.init to resume, or start a new run with another name=..."
+        )
+    for name, file in sorted(init.items()):
+        if not Path(file).is_file():
+            print0(f"trainer.init.{name}: {file} no longer exists; the weights come from {path}")
+            continue
+        sha = ckpt.file_sha256(file)
+        if sha != recorded[name]["sha256"]:
+            raise ConfigError(
+                f"trainer.init.{name}={file} has sha256 {sha[:12]}..., but {path} started from a file with sha256 "
+                f"{recorded[name]['sha256'][:12]}... ({recorded[name]['path']}); it changed since. Restore it, or "
+                "start a new run with another name=..."
+            )
+    return dict(recorded)
 
 
 def _build_emas(method: Method, default: EMAFactory, trainable: Mapping[str, nn.Module],
@@ -425,6 +470,8 @@ def train(
         m.to(device)
     if isinstance(tokenizer, nn.Module):
         tokenizer.to(device).eval().requires_grad_(False)
+    resumed_from = ckpt.latest_training_state(run_dir)
+    init_sources = _init_modules(cfg.init, method.trainable_modules(), fresh=resumed_from is None)
     specs = method.optimizers()
     _check_method(method, specs)
     optims = {s.name: _Optimizer(s, method, device, cfg, world) for s in specs}
@@ -453,10 +500,10 @@ def train(
     registry.register("method", Value(method.extra_state, method.load_extra_state))
     registry.register("counters", Value(lambda: {"nimg": nimg, "step": step}, set_counters))
 
-    resumed_from = ckpt.latest_training_state(run_dir)
     if resumed_from is not None:
         state = ckpt.load_training_state(resumed_from)
         _check_resume(state, config, frozen, resume_keys, resumed_from, identity, cfg.resume_ignore)
+        init_sources = _check_init_sources(state.get("init", {}), cfg.init, resumed_from)
         registry.load_state_dict(state["registry"], str(resumed_from))
         bad = registry.non_finite()
         if bad:
@@ -509,6 +556,7 @@ def train(
                     "registry": registry.state_dict(),
                     "frozen": frozen,
                     "data_identity": identity,
+                    "init": init_sources,
                     "config": json.dumps(dict(config), sort_keys=True, default=str),
                 },
             )
