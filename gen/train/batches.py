@@ -13,7 +13,7 @@ of the pixels, or its normalisation of stored latents).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,13 +66,20 @@ class Batches:
         return raw
 
 
-@torch.no_grad()
-def make_batch(raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device) -> dict[str, Tensor]:
-    """Device batch with the model input ``"x0"``.
+DEFAULT_FLIP_KEYS: tuple[str, ...] = ("image", "latent")
 
-    With ``hflip`` each sample is mirrored with probability 1/2, decided by one uniform from its own stream (the
-    stored flipped latent is taken instead of the plain one when the data holds latents); the pixels, when
-    present, are flipped alike so that pixel-reading objectives (representation alignment) see the same image.
+
+@torch.no_grad()
+def make_batch(
+    raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device,
+    flip_keys: Sequence[str] = DEFAULT_FLIP_KEYS,
+) -> dict[str, Tensor]:
+    """Device batch with the model input ``"x0"`` (the default ``Method.prepare_batch``).
+
+    With ``hflip`` each sample is mirrored with probability 1/2, decided by one uniform from its own stream, and
+    every key of ``flip_keys`` present in the batch is mirrored alike (the stored flipped latent ``latent_flip`` is
+    taken instead of mirroring ``latent``), so pixel-reading objectives (representation alignment) and paired data
+    see the same image. ``"x0"`` is the normalised latent, else the tokenizer's encoding of the pixels.
     """
     batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
     flip = (rng.rand().to(device) < 0.5) if hflip else None  # (B,)
@@ -83,11 +90,47 @@ def make_batch(raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hfl
         other = x.flip(-1) if flipped is None else flipped
         return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), other, x)
 
-    if "image" in batch:
-        batch["image"] = mirror(batch["image"])
+    for key in flip_keys:
+        if key in batch:
+            batch[key] = mirror(batch[key], batch.get("latent_flip") if key == "latent" else None)
     if "latent" in batch:
-        latent = mirror(batch["latent"], batch.get("latent_flip")) if "latent_flip" in batch else mirror(batch["latent"])
-        batch["x0"] = tokenizer.normalize(latent.float())
-    else:  # a stochastic encoder (VAE posterior) draws from each sample's own stream, after the flip
+        batch["x0"] = tokenizer.normalize(batch["latent"].float())
+    elif "image" in batch:  # a stochastic encoder (VAE posterior) draws from each sample's own stream, after the flip
         batch["x0"] = tokenizer.encode(batch["image"], generator=rng.generators)
+    else:
+        raise KeyError(f"the batch has neither 'image' nor 'latent' (keys {sorted(batch)}); a method that needs no "
+                       "images (a data-free student) overrides Method.prepare_batch")
     return batch
+
+
+def dataset_keys(dataset: Any) -> dict[str, tuple[int, ...]]:
+    """The keys of one item of ``dataset`` and the shape of each (``(image, label)`` pairs read as such)."""
+    if hasattr(dataset, "tensors"):
+        tensors = _as_dict(dataset.tensors())
+        return {k: tuple(torch.as_tensor(v).shape[1:]) for k, v in tensors.items()}
+    return {k: tuple(torch.as_tensor(v).shape) for k, v in _as_dict(dataset[0]).items()}
+
+
+def check_batch_keys(
+    keys: Mapping[str, tuple[int, ...]], reads: Sequence[str], flip_keys: Sequence[str], hflip: bool, who: str
+) -> None:
+    """Refuse, before the first step, a key the method reads that the dataset lacks, and (with ``hflip``) a spatial
+    key the flip would leave unmirrored while its partners are mirrored (a noise-image pair out of register).
+
+    Raises:
+        ValueError naming the key and the fix.
+    """
+    missing = [k for k in reads if k not in keys]
+    if missing:
+        raise ValueError(f"{who} reads dataset key(s) {missing}, which the dataset lacks (its items hold "
+                         f"{sorted(keys)}); use a dataset that stores them, or another method")
+    if not hflip:
+        return
+    companions = {"latent_flip"} if "latent" in flip_keys else set()
+    loose = [k for k, shape in keys.items() if len(shape) >= 2 and k not in flip_keys and k not in companions]
+    if loose:
+        raise ValueError(
+            f"trainer.hflip=true mirrors {[k for k in flip_keys if k in keys]} but would leave the dataset's "
+            f"{loose} unmirrored, out of register with them; {who} must list them in flip_keys (mirrored together), "
+            "or set trainer.hflip=false"
+        )

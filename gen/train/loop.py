@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from gen.ema import EMA, EMAFactory
-from gen.train.batches import Batches, make_batch
+from gen.train.batches import Batches, check_batch_keys, dataset_keys
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
 from gen.snapshot import init_from_snapshot
 from gen.train.state import StateRegistry, Value
@@ -458,6 +458,10 @@ def train(
         problem = None if labels is None else _label_range_error(labels, int(num_classes), "the training data")
         if problem:
             raise ConfigError(problem)
+    try:
+        check_batch_keys(dataset_keys(dataset), method.data_keys, method.flip_keys, cfg.hflip, type(method).__name__)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     identity = data_identity(dataset)
     run_dir = Path(run_dir)
     if dist.is_main():
@@ -673,7 +677,7 @@ def train(
                     if problem:
                         raise ConfigError(problem)
                 rng = SampleRandom(raw["position"].tolist(), namespace=f"train/{cfg.seed}", device=device)
-                yield make_batch(raw, tokenizer, rng, cfg.hflip, device), rng
+                yield method.prepare_batch(raw, tokenizer, rng, cfg.hflip, device), rng
 
         # One phase streams its micro-batches; several phases keep them so that every phase sees the same data.
         if len(phases) == 1:

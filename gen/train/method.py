@@ -22,7 +22,10 @@ A method is an ``nn.Module`` that owns its parts:
 * **extra state** (a curriculum stage, a running loss): :meth:`Method.extra_state` and
   :meth:`Method.load_extra_state`, saved in the training state beside the modules.
 
-A batch is a dict of tensors (:data:`Batch`): ``"image"`` uint8 (B, C, H, W) when the data has pixels,
+The batch is the method's: :meth:`Method.prepare_batch` turns a collated micro-batch of the dataset into the
+batch its loss reads (default: ``gen.train.batches.make_batch``, which mirrors the keys in ``flip_keys`` with
+``trainer.hflip`` and adds ``"x0"``); ``data_keys`` are the dataset keys it reads, refused before the first step
+when the dataset lacks one. With the default, a batch is a dict of tensors (:data:`Batch`): ``"image"`` uint8 (B, C, H, W) when the data has pixels,
 ``"x0"`` the model input (pixels in [-1, 1] or normalised latents), ``"label"`` int64 (B,), ``"position"``
 int64 (B,) (the samples' positions in the global data stream), and whatever else the dataset stores
 (pre-extracted latents, encoder features, noise-sample pairs).
@@ -38,8 +41,9 @@ import torch
 from torch import Tensor, nn
 
 from gen.ema import EMA, EMAFactory
+from gen.train.batches import DEFAULT_FLIP_KEYS, make_batch
 from gen.utils.frozen import frozen_identity, frozen_modules
-from gen.utils.seed import Randomness
+from gen.utils.seed import Randomness, SampleRandom
 
 Batch = dict[str, Tensor]
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
@@ -111,11 +115,26 @@ class Method(nn.Module):
         ema_modules: trainable modules that get the trainer's EMA (see :meth:`ema_specs`).
         snapshot_module: the module whose EMA (first profile) goes into inference snapshots (safetensors); it
             must have an EMA.
+        data_keys: dataset keys the loss reads besides ``"label"`` (checked against the dataset before training).
+        flip_keys: spatial keys mirrored together by ``trainer.hflip``; a spatial dataset key outside them is
+            refused with ``hflip`` on (it would be left out of register).
     """
 
     trainable: tuple[str, ...] = ("net",)
     ema_modules: tuple[str, ...] = ("net",)
     snapshot_module: str = "net"
+    data_keys: tuple[str, ...] = ()
+    flip_keys: tuple[str, ...] = DEFAULT_FLIP_KEYS
+
+    def prepare_batch(
+        self, raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device
+    ) -> Batch:
+        """The batch the loss reads, from a collated micro-batch of CPU tensors (``"position"`` included).
+
+        Default: :func:`gen.train.batches.make_batch` (flips on ``flip_keys``, ``"x0"`` from the latent or the
+        pixels). Draws come from ``rng`` (per sample) so that the batch is the same on any number of processes.
+        """
+        return make_batch(raw, tokenizer, rng, hflip, device, self.flip_keys)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """Name -> module for every name in ``trainable``."""

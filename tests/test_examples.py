@@ -1,0 +1,70 @@
+"""The example methods of tests/ in-process (their end-to-end SIGKILL/resume runs are in tests/test_train.py): the
+method's batch hook (pairs mirrored together; keys the dataset lacks and keys a flip would leave out of register
+refused), phases sharing what one computed, a loss through a 2-step sampler, an EMA target."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from gen.ema import EMA
+from gen.objectives import FlowMatching
+from gen.train.diffusion import Diffusion
+from gen.train.loop import TrainConfig, train
+from gen.utils.config import ConfigError
+from gen.utils.seed import SampleRandom
+from tests.example_pairs import NoisePairs, PairedFlow
+from tests.presets import micro
+from tokenizers.pixels import PixelTokenizer
+
+ADAM = functools.partial(torch.optim.Adam, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> NoisePairs:
+    return NoisePairs(seed=0, resolution=8, mode="resize")
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return micro("dit", input_size=8, in_channels=1, num_classes=10)
+
+
+def test_pairs_are_mirrored_together(pairs: NoisePairs) -> None:
+    method = PairedFlow(_net(), ADAM)
+    idx = torch.arange(64)
+    raw = {k: v[idx] for k, v in pairs.tensors().items()} | {"position": idx}
+    rng = SampleRandom(idx.tolist(), namespace="t")
+    batch = method.prepare_batch(raw, PixelTokenizer(channels=1), rng, True, torch.device("cpu"))
+    flipped = torch.tensor([not torch.equal(batch["image"][i], raw["image"][i]) for i in range(64)])
+    assert 10 < int(flipped.sum()) < 54, "about half of the samples are mirrored"
+    for i in range(64):
+        want = (lambda x: x.flip(-1)) if flipped[i] else (lambda x: x)
+        assert torch.equal(batch["image"][i], want(raw["image"][i]))
+        assert torch.equal(batch["noise"][i], want(raw["noise"][i])), f"sample {i}: its noise was not mirrored with it"
+    torch.testing.assert_close(batch["x0"], batch["image"].float() / 127.5 - 1)
+
+
+def _train(method: torch.nn.Module, dataset: object, run_dir: Path, hflip: bool) -> None:
+    cfg = TrainConfig(total_kimg=0.016, batch_size=16, status_kimg=0.016, hflip=hflip, tensorboard=False,
+                      progress=False, device="cpu")
+    train(method=method, dataset=dataset, tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.5]),
+          cfg=cfg, run_dir=run_dir, config={}, snapshot_meta={})
+
+
+def test_a_key_a_flip_would_leave_out_of_register_is_refused(pairs: NoisePairs, tmp_path: Path) -> None:
+    diffusion = Diffusion(_net(), FlowMatching(), ADAM)  # mirrors the images only
+    with pytest.raises(ConfigError, match=r"trainer.hflip=true mirrors \['image'\] but would leave the dataset's "
+                                          r"\['noise'\] unmirrored"):
+        _train(diffusion, pairs, tmp_path, hflip=True)
+    _train(PairedFlow(_net(), ADAM), pairs, tmp_path / "ok", hflip=True)  # declares the pair: trains
+
+
+def test_a_key_the_dataset_lacks_is_refused(tmp_path: Path) -> None:
+    from gen.data import Digits
+
+    with pytest.raises(ConfigError, match=r"PairedFlow reads dataset key\(s\) \['noise'\], which the dataset lacks"):
+        _train(PairedFlow(_net(), ADAM), Digits(), tmp_path, hflip=False)
