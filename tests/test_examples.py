@@ -68,3 +68,28 @@ def test_a_key_the_dataset_lacks_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"PairedFlow reads dataset key\(s\) \['noise'\], which the dataset lacks"):
         _train(PairedFlow(_net(), ADAM), Digits(), tmp_path, hflip=False)
+
+
+def test_the_critic_phase_judges_the_net_phase_samples(tmp_path: Path) -> None:
+    """AdversarialFlow (tests/example_method.py): the critic phase consumes the very estimates the net phase put in
+    Method.shared for the same micro-batch (2 accumulation rounds: two different micro-batches per step)."""
+    from gen.data import Digits
+    from tests.example_method import AdversarialFlow
+
+    method = AdversarialFlow(_net(), ADAM, ADAM, feature_width=4)
+    seen: list[tuple[str, torch.Tensor]] = []
+    put, get = method.shared.put, method.shared.get
+    method.shared.put = lambda k, v: (seen.append(("put", v.detach().clone())), put(k, v))[1]  # type: ignore[method-assign]
+    method.shared.get = lambda k: (lambda v: (seen.append(("get", v.clone())), v)[1])(get(k))  # type: ignore[method-assign]
+    cfg = TrainConfig(total_kimg=0.032, batch_size=16, batch_per_gpu=8, status_kimg=0.016, tensorboard=False,
+                      progress=False, device="cpu")
+    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.5]),
+          cfg=cfg, run_dir=tmp_path, config={}, snapshot_meta={})
+    assert [k for k, _ in seen] == ["put", "put", "get", "get"] * 2  # 2 steps: net phase on 2 rounds, then critic
+    for step in range(2):
+        puts, gets = seen[4 * step:4 * step + 2], seen[4 * step + 2:4 * step + 4]
+        assert not torch.equal(puts[0][1], puts[1][1])
+        assert all(torch.equal(p[1], g[1]) for p, g in zip(puts, gets))
+    assert not method.shared.has("fake"), "the share is cleared after every step"
+    with pytest.raises(KeyError, match="no 'fake' was shared for micro-batch 0"):
+        method.shared.get("fake")

@@ -290,9 +290,6 @@ class KLAutoencoderTraining(Method):
         self.vf_weight, self.adaptive_vf = float(vf_weight), bool(adaptive_vf)
         self.cos_margin, self.distmat_margin = float(cos_margin), float(distmat_margin)
         self.cos_weight, self.distmat_weight = float(cos_weight), float(distmat_weight)
-        # Reconstructions of the autoencoder phase, keyed by the micro-batch's first stream position, for the
-        # discriminator phase of the same step (every phase of a step sees the same micro-batches).
-        self._fakes: dict[int, Tensor] = {}
 
     # --- the Method interface --------------------------------------------------------------------------
     def optimizers(self) -> list[OptimizerSpec]:
@@ -328,9 +325,6 @@ class KLAutoencoderTraining(Method):
             )
         return x
 
-    def _key(self, batch: Batch) -> int:
-        return int(batch["position"][0]) if "position" in batch else 0
-
     def _autoencoder_loss(self, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
         x = self._images(batch)
         B = x.shape[0]
@@ -362,7 +356,7 @@ class KLAutoencoderTraining(Method):
             d_weight = self.disc_weight * adaptive_weight(nll_mean, g.mean(), ae.decoder.conv_out.weight, 1e4)
             loss = loss + d_weight * g
             out.update(g_loss=g.detach(), d_weight=d_weight.expand(B))
-            self._fakes[self._key(batch)] = x_hat.detach()
+            self.shared.put("fake", x_hat)  # for the discriminator phase of this step
 
         if self.foundation is not None:
             tokens, _ = self.foundation(batch["image"])
@@ -379,7 +373,7 @@ class KLAutoencoderTraining(Method):
 
     def _discriminator_loss(self, batch: Batch, rng: Randomness) -> dict[str, Tensor]:
         x = self._images(batch)
-        fake = self._fakes.pop(self._key(batch), None)
+        fake = self.shared.get("fake") if self.shared.has("fake") else None
         if fake is None:  # phases reordered or run alone: reconstruct with the current autoencoder
             with torch.no_grad():
                 posterior = self.autoencoder.encode(x).latent_dist

@@ -607,6 +607,7 @@ def train(
         for r, (batch, rng) in enumerate(micro):
             done_rounds += 1
             sync = o.module.no_sync() if hasattr(o.module, "no_sync") and r < rounds - 1 else contextlib.nullcontext()
+            method.shared.at(r)
             with sync:
                 with autocast():
                     out = o.module(batch, rng, progress)
@@ -690,6 +691,7 @@ def train(
         for params in own_params.values():
             for p in params:
                 p.requires_grad_(True)
+        method.shared.clear()
         prev_nimg = nimg
         nimg += cfg.batch_size
         step += 1

@@ -19,6 +19,9 @@ A method is an ``nn.Module`` that owns its parts:
 * **the loss**: :meth:`Method.loss` takes the phase name, a batch, the per-sample randomness and the training
   progress, and returns per-sample losses (``"loss"``, shape (B,), plus logged terms). The loop reduces,
   scales, backpropagates, synchronises gradients across processes, clips and steps.
+* **what phases share**: :attr:`Method.shared` (:class:`StepShare`) carries what one phase of a step computed for a
+  micro-batch (the generator phase's samples) to a later phase of the same step (the critic's); cleared after
+  every step.
 * **extra state** (a curriculum stage, a running loss): :meth:`Method.extra_state` and
   :meth:`Method.load_extra_state`, saved in the training state beside the modules.
 
@@ -104,6 +107,45 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
     ]
 
 
+class StepShare:
+    """What one phase of a training step hands to a later phase of the same step, per micro-batch.
+
+    Every phase of a step sees the same micro-batches; the loop selects the current one (:meth:`at`) before each
+    loss call, so ``put("fake", x)`` in the generator phase and ``get("fake")`` in the critic phase refer to the
+    same micro-batch, on any number of processes (the key is the micro-batch's round, not an object identity that a
+    device transfer would change). Values are detached: the later phase's graph starts there. The loop clears
+    everything after each step, so nothing crosses a step boundary and resuming stays exact.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[int, str], Tensor] = {}
+        self._round = 0
+
+    def at(self, round_: int) -> None:
+        """Select the micro-batch (accumulation round) the next loss call works on (called by the loop)."""
+        self._round = int(round_)
+
+    def put(self, key: str, value: Tensor) -> None:
+        """Keep ``value`` (detached) for the current micro-batch."""
+        self._items[(self._round, key)] = value.detach()
+
+    def get(self, key: str) -> Tensor:
+        """What an earlier phase put for the current micro-batch; a clear error when nothing was put."""
+        item = self._items.get((self._round, key))
+        if item is None:
+            raise KeyError(f"no {key!r} was shared for micro-batch {self._round} in this step; the phase that puts "
+                           "it must run earlier in the same step (Method.phases)")
+        return item
+
+    def has(self, key: str) -> bool:
+        return (self._round, key) in self._items
+
+    def clear(self) -> None:
+        """Forget everything (called by the loop after every step)."""
+        self._items.clear()
+        self._round = 0
+
+
 class Method(nn.Module):
     """Base class of training methods (see the module docstring).
 
@@ -159,6 +201,14 @@ class Method(nn.Module):
         here; a name that is not a trainable module is refused before the first step.
         """
         return {name: default for name in self.ema_modules}
+
+    @property
+    def shared(self) -> StepShare:
+        """What the phases of the current step share (see :class:`StepShare`)."""
+        share = self.__dict__.get("_shared")
+        if share is None:
+            share = self.__dict__["_shared"] = StepShare()
+        return share
 
     def attach_emas(self, emas: Mapping[str, EMA]) -> None:
         """Called by the loop once the EMAs exist (held unregistered: they are saved as ``ema.<name>``)."""
