@@ -93,3 +93,32 @@ def test_the_critic_phase_judges_the_net_phase_samples(tmp_path: Path) -> None:
     assert not method.shared.has("fake"), "the share is cleared after every step"
     with pytest.raises(KeyError, match="no 'fake' was shared for micro-batch 0"):
         method.shared.get("fake")
+
+
+def test_datafree_student_reads_no_image_and_learns_through_both_sampler_steps(tmp_path: Path) -> None:
+    from gen.utils.ckpt import save_snapshot
+    from tests.example_datafree import DataFreeStudent
+
+    teacher = _net()
+    snap = tmp_path / "t.safetensors"
+    save_snapshot(snap, teacher.state_dict(), {"model": dict(teacher.config), "prediction": FlowMatching().prediction_spec()})
+    torch.manual_seed(1)
+    method = DataFreeStudent(micro("dit", input_size=8, in_channels=1, num_classes=10), ADAM, str(snap))
+    idx = torch.arange(4)
+    raw = {"image": torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "label": idx % 10, "position": idx}
+    rng = SampleRandom(idx.tolist(), namespace="t")
+    batch = method.prepare_batch(raw, None, rng, False, torch.device("cpu"))
+    assert set(batch) == {"label", "position"}
+    loss = method.loss("net", batch, rng, None)["loss"]
+    assert loss.shape == (4,) and loss.requires_grad
+    loss.sum().backward()
+    assert all(p.grad is not None for p in method.net.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in method.teacher.parameters())
+    # The student's sample equals two explicit Euler steps, so the gradient went through both.
+    noise = torch.randn(1, 1, 8, 8)
+    y = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        x = noise.clone()
+        for t, dt in ((1.0, -0.5), (0.5, -0.5)):
+            x = x + dt * method.net(x, torch.full((1,), t), y).out.float()
+        torch.testing.assert_close(method._sample(method.net, noise, y, 2), x, rtol=1e-5, atol=1e-5)

@@ -86,7 +86,7 @@ class TrainConfig:
         tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status lines otherwise).
         resume_ignore: config sections (of ``resume_keys``) allowed to differ from the resumed training state, e.g.
             ``[data]`` after moving a dataset whose content the loop cannot fingerprint; the differences are printed.
-        init: trainable module name -> snapshot file whose weights it starts from (fine-tuning, a distillation
+        init: null, or trainable module name -> snapshot file whose weights it starts from (fine-tuning, a distillation
             student); the files' SHA-256 are recorded in training states and checked on resume.
     """
 
@@ -113,7 +113,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     resume_ignore: list[str] = field(default_factory=list)
-    init: dict[str, str] = field(default_factory=dict)
+    init: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -137,7 +137,7 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
         need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
-        need(all(isinstance(v, str) and v for v in self.init.values()), "init",
+        need(all(isinstance(v, str) and v for v in (self.init or {}).values()), "init",
              "must map module names to snapshot files, e.g. {net: runs/teacher/snapshot-000100000.safetensors}")
 
 
@@ -475,7 +475,7 @@ def train(
     if isinstance(tokenizer, nn.Module):
         tokenizer.to(device).eval().requires_grad_(False)
     resumed_from = ckpt.latest_training_state(run_dir)
-    init_sources = _init_modules(cfg.init, method.trainable_modules(), fresh=resumed_from is None)
+    init_sources = _init_modules(cfg.init or {}, method.trainable_modules(), fresh=resumed_from is None)
     specs = method.optimizers()
     _check_method(method, specs)
     optims = {s.name: _Optimizer(s, method, device, cfg, world) for s in specs}
@@ -507,7 +507,7 @@ def train(
     if resumed_from is not None:
         state = ckpt.load_training_state(resumed_from)
         _check_resume(state, config, frozen, resume_keys, resumed_from, identity, cfg.resume_ignore)
-        init_sources = _check_init_sources(state.get("init", {}), cfg.init, resumed_from)
+        init_sources = _check_init_sources(state.get("init", {}), cfg.init or {}, resumed_from)
         registry.load_state_dict(state["registry"], str(resumed_from))
         bad = registry.non_finite()
         if bad:
