@@ -1,4 +1,4 @@
-"""Tokenizer training (tokenizers/training.py): loss terms against direct computations, the two optimizers in turn,
+"""Tokenizer training (gen/train/tokenizer.py): loss terms against direct computations, the two optimizers in turn,
 a short training whose reconstruction loss falls, snapshots that load as tokenizers, a diverging discriminator that
 stops the run with the last good state kept, frozen networks outside training states, and resume after SIGKILL."""
 
@@ -25,7 +25,7 @@ from gen.utils.log import read_stats
 from tests.test_train import _env, _max_diff
 from tokenizers.kl import AutoencoderKLTokenizer
 from tokenizers.pixels import PixelTokenizer
-from tokenizers.training import (
+from gen.train.tokenizer import (
     KLAutoencoderTraining,
     NLayerDiscriminator,
     adaptive_weight,

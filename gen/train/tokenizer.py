@@ -56,8 +56,9 @@ and ``"tokenizer_weights": "snapshot"``, meaning "these tensors are its weights"
 <snapshot>`` fills ``weights`` with the snapshot's path; a diffusion run uses the same tokenizer preset with
 ``tokenizer.weights=<snapshot>``.
 
-Layering: this module implements a ``gen.train.method.Method`` (the one interface the training loop drives), so
-``tokenizers`` may import ``gen.train`` (tests/test_layering.py); ``gen.train`` never imports ``tokenizers``.
+Layering: this is a training method beside the others in ``gen.train``; it never imports ``tokenizers`` (the
+autoencoder arrives built from its spec and is checked by what it offers), and ``tokenizers`` never imports
+``gen.train`` (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ from torch import Tensor, nn
 from gen.train.method import Batch, Method, OptimizerFactory, OptimizerSpec, Progress
 from gen.utils.frozen import hold_frozen
 from gen.utils.seed import Randomness
-from tokenizers.kl import AutoencoderKLTokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Discriminator and loss terms
@@ -230,7 +230,7 @@ class KLAutoencoderTraining(Method):
 
     def __init__(
         self,
-        autoencoder: AutoencoderKLTokenizer,
+        autoencoder: Any,
         optimizer: OptimizerFactory,
         disc_optimizer: OptimizerFactory,
         image_channels: int | None = None,
@@ -252,10 +252,11 @@ class KLAutoencoderTraining(Method):
         adaptive_vf: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(autoencoder, AutoencoderKLTokenizer):
-            raise TypeError(
-                f"method.autoencoder must build a tokenizers.kl.AutoencoderKLTokenizer, got {type(autoencoder).__name__}"
-            )
+        lacking = [a for a in ("vae", "config", "image_channels", "latent_channels", "posterior")
+                   if not hasattr(autoencoder, a)]
+        if lacking:  # duck-typed: gen.train sits below tokenizers and does not import it
+            raise TypeError(f"method.autoencoder must build a tokenizers.kl.AutoencoderKLTokenizer (a KL autoencoder "
+                            f"tokenizer), got {type(autoencoder).__name__}, which lacks {lacking}")
         if image_channels is not None and int(image_channels) != autoencoder.image_channels:
             raise ValueError(
                 f"the data has {image_channels}-channel images but the autoencoder takes {autoencoder.image_channels}; "
