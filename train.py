@@ -35,6 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from eval.generator import Generator
 from gen.train.loop import HookContext, TrainConfig, autocast_context, resolve_device, train
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
@@ -45,7 +46,6 @@ from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
 from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
-from eval.generator import Generator
 from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "train.py"

@@ -20,11 +20,6 @@ from eval.encoders import AlignmentEncoder
 from gen.data.shapes import Shapes
 from gen.ema import EMA
 from gen.train.loop import NonFiniteError, TrainConfig, train
-from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
-from gen.utils.log import read_stats
-from tests.test_train import _env, _max_diff
-from tokenizers.kl import AutoencoderKLTokenizer
-from tokenizers.pixels import PixelTokenizer
 from gen.train.tokenizer import (
     KLAutoencoderTraining,
     NLayerDiscriminator,
@@ -34,6 +29,11 @@ from gen.train.tokenizer import (
     match_grid,
     vf_loss_terms,
 )
+from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
+from gen.utils.log import read_stats
+from tests.test_train import _env, _max_diff
+from tokenizers.kl import AutoencoderKLTokenizer
+from tokenizers.pixels import PixelTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,6 @@ overflowing step; bad input is refused before work.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

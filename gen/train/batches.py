@@ -134,3 +134,82 @@ def check_batch_keys(
             f"{loose} unmirrored, out of register with them; {who} must list them in flip_keys (mirrored together), "
             "or set trainer.hflip=false"
         )
+
+
+def label_range_error(labels: torch.Tensor, num_classes: int, where: str) -> str | None:
+    """A message when ``labels`` leave [0, num_classes); label ``num_classes`` is the backbones' null class."""
+    if labels.numel() == 0:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_classes:
+        return None
+    bad = lo if lo < 0 else hi
+    what = "the null class (unconditional)" if bad == num_classes else "outside the label table"
+    return (
+        f"{where} holds label {bad}, but the data has num_classes={num_classes}: labels must be in "
+        f"[0, {num_classes - 1}]; label {bad} is {what}. Fix the dataset's labels or data.num_classes"
+    )
+
+
+def all_labels(dataset: Any) -> torch.Tensor | None:
+    """Every label of the dataset when it is known without decoding (in-memory tensors, a list of targets)."""
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        labels = tensors["label"] if isinstance(tensors, Mapping) else tensors[1]
+        return torch.as_tensor(labels).long()
+    targets = getattr(dataset, "targets", None)
+    return torch.as_tensor(list(targets)).long() if targets is not None else None
+
+
+_HASHED_BYTES = 1 << 28  # in-memory data up to 256 MB is hashed whole, larger data by a fixed stride
+
+
+def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+    if flat.numel() > _HASHED_BYTES:
+        flat = flat[:: flat.numel() // _HASHED_BYTES + 1]
+    h.update(flat.numpy().tobytes())
+
+
+def data_identity(dataset: Any) -> dict[str, Any] | None:
+    """A fingerprint of the training data's content, so that a moved dataset is recognised on resume.
+
+    In-memory datasets (``tensors()``): SHA-256 of the image and label tensors (by a fixed stride beyond 256 MB).
+    File datasets (``files`` + ``targets`` + ``root``, e.g. image folders): SHA-256 of every file's path relative to
+    the root, its size and its label (one ``stat`` per file; the bytes are not read). Datasets that know their own
+    content (``content_identity()``, e.g. latent shards): theirs. Others: None.
+    """
+    import hashlib
+    import os
+
+    if hasattr(dataset, "content_identity"):
+        return dataset.content_identity()
+    h = hashlib.sha256()
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        items = dict(tensors) if isinstance(tensors, Mapping) else {"image": tensors[0], "label": tensors[1]}
+        for name in sorted(items):
+            _tensor_digest(h, name, torch.as_tensor(items[name]))
+        return {"kind": "tensors", "count": len(dataset), "sha256": h.hexdigest()}
+    files, targets, root = getattr(dataset, "files", None), getattr(dataset, "targets", None), getattr(dataset, "root", None)
+    if files is None or targets is None or root is None:
+        return None
+    for f, y in zip(files, targets, strict=True):
+        rel = os.path.relpath(os.fspath(f), os.fspath(root))
+        h.update(f"{rel}|{os.stat(f).st_size}|{int(y)}\n".encode("utf-8", "surrogateescape"))
+    return {"kind": "files", "count": len(files), "sha256": h.hexdigest()}
+
+
+
+
+def check_training_data(dataset: Any, reads: Sequence[str], flip_keys: Sequence[str], hflip: bool, who: str) -> None:
+    """Before the first step: every known label in range, the keys the method reads present, no key out of register
+    under flips (:func:`check_batch_keys`). Raises ValueError naming the problem and the fix."""
+    num_classes = getattr(dataset, "num_classes", None)
+    labels = all_labels(dataset) if num_classes is not None else None
+    problem = None if labels is None else label_range_error(labels, int(num_classes), "the training data")
+    if problem:
+        raise ValueError(problem)
+    check_batch_keys(dataset_keys(dataset), reads, flip_keys, hflip, who)
