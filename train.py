@@ -326,6 +326,37 @@ class ReconstructionEvalHook:
         return {"rfid": float(out["rfid"]), "psnr": float(out["psnr"]), "ssim": float(out["ssim"])}
 
 
+# What each training-time metric measures; a method declares what it makes (``Method.produces``).
+METRIC_MEASURES = {"yardstick": "samples", "inception": "samples", "recon_yardstick": "reconstructions"}
+
+
+def _hooks(ev: Mapping[str, Any], method: Any, dataset: Any, make_generator: Callable, sampler: SamplerSpec,
+           preview: PreviewConfig, device: torch.device) -> list[Any]:
+    """The preview and evaluation hooks for what the method makes: samples (a generator) or reconstructions (a
+    tokenizer), told by ``method.produces``; an eval metric that measures the other kind is refused."""
+    produces = getattr(method, "produces", "samples")
+    hooks: list[Any] = []
+    if preview.images > 0:
+        hooks.append(ReconstructionPreviewHook(method, dataset, preview.images, preview.interval_kimg, preview.nrow)
+                     if produces == "reconstructions" else PreviewHook(make_generator, sampler, preview))
+    if not isinstance(ev.get("enabled", False), bool):
+        raise ConfigError(f"eval.enabled={ev['enabled']!r} must be true or false")
+    if not ev.get("enabled", False):
+        if set(ev) - {"enabled"}:
+            dist.print0(f"eval.enabled=false: the eval settings {sorted(set(ev) - {'enabled'})} are not used")
+        return hooks
+    measures = METRIC_MEASURES.get(ev.get("metric"))
+    if measures is not None and measures != produces:
+        fits = sorted(m for m, k in METRIC_MEASURES.items() if k == produces)
+        raise ConfigError(
+            f"eval.metric={ev.get('metric')!r} measures {measures}, but method {type(method).__name__} makes {produces}: "
+            f"it does not fit; use eval.metric in {fits} (or eval=none)"
+        )
+    hooks.append(ReconstructionEvalHook(method, dataset, ev) if produces == "reconstructions"
+                 else EvalHook(make_generator, sampler, ev, device))
+    return hooks
+
+
 def _image_of(item: Any) -> torch.Tensor:
     return item["image"] if isinstance(item, dict) else item[0]
 
@@ -427,24 +458,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def make_generator(ema_net: torch.nn.Module) -> Generator:
         return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
 
-    hooks: list[Any] = []
-    # A method that reconstructs images (tokenizer training) previews and evaluates reconstructions, not samples.
-    recon = hasattr(method, "reconstruct")
-    if preview.images > 0:
-        hooks.append(ReconstructionPreviewHook(method, dataset, preview.images, preview.interval_kimg, preview.nrow)
-                     if recon else PreviewHook(make_generator, sampler, preview))
-    if not isinstance(c["eval"].get("enabled", False), bool):
-        raise ConfigError(f"eval.enabled={c['eval']['enabled']!r} must be true or false")
-    if c["eval"].get("enabled", False):
-        if recon != (c["eval"].get("metric") == "recon_yardstick"):
-            raise ConfigError(
-                f"eval.metric={c['eval'].get('metric')!r} does not fit method {method_spec.get('_target_')}: tokenizer "
-                "training takes eval=recon_yardstick (or eval=none), generators take the sample metrics"
-            )
-        hooks.append(ReconstructionEvalHook(method, dataset, c["eval"]) if recon
-                     else EvalHook(make_generator, sampler, c["eval"], device))
-    elif set(c["eval"]) - {"enabled"}:
-        dist.print0(f"eval.enabled=false: the eval settings {sorted(set(c['eval']) - {'enabled'})} are not used")
+    hooks = _hooks(c["eval"], method, dataset, make_generator, sampler, preview, device)
 
     if dist.is_main():
         text = OmegaConf.to_yaml(OmegaConf.create(c))

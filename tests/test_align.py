@@ -24,6 +24,7 @@ from gen.utils.ckpt import list_training_states, load_snapshot, load_training_st
 from gen.utils.config import ConfigError
 from gen.utils.seed import BatchRandom
 from pipeline import Generator, SamplerSpec
+from tests.conftest import free_port
 from tests.presets import micro
 from tokenizers.pixels import PixelTokenizer
 
@@ -235,7 +236,7 @@ def test_reg_sample_py_is_seed_exact_on_two_processes(tmp_path: Path) -> None:
 
     def sample(out: str, batch: int, procs: int) -> np.ndarray:
         launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                      f"--nproc_per_node={procs}", "--master_port=29531"]
+                                                      f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
         cmd = [*launch, "sample.py", f"snapshot={snap}", f"outdir={tmp_path / out}", "seeds=0-11", f"batch_size={batch}",
                "sampler.steps=6", "sampler.guidance.scale=[2.0,1.5]", "images=false"]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

@@ -336,7 +336,7 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
 
 @pytest.mark.parametrize("override, message", [
     (["data=shapes"], "the data has 3-channel images but the autoencoder takes 1; set method.autoencoder.image_channels=3"),
-    (["eval=yardstick_quick"], "tokenizer training takes eval=recon_yardstick"),
+    (["eval=yardstick_quick"], "measures samples, but method KLAutoencoderTraining makes reconstructions"),
     (["method.lpips=null", "method.perceptual_weight=1.0"], "perceptual_weight > 0 needs method.lpips"),
 ])
 def test_bad_tokenizer_training_configs_are_refused_before_work(tmp_path: Path, override: list[str], message: str) -> None:

@@ -209,6 +209,7 @@ def test_sampling_is_identical_across_batch_sizes_and_processes(tmp_path: Path) 
         (["sampler.solver._target_=samplers.sample_rk4"], "has no attribute 'sample_rk4'"),
         (["sampler.solver._target_=os.system"], "outside the allowed packages"),
         (["+method.critic=1"], "unknown argument(s) 'critic'"),
+        (["eval=recon_yardstick"], "measures reconstructions, but method Diffusion makes samples"),
     ],
 )
 def test_bad_config_is_refused_before_work(tmp_path: Path, override: list[str], message: str) -> None:

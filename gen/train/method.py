@@ -160,6 +160,9 @@ class Method(nn.Module):
         data_keys: dataset keys the loss reads besides ``"label"`` (checked against the dataset before training).
         flip_keys: spatial keys mirrored together by ``trainer.hflip``; a spatial dataset key outside them is
             refused with ``hflip`` on (it would be left out of register).
+        produces: what the snapshot module makes, ``"samples"`` (a generator) or ``"reconstructions"`` (a
+            tokenizer, with ``reconstruct(autoencoder, uint8 images, generators)``): the entry point picks the
+            preview and the evaluation metrics by it.
     """
 
     trainable: tuple[str, ...] = ("net",)
@@ -167,6 +170,7 @@ class Method(nn.Module):
     snapshot_module: str = "net"
     data_keys: tuple[str, ...] = ()
     flip_keys: tuple[str, ...] = DEFAULT_FLIP_KEYS
+    produces: str = "samples"
 
     def prepare_batch(
         self, raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device

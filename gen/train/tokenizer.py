@@ -228,6 +228,8 @@ class KLAutoencoderTraining(Method):
     ema_modules = ("autoencoder",)
     snapshot_module = "autoencoder"
 
+    produces = "reconstructions"  # train.py previews and evaluates reconstructions (self.reconstruct)
+
     def __init__(
         self,
         autoencoder: Any,
