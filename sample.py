@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from eval.generator import generator_from_snapshot
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, remove_stale_temp_files
 from gen.utils.ckpt import tokenizer_weights as tokenizer_weights_from
@@ -48,7 +49,7 @@ from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import load_png, save_grid, save_png
 from gen.utils.progress import Progress
 from gen.utils.seed import PerImageRandom, shard_seeds
-from pipeline import SamplerSpec, check_sampler, generator_from_snapshot
+from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "sample.py"
 MANIFEST = "sample.json"

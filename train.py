@@ -35,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gen.ema import make_profiles
+from eval.generator import Generator
 from gen.train.loop import HookContext, TrainConfig, autocast_context, resolve_device, train
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
@@ -46,7 +46,7 @@ from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
 from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
-from pipeline import Generator, SamplerSpec, check_sampler
+from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "train.py"
 TOP_LEVEL_KEYS = {
@@ -326,6 +326,37 @@ class ReconstructionEvalHook:
         return {"rfid": float(out["rfid"]), "psnr": float(out["psnr"]), "ssim": float(out["ssim"])}
 
 
+# What each training-time metric measures; a method declares what it makes (``Method.produces``).
+METRIC_MEASURES = {"yardstick": "samples", "inception": "samples", "recon_yardstick": "reconstructions"}
+
+
+def _hooks(ev: Mapping[str, Any], method: Any, dataset: Any, make_generator: Callable, sampler: SamplerSpec,
+           preview: PreviewConfig, device: torch.device) -> list[Any]:
+    """The preview and evaluation hooks for what the method makes: samples (a generator) or reconstructions (a
+    tokenizer), told by ``method.produces``; an eval metric that measures the other kind is refused."""
+    produces = getattr(method, "produces", "samples")
+    hooks: list[Any] = []
+    if preview.images > 0:
+        hooks.append(ReconstructionPreviewHook(method, dataset, preview.images, preview.interval_kimg, preview.nrow)
+                     if produces == "reconstructions" else PreviewHook(make_generator, sampler, preview))
+    if not isinstance(ev.get("enabled", False), bool):
+        raise ConfigError(f"eval.enabled={ev['enabled']!r} must be true or false")
+    if not ev.get("enabled", False):
+        if set(ev) - {"enabled"}:
+            dist.print0(f"eval.enabled=false: the eval settings {sorted(set(ev) - {'enabled'})} are not used")
+        return hooks
+    measures = METRIC_MEASURES.get(ev.get("metric"))
+    if measures is not None and measures != produces:
+        fits = sorted(m for m, k in METRIC_MEASURES.items() if k == produces)
+        raise ConfigError(
+            f"eval.metric={ev.get('metric')!r} measures {measures}, but method {type(method).__name__} makes {produces}: "
+            f"it does not fit; use eval.metric in {fits} (or eval=none)"
+        )
+    hooks.append(ReconstructionEvalHook(method, dataset, ev) if produces == "reconstructions"
+                 else EvalHook(make_generator, sampler, ev, device))
+    return hooks
+
+
 def _image_of(item: Any) -> torch.Tensor:
     return item["image"] if isinstance(item, dict) else item[0]
 
@@ -379,7 +410,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dist.init_distributed()
     device = resolve_device(trainer.device)
     autocast_context(trainer.precision, device)  # refuses a precision the device cannot run, before any work
-    ema_profiles = _ema_profiles(c["ema"])
+    ema = _ema_factory(c["ema"], packages)
     sampler = SamplerSpec.from_config(c["sampler"])
     preview = from_mapping(PreviewConfig, c["preview"], "preview")
     check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
@@ -409,6 +440,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
         "image_resolution": lambda: dataset.resolution,
         "image_channels": lambda: dataset.channels,
+        "ema": lambda: ema,
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
@@ -426,31 +458,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     def make_generator(ema_net: torch.nn.Module) -> Generator:
         return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
 
-    hooks: list[Any] = []
-    # A method that reconstructs images (tokenizer training) previews and evaluates reconstructions, not samples.
-    recon = hasattr(method, "reconstruct")
-    if preview.images > 0:
-        hooks.append(ReconstructionPreviewHook(method, dataset, preview.images, preview.interval_kimg, preview.nrow)
-                     if recon else PreviewHook(make_generator, sampler, preview))
-    if not isinstance(c["eval"].get("enabled", False), bool):
-        raise ConfigError(f"eval.enabled={c['eval']['enabled']!r} must be true or false")
-    if c["eval"].get("enabled", False):
-        if recon != (c["eval"].get("metric") == "recon_yardstick"):
-            raise ConfigError(
-                f"eval.metric={c['eval'].get('metric')!r} does not fit method {method_spec.get('_target_')}: tokenizer "
-                "training takes eval=recon_yardstick (or eval=none), generators take the sample metrics"
-            )
-        hooks.append(ReconstructionEvalHook(method, dataset, c["eval"]) if recon
-                     else EvalHook(make_generator, sampler, c["eval"], device))
-    elif set(c["eval"]) - {"enabled"}:
-        dist.print0(f"eval.enabled=false: the eval settings {sorted(set(c['eval']) - {'enabled'})} are not used")
+    hooks = _hooks(c["eval"], method, dataset, make_generator, sampler, preview, device)
 
     if dist.is_main():
         text = OmegaConf.to_yaml(OmegaConf.create(c))
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     try:
         result = train(
-            method=method, dataset=dataset, tokenizer=tokenizer, ema_profiles=ema_profiles, cfg=trainer,
+            method=method, dataset=dataset, tokenizer=tokenizer, ema=ema, cfg=trainer,
             run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
         )
     except OSError as e:
@@ -488,14 +503,14 @@ def _bind_latents(tokenizer: Any, dataset: Any) -> None:
         raise ConfigError(str(e)) from e
 
 
-def _ema_profiles(c: Mapping[str, Any]) -> list:
-    unknown = set(c) - {"decays", "halflife_kimg", "rampup_ratio"}
-    if unknown:
-        raise ConfigError(f"unknown ema key(s) {sorted(unknown)}; known: decays, halflife_kimg, rampup_ratio")
+def _ema_factory(c: Mapping[str, Any], packages: tuple[str, ...]) -> Callable[[torch.nn.Module], Any]:
+    """The ``ema`` spec as a factory ``module -> EMA``, tried once on a stand-in so bad settings fail now."""
+    factory = _build({**c, "_partial_": True}, "ema", packages)
     try:
-        return make_profiles(c.get("decays") or (), c.get("halflife_kimg") or (), c.get("rampup_ratio"))
+        factory(torch.nn.Linear(1, 1))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"ema: {e}") from e
+    return factory
 
 
 def main_checked(cfg: DictConfig, runner: Callable[[DictConfig], Any] = run) -> int:

@@ -4,6 +4,12 @@ Each profile is either a fixed per-step decay (DiT/SiT/LightningDiT: 0.9999) or 
 training images (EDM: ``beta = 0.5 ** (batch / halflife_nimg)``, optionally ramped up as
 ``halflife = min(halflife, ratio * nimg)``), so the average does not depend on the batch size.
 
+An EMA is a part a training method declares (``Method.ema_specs``), built from a ``_target_`` spec like the
+other parts (``configs/ema/*.yaml``: ``{_target_: gen.ema.EMA, decays, halflife_kimg, rampup_ratio}``, built as a
+partial and called with the module), so another averaging rule (EDM2's power-function EMA) is one more class with
+the same ``update`` / ``averaged`` / ``spec`` interface. The loop updates an EMA only after its module's optimizer
+stepped, and snapshots record its ``spec`` and profile.
+
 Why not ``torch.optim.swa_utils.AveragedModel`` or timm's ``ModelEmaV3``: both take a decay per
 step, not a function of images seen, and hold one profile each; the update below uses the same
 fused ``torch._foreach_lerp_`` kernel those use, so speed is equal.
@@ -12,8 +18,9 @@ fused ``torch._foreach_lerp_`` kernel those use, so speed is equal.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,21 +65,48 @@ def make_profiles(
 
 
 class EMA(nn.Module):
-    """Averaged copies of ``net`` (one per profile), updated after every optimizer step.
+    """Averaged copies of ``net`` (one per profile), updated after every step of ``net``'s optimizer.
+
+    Args:
+        net: the module to average (copied at construction).
+        profiles: the profiles; or give ``decays`` / ``halflife_kimg`` / ``rampup_ratio`` (``make_profiles``),
+            which is how the ``ema`` config spec builds it.
 
     Example:
-        ema = EMA(net, make_profiles(decays=[0.9999]))
+        ema = EMA(net, decays=[0.9999])
         ...; opt.step(); ema.update(net, nimg, batch_size)
         ema.averaged("d0.9999")  # an eval-mode copy of the network
     """
 
-    def __init__(self, net: nn.Module, profiles: Sequence[EMAProfile]) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        profiles: Sequence[EMAProfile] | None = None,
+        *,
+        decays: Sequence[float] = (),
+        halflife_kimg: Sequence[float] = (),
+        rampup_ratio: float | None = None,
+    ) -> None:
         super().__init__()
+        if profiles is None:
+            profiles = make_profiles(decays, halflife_kimg, rampup_ratio)
+        elif decays or halflife_kimg or rampup_ratio is not None:
+            raise ValueError("EMA: give either profiles or decays/halflife_kimg/rampup_ratio, not both")
         self.profiles = list(profiles)
         self.copies = nn.ModuleDict()
         for p in self.profiles:
             c = copy.deepcopy(net).eval().requires_grad_(False)
             self.copies[p.name.replace(".", "_")] = c
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The ``_target_`` spec of this averaging rule (recorded in snapshots beside the profile name)."""
+        return {
+            "_target_": f"{type(self).__module__}.{type(self).__qualname__}",
+            "decays": [p.decay for p in self.profiles if p.decay is not None],
+            "halflife_kimg": [p.halflife_kimg for p in self.profiles if p.halflife_kimg is not None],
+            "rampup_ratio": next((p.rampup_ratio for p in self.profiles if p.halflife_kimg is not None), None),
+        }
 
     @property
     def names(self) -> list[str]:
@@ -81,7 +115,10 @@ class EMA(nn.Module):
     def averaged(self, name: str | None = None) -> nn.Module:
         """The averaged network of a profile (the first one by default)."""
         name = name or self.profiles[0].name
-        return self.copies[name.replace(".", "_")]
+        key = name.replace(".", "_")
+        if key not in self.copies:
+            raise KeyError(f"no EMA profile {name!r}; this EMA keeps {self.names}")
+        return self.copies[key]
 
     @torch.no_grad()
     def update(self, net: nn.Module, nimg: int, batch_size: int) -> None:
@@ -96,3 +133,7 @@ class EMA(nn.Module):
             torch._foreach_lerp_(dst, [s.to(d.dtype) for s, d in zip(src_params, dst)], 1.0 - beta)
             for b_dst, b_src in zip(copy_.buffers(), src_buffers):
                 b_dst.copy_(b_src)
+
+
+EMAFactory = Callable[[nn.Module], EMA]
+"""Builds the EMA of one module (a ``functools.partial`` of an EMA class, from the ``ema`` config spec)."""

@@ -1,4 +1,4 @@
-"""Samplers: pure no-grad functions over ``model_fn(x, t, y) -> velocity`` and a descending time grid.
+"""Samplers: pure functions over ``model_fn(x, t, y) -> velocity`` and a descending time grid.
 
 Signature shared by every sampler (docs/architecture.md)::
 
@@ -7,6 +7,10 @@ Signature shared by every sampler (docs/architecture.md)::
 The state may be one tensor or ``Streams`` of several integrated together (REG's image and class token); the
 solvers are written once for both. DDT's encoder cache is not state: ``sharing.EncoderSharing`` keeps it in the
 network call.
+
+Gradients are the caller's choice: a solver records the autograd graph like any torch code, so a training loss
+can differentiate through a few-step sample (a distillation student); ``eval.generator.Generator`` samples under
+``torch.no_grad``.
 
 This package imports only ``gen.paths`` and ``gen.utils`` (enforced by the layering test).
 """

@@ -41,7 +41,6 @@ def _coef(path: Path, t: float) -> tuple[float, float, float]:
     return a, s, lam
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(
     model_fn: ModelFn,
     noise: State,

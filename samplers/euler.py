@@ -12,7 +12,6 @@ from gen.paths import Path
 from samplers._common import Callback, ModelFn, RandnLike, State, call, check_inputs, denoised, prior
 
 
-@torch.no_grad()
 def sample_euler(
     model_fn: ModelFn,
     noise: State,

@@ -55,7 +55,6 @@ def _churn(
     return x_hat, t_hat
 
 
-@torch.no_grad()
 def sample_heun(
     model_fn: ModelFn,
     noise: State,

@@ -86,7 +86,6 @@ def diffusion_coefficient(
     return norm * (s * ds - da / a * s * s) if a > 0 else math.inf
 
 
-@torch.no_grad()
 def sample_euler_maruyama(
     model_fn: ModelFn,
     noise: State,

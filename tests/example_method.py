@@ -1,7 +1,8 @@
 """A new training method in one file: flow matching with an adversarial critic on frozen features.
 
 This is the worked example of docs/architecture.md ("Adding a training method") and the method the tests train
-end to end (two optimizers stepped in turn, a frozen network, resume after SIGKILL). It is a real, if small,
+end to end (two optimizers stepped in turn, the second consuming the first one's samples through
+``Method.shared``, a frozen network, resume after SIGKILL). It is a real, if small,
 objective in the spirit of projected GANs (Sauer et al. 2021, "Projected GANs Converge Faster"): the backbone
 is trained with rectified flow plus a hinge adversarial term on its one-step data estimate, judged by a critic
 that looks at the images through a frozen random convolutional projection.
@@ -46,7 +47,7 @@ class AdversarialFlow(Method):
     """Rectified flow plus a hinge adversarial loss on the one-step estimate ``x0_hat = x_t - t v``.
 
     Phases per step: ``net`` (flow loss + ``adv_weight`` times the generator's hinge term) then ``critic`` (hinge
-    loss on real images against the detached estimates). Trainable: ``net`` (EMA, snapshots) and ``critic``;
+    loss on real images against the net phase's estimates, handed over through ``Method.shared``). Trainable: ``net`` (EMA, snapshots) and ``critic``;
     frozen: ``features``.
 
     Args:
@@ -102,9 +103,9 @@ class AdversarialFlow(Method):
         if phase == "net":
             mse, x0_hat = self._estimate(batch, rng)
             adv = -self.critic(self.features(x0_hat)).squeeze(1)  # generator hinge term
+            self.shared.put("fake", x0_hat)  # the critic phase of this step judges these very samples
             return {"loss": mse + self.adv_weight * adv, "mse": mse, "adv": adv.detach()}
-        with torch.no_grad():
-            _, fake = self._estimate(batch, rng)
+        fake = self.shared.get("fake")  # the net phase's estimates of this micro-batch (detached)
         real = self.critic(self.features(batch["x0"].float())).squeeze(1)
         fake_score = self.critic(self.features(fake)).squeeze(1)
         loss = F.relu(1 - real) + F.relu(1 + fake_score)

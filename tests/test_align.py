@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gen.data import Digits
-from gen.ema import make_profiles
+from gen.ema import EMA
 from gen.objectives import EDMLoss, FlowMatching
 from gen.objectives.align import Alignment, build_projector, match_grid, negative_cosine
 from gen.train.diffusion import Diffusion
@@ -25,6 +25,7 @@ from gen.utils.ckpt import list_training_states, load_snapshot, load_training_st
 from gen.utils.config import ConfigError
 from gen.utils.seed import BatchRandom
 from pipeline import Generator, SamplerSpec
+from tests.conftest import free_port
 from tests.presets import micro
 from tokenizers.pixels import PixelTokenizer
 
@@ -142,7 +143,7 @@ def _train(run_dir: Path, encoder_seed: int = 0, reg: bool = False, total_kimg: 
     method = Diffusion(net, FlowMatching(align=align), functools.partial(torch.optim.Adam, lr=1e-3), image_resolution=8)
     cfg = TrainConfig(total_kimg=total_kimg, batch_size=16, status_kimg=0.032, checkpoint_kimg=0.032,
                       snapshot_kimg=0.032, tensorboard=False, progress=False, device="cpu")
-    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema_profiles=make_profiles([0.9]),
+    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.9]),
           cfg=cfg, run_dir=run_dir, config={"objective": {"align": "toy"}}, snapshot_meta={})
     return method
 
@@ -262,7 +263,7 @@ def test_reg_sample_py_is_seed_exact_on_two_processes(tmp_path: Path) -> None:
 
     def sample(out: str, batch: int, procs: int) -> np.ndarray:
         launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                      f"--nproc_per_node={procs}", "--master_port=29531"]
+                                                      f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
         cmd = [*launch, "sample.py", f"snapshot={snap}", f"outdir={tmp_path / out}", "seeds=0-11", f"batch_size={batch}",
                "sampler.steps=6", "sampler.guidance.scale=[2.0,1.5]", "images=false"]
         proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)

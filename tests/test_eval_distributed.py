@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 NUM_IMAGES = 37  # 13 batches of 3 (the last of 1): 7 on one process, 6 on the other
 
@@ -104,10 +105,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rel(a, b) -> float:
@@ -117,7 +114,7 @@ def _rel(a, b) -> float:
 
 def test_two_processes_match_one(tmp_path) -> None:
     single = _evaluate()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         with np.load(tmp_path / f"rank{rank}.npz") as d:
             assert int(d["n"]) == NUM_IMAGES
@@ -172,7 +169,7 @@ def test_two_processes_match_one_with_inception(tmp_path) -> None:
     weights = str(make_random_inception_weights(tmp_path / "random.pth"))
     torch.set_num_threads(1)
     single = _inception_stats(weights)
-    mp.spawn(_inception_worker, args=(2, _free_port(), str(tmp_path), weights), nprocs=2, join=True)
+    mp.spawn(_inception_worker, args=(2, free_port(), str(tmp_path), weights), nprocs=2, join=True)
     with np.load(tmp_path / "inception.npz") as d:
         for key in ("mu", "sigma", "is"):
             assert _rel(d[key], single[key]) <= 1e-9, key

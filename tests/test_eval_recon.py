@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import yaml
 
 from eval.recon import reconstruction_metrics, ssim, tokenizer_roundtrip
 from gen.utils.weights import WeightsNotFoundError
+from tests.conftest import free_port
 
 TOKENIZER = {"_target_": "tokenizers.kl.AutoencoderKLTokenizer", "block_out_channels": [32, 32],
              "layers_per_block": 1, "latent_channels": 4, "seed": 0}
@@ -131,9 +131,7 @@ def _worker(rank: int, world: int, port: int, vgg: str, out: str) -> None:
 
 def test_two_processes_give_the_numbers_of_one(vgg: Path, tmp_path: Path) -> None:
     one = _metrics(str(vgg))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_worker, args=(2, port, str(vgg), str(tmp_path / "two.json")), nprocs=2, join=True)
     two = json.loads((tmp_path / "two.json").read_text())
     assert two.keys() == one.keys()

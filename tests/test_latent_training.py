@@ -19,6 +19,7 @@ from PIL import Image
 
 from gen.data.shapes import Shapes
 from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = f"hydra.searchpath=[file://{ROOT / 'tests' / 'configs'}]"
@@ -61,7 +62,7 @@ def test_extract_train_sample_eval_on_latents(tmp_path: Path) -> None:
              "trainer.status_kimg=0.008", "trainer.checkpoint_kimg=0.008", "trainer.snapshot_kimg=0.008",
              "trainer.progress=false", "trainer.tensorboard=false", "preview.images=0", "eval=none"]
     _run([*train, "name=one"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29521"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     _run([*train, "name=two"], launcher=torchrun)
     one, two = (load_training_state(list_training_states(tmp_path / "runs" / n)[-1][1])["registry"] for n in
                 ("one", "two"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from gen.data.latents import (
 )
 from gen.data.shapes import Shapes
 from gen.utils.build import build
+from tests.conftest import free_port
 from tokenizers import PixelTokenizer, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,15 +133,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_write_the_same_bytes_as_one(tmp_path: Path) -> None:
     one = _files(_extract(tmp_path / "one"))
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path / "two")), nprocs=2, join=True)
     assert _files(tmp_path / "two") == one
 
 

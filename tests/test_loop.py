@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from gen.data import Digits
-from gen.ema import make_profiles
+from gen.ema import EMA
 from gen.objectives import FlowMatching
 from gen.train.diffusion import Diffusion
 from gen.train.loop import NonFiniteError, TrainConfig, train
-from gen.utils.ckpt import list_training_states, load_training_state
+from gen.train.method import Method, OptimizerSpec, Progress
+from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
+from gen.utils.config import ConfigError
 from gen.utils.log import read_stats
 from tests.presets import micro
 from tokenizers.pixels import PixelTokenizer
@@ -39,7 +41,7 @@ def _run(run_dir: Path, objective: FlowMatching, precision: str, total_kimg: flo
     method = Diffusion(net, objective, functools.partial(torch.optim.Adam, lr=1e-3))
     cfg = TrainConfig(total_kimg=total_kimg, batch_size=16, status_kimg=0.016, checkpoint_kimg=1.0, snapshot_kimg=1.0,
                       precision=precision, tensorboard=False, progress=False, device="cpu")
-    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema_profiles=make_profiles([0.9]),
+    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.9]),
           cfg=cfg, run_dir=run_dir, config={}, snapshot_meta={})
     return method
 
@@ -77,7 +79,7 @@ def test_fp16_stops_after_too_many_skipped_steps(tmp_path: Path) -> None:
         method = Diffusion(net, OverflowAt(set(range(100))), functools.partial(torch.optim.Adam, lr=1e-3))
         cfg = TrainConfig(total_kimg=0.16, batch_size=16, precision="fp16", max_skipped_steps=4, tensorboard=False,
                           progress=False, device="cpu")
-        train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema_profiles=make_profiles([0.9]),
+        train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=functools.partial(EMA, decays=[0.9]),
               cfg=cfg, run_dir=tmp_path, config={}, snapshot_meta={})
 
 
@@ -96,3 +98,69 @@ def test_fp16_stops_after_too_many_skipped_steps(tmp_path: Path) -> None:
 def test_settings_that_break_training_are_refused(key: str, value: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{key: value})
+
+
+class AuxOnce(Diffusion):
+    """The diffusion method plus a module ``aux`` whose optimizer steps at step 0 only; both modules have EMAs."""
+
+    trainable = ("net", "objective", "aux")
+    ema_modules = ("net", "aux")
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__(net, FlowMatching(), functools.partial(torch.optim.SGD, lr=1e-2))
+        self.aux = torch.nn.Linear(2, 1)
+
+    def optimizers(self) -> list[OptimizerSpec]:
+        return [*super().optimizers(), OptimizerSpec("aux", ("aux",), functools.partial(torch.optim.SGD, lr=0.5))]
+
+    def phases(self, progress: Progress) -> list[str]:
+        return ["main", "aux"] if progress.step == 0 else ["main"]
+
+    def loss(self, phase, batch, rng, progress):
+        if phase == "main":
+            return super().loss(phase, batch, rng, progress)
+        return {"loss": self.aux(torch.ones(batch["x0"].shape[0], 2)).squeeze(1)}
+
+
+def _train_micro(method: Method, run_dir: Path, ema: object, total_kimg: float = 0.048) -> None:
+    cfg = TrainConfig(total_kimg=total_kimg, batch_size=16, status_kimg=0.016, checkpoint_kimg=1.0, snapshot_kimg=1.0,
+                      tensorboard=False, progress=False, device="cpu")
+    train(method=method, dataset=Digits(), tokenizer=PixelTokenizer(channels=1), ema=ema, cfg=cfg, run_dir=run_dir,
+          config={}, snapshot_meta={})
+
+
+def test_ema_updates_only_after_its_module_stepped_and_is_readable(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    method = AuxOnce(micro("dit", input_size=8, in_channels=1, num_classes=10))
+    w0 = {k: v.clone() for k, v in method.aux.state_dict().items()}
+    _train_micro(method, tmp_path, functools.partial(EMA, decays=[0.5]))  # 3 steps; aux steps at step 0 only
+    reg = load_training_state(list_training_states(tmp_path)[-1][1])["registry"]
+    w1 = reg["module.aux"]
+    assert not torch.equal(w0["weight"], w1["weight"])
+    ema = reg["ema.aux"]
+    for k in w0:  # one update of decay 0.5 (step 0), none at steps 1 and 2
+        torch.testing.assert_close(ema[f"copies.d0_5.{k}"], 0.5 * w0[k] + 0.5 * w1[k], rtol=0, atol=1e-7)
+    # The method reads its averages (the target network) through the one EMA the loop keeps.
+    assert method.averaged("aux") is method.__dict__["_emas"]["aux"].averaged()
+    with pytest.raises(KeyError, match="no EMA of 'objective'"):
+        method.averaged("objective")
+    _, meta = load_snapshot(sorted(tmp_path.glob("snapshot-*.safetensors"))[-1])
+    assert meta["ema"] == "d0.5" and meta["ema_spec"] == {"_target_": "gen.ema.EMA", "decays": [0.5],
+                                                          "halflife_kimg": [], "rampup_ratio": None}
+
+
+class EMAOf(Diffusion):
+    def __init__(self, net: torch.nn.Module, names: tuple[str, ...]) -> None:
+        super().__init__(net, FlowMatching(), functools.partial(torch.optim.SGD, lr=1e-2))
+        self.ema_modules = names
+
+
+@pytest.mark.parametrize("names, message", [
+    (("net", "nte"), r"declares an EMA of \['nte'\], which is not a trainable module"),
+    (("objective",), "snapshot_module='net' has no EMA"),
+])
+def test_bad_ema_declarations_are_refused_before_the_first_step(tmp_path: Path, names: tuple, message: str) -> None:
+    method = EMAOf(micro("dit", input_size=8, in_channels=1, num_classes=10), names)
+    with pytest.raises(ConfigError, match=message):
+        _train_micro(method, tmp_path, functools.partial(EMA, decays=[0.5]))
+    assert not list_training_states(tmp_path)

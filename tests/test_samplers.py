@@ -786,3 +786,22 @@ def test_guidance_scales_per_stream() -> None:
     torch.testing.assert_close(v_tok, (8 + 0.5 * (2 * y - 8)).double()[:, None])
     with pytest.raises(ValueError, match="one per stream"):
         cfg(model, (1.0, 2.0, 3.0), 4)(x, t, y)
+
+
+def test_gradients_flow_through_a_two_step_euler_sample() -> None:
+    """The caller decides about gradients: through 2 Euler steps of v = a x + b on the linear path (x starts at the
+    noise n, sigma(1) = 1, steps of -1/2), x_2 = c^2 n - b (c + 1) / 2 with c = 1 - a/2, so
+    d sum(x_2)/da = -c sum(n) + B b / 4 and d sum(x_2)/db = -B (c + 1) / 2 (B elements); under no_grad no graph."""
+    a = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-0.2, dtype=torch.float64, requires_grad=True)
+    noise = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ts = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    model_fn = lambda x, t, y: a * x + b  # noqa: E731
+    x2 = sample_euler(model_fn, noise, ts, path=LinearPath())
+    c, n = 1 - a.detach() / 2, noise.numel()
+    torch.testing.assert_close(x2.detach(), c**2 * noise - b.detach() * (c + 1) / 2)
+    ga, gb = torch.autograd.grad(x2.sum(), (a, b))
+    torch.testing.assert_close(ga, -c * noise.sum() + n * b.detach() / 4)
+    torch.testing.assert_close(gb, -n * (c + 1) / 2)
+    with torch.no_grad():
+        assert not sample_euler(model_fn, noise, ts, path=LinearPath()).requires_grad

@@ -1,4 +1,4 @@
-"""Tokenizer training (tokenizers/training.py): loss terms against direct computations, the two optimizers in turn,
+"""Tokenizer training (gen/train/tokenizer.py): loss terms against direct computations, the two optimizers in turn,
 a short training whose reconstruction loss falls, snapshots that load as tokenizers, a diverging discriminator that
 stops the run with the last good state kept, frozen networks outside training states, and resume after SIGKILL."""
 
@@ -18,14 +18,9 @@ import torch
 
 from eval.encoders import AlignmentEncoder
 from gen.data.shapes import Shapes
-from gen.ema import make_profiles
+from gen.ema import EMA
 from gen.train.loop import NonFiniteError, TrainConfig, train
-from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
-from gen.utils.log import read_stats
-from tests.test_train import _env, _max_diff
-from tokenizers.kl import AutoencoderKLTokenizer
-from tokenizers.pixels import PixelTokenizer
-from tokenizers.training import (
+from gen.train.tokenizer import (
     KLAutoencoderTraining,
     NLayerDiscriminator,
     adaptive_weight,
@@ -34,6 +29,11 @@ from tokenizers.training import (
     match_grid,
     vf_loss_terms,
 )
+from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
+from gen.utils.log import read_stats
+from tests.test_train import _env, _max_diff
+from tokenizers.kl import AutoencoderKLTokenizer
+from tokenizers.pixels import PixelTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,7 @@ def _train(method: KLAutoencoderTraining, run_dir: Path, total_kimg: float, chec
                       checkpoint_kimg=checkpoint_kimg, snapshot_kimg=checkpoint_kimg, tensorboard=False,
                       progress=False, device="cpu")
     train(method=method, dataset=Shapes(count=256, seed=0), tokenizer=PixelTokenizer(channels=3),
-          ema_profiles=make_profiles([0.5]), cfg=cfg, run_dir=run_dir, config={},
+          ema=functools.partial(EMA, decays=[0.5]), cfg=cfg, run_dir=run_dir, config={},
           snapshot_meta={"data": {"name": "shapes", "channels": 3, "resolution": 32, "num_classes": 6}})
 
 
@@ -369,7 +369,7 @@ def test_the_vf_encoder_of_the_yardstick_sweep_is_one_key(channels: int) -> None
 
 @pytest.mark.parametrize("override, message", [
     (["data=shapes"], "the data has 3-channel images but the autoencoder takes 1; set method.autoencoder.image_channels=3"),
-    (["eval=yardstick_quick"], "tokenizer training takes eval=recon_yardstick"),
+    (["eval=yardstick_quick"], "measures samples, but method KLAutoencoderTraining makes reconstructions"),
     (["method.lpips=null", "method.perceptual_weight=1.0"], "perceptual_weight > 0 needs method.lpips"),
 ])
 def test_bad_tokenizer_training_configs_are_refused_before_work(tmp_path: Path, override: list[str], message: str) -> None:

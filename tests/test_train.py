@@ -10,7 +10,6 @@ overflowing step; bad input is refused before work.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,34 +22,10 @@ import torch
 
 from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
 from gen.utils.log import read_stats
+from tests.conftest import ROOT, SMALL, example, run_train, subprocess_env, torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
-# A very small model and run: 2 blocks of width 64 on 32x32 digits, 16 steps of 32 images.
-SMALL = [
-    "model.depth=2", "model.hidden_size=64", "model.num_heads=2",
-    "trainer.batch_size=32", "trainer.total_kimg=0.512", "trainer.lr_warmup_kimg=0.064",
-    "trainer.status_kimg=0.064", "trainer.checkpoint_kimg=0.128", "trainer.snapshot_kimg=0.256",
-    "trainer.progress=false", "trainer.tensorboard=false",
-    "preview.images=0", "eval=none",
-]
-
-
-def _env(threads: int = 1) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
-    return env
-
-
-def _train(runs: Path, name: str, extra: list[str] = (), check: bool = True, launcher: list[str] | None = None,
-           threads: int = 1) -> subprocess.CompletedProcess:
-    cmd = (launcher or [sys.executable]) + ["train.py", f"paths.runs={runs}", f"name={name}", *SMALL, *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(threads), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
-
-
-EXAMPLE = [f"hydra.searchpath=[file://{ROOT / 'tests' / 'configs'}]", "method=adversarial_flow", "packages=[tests]"]
+_train, _env = run_train, subprocess_env
+EXAMPLE = example("adversarial_flow")
 
 
 def _final_state(run_dir: Path) -> dict:
@@ -101,9 +76,31 @@ def test_short_run_leaves_artefacts_and_resumes(tmp_path: Path) -> None:
     assert len([r for r in read_stats(run / "stats.jsonl") if "loss" in r]) == len(stats)
 
 
-@pytest.mark.parametrize("method", ["diffusion", "adversarial_flow"])
-def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, method: str) -> None:
-    longer = ["trainer.total_kimg=1.024", *(EXAMPLE if method == "adversarial_flow" else [])]
+def _method_overrides(method: str, teacher: Path | None) -> list[str]:
+    """The overrides of each method the SIGKILL test trains (the students start from the session's teacher)."""
+    init = f"trainer.init={{net:'{teacher}'}}"
+    return {
+        "diffusion": [],
+        "adversarial_flow": EXAMPLE,
+        "paired_flow": example("paired_flow", "data=noise_pairs"),  # data.hflip=true: pairs mirrored together
+        "consistency_student": example("consistency_student", init),
+        "datafree_student": example("datafree_student", f"method.teacher='{teacher}'", init),
+    }[method]
+
+
+SIGKILL_MODULES = {
+    "diffusion": ["module.net", "module.objective", "ema.net"],
+    "adversarial_flow": ["module.net", "module.critic", "ema.net"],
+    "paired_flow": ["module.net", "ema.net"],
+    "consistency_student": ["module.net", "ema.net"],
+    "datafree_student": ["module.net", "ema.net"],
+}
+
+
+@pytest.mark.parametrize("method", list(SIGKILL_MODULES))
+def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, method: str, request: pytest.FixtureRequest) -> None:
+    teacher = request.getfixturevalue("teacher_snapshot") if method.endswith("_student") else None
+    longer = ["trainer.total_kimg=1.024", *_method_overrides(method, teacher)]
     _train(tmp_path, "straight", longer)
 
     cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=killed", *SMALL, *longer]
@@ -125,27 +122,36 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, method: str
     assert "Resuming from" in resumed.stdout + resumed.stderr
     a, b = _final_state(tmp_path / "straight")["registry"], _final_state(run)["registry"]
     modules = [k for k in a if k.startswith(("module.", "ema."))]
-    assert modules == (["module.net", "module.objective", "ema.net"] if method == "diffusion"
-                       else ["module.net", "module.critic", "ema.net"])
+    assert modules == SIGKILL_MODULES[method]
     for k in modules:
         diff = _max_diff(a[k], b[k])
         assert diff <= 1e-6, f"{k}: the resumed run differs from the uninterrupted one by {diff}"
+    state = _final_state(run)
     if method == "adversarial_flow":
         # Two optimizers stepped in turn; the frozen network is identified in the state but never stored in it.
         assert {"optim.net", "optim.critic"} <= set(a)
-        state = _final_state(run)
         assert set(state["frozen"]) == {"features"} and len(state["frozen"]["features"]["sha256"]) == 64
         assert not any("features" in k for item in state["registry"].values() if isinstance(item, dict)
                        for k in item), "the frozen network leaked into the training state"
         stats = [r for r in read_stats(run / "stats.jsonl") if "net/loss" in r]
         assert stats and all("critic/loss" in r and "critic/grad_norm" in r for r in stats)
+    if teacher is not None:  # started from the teacher's weights, whose file hash the state records
+        from gen.utils.ckpt import file_sha256
+
+        assert state["init"] == {"net": {"path": str(teacher), "sha256": file_sha256(teacher)}}
+        assert set(state["frozen"]) == ({"teacher"} if method == "datafree_student" else set())
+    if method == "consistency_student":
+        _, meta = load_snapshot(sorted(run.glob("snapshot-*.safetensors"))[-1])
+        assert meta["ema"] == "d0.95" and meta["ema_spec"]["decays"] == [0.95]  # the method's own target EMA
     assert not list(run.glob(".tmp-*")), "a half-written temp file was left behind"
     for _, p in list_training_states(run):
         load_training_state(p)  # every state on disk is complete
     # The log holds one record per status interval, with no duplicates from the killed attempt.
-    loss_key = "loss" if method == "diffusion" else "net/loss"
+    loss_key = "net/loss" if method == "adversarial_flow" else "loss"
     nimgs = [r["nimg"] for r in read_stats(run / "stats.jsonl") if loss_key in r]
     assert nimgs == sorted(set(nimgs)) and nimgs[-1] == 1024
+    losses = [r[loss_key] for r in read_stats(run / "stats.jsonl") if loss_key in r]
+    assert all(np.isfinite(losses))
 
 
 def test_one_step_on_two_processes_equals_one_process(tmp_path: Path) -> None:
@@ -155,8 +161,7 @@ def test_one_step_on_two_processes_equals_one_process(tmp_path: Path) -> None:
     one_step = ["trainer.total_kimg=0.032", "trainer.lr_warmup_kimg=0", "trainer.grad_clip=null", "optim=sgd",
                 "trainer.hflip=true", "objective.label_dropout=0.5"]
     _train(tmp_path, "one", one_step)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    _train(tmp_path, "two", one_step, launcher=torchrun)
+    _train(tmp_path, "two", one_step, launcher=torchrun(2))
     _train(tmp_path, "accum", [*one_step, "trainer.batch_per_gpu=8"])  # 4 rounds of 8
     ref = _final_state(tmp_path / "one")["registry"]
     # SGD with momentum: after one step the momentum buffer is the gradient.
@@ -185,8 +190,7 @@ def test_sampling_is_identical_across_batch_sizes_and_processes(tmp_path: Path) 
     snap = tmp_path / "s"
     b4 = _sample(snap, tmp_path / "b4", ["batch_size=4"])
     b16 = _sample(snap, tmp_path / "b16", ["batch_size=16"])
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"]
-    p2 = _sample(snap, tmp_path / "p2", ["batch_size=4"], launcher=torchrun)
+    p2 = _sample(snap, tmp_path / "p2", ["batch_size=4"], launcher=torchrun(2))
     assert np.array_equal(b4, b16)
     assert np.array_equal(b4, p2)
     assert len(list((tmp_path / "b4" / "images").glob("*.png"))) == 16 and (tmp_path / "b4" / "grid.png").is_file()
@@ -205,6 +209,7 @@ def test_sampling_is_identical_across_batch_sizes_and_processes(tmp_path: Path) 
         (["sampler.solver._target_=samplers.sample_rk4"], "has no attribute 'sample_rk4'"),
         (["sampler.solver._target_=os.system"], "outside the allowed packages"),
         (["+method.critic=1"], "unknown argument(s) 'critic'"),
+        (["eval=recon_yardstick"], "measures reconstructions, but method Diffusion makes samples"),
     ],
 )
 def test_bad_config_is_refused_before_work(tmp_path: Path, override: list[str], message: str) -> None:

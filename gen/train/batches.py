@@ -13,7 +13,7 @@ of the pixels, or its normalisation of stored latents).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -66,13 +66,20 @@ class Batches:
         return raw
 
 
-@torch.no_grad()
-def make_batch(raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device) -> dict[str, Tensor]:
-    """Device batch with the model input ``"x0"``.
+DEFAULT_FLIP_KEYS: tuple[str, ...] = ("image", "latent")
 
-    With ``hflip`` each sample is mirrored with probability 1/2, decided by one uniform from its own stream (the
-    stored flipped latent is taken instead of the plain one when the data holds latents); the pixels, when
-    present, are flipped alike so that pixel-reading objectives (representation alignment) see the same image.
+
+@torch.no_grad()
+def make_batch(
+    raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hflip: bool, device: torch.device,
+    flip_keys: Sequence[str] = DEFAULT_FLIP_KEYS,
+) -> dict[str, Tensor]:
+    """Device batch with the model input ``"x0"`` (the default ``Method.prepare_batch``).
+
+    With ``hflip`` each sample is mirrored with probability 1/2, decided by one uniform from its own stream, and
+    every key of ``flip_keys`` present in the batch is mirrored alike (the stored flipped latent ``latent_flip`` is
+    taken instead of mirroring ``latent``), so pixel-reading objectives (representation alignment) and paired data
+    see the same image. ``"x0"`` is the normalised latent, else the tokenizer's encoding of the pixels.
     """
     batch = {k: v.to(device, non_blocking=True) for k, v in raw.items()}
     flip = (rng.rand().to(device) < 0.5) if hflip else None  # (B,)
@@ -83,11 +90,126 @@ def make_batch(raw: Mapping[str, Tensor], tokenizer: Any, rng: SampleRandom, hfl
         other = x.flip(-1) if flipped is None else flipped
         return torch.where(flip.view(-1, *([1] * (x.ndim - 1))), other, x)
 
-    if "image" in batch:
-        batch["image"] = mirror(batch["image"])
+    for key in flip_keys:
+        if key in batch:
+            batch[key] = mirror(batch[key], batch.get("latent_flip") if key == "latent" else None)
     if "latent" in batch:
-        latent = mirror(batch["latent"], batch.get("latent_flip")) if "latent_flip" in batch else mirror(batch["latent"])
-        batch["x0"] = tokenizer.normalize(latent.float())
-    else:  # a stochastic encoder (VAE posterior) draws from each sample's own stream, after the flip
+        batch["x0"] = tokenizer.normalize(batch["latent"].float())
+    elif "image" in batch:  # a stochastic encoder (VAE posterior) draws from each sample's own stream, after the flip
         batch["x0"] = tokenizer.encode(batch["image"], generator=rng.generators)
+    else:
+        raise KeyError(f"the batch has neither 'image' nor 'latent' (keys {sorted(batch)}); a method that needs no "
+                       "images (a data-free student) overrides Method.prepare_batch")
     return batch
+
+
+def dataset_keys(dataset: Any) -> dict[str, tuple[int, ...]]:
+    """The keys of one item of ``dataset`` and the shape of each (``(image, label)`` pairs read as such)."""
+    if hasattr(dataset, "tensors"):
+        tensors = _as_dict(dataset.tensors())
+        return {k: tuple(torch.as_tensor(v).shape[1:]) for k, v in tensors.items()}
+    return {k: tuple(torch.as_tensor(v).shape) for k, v in _as_dict(dataset[0]).items()}
+
+
+def check_batch_keys(
+    keys: Mapping[str, tuple[int, ...]], reads: Sequence[str], flip_keys: Sequence[str], hflip: bool, who: str
+) -> None:
+    """Refuse, before the first step, a key the method reads that the dataset lacks, and (with ``hflip``) a spatial
+    key the flip would leave unmirrored while its partners are mirrored (a noise-image pair out of register).
+
+    Raises:
+        ValueError naming the key and the fix.
+    """
+    missing = [k for k in reads if k not in keys]
+    if missing:
+        raise ValueError(f"{who} reads dataset key(s) {missing}, which the dataset lacks (its items hold "
+                         f"{sorted(keys)}); use a dataset that stores them, or another method")
+    if not hflip:
+        return
+    companions = {"latent_flip"} if "latent" in flip_keys else set()
+    loose = [k for k, shape in keys.items() if len(shape) >= 2 and k not in flip_keys and k not in companions]
+    if loose:
+        raise ValueError(
+            f"trainer.hflip=true mirrors {[k for k in flip_keys if k in keys]} but would leave the dataset's "
+            f"{loose} unmirrored, out of register with them; {who} must list them in flip_keys (mirrored together), "
+            "or set trainer.hflip=false"
+        )
+
+
+def label_range_error(labels: torch.Tensor, num_classes: int, where: str) -> str | None:
+    """A message when ``labels`` leave [0, num_classes); label ``num_classes`` is the backbones' null class."""
+    if labels.numel() == 0:
+        return None
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo >= 0 and hi < num_classes:
+        return None
+    bad = lo if lo < 0 else hi
+    what = "the null class (unconditional)" if bad == num_classes else "outside the label table"
+    return (
+        f"{where} holds label {bad}, but the data has num_classes={num_classes}: labels must be in "
+        f"[0, {num_classes - 1}]; label {bad} is {what}. Fix the dataset's labels or data.num_classes"
+    )
+
+
+def all_labels(dataset: Any) -> torch.Tensor | None:
+    """Every label of the dataset when it is known without decoding (in-memory tensors, a list of targets)."""
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        labels = tensors["label"] if isinstance(tensors, Mapping) else tensors[1]
+        return torch.as_tensor(labels).long()
+    targets = getattr(dataset, "targets", None)
+    return torch.as_tensor(list(targets)).long() if targets is not None else None
+
+
+_HASHED_BYTES = 1 << 28  # in-memory data up to 256 MB is hashed whole, larger data by a fixed stride
+
+
+def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+    if flat.numel() > _HASHED_BYTES:
+        flat = flat[:: flat.numel() // _HASHED_BYTES + 1]
+    h.update(flat.numpy().tobytes())
+
+
+def data_identity(dataset: Any) -> dict[str, Any] | None:
+    """A fingerprint of the training data's content, so that a moved dataset is recognised on resume.
+
+    In-memory datasets (``tensors()``): SHA-256 of the image and label tensors (by a fixed stride beyond 256 MB).
+    File datasets (``files`` + ``targets`` + ``root``, e.g. image folders): SHA-256 of every file's path relative to
+    the root, its size and its label (one ``stat`` per file; the bytes are not read). Datasets that know their own
+    content (``content_identity()``, e.g. latent shards): theirs. Others: None.
+    """
+    import hashlib
+    import os
+
+    if hasattr(dataset, "content_identity"):
+        return dataset.content_identity()
+    h = hashlib.sha256()
+    if hasattr(dataset, "tensors"):
+        tensors = dataset.tensors()
+        items = dict(tensors) if isinstance(tensors, Mapping) else {"image": tensors[0], "label": tensors[1]}
+        for name in sorted(items):
+            _tensor_digest(h, name, torch.as_tensor(items[name]))
+        return {"kind": "tensors", "count": len(dataset), "sha256": h.hexdigest()}
+    files, targets, root = getattr(dataset, "files", None), getattr(dataset, "targets", None), getattr(dataset, "root", None)
+    if files is None or targets is None or root is None:
+        return None
+    for f, y in zip(files, targets, strict=True):
+        rel = os.path.relpath(os.fspath(f), os.fspath(root))
+        h.update(f"{rel}|{os.stat(f).st_size}|{int(y)}\n".encode("utf-8", "surrogateescape"))
+    return {"kind": "files", "count": len(files), "sha256": h.hexdigest()}
+
+
+
+
+def check_training_data(dataset: Any, reads: Sequence[str], flip_keys: Sequence[str], hflip: bool, who: str) -> None:
+    """Before the first step: every known label in range, the keys the method reads present, no key out of register
+    under flips (:func:`check_batch_keys`). Raises ValueError naming the problem and the fix."""
+    num_classes = getattr(dataset, "num_classes", None)
+    labels = all_labels(dataset) if num_classes is not None else None
+    problem = None if labels is None else label_range_error(labels, int(num_classes), "the training data")
+    if problem:
+        raise ValueError(problem)
+    check_batch_keys(dataset_keys(dataset), reads, flip_keys, hflip, who)

@@ -29,7 +29,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -37,10 +37,11 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from gen.ema import EMA, EMAProfile
-from gen.train.batches import Batches, make_batch
+from gen.ema import EMA, EMAFactory
+from gen.snapshot import init_from_snapshot
+from gen.train.batches import Batches, check_training_data, data_identity, label_range_error
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
-from gen.train.state import StateRegistry, Value
+from gen.train.state import STATE_FORMAT, StateRegistry, Value, check_init_sources, check_resume
 from gen.utils import ckpt, dist
 from gen.utils.config import ConfigError
 from gen.utils.dist import print0
@@ -48,10 +49,7 @@ from gen.utils.finite import NonFiniteError, finite_number, shorten
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
 from gen.utils.seed import SampleRandom, derive_seed
 
-STATE_FORMAT = "gen-train-state-v2"
-
-
-__all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult"]
+__all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult", "data_identity"]
 
 # Kept for callers that catch the old name.
 NonFiniteLossError = NonFiniteError
@@ -85,6 +83,8 @@ class TrainConfig:
         tensorboard / progress: TensorBoard events; a tqdm bar on rank 0 (on a terminal; status lines otherwise).
         resume_ignore: config sections (of ``resume_keys``) allowed to differ from the resumed training state, e.g.
             ``[data]`` after moving a dataset whose content the loop cannot fingerprint; the differences are printed.
+        init: null, or trainable module name -> snapshot file whose weights it starts from (fine-tuning, a distillation
+            student); the files' SHA-256 are recorded in training states and checked on resume.
     """
 
     total_kimg: float = 50.0
@@ -110,6 +110,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     resume_ignore: list[str] = field(default_factory=list)
+    init: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -133,6 +134,8 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
         need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
+        need(all(isinstance(v, str) and v for v in (self.init or {}).values()), "init",
+             "must map module names to snapshot files, e.g. {net: runs/teacher/snapshot-000100000.safetensors}")
 
 
 @dataclass
@@ -277,70 +280,44 @@ def _check_method(method: Method, specs: Sequence[OptimizerSpec]) -> None:
         raise ConfigError(f"trainable module(s) {unowned} have parameters but no optimizer updates them")
 
 
-def _label_range_error(labels: torch.Tensor, num_classes: int, where: str) -> str | None:
-    """A message when ``labels`` leave [0, num_classes); label ``num_classes`` is the backbones' null class."""
-    if labels.numel() == 0:
-        return None
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo >= 0 and hi < num_classes:
-        return None
-    bad = lo if lo < 0 else hi
-    what = "the null class (unconditional)" if bad == num_classes else "outside the label table"
-    return (
-        f"{where} holds label {bad}, but the data has num_classes={num_classes}: labels must be in "
-        f"[0, {num_classes - 1}]; label {bad} is {what}. Fix the dataset's labels or data.num_classes"
-    )
+def _init_modules(init: Mapping[str, str], trainable: Mapping[str, nn.Module], fresh: bool) -> dict[str, dict[str, str]]:
+    """``trainer.init``: on a fresh start, load each named module from its snapshot; the sources (path, SHA-256)."""
+    unknown = sorted(set(init) - set(trainable))
+    if unknown:
+        raise ConfigError(f"trainer.init names {unknown}, which is not a trainable module {sorted(trainable)}")
+    if not fresh:
+        return {}  # the weights come from the training state; _check_init_sources compares the files
+    sources = {}
+    for name, path in sorted(init.items()):
+        try:
+            sha = init_from_snapshot(trainable[name], path, f"trainer.init.{name}")
+        except FileNotFoundError as e:
+            raise ConfigError(f"trainer.init.{name}: {e}; give an existing snapshot file") from e
+        sources[name] = {"path": str(path), "sha256": sha}
+        print0(f"{name} starts from {path} (sha256 {sha[:12]})")
+    return sources
 
 
-def _all_labels(dataset: Any) -> torch.Tensor | None:
-    """Every label of the dataset when it is known without decoding (in-memory tensors, a list of targets)."""
-    if hasattr(dataset, "tensors"):
-        tensors = dataset.tensors()
-        labels = tensors["label"] if isinstance(tensors, Mapping) else tensors[1]
-        return torch.as_tensor(labels).long()
-    targets = getattr(dataset, "targets", None)
-    return torch.as_tensor(list(targets)).long() if targets is not None else None
-
-
-_HASHED_BYTES = 1 << 28  # in-memory data up to 256 MB is hashed whole, larger data by a fixed stride
-
-
-def _tensor_digest(h: Any, name: str, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    flat = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
-    if flat.numel() > _HASHED_BYTES:
-        flat = flat[:: flat.numel() // _HASHED_BYTES + 1]
-    h.update(flat.numpy().tobytes())
-
-
-def data_identity(dataset: Any) -> dict[str, Any] | None:
-    """A fingerprint of the training data's content, so that a moved dataset is recognised on resume.
-
-    In-memory datasets (``tensors()``): SHA-256 of the image and label tensors (by a fixed stride beyond 256 MB).
-    File datasets (``files`` + ``targets`` + ``root``, e.g. image folders): SHA-256 of every file's path relative to
-    the root, its size and its label (one ``stat`` per file; the bytes are not read). Datasets that know their own
-    content (``content_identity()``, e.g. latent shards): theirs. Others: None.
-    """
-    import hashlib
-    import os
-
-    if hasattr(dataset, "content_identity"):
-        return dataset.content_identity()
-    h = hashlib.sha256()
-    if hasattr(dataset, "tensors"):
-        tensors = dataset.tensors()
-        items = dict(tensors) if isinstance(tensors, Mapping) else {"image": tensors[0], "label": tensors[1]}
-        for name in sorted(items):
-            _tensor_digest(h, name, torch.as_tensor(items[name]))
-        return {"kind": "tensors", "count": len(dataset), "sha256": h.hexdigest()}
-    files, targets, root = getattr(dataset, "files", None), getattr(dataset, "targets", None), getattr(dataset, "root", None)
-    if files is None or targets is None or root is None:
-        return None
-    for f, y in zip(files, targets, strict=True):
-        rel = os.path.relpath(os.fspath(f), os.fspath(root))
-        h.update(f"{rel}|{os.stat(f).st_size}|{int(y)}\n".encode("utf-8", "surrogateescape"))
-    return {"kind": "files", "count": len(files), "sha256": h.hexdigest()}
+def _build_emas(method: Method, default: EMAFactory, trainable: Mapping[str, nn.Module],
+                device: torch.device) -> dict[str, EMA]:
+    """The method's EMAs (``Method.ema_specs``), checked before the first step and attached to the method."""
+    specs = method.ema_specs(default)
+    who = type(method).__name__
+    unknown = [n for n in specs if n not in trainable]
+    if unknown:
+        raise ConfigError(f"{who} declares an EMA of {unknown}, which is not a trainable module {sorted(trainable)}; "
+                          "fix the method's ema_modules / ema_specs")
+    if method.snapshot_module not in specs:
+        raise ConfigError(f"{who}.snapshot_module={method.snapshot_module!r} has no EMA (EMAs: {sorted(specs)}); "
+                          "snapshots hold an EMA: add it to ema_modules / ema_specs")
+    emas: dict[str, EMA] = {}
+    for name, factory in specs.items():
+        try:
+            emas[name] = factory(trainable[name]).to(device)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"the EMA of {name!r} cannot be built: {e}") from e
+    method.attach_emas(emas)
+    return emas
 
 
 def train(
@@ -348,7 +325,7 @@ def train(
     method: Method,
     dataset: Any,
     tokenizer: Any,
-    ema_profiles: Sequence[EMAProfile],
+    ema: EMAFactory,
     cfg: TrainConfig,
     run_dir: str | Path,
     config: Mapping[str, Any],
@@ -363,8 +340,8 @@ def train(
         dataset: yields dicts (``"image"`` uint8 (C, H, W), ``"label"``, ...) or ``(image, label)`` pairs;
             ``.tensors()`` when held in memory.
         tokenizer: ``encode(uint8 (B, C, H, W)) -> model input`` and ``normalize(latents)``.
-        ema_profiles: the EMA profiles to keep of every module in ``method.ema_modules``; the first one is used
-            for snapshots and hooks.
+        ema: the trainer's EMA factory (the ``ema`` config spec), given to ``method.ema_specs``; the first profile
+            of the snapshot module's EMA is used for snapshots and hooks.
         cfg: loop settings.
         run_dir: the run folder (deterministic per experiment name).
         config: the resolved run config, stored in training states; its ``resume_keys`` sections must match
@@ -373,158 +350,189 @@ def train(
         hooks: periodic callbacks (sample grids, FID).
         resume_keys: config sections that must be equal to resume.
     """
-    dist.init_distributed()
-    device = resolve_device(cfg.device)
-    rank, world = dist.rank(), dist.world_size()
-    batch_per_gpu = cfg.batch_per_gpu or cfg.batch_size // world
-    rounds = cfg.batch_size // (batch_per_gpu * world) if batch_per_gpu * world else 0
-    if rounds < 1 or rounds * batch_per_gpu * world != cfg.batch_size:
-        raise ConfigError(
-            f"trainer.batch_size={cfg.batch_size} is not a multiple of batch_per_gpu={batch_per_gpu} x "
-            f"{world} processes; choose batch_per_gpu so that batch_size = batch_per_gpu * processes * rounds"
-        )
-    autocast = autocast_context(cfg.precision, device)
-    print0(precision_note(cfg.precision, device))
-    num_classes = getattr(dataset, "num_classes", None)
-    if num_classes is not None:
-        labels = _all_labels(dataset)
-        problem = None if labels is None else _label_range_error(labels, int(num_classes), "the training data")
-        if problem:
-            raise ConfigError(problem)
-    identity = data_identity(dataset)
-    run_dir = Path(run_dir)
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temp_files(run_dir)
-    dist.barrier()
+    loop = _Loop(method, dataset, tokenizer, cfg, Path(run_dir), hooks)
+    loop.build(ema)
+    loop.resume(config, resume_keys)
+    return loop.run(config, snapshot_meta)
 
-    method.to(device)
-    for m in method.frozen_modules().values():
-        m.to(device)
-    if isinstance(tokenizer, nn.Module):
-        tokenizer.to(device).eval().requires_grad_(False)
-    specs = method.optimizers()
-    _check_method(method, specs)
-    optims = {s.name: _Optimizer(s, method, device, cfg, world) for s in specs}
-    trainable = method.trainable_modules()
-    own_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in trainable.items()}
-    phase_modules = {s.name: s.modules for s in specs}
-    emas = {n: EMA(trainable[n], ema_profiles).to(device) for n in method.ema_modules}
-    frozen = method.frozen_identities()
 
-    # ---- one registry: everything saved and restored ------------------------------------------------
-    nimg, step = 0, 0
+class _Loop:
+    """The state of one training run and its steps: EDM2's flat loop, split into named steps.
 
-    def set_counters(state: Mapping[str, int]) -> None:
-        nonlocal nimg, step
-        nimg, step = int(state["nimg"]), int(state["step"])
+    ``build`` creates the optimizers, EMAs and the registry; ``resume`` restores the newest training state;
+    ``run`` repeats ``_step`` (phases, counters, EMAs) and ``_after_step`` (status line, snapshots, states, hooks).
+    """
 
-    registry = StateRegistry()
-    for name, module in trainable.items():
-        registry.register(f"module.{name}", module)
-    for name, o in optims.items():
-        registry.register(f"optim.{name}", o.opt)
-        if o.scaler is not None:
-            registry.register(f"scaler.{name}", o.scaler)
-    for name, e in emas.items():
-        registry.register(f"ema.{name}", e)
-    registry.register("method", Value(method.extra_state, method.load_extra_state))
-    registry.register("counters", Value(lambda: {"nimg": nimg, "step": step}, set_counters))
-
-    resumed_from = ckpt.latest_training_state(run_dir)
-    if resumed_from is not None:
-        state = ckpt.load_training_state(resumed_from)
-        _check_resume(state, config, frozen, resume_keys, resumed_from, identity, cfg.resume_ignore)
-        registry.load_state_dict(state["registry"], str(resumed_from))
-        bad = registry.non_finite()
-        if bad:
-            earlier = [p for _, p in ckpt.list_training_states(run_dir) if p != resumed_from]
-            raise NonFiniteError(
-                f"{resumed_from} holds non-finite values ({shorten(bad)}); training cannot resume from it. "
-                + (f"Delete it to resume from {earlier[-1]}." if earlier else "Delete the run folder to start again.")
-            )
-        print0(f"Resuming from {resumed_from} at kimg {nimg / 1000:.1f} (step {step})")
-    total_nimg = int(round(cfg.total_kimg * 1000))
-    start_nimg = nimg
-
-    stats = StatsLog(run_dir, tensorboard=cfg.tensorboard, resume_nimg=nimg) if dist.is_main() else None
-    batches = Batches(dataset, batch_per_gpu, rank, world, cfg.seed, nimg, cfg.num_workers)
-    bar = None
-    # The bar only on a terminal: in a log file its redraws would bury the status lines.
-    if cfg.progress and dist.is_main() and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, desc="train")
-
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    last: dict[str, float] = {}
-    tick_time, tick_nimg = time.time(), nimg
-    last_state = resumed_from
-    last_state_nimg = nimg if resumed_from is not None else -1
-    metrics: dict[str, float] = {}
-    multi = len(specs) > 1
-    needs_step_means = type(method).after_step is not Method.after_step
-
-    def check_finite(what: str) -> None:
-        bad = registry.non_finite()
-        if bad:
-            raise NonFiniteError(
-                f"weights became non-finite by step {step} (kimg {nimg / 1000:.3f}): {shorten(bad)}. The {what} was "
-                f"not written and the run has no result; the last good training state is {last_state or 'none'}. "
-                "Lower the learning rate, enable trainer.grad_clip, or use fp32."
-            )
-
-    def save_state() -> Path:
-        nonlocal last_state_nimg
-        check_finite("training state")
-        path = run_dir / f"state-{nimg:09d}.pt"
+    def __init__(self, method: Method, dataset: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path,
+                 hooks: Sequence[Hook]) -> None:
+        dist.init_distributed()
+        self.method, self.dataset, self.tokenizer, self.cfg, self.run_dir, self.hooks = (
+            method, dataset, tokenizer, cfg, run_dir, hooks)
+        self.device = resolve_device(cfg.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.batch_per_gpu, self.rounds = _rounds(cfg, self.world)
+        self.autocast = autocast_context(cfg.precision, self.device)
+        print0(precision_note(cfg.precision, self.device))
+        try:
+            check_training_data(dataset, method.data_keys, method.flip_keys, cfg.hflip, type(method).__name__)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        self.num_classes = getattr(dataset, "num_classes", None)
+        self.identity = data_identity(dataset)
         if dist.is_main():
-            ckpt.save_training_state(
-                path,
-                {
-                    "format": STATE_FORMAT,
-                    "registry": registry.state_dict(),
-                    "frozen": frozen,
-                    "data_identity": identity,
-                    "config": json.dumps(dict(config), sort_keys=True, default=str),
-                },
-            )
-            if cfg.keep_states > 0:
-                for _, old in ckpt.list_training_states(run_dir)[: -cfg.keep_states]:
-                    old.unlink(missing_ok=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temp_files(run_dir)
         dist.barrier()
-        last_state_nimg = nimg
-        return path
+        self.nimg, self.step = 0, 0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+        self.metrics: dict[str, float] = {}
+        self.stepped: set[str] = set()
 
-    def save_snapshots() -> Path:
-        check_finite("snapshot")
-        dtype = torch.bfloat16 if cfg.snapshot_dtype == "bfloat16" else torch.float32
-        first = run_dir / f"snapshot-{nimg:09d}.safetensors"
-        ema = emas[method.snapshot_module]
-        if dist.is_main():
-            for i, p in enumerate(ema.profiles):
-                path = first if i == 0 else run_dir / f"snapshot-{nimg:09d}-{p.name}.safetensors"
-                sd = ema.averaged(p.name).state_dict()
-                weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-                ckpt.save_snapshot(path, weights, {**snapshot_meta, **method.snapshot_config(),
-                                                   "ema": p.name, "nimg": nimg, "step": step})
+    # ---- building and resuming --------------------------------------------------------------------------
+    def build(self, ema: EMAFactory) -> None:
+        """Move everything to the device, start from ``trainer.init``, build optimizers, EMAs and the registry."""
+        method, cfg, device = self.method, self.cfg, self.device
+        method.to(device)
+        for m in method.frozen_modules().values():
+            m.to(device)
+        if isinstance(self.tokenizer, nn.Module):
+            self.tokenizer.to(device).eval().requires_grad_(False)
+        self.resumed_from = ckpt.latest_training_state(self.run_dir)
+        self.init_sources = _init_modules(cfg.init or {}, method.trainable_modules(), fresh=self.resumed_from is None)
+        self.specs = method.optimizers()
+        _check_method(method, self.specs)
+        self.optims = {s.name: _Optimizer(s, method, device, cfg, self.world) for s in self.specs}
+        self.trainable = method.trainable_modules()
+        self.own_params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in self.trainable.items()}
+        self.emas = _build_emas(method, ema, self.trainable, device)
+        self.frozen = method.frozen_identities()
+        self.multi = len(self.specs) > 1
+        self.registry = StateRegistry()
+        for name, module in self.trainable.items():
+            self.registry.register(f"module.{name}", module)
+        for name, o in self.optims.items():
+            self.registry.register(f"optim.{name}", o.opt)
+            if o.scaler is not None:
+                self.registry.register(f"scaler.{name}", o.scaler)
+        for name, e in self.emas.items():
+            self.registry.register(f"ema.{name}", e)
+        self.registry.register("method", Value(method.extra_state, method.load_extra_state))
+        self.registry.register("counters", Value(lambda: {"nimg": self.nimg, "step": self.step}, self._set_counters))
+
+    def _set_counters(self, state: Mapping[str, int]) -> None:
+        self.nimg, self.step = int(state["nimg"]), int(state["step"])
+
+    def resume(self, config: Mapping[str, Any], resume_keys: Sequence[str]) -> None:
+        """Restore the newest training state of the run folder, if any, after checking that it fits this run."""
+        path = self.resumed_from
+        if path is not None:
+            state = ckpt.load_training_state(path)
+            check_resume(state, config, self.frozen, resume_keys, path, self.identity, self.cfg.resume_ignore)
+            self.init_sources = check_init_sources(state.get("init", {}), self.cfg.init or {}, path)
+            self.registry.load_state_dict(state["registry"], str(path))
+            bad = self.registry.non_finite()
+            if bad:
+                earlier = [p for _, p in ckpt.list_training_states(self.run_dir) if p != path]
+                raise NonFiniteError(
+                    f"{path} holds non-finite values ({shorten(bad)}); training cannot resume from it. "
+                    + (f"Delete it to resume from {earlier[-1]}." if earlier else "Delete the run folder to start again.")
+                )
+            print0(f"Resuming from {path} at kimg {self.nimg / 1000:.1f} (step {self.step})")
+        self.last_state = path
+        self.last_state_nimg = self.nimg if path is not None else -1
+
+    # ---- the run ----------------------------------------------------------------------------------------
+    def run(self, config: Mapping[str, Any], snapshot_meta: Mapping[str, Any]) -> TrainResult:
+        """Train to ``total_kimg``, then write the final state, snapshot, loss curve and hook results."""
+        cfg = self.cfg
+        self.config, self.snapshot_meta = config, snapshot_meta
+        total_nimg = int(round(cfg.total_kimg * 1000))
+        start_nimg = self.nimg
+        self.stats = StatsLog(self.run_dir, tensorboard=cfg.tensorboard, resume_nimg=self.nimg) if dist.is_main() else None
+        self.batches = Batches(self.dataset, self.batch_per_gpu, self.rank, self.world, cfg.seed, self.nimg,
+                               cfg.num_workers)
+        self.bar = _progress_bar(cfg, self.nimg, total_nimg)
+        self.tick = (time.time(), self.nimg)
+        self.method.train()
+        if self.nimg >= total_nimg and self.resumed_from is None:
+            raise ConfigError("trainer.total_kimg is too small for one step")
+        while self.nimg < total_nimg:
+            prev_nimg = self.nimg
+            self._step(Progress(self.nimg, total_nimg, self.step))
+            self._after_step(prev_nimg, done=self.nimg >= total_nimg)
+        if self.bar is not None:
+            self.bar.close()
+        # Final artefacts: the training state (for resuming or fine-tuning) and a snapshot.
+        if self.last_state_nimg != self.nimg:
+            self.last_state = self._save_state()
+        last_snapshot = self._save_snapshots()
+        if dist.is_main() and self.nimg > start_nimg:
+            plot_loss_curve(self.run_dir / "stats.jsonl", self.run_dir / "loss.png")
+        self._run_hooks(self.nimg, final=True)
+        if self.stats is not None:
+            self.stats.close()
         dist.barrier()
-        return first
+        return TrainResult(self.nimg, self.step, self.run_dir, self.last_state, last_snapshot, self.resumed_from,
+                           self.metrics)
 
-    def run_hooks(prev: int, final: bool) -> None:
-        for hook in hooks:
-            if final or _crossed(prev, nimg, hook.interval_kimg):
-                ctx = HookContext(nimg, step, method, emas, run_dir, device, final)
-                out = dict(hook(ctx))
-                metrics.update(out)
-                if stats is not None and out:
-                    stats.write({"kimg": nimg / 1000, "nimg": nimg, "step": step, **out})
+    def _step(self, progress: Progress) -> None:
+        """One optimizer step of every phase the method names, then the counters and the EMAs of stepped modules."""
+        cfg, method = self.cfg, self.method
+        # Modules that draw from the global RNG (dropout) are reseeded too; the method's draws are per sample.
+        torch.manual_seed(derive_seed("global", cfg.seed, self.rank, self.nimg))
+        for o in self.optims.values():
+            o.set_lr(o.spec.lr_schedule(progress) if o.spec.lr_schedule is not None else lr_factor(cfg, progress))
+        phases = list(method.phases(progress))
+        unknown = [p for p in phases if p not in self.optims]
+        if unknown:
+            raise RuntimeError(f"{type(method).__name__}.phases() named unknown optimizer(s) {unknown}")
+        self.stepped = set()
+        # One phase streams its micro-batches; several phases keep them so that every phase sees the same data.
+        if len(phases) == 1:
+            self._phase(phases[0], self._micro_batches(), progress)
+        else:
+            micro = list(self._micro_batches())
+            for name in phases:
+                self._phase(name, micro, progress)
+            del micro
+        for params in self.own_params.values():
+            for p in params:
+                p.requires_grad_(True)
+        method.shared.clear()
+        prev_nimg = self.nimg
+        self.nimg += cfg.batch_size
+        self.step += 1
+        for name, e in self.emas.items():  # only the averages of modules whose optimizer stepped
+            if name in self.stepped:
+                e.update(self.trainable[name], prev_nimg, cfg.batch_size)
+        if type(method).after_step is not Method.after_step:
+            keys = sorted(k for k in self.last if not k.endswith("grad_norm"))
+            packed = dist.all_reduce_sum(torch.tensor([self.last[k] for k in keys], dtype=torch.float64))
+            method.after_step(progress, {k: float(v) / cfg.batch_size for k, v in zip(keys, packed.tolist())})
+        if self.bar is not None:
+            self.bar.update(cfg.batch_size)
 
-    def run_phase(name: str, micro: Iterable[tuple[dict[str, torch.Tensor], SampleRandom]], progress: Progress) -> None:
-        o = optims[name]
-        mine = set(phase_modules[name])
-        for m, params in own_params.items():  # only this phase's parameters collect gradients
+    def _micro_batches(self) -> Iterator[tuple[dict[str, torch.Tensor], SampleRandom]]:
+        """This process's micro-batches of the step, each with its per-sample randomness, prepared by the method."""
+        for _ in range(self.rounds):
+            raw = self.batches.next()
+            if self.num_classes is not None:  # data read through a loader: labels are only known now
+                problem = label_range_error(raw["label"], int(self.num_classes), "a batch of the training data")
+                if problem:
+                    raise ConfigError(problem)
+            rng = SampleRandom(raw["position"].tolist(), namespace=f"train/{self.cfg.seed}", device=self.device)
+            yield self.method.prepare_batch(raw, self.tokenizer, rng, self.cfg.hflip, self.device), rng
+
+    def _key(self, phase: str, key: str) -> str:
+        return f"{phase}/{key}" if self.multi else key
+
+    def _phase(self, name: str, micro: Iterable[tuple[dict[str, torch.Tensor], SampleRandom]], progress: Progress) -> None:
+        """Accumulate one phase's gradients over the micro-batches (synchronised on the last), clip and step."""
+        o = self.optims[name]
+        mine = set(o.spec.modules)
+        for m, params in self.own_params.items():  # only this phase's parameters collect gradients
             for p in params:
                 p.requires_grad_(m in mine)
         o.opt.zero_grad(set_to_none=True)
@@ -532,16 +540,27 @@ def train(
         done_rounds = 0
         for r, (batch, rng) in enumerate(micro):
             done_rounds += 1
-            sync = o.module.no_sync() if hasattr(o.module, "no_sync") and r < rounds - 1 else contextlib.nullcontext()
+            last_round = r == self.rounds - 1
+            sync = o.module.no_sync() if hasattr(o.module, "no_sync") and not last_round else contextlib.nullcontext()
+            self.method.shared.at(r)
             with sync:
-                with autocast():
+                with self.autocast():
                     out = o.module(batch, rng, progress)
-                loss = out["loss"].float().mean() / rounds
+                loss = out["loss"].float().mean() / self.rounds
                 (o.scaler.scale(loss) if o.scaler is not None else loss).backward()
             for k, v in out.items():
-                key = f"{name}/{k}" if multi else k
+                key = self._key(name, k)
                 step_sums[key] = step_sums.get(key, 0.0) + float(v.detach().float().sum())
-                counts[key] = counts.get(key, 0) + v.shape[0]
+                self.counts[key] = self.counts.get(key, 0) + v.shape[0]
+        loss_mean = step_sums.get(self._key(name, "loss"), math.nan) / max(done_rounds * self.batch_per_gpu, 1)
+        norm = self._optimizer_step(o, name, loss_mean)
+        for k, v in step_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.last[k] = v
+        self.last[self._key(name, "grad_norm")] = norm
+
+    def _optimizer_step(self, o: _Optimizer, name: str, loss_mean: float) -> float:
+        """Unscale (fp16), clip, step (or skip an overflowing fp16 step); returns the gradient norm."""
         if o.scaler is not None:
             o.scaler.unscale_(o.opt)
         max_norm = o.grad_clip if o.grad_clip is not None else math.inf
@@ -550,192 +569,147 @@ def train(
         if not finite and o.scaler is None:
             # Gradients are synchronised, so every rank sees the same norm and stops together.
             raise NonFiniteError(
-                f"non-finite loss/gradient at step {step} (kimg {nimg / 1000:.3f}, phase '{name}'; loss "
-                f"{step_sums.get(f'{name}/loss' if multi else 'loss', float('nan')) / max(done_rounds * batch_per_gpu, 1):.4g}). "
-                f"Training stopped; nothing was written after the last good training state: {last_state or 'none yet'}. "
-                "Lower the learning rate, enable trainer.grad_clip, or use fp32 (trainer.precision=no)."
+                f"non-finite loss/gradient at step {self.step} (kimg {self.nimg / 1000:.3f}, phase '{name}'; loss "
+                f"{loss_mean:.4g}). Training stopped; nothing was written after the last good training state: "
+                f"{self.last_state or 'none yet'}. Lower the learning rate, enable trainer.grad_clip, or use fp32 "
+                "(trainer.precision=no)."
             )
-        if o.scaler is not None:
+        if o.scaler is None:
+            o.opt.step()
+        else:
             o.scaler.step(o.opt)  # skipped when the unscaled gradients hold inf/NaN
             o.scaler.update()
             o.skipped_in_a_row = 0 if finite else o.skipped_in_a_row + 1
             if not finite:
-                key = f"{name}/skipped_steps" if multi else "skipped_steps"
-                sums[key] = sums.get(key, 0.0) + 1.0
-                counts[key] = 1
-                if o.skipped_in_a_row >= cfg.max_skipped_steps:
+                key = self._key(name, "skipped_steps")
+                self.sums[key] = self.sums.get(key, 0.0) + 1.0
+                self.counts[key] = 1
+                if o.skipped_in_a_row >= self.cfg.max_skipped_steps:
                     raise NonFiniteError(
-                        f"fp16: {o.skipped_in_a_row} steps in a row overflowed (phase '{name}', step {step}); the "
-                        f"loss is not finite even at gradient scale {o.scaler.get_scale():.3g}. The last good "
-                        f"training state is {last_state or 'none yet'}. Lower the learning rate or use bf16/fp32."
+                        f"fp16: {o.skipped_in_a_row} steps in a row overflowed (phase '{name}', step {self.step}); "
+                        f"the loss is not finite even at gradient scale {o.scaler.get_scale():.3g}. The last good "
+                        f"training state is {self.last_state or 'none yet'}. Lower the learning rate or use bf16/fp32."
                     )
-        else:
-            o.opt.step()
-        for k, v in step_sums.items():
-            sums[k] = sums.get(k, 0.0) + v
-            last[k] = v
-        gkey = f"{name}/grad_norm" if multi else "grad_norm"
-        last[gkey] = float(norm)
+        if finite:  # an fp16 step skipped for overflow left the weights (and so their EMAs) unchanged
+            self.stepped.update(o.spec.modules)
+        return float(norm)
 
-    # ---- main loop ------------------------------------------------------------------------------------
-    method.train()
-    if nimg >= total_nimg and resumed_from is None:
-        raise ConfigError("trainer.total_kimg is too small for one step")
-    while nimg < total_nimg:
-        progress = Progress(nimg, total_nimg, step)
-        # Modules that draw from the global RNG (dropout) are reseeded too; the method's draws are per sample.
-        torch.manual_seed(derive_seed("global", cfg.seed, rank, nimg))
-        for o in optims.values():
-            o.set_lr(o.spec.lr_schedule(progress) if o.spec.lr_schedule is not None else lr_factor(cfg, progress))
-        phases = list(method.phases(progress))
-        unknown = [p for p in phases if p not in optims]
-        if unknown:
-            raise RuntimeError(f"{type(method).__name__}.phases() named unknown optimizer(s) {unknown}")
+    # ---- after a step: status line, snapshots, states, hooks -------------------------------------------------
+    def _after_step(self, prev_nimg: int, done: bool) -> None:
+        cfg = self.cfg
+        if _crossed(prev_nimg, self.nimg, cfg.status_kimg) or done:
+            self._status()
+        if done:
+            return
+        if _crossed(prev_nimg, self.nimg, cfg.snapshot_kimg):
+            self._save_snapshots()
+        if _crossed(prev_nimg, self.nimg, cfg.checkpoint_kimg):
+            self.last_state = self._save_state()
+        self._run_hooks(prev_nimg, final=False)
 
-        def micro_batches() -> Any:
-            for _ in range(rounds):
-                raw = batches.next()
-                if num_classes is not None:  # data read through a loader: labels are only known now
-                    problem = _label_range_error(raw["label"], int(num_classes), "a batch of the training data")
-                    if problem:
-                        raise ConfigError(problem)
-                rng = SampleRandom(raw["position"].tolist(), namespace=f"train/{cfg.seed}", device=device)
-                yield make_batch(raw, tokenizer, rng, cfg.hflip, device), rng
+    def _status(self) -> None:
+        """Reduce the logged sums over processes and write one record (status line, ``stats.jsonl``)."""
+        keys = sorted(self.sums)
+        packed = torch.tensor([self.sums[k] for k in keys] + [self.counts[k] for k in keys], dtype=torch.float64)
+        packed = dist.all_reduce_sum(packed)
+        n = len(keys)
+        means = {k: float(packed[i]) / max(float(packed[n + i]), 1.0) for i, k in enumerate(keys)}
+        for i, k in enumerate(keys):
+            if k.endswith("skipped_steps"):
+                means[k] = float(packed[i]) / self.world
+        now = time.time()
+        tick_time, tick_nimg = self.tick
+        record: dict[str, Any] = {
+            "kimg": self.nimg / 1000,
+            "nimg": self.nimg,
+            "step": self.step,
+            "sec_per_kimg": (now - tick_time) / max((self.nimg - tick_nimg) / 1000, 1e-9),
+            **means,
+            **{k: v for k, v in self.last.items() if k.endswith("grad_norm")},
+            "lr": next(iter(self.optims.values())).opt.param_groups[0]["lr"],
+        }
+        if self.device.type == "cuda":
+            record["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.stats is not None:
+            self.stats.write(record)
+            if self.bar is not None:
+                self.bar.set_postfix_str(f"loss {record.get('loss', float('nan')):.4f}")
+            else:
+                print0(status_line(record))
+        self.sums, self.counts = {}, {}
+        self.tick = (now, self.nimg)
 
-        # One phase streams its micro-batches; several phases keep them so that every phase sees the same data.
-        if len(phases) == 1:
-            run_phase(phases[0], micro_batches(), progress)
-        else:
-            micro = list(micro_batches())
-            for name in phases:
-                run_phase(name, micro, progress)
-            del micro
-        for params in own_params.values():
-            for p in params:
-                p.requires_grad_(True)
-        prev_nimg = nimg
-        nimg += cfg.batch_size
-        step += 1
-        for name, e in emas.items():
-            e.update(trainable[name], prev_nimg, cfg.batch_size)
-        if needs_step_means:
-            keys = sorted(k for k in last if not k.endswith("grad_norm"))
-            packed = dist.all_reduce_sum(torch.tensor([last[k] for k in keys], dtype=torch.float64))
-            method.after_step(progress, {k: float(v) / cfg.batch_size for k, v in zip(keys, packed.tolist())})
-        if bar is not None:
-            bar.update(cfg.batch_size)
+    def _check_finite(self, what: str) -> None:
+        bad = self.registry.non_finite()
+        if bad:
+            raise NonFiniteError(
+                f"weights became non-finite by step {self.step} (kimg {self.nimg / 1000:.3f}): {shorten(bad)}. The "
+                f"{what} was not written and the run has no result; the last good training state is "
+                f"{self.last_state or 'none'}. Lower the learning rate, enable trainer.grad_clip, or use fp32."
+            )
 
-        done = nimg >= total_nimg
-        if _crossed(prev_nimg, nimg, cfg.status_kimg) or done:
-            keys = sorted(sums)
-            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], dtype=torch.float64)
-            packed = dist.all_reduce_sum(packed)
-            n = len(keys)
-            means = {k: float(packed[i]) / max(float(packed[n + i]), 1.0) for i, k in enumerate(keys)}
-            for k in keys:
-                if k.endswith("skipped_steps"):
-                    means[k] = float(packed[keys.index(k)]) / world
-            now = time.time()
-            record: dict[str, Any] = {
-                "kimg": nimg / 1000,
-                "nimg": nimg,
-                "step": step,
-                "sec_per_kimg": (now - tick_time) / max((nimg - tick_nimg) / 1000, 1e-9),
-                **means,
-                **{k: v for k, v in last.items() if k.endswith("grad_norm")},
-                "lr": next(iter(optims.values())).opt.param_groups[0]["lr"],
-            }
-            if device.type == "cuda":
-                record["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            if stats is not None:
-                stats.write(record)
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {record.get('loss', float('nan')):.4f}")
-                else:
-                    print0(status_line(record))
-            sums, counts = {}, {}
-            tick_time, tick_nimg = now, nimg
-        if _crossed(prev_nimg, nimg, cfg.snapshot_kimg) and not done:
-            save_snapshots()
-        if _crossed(prev_nimg, nimg, cfg.checkpoint_kimg) and not done:
-            last_state = save_state()
-        if not done:
-            run_hooks(prev_nimg, final=False)
+    def _save_state(self) -> Path:
+        self._check_finite("training state")
+        path = self.run_dir / f"state-{self.nimg:09d}.pt"
+        if dist.is_main():
+            ckpt.save_training_state(path, {
+                "format": STATE_FORMAT,
+                "registry": self.registry.state_dict(),
+                "frozen": self.frozen,
+                "data_identity": self.identity,
+                "init": self.init_sources,
+                "config": json.dumps(dict(self.config), sort_keys=True, default=str),
+            })
+            if self.cfg.keep_states > 0:
+                for _, old in ckpt.list_training_states(self.run_dir)[: -self.cfg.keep_states]:
+                    old.unlink(missing_ok=True)
+        dist.barrier()
+        self.last_state_nimg = self.nimg
+        return path
 
-    if bar is not None:
-        bar.close()
-    # Final artefacts: the training state (for resuming or fine-tuning) and a snapshot.
-    if last_state_nimg != nimg:
-        last_state = save_state()
-    last_snapshot = save_snapshots()
-    if dist.is_main() and nimg > start_nimg:
-        plot_loss_curve(run_dir / "stats.jsonl", run_dir / "loss.png")
-    run_hooks(nimg, final=True)
-    if stats is not None:
-        stats.close()
-    dist.barrier()
-    return TrainResult(nimg, step, run_dir, last_state, last_snapshot, resumed_from, metrics)
+    def _save_snapshots(self) -> Path:
+        """One snapshot per EMA profile of the snapshot module (the first profile's is the run's snapshot)."""
+        self._check_finite("snapshot")
+        dtype = torch.bfloat16 if self.cfg.snapshot_dtype == "bfloat16" else torch.float32
+        first = self.run_dir / f"snapshot-{self.nimg:09d}.safetensors"
+        ema = self.emas[self.method.snapshot_module]
+        if dist.is_main():
+            meta = {**self.snapshot_meta, **self.method.snapshot_config(), "ema_spec": ema.spec, "nimg": self.nimg,
+                    "step": self.step}
+            for i, p in enumerate(ema.profiles):
+                path = first if i == 0 else self.run_dir / f"snapshot-{self.nimg:09d}-{p.name}.safetensors"
+                sd = ema.averaged(p.name).state_dict()
+                weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+                ckpt.save_snapshot(path, weights, {**meta, "ema": p.name})
+        dist.barrier()
+        return first
+
+    def _run_hooks(self, prev: int, final: bool) -> None:
+        for hook in self.hooks:
+            if final or _crossed(prev, self.nimg, hook.interval_kimg):
+                ctx = HookContext(self.nimg, self.step, self.method, self.emas, self.run_dir, self.device, final)
+                out = dict(hook(ctx))
+                self.metrics.update(out)
+                if self.stats is not None and out:
+                    self.stats.write({"kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, **out})
 
 
-def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
-    """The leaves where two plain config values differ, as (dotted key, old, new)."""
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
-    return [] if a == b else [(key, a, b)]
-
-
-def _check_resume(
-    state: Mapping[str, Any],
-    config: Mapping[str, Any],
-    frozen: Mapping[str, Mapping[str, str]],
-    keys: Sequence[str],
-    path: Path,
-    identity: Mapping[str, Any] | None = None,
-    ignore: Sequence[str] = (),
-) -> None:
-    """Refuse to resume a state written by another setup or with other frozen networks.
-
-    The data is told by its content: when the state's data fingerprint (``data_identity``) equals this run's, text
-    settings of the ``data`` section (a moved folder) may differ. Sections in ``ignore`` may differ at all. Every
-    accepted difference is printed.
-    """
-    if state.get("format") != STATE_FORMAT:
+def _rounds(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation rounds) for the global batch, refusing sizes that do not divide."""
+    batch_per_gpu = cfg.batch_per_gpu or cfg.batch_size // world
+    rounds = cfg.batch_size // (batch_per_gpu * world) if batch_per_gpu * world else 0
+    if rounds < 1 or rounds * batch_per_gpu * world != cfg.batch_size:
         raise ConfigError(
-            f"{path} is not a training state of this version of the toolkit (format {state.get('format')!r}, "
-            f"expected {STATE_FORMAT!r}); start a new run with another name=..."
+            f"trainer.batch_size={cfg.batch_size} is not a multiple of batch_per_gpu={batch_per_gpu} x "
+            f"{world} processes; choose batch_per_gpu so that batch_size = batch_per_gpu * processes * rounds"
         )
-    try:
-        old = json.loads(state.get("config", "{}"))
-    except json.JSONDecodeError:
-        old = {}
-    old_identity = state.get("data_identity")
-    for key in keys:
-        a, b = old.get(key), json.loads(json.dumps(config.get(key), default=str))
-        if a is None or b is None or a == b:
-            continue
-        diffs = _differences(a, b, key)
-        listed = "; ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in diffs[:6]) + (" ..." if len(diffs) > 6 else "")
-        if key in ignore:
-            print0(f"Resuming although '{key}' changed (trainer.resume_ignore): {listed}")
-            continue
-        same_data = key == "data" and old_identity is not None and old_identity == identity
-        if same_data and all(isinstance(x, str) and isinstance(y, str) for _, x, y in diffs):
-            print0(f"Resuming with the same data ({identity['count']} items, content {identity['sha256'][:12]}) "
-                   f"at another location: {listed}")
-            continue
-        hint = "Use another experiment name (name=...) for a new run, or restore the old setting to resume."
-        if key == "data":
-            hint += (
-                " If the data only moved or was renamed, resuming is allowed when its content is the same (it differs "
-                "here, or the dataset has no content fingerprint); to resume anyway, set trainer.resume_ignore=[data]."
-            )
-        raise ConfigError(f"{path} was written with a different '{key}' config than this run ({listed}). {hint}")
-    old_frozen = state.get("frozen", {})
-    for name in sorted(set(old_frozen) | set(frozen)):
-        a, b = old_frozen.get(name), frozen.get(name)
-        if a != b:
-            raise ConfigError(
-                f"{path} was trained with frozen network '{name}' = {a}, but this run has {b}. A frozen teacher, "
-                "encoder or loss network must stay the same to resume; restore its weights file, or start a new run "
-                "with another name=..."
-            )
+    return batch_per_gpu, rounds
+
+
+def _progress_bar(cfg: TrainConfig, nimg: int, total_nimg: int) -> Any:
+    """A tqdm bar on rank 0, only on a terminal: in a log file its redraws would bury the status lines."""
+    if not (cfg.progress and dist.is_main() and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, desc="train")

@@ -2,7 +2,7 @@
 
 Items are objects with ``state_dict()`` / ``load_state_dict()`` (modules, optimizers, EMAs, gradient scalers)
 or :class:`Value` holders for method state and counters. A training state file is the registry's dict plus
-the run's config and the identities of its frozen networks; it is written atomically and read with
+the run's config, the identities of its frozen networks and data and the snapshots it started from; it is written atomically and read with
 ``weights_only=True`` (``gen.utils.ckpt``). Loading checks that the file holds exactly the registered names and
 that every module's tensors have the right names and shapes, so a state of another model or method is refused
 with a message that lists the differences.
@@ -10,15 +10,22 @@ with a message that lists the differences.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
 
+from gen.utils import ckpt
 from gen.utils.ckpt import load_state_dict_checked
+from gen.utils.config import ConfigError
+from gen.utils.dist import print0
 from gen.utils.finite import finite_number, non_finite_tensors
 
-__all__ = ["StateRegistry", "Value", "finite_number"]
+__all__ = ["StateRegistry", "Value", "finite_number", "check_resume", "check_init_sources", "STATE_FORMAT"]
+
+STATE_FORMAT = "gen-train-state-v2"
 
 
 class Stateful(Protocol):
@@ -84,3 +91,88 @@ class StateRegistry:
         Optimizer state counts too: resuming from a non-finite Adam moment poisons the next update.
         """
         return non_finite_tensors(self.state_dict())
+
+
+def check_init_sources(recorded: Mapping[str, Mapping[str, str]], init: Mapping[str, str], path: Path) -> dict:
+    """Resuming: the snapshots named by ``trainer.init`` must be the ones the run started from (by SHA-256)."""
+    if set(recorded) != set(init):
+        raise ConfigError(
+            f"{path} started from snapshots for {sorted(recorded) or 'no module'}, but trainer.init names "
+            f"{sorted(init) or 'none'}; restore trainer.init to resume, or start a new run with another name=..."
+        )
+    for name, file in sorted(init.items()):
+        if not Path(file).is_file():
+            print0(f"trainer.init.{name}: {file} no longer exists; the weights come from {path}")
+            continue
+        sha = ckpt.file_sha256(file)
+        if sha != recorded[name]["sha256"]:
+            raise ConfigError(
+                f"trainer.init.{name}={file} has sha256 {sha[:12]}..., but {path} started from a file with sha256 "
+                f"{recorded[name]['sha256'][:12]}... ({recorded[name]['path']}); it changed since. Restore it, or "
+                "start a new run with another name=..."
+            )
+    return dict(recorded)
+
+
+def _differences(a: Any, b: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """The leaves where two plain config values differ, as (dotted key, old, new)."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{key}.{k}")]
+    return [] if a == b else [(key, a, b)]
+
+
+def check_resume(
+    state: Mapping[str, Any],
+    config: Mapping[str, Any],
+    frozen: Mapping[str, Mapping[str, str]],
+    keys: Sequence[str],
+    path: Path,
+    identity: Mapping[str, Any] | None = None,
+    ignore: Sequence[str] = (),
+) -> None:
+    """Refuse to resume a state written by another setup or with other frozen networks.
+
+    The data is told by its content: when the state's data fingerprint (``data_identity``) equals this run's, text
+    settings of the ``data`` section (a moved folder) may differ. Sections in ``ignore`` may differ at all. Every
+    accepted difference is printed.
+    """
+    if state.get("format") != STATE_FORMAT:
+        raise ConfigError(
+            f"{path} is not a training state of this version of the toolkit (format {state.get('format')!r}, "
+            f"expected {STATE_FORMAT!r}); start a new run with another name=..."
+        )
+    try:
+        old = json.loads(state.get("config", "{}"))
+    except json.JSONDecodeError:
+        old = {}
+    old_identity = state.get("data_identity")
+    for key in keys:
+        a, b = old.get(key), json.loads(json.dumps(config.get(key), default=str))
+        if a is None or b is None or a == b:
+            continue
+        diffs = _differences(a, b, key)
+        listed = "; ".join(f"{k}: {x!r} -> {y!r}" for k, x, y in diffs[:6]) + (" ..." if len(diffs) > 6 else "")
+        if key in ignore:
+            print0(f"Resuming although '{key}' changed (trainer.resume_ignore): {listed}")
+            continue
+        same_data = key == "data" and old_identity is not None and old_identity == identity
+        if same_data and all(isinstance(x, str) and isinstance(y, str) for _, x, y in diffs):
+            print0(f"Resuming with the same data ({identity['count']} items, content {identity['sha256'][:12]}) "
+                   f"at another location: {listed}")
+            continue
+        hint = "Use another experiment name (name=...) for a new run, or restore the old setting to resume."
+        if key == "data":
+            hint += (
+                " If the data only moved or was renamed, resuming is allowed when its content is the same (it differs "
+                "here, or the dataset has no content fingerprint); to resume anyway, set trainer.resume_ignore=[data]."
+            )
+        raise ConfigError(f"{path} was written with a different '{key}' config than this run ({listed}). {hint}")
+    old_frozen = state.get("frozen", {})
+    for name in sorted(set(old_frozen) | set(frozen)):
+        a, b = old_frozen.get(name), frozen.get(name)
+        if a != b:
+            raise ConfigError(
+                f"{path} was trained with frozen network '{name}' = {a}, but this run has {b}. A frozen teacher, "
+                "encoder or loss network must stay the same to resume; restore its weights file, or start a new run "
+                "with another name=..."
+            )

@@ -58,8 +58,9 @@ and ``"tokenizer_weights": "snapshot"``, meaning "these tensors are its weights"
 <snapshot>`` fills ``weights`` with the snapshot's path; a diffusion run uses the same tokenizer preset with
 ``tokenizer.weights=<snapshot>``.
 
-Layering: this module implements a ``gen.train.method.Method`` (the one interface the training loop drives), so
-``tokenizers`` may import ``gen.train`` (tests/test_layering.py); ``gen.train`` never imports ``tokenizers``.
+Layering: this is a training method beside the others in ``gen.train``; it never imports ``tokenizers`` (the
+autoencoder arrives built from its spec and is checked by what it offers), and ``tokenizers`` never imports
+``gen.train`` (tests/test_layering.py).
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ from torch import Tensor, nn
 from gen.train.method import Batch, Method, OptimizerFactory, OptimizerSpec, Progress
 from gen.utils.frozen import hold_frozen
 from gen.utils.seed import Randomness
-from tokenizers.kl import AutoencoderKLTokenizer
 
 # ----------------------------------------------------------------------------------------------------------
 # Discriminator and loss terms
@@ -230,9 +230,11 @@ class KLAutoencoderTraining(Method):
     ema_modules = ("autoencoder",)
     snapshot_module = "autoencoder"
 
+    produces = "reconstructions"  # train.py previews and evaluates reconstructions (self.reconstruct)
+
     def __init__(
         self,
-        autoencoder: AutoencoderKLTokenizer,
+        autoencoder: Any,
         optimizer: OptimizerFactory,
         disc_optimizer: OptimizerFactory,
         image_channels: int | None = None,
@@ -254,10 +256,11 @@ class KLAutoencoderTraining(Method):
         adaptive_vf: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(autoencoder, AutoencoderKLTokenizer):
-            raise TypeError(
-                f"method.autoencoder must build a tokenizers.kl.AutoencoderKLTokenizer, got {type(autoencoder).__name__}"
-            )
+        lacking = [a for a in ("vae", "config", "image_channels", "latent_channels", "posterior")
+                   if not hasattr(autoencoder, a)]
+        if lacking:  # duck-typed: gen.train sits below tokenizers and does not import it
+            raise TypeError(f"method.autoencoder must build a tokenizers.kl.AutoencoderKLTokenizer (a KL autoencoder "
+                            f"tokenizer), got {type(autoencoder).__name__}, which lacks {lacking}")
         if image_channels is not None and int(image_channels) != autoencoder.image_channels:
             raise ValueError(
                 f"the data has {image_channels}-channel images but the autoencoder takes {autoencoder.image_channels}; "
@@ -292,9 +295,6 @@ class KLAutoencoderTraining(Method):
         self.vf_weight, self.adaptive_vf = float(vf_weight), bool(adaptive_vf)
         self.cos_margin, self.distmat_margin = float(cos_margin), float(distmat_margin)
         self.cos_weight, self.distmat_weight = float(cos_weight), float(distmat_weight)
-        # Reconstructions of the autoencoder phase, keyed by the micro-batch's first stream position, for the
-        # discriminator phase of the same step (every phase of a step sees the same micro-batches).
-        self._fakes: dict[int, Tensor] = {}
 
     # --- the Method interface --------------------------------------------------------------------------
     def optimizers(self) -> list[OptimizerSpec]:
@@ -330,9 +330,6 @@ class KLAutoencoderTraining(Method):
             )
         return x
 
-    def _key(self, batch: Batch) -> int:
-        return int(batch["position"][0]) if "position" in batch else 0
-
     def _autoencoder_loss(self, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
         x = self._images(batch)
         B = x.shape[0]
@@ -364,7 +361,7 @@ class KLAutoencoderTraining(Method):
             d_weight = self.disc_weight * adaptive_weight(nll_mean, g.mean(), ae.decoder.conv_out.weight, 1e4)
             loss = loss + d_weight * g
             out.update(g_loss=g.detach(), d_weight=d_weight.expand(B))
-            self._fakes[self._key(batch)] = x_hat.detach()
+            self.shared.put("fake", x_hat)  # for the discriminator phase of this step
 
         if self.foundation is not None:
             tokens, _ = self.foundation(batch["image"])
@@ -381,7 +378,7 @@ class KLAutoencoderTraining(Method):
 
     def _discriminator_loss(self, batch: Batch, rng: Randomness) -> dict[str, Tensor]:
         x = self._images(batch)
-        fake = self._fakes.pop(self._key(batch), None)
+        fake = self.shared.get("fake") if self.shared.has("fake") else None
         if fake is None:  # phases reordered or run alone: reconstruct with the current autoencoder
             with torch.no_grad():
                 posterior = self.autoencoder.encode(x).latent_dist

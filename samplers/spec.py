@@ -1,0 +1,194 @@
+"""The sampler config as an object: a validated spec, classifier-free guidance around a velocity function, and the
+solver call (``run_sampler``) that every generator makes; ``check_sampler`` runs it once on a stand-in model.
+
+Sampler config (``configs/sampler/*.yaml``); ``solver`` and ``grid`` are ``_target_`` specs built as partials::
+
+    solver: {_target_: samplers.sample_euler}       # + the solver's options (e.g. S_churn, diffusion, last_step)
+    steps: 30
+    grid: {_target_: samplers.grids.uniform_grid}   # grid(steps, path=path): uniform, shifted, karras, log_snr
+    guidance: {scale: 1.0, interval: null | [t_lo, t_hi], dit_legacy_channels: null}
+    sharing: null | {rate: k} | {schedule: file.json}   # DDT encoder sharing (samplers/sharing.py)
+
+Like every solver, ``run_sampler`` records gradients unless its caller turns them off: ``eval.generator.Generator``
+samples under ``torch.no_grad``; a training loss may differentiate through a few-step sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gen.paths import Path
+from gen.utils.build import BuildError, build
+from gen.utils.cli import describe_os_error
+from gen.utils.finite import finite_number, nan_settings
+from gen.utils.seed import PerImageRandom
+from samplers import guidance, sharing
+from samplers._common import Streams
+
+__all__ = ["SamplerSpec", "guided_model_fn", "run_sampler", "check_sampler", "prediction_path",
+           "DEFAULT_SAMPLER", "MAX_STEPS"]
+
+
+def prediction_path(prediction: Mapping[str, Any]) -> Path:
+    """The ``Path`` of an objective's prediction spec (``{"path": spec, ...}``)."""
+    path = build(prediction["path"])
+    if not isinstance(path, Path):
+        raise BuildError(f"prediction spec 'path' builds {type(path).__name__}, not a gen.paths.Path")
+    return path
+
+
+SAMPLER_KEYS = {"solver", "steps", "grid", "guidance", "sharing"}
+DEFAULT_SAMPLER: dict[str, Any] = {
+    "solver": {"_target_": "samplers.sample_euler"}, "steps": 30, "grid": {"_target_": "samplers.grids.uniform_grid"},
+}
+GUIDANCE_KEYS = {"scale", "interval", "dit_legacy_channels"}
+MAX_STEPS = 100_000  # far above any published sampler; a larger value is a typo (and a time grid of that size)
+
+
+def _partial(cfg: Any, key: str) -> Callable[..., Any]:
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        raise ValueError(f"sampler.{key} needs a '_target_' spec, got {cfg!r}")
+    return build({**cfg, "_partial_": True})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+@dataclass
+class SamplerSpec:
+    """A validated sampler config (see the module docstring); ``config`` is what snapshots store."""
+
+    config: dict[str, Any]
+    solver: Callable[..., Tensor]
+    grid: Callable[..., Tensor]
+    steps: int
+    guidance: dict[str, Any] = field(default_factory=dict)
+    sharing: dict[str, Any] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> SamplerSpec:
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"the sampler config must be a mapping of {sorted(SAMPLER_KEYS)}, got {cfg!r}")
+        cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
+        unknown = set(cfg) - SAMPLER_KEYS
+        if unknown:
+            raise ValueError(f"unknown sampler key(s) {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
+        nan = nan_settings(cfg, "sampler")
+        if nan:  # NaN passes every range check below and in the solvers, and turns every image black
+            raise ValueError(f"{nan[0]} is NaN; give a number")
+        steps = cfg.get("steps")
+        if not _positive_int(steps) or steps > MAX_STEPS:
+            raise ValueError(f"sampler.steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
+        guide = cfg.get("guidance") or {}
+        if not isinstance(guide, Mapping):
+            raise ValueError(f"sampler.guidance must be a mapping with keys {sorted(GUIDANCE_KEYS)}, got {guide!r}")
+        guide = dict(guide)
+        unknown_g = set(guide) - GUIDANCE_KEYS
+        if unknown_g:
+            raise ValueError(f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: {sorted(GUIDANCE_KEYS)}")
+        scale = guide.get("scale", 1.0)
+        if isinstance(scale, (list, tuple)) and not scale:
+            raise ValueError("sampler.guidance.scale is an empty list; give a number (or one per stream)")
+        for s in scale if isinstance(scale, (list, tuple)) else [scale]:
+            if not finite_number(s):
+                raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
+        guidance.parse_interval(guide.get("interval"), "sampler.guidance.interval")  # [t_lo, t_hi(, ends)]
+        channels = guide.get("dit_legacy_channels")
+        if channels is not None and not _positive_int(channels):
+            raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or a positive integer, got {channels!r}")
+        sharing = cfg.get("sharing")
+        if sharing is not None and (
+            not isinstance(sharing, Mapping) or set(sharing) - {"rate", "schedule"} or len(sharing) != 1
+        ):
+            raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {sharing!r}")
+        if sharing is not None and "rate" in sharing and not _positive_int(sharing["rate"]):
+            raise ValueError(f"sampler.sharing.rate must be a positive integer, got {sharing['rate']!r}")
+        spec = cls(cfg, _partial(cfg.get("solver"), "solver"), _partial(cfg.get("grid"), "grid"), steps, guide, sharing)
+        if sharing is not None:
+            try:  # read the schedule file now, not at the first preview of a long training run
+                spec.recompute_steps()
+            except OSError as e:
+                raise ValueError("sampler.sharing.schedule: " + describe_os_error(e, e.filename, "read")) from e
+            except ValueError as e:
+                raise ValueError(f"sampler.sharing: {e}") from e
+        return spec
+
+    def time_grid(self, path: Path) -> Tensor:
+        """The descending grid from the path's ``t_max`` to 0."""
+        return self.grid(self.steps, path=path)
+
+    def recompute_steps(self) -> list[int] | None:
+        """The encoder-sharing schedule (None: no sharing)."""
+        if self.sharing is None:
+            return None
+        if "rate" in self.sharing:
+            return sharing.uniform_steps(self.steps, int(self.sharing["rate"]))
+        return sharing.load_schedule(self.sharing["schedule"], self.steps)["recompute"]
+
+
+def guided_model_fn(model_fn: Callable, spec: SamplerSpec, null_label: int) -> Callable:
+    """Wrap a conditional velocity function with classifier-free guidance on all channels."""
+    scale = spec.guidance.get("scale", 1.0)
+    interval = spec.guidance.get("interval")
+    if all(float(s) == 1.0 for s in (scale if isinstance(scale, (list, tuple)) else [scale])):
+        return model_fn
+    return guidance.cfg(
+        model_fn, scale, null_label, interval=tuple(interval) if interval is not None else None,
+        always_both=spec.sharing is not None, dit_legacy_channels=spec.guidance.get("dit_legacy_channels"),
+    )
+
+
+def run_sampler(
+    model_fn: Callable, noise: Tensor, y: Tensor | None, path: Path, spec: SamplerSpec, randn_like: Callable,
+    ts: Tensor | None = None,
+) -> Tensor:
+    """Integrate from ``noise`` at ``t_max`` to data with the configured solver and grid."""
+    ts = spec.time_grid(path) if ts is None else ts
+    return spec.solver(model_fn, noise, ts.to(noise.device), path=path, y=y, randn_like=randn_like)
+
+
+def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes: int, extra_token_dim: int = 0) -> None:
+    """Run the configured grid, guidance and solver once on a stand-in model, so bad settings fail before any work.
+
+    The stand-in predicts zero velocity for a single 1x2x2 image (plus REG's class-token stream of width
+    ``extra_token_dim`` when the model takes one, so per-stream guidance scales are checked against the real number
+    of streams): this costs ``steps`` trivial solver steps, not a network call, and reaches every solver and grid
+    option (a negative churn, a grid that is not descending, ...).
+
+    Raises:
+        ValueError: naming the sampler setting that cannot run.
+    """
+    path = prediction_path(prediction)
+    try:
+        ts = spec.time_grid(path)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"sampler.grid cannot build a time grid of {spec.steps} steps: {e}") from e
+    if not isinstance(ts, Tensor) or ts.ndim != 1 or len(ts) < 2 or not bool(torch.isfinite(ts).all()):
+        raise ValueError(f"sampler.grid built {ts!r} for {spec.steps} steps; expected a finite 1-D grid ending at 0")
+    if float(ts[-1]) != 0.0 or float(ts[0]) <= 0.0 or bool((ts[1:] > ts[:-1]).any()):
+        raise ValueError(
+            f"sampler.grid must descend from t_max to 0; it gives {ts[0].item():.4g} ... {ts[-1].item():.4g} with "
+            f"{int((ts[1:] > ts[:-1]).sum())} rising step(s). Check the grid options"
+        )
+
+    def zero_velocity(x: Any, t: Tensor, y: Tensor | None, **kwargs: Any) -> Any:
+        return Streams(torch.zeros_like(a) for a in x) if isinstance(x, Streams) else torch.zeros_like(x)
+
+    rnd = PerImageRandom([0])
+    noise: Any = rnd.randn((1, 2, 2))
+    if extra_token_dim > 0:
+        noise = Streams((noise, rnd.randn((extra_token_dim,))))
+    try:
+        x = run_sampler(guided_model_fn(zero_velocity, spec, num_classes), noise, torch.zeros(1, dtype=torch.long),
+                        path, spec, rnd.randn_like, ts)
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"the sampler cannot run with these settings: {e}") from e
+    x = x[0] if isinstance(x, tuple) else x
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("the sampler produces non-finite values with these settings; check its options")

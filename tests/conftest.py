@@ -1,0 +1,67 @@
+"""Shared test helpers and fixtures: a free TCP port for torchrun, running ``train.py`` as a subprocess on a very
+small model, and a teacher snapshot trained once per session (for the student examples)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "configs"
+# A very small model and run: 2 blocks of width 64 on 32x32 digits, 16 steps of 32 images.
+SMALL = [
+    "model.depth=2", "model.hidden_size=64", "model.num_heads=2",
+    "trainer.batch_size=32", "trainer.total_kimg=0.512", "trainer.lr_warmup_kimg=0.064",
+    "trainer.status_kimg=0.064", "trainer.checkpoint_kimg=0.128", "trainer.snapshot_kimg=0.256",
+    "trainer.progress=false", "trainer.tensorboard=false",
+    "preview.images=0", "eval=none",
+]
+
+
+def free_port() -> int:
+    """A TCP port that is free now (bound by the OS, then released), for ``torchrun --master_port``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(procs: int = 2) -> list[str]:
+    """The launcher prefix for ``procs`` local processes on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={free_port()}"]
+
+
+def subprocess_env(threads: int = 1) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
+    return env
+
+
+
+
+def run_train(runs: Path, name: str, extra: Sequence[str] = (), check: bool = True,
+              launcher: list[str] | None = None, threads: int = 1) -> subprocess.CompletedProcess:
+    """``train.py`` on the SMALL setup (plus ``extra``) into ``runs/name``; raises with its output on failure."""
+    cmd = (launcher or [sys.executable]) + ["train.py", f"paths.runs={runs}", f"name={name}", *SMALL, *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(threads), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def example(method: str, *extra: str) -> list[str]:
+    """Overrides that train an example method of tests/ (its config in tests/configs)."""
+    return [f"hydra.searchpath=[file://{CONFIGS}]", f"method={method}", "packages=[tests]", *extra]
+
+
+@pytest.fixture(scope="session")
+def teacher_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A snapshot of the diffusion method on the SMALL setup (0.256 kimg), the teacher of the student examples."""
+    runs = tmp_path_factory.mktemp("teacher")
+    run_train(runs, "teacher", ["trainer.total_kimg=0.256"])
+    return sorted((runs / "teacher").glob("snapshot-*.safetensors"))[-1]
