@@ -16,12 +16,14 @@ from samplers.spec import (
     MAX_STEPS,
     SamplerSpec,
     check_sampler,
+    check_solver_fits,
     guided_model_fn,
     prediction_path,
     run_sampler,
 )
 
 __all__ = [
-    "DEFAULT_SAMPLER", "MAX_STEPS", "SamplerSpec", "check_sampler", "guided_model_fn", "prediction_path", "run_sampler",
+    "DEFAULT_SAMPLER", "MAX_STEPS", "SamplerSpec", "check_sampler", "check_solver_fits", "guided_model_fn",
+    "prediction_path", "run_sampler",
     "Generator", "MinRows", "generator_from_snapshot", "snapshot_generate_fn",
 ]

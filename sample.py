@@ -41,6 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from eval.generator import generator_from_snapshot
+from gen.models.prediction import is_consistency
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, remove_stale_temp_files
 from gen.utils.ckpt import tokenizer_weights as tokenizer_weights_from
@@ -50,6 +51,23 @@ from gen.utils.images import load_png, save_grid, save_png
 from gen.utils.progress import Progress
 from gen.utils.seed import PerImageRandom, shard_seeds
 from samplers.spec import SamplerSpec, check_sampler
+
+# The 1-step consistency sampler (configs/sampler/consistency.yaml), for a consistency snapshot without a stored one.
+CONSISTENCY_SAMPLER = {
+    "solver": {"_target_": "samplers.sample_consistency", "sigma_min": 0.002}, "steps": 1,
+    "grid": {"_target_": "samplers.consistency_grid", "sigmas": []}, "guidance": {"scale": 1.0}, "sharing": None,
+}
+
+
+def _sampler_overridden() -> bool:
+    """Whether the command line set the ``sampler`` group or one of its keys (False outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = HydraConfig.get().overrides.task
+    except (ImportError, ValueError):
+        return False
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "sampler" for o in task)
 
 PROG = "sample.py"
 MANIFEST = "sample.json"
@@ -265,17 +283,22 @@ def sample(
     npz_rgb: bool = False,
     overwrite: bool = False,
     tokenizer_weights: str | None = None,
+    sampler_chosen: bool = True,
 ) -> dict[str, Any]:
     """Generate ``seeds`` from ``snapshot`` into ``outdir`` (split across processes by seed; see the module doc).
 
     ``tokenizer_weights``: the tokenizer's weights file or folder, named by the user (a path in the snapshot's
-    metadata is never read; ``gen.utils.ckpt.build_snapshot_tokenizer``).
+    metadata is never read; ``gen.utils.ckpt.build_snapshot_tokenizer``). ``sampler_chosen=False`` (no ``sampler`` on
+    the command line): a consistency snapshot is sampled with the sampler its training run stored (a consistency
+    sampler), since the default ODE sampler cannot serve it.
     """
     dist.init_distributed()
     dev = dist.resolve_device(device, "device")
     snap = resolve_snapshot(snapshot)
     with tokenizer_weights_from(tokenizer_weights):
-        gen, _ = generator_from_snapshot(str(snap), dev)
+        gen, meta = generator_from_snapshot(str(snap), dev)
+    if not sampler_chosen and is_consistency(gen.prediction):
+        sampler = SamplerSpec.from_config(meta.get("sampler") or CONSISTENCY_SAMPLER)
     if class_label is not None and not 0 <= class_label < gen.num_classes:
         raise ValueError(
             f"class_label={class_label} is outside [0, {gen.num_classes - 1}] (label {gen.num_classes} is the null class)"
@@ -384,6 +407,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         device=settings.device, grid=settings.grid, grid_max=settings.grid_max, grid_nrow=settings.grid_nrow,
         images=settings.images, npz=settings.npz, npz_rgb=settings.npz_rgb, overwrite=settings.overwrite,
         tokenizer_weights=settings.tokenizer_weights,
+        sampler_chosen=_sampler_overridden(),
     )
 
 

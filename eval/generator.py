@@ -28,7 +28,7 @@ from gen.utils.dist import resolve_device
 from gen.utils.finite import NonFiniteError, shorten
 from gen.utils.seed import PerImageRandom
 from samplers import Streams, sharing
-from samplers.spec import DEFAULT_SAMPLER, SamplerSpec, guided_model_fn, run_sampler
+from samplers.spec import DEFAULT_SAMPLER, SamplerSpec, check_solver_fits, guided_model_fn, run_sampler
 
 __all__ = ["Generator", "MinRows", "generator_from_snapshot", "snapshot_generate_fn"]
 
@@ -94,6 +94,7 @@ class Generator:
         Each seed draws its label (unless ``labels`` are given) and then its noise from its own
         generator, so the result for a seed does not depend on the other seeds in the batch.
         """
+        check_solver_fits(sampler, self.prediction)
         rnd = PerImageRandom(seeds)
         drawn = rnd.randint(self.num_classes)
         y = drawn if labels is None else labels.to(torch.long).cpu()

@@ -18,6 +18,7 @@ This package imports only ``gen.paths`` and ``gen.utils`` (enforced by the layer
 from __future__ import annotations
 
 from samplers._common import Streams
+from samplers.consistency import consistency_grid, sample_consistency
 from samplers.dpm_solver import sample_dpmpp_2m
 from samplers.euler import sample_euler
 from samplers.grids import karras_grid, log_snr_grid, shifted_grid, uniform_grid
@@ -32,6 +33,7 @@ __all__ = [
     "sample_heun",
     "sample_euler_maruyama",
     "sample_dpmpp_2m",
+    "sample_consistency", "consistency_grid",
     "EncoderSharing",
     "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid",
     "cfg",

@@ -30,7 +30,8 @@ from gen.utils.seed import PerImageRandom
 from samplers import guidance, sharing
 from samplers._common import Streams
 
-__all__ = ["SamplerSpec", "guided_model_fn", "run_sampler", "check_sampler", "prediction_path",
+__all__ = ["SamplerSpec", "guided_model_fn", "run_sampler", "check_sampler", "check_solver_fits", "is_consistency",
+           "prediction_path",
            "DEFAULT_SAMPLER", "MAX_STEPS"]
 
 
@@ -153,6 +154,33 @@ def run_sampler(
     return spec.solver(model_fn, noise, ts.to(noise.device), path=path, y=y, randn_like=randn_like)
 
 
+def is_consistency(prediction: Mapping[str, Any]) -> bool:
+    """Whether a prediction spec is a consistency model (``"prediction": "consistency"``, gen.models.prediction)."""
+    return prediction.get("prediction") == "consistency"
+
+
+def check_solver_fits(spec: SamplerSpec, prediction: Mapping[str, Any]) -> None:
+    """Refuse a solver that cannot serve the model: a consistency model (``"prediction": "consistency"``) only with
+    the consistency sampler, and the consistency sampler only with a consistency model.
+
+    Raises:
+        ValueError: naming the solver, the model kind and the sampler preset to use.
+    """
+    solver = getattr(spec.solver, "func", spec.solver)
+    wants_cm = bool(getattr(solver, "consistency_only", False))
+    name = (spec.config.get("solver") or {}).get("_target_", getattr(solver, "__name__", "?"))
+    if is_consistency(prediction) and not wants_cm:
+        raise ValueError(
+            f"the snapshot is a consistency model, which {name} cannot sample (its output is f(x, sigma), not an "
+            "ODE velocity); use sampler=consistency (1 step) or sampler=consistency_2step"
+        )
+    if wants_cm and not is_consistency(prediction):
+        raise ValueError(
+            f"{name} samples consistency models only, and this model's prediction is "
+            f"{prediction.get('prediction', 'velocity')!r}; use an ODE sampler (e.g. sampler=euler or sampler=heun)"
+        )
+
+
 def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes: int, extra_token_dim: int = 0) -> None:
     """Run the configured grid, guidance and solver once on a stand-in model, so bad settings fail before any work.
 
@@ -164,6 +192,7 @@ def check_sampler(spec: SamplerSpec, prediction: Mapping[str, Any], num_classes:
     Raises:
         ValueError: naming the sampler setting that cannot run.
     """
+    check_solver_fits(spec, prediction)
     path = prediction_path(prediction)
     try:
         ts = spec.time_grid(path)

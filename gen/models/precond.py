@@ -67,3 +67,65 @@ class EDMPrecond(nn.Module):
         res: ModelOutput = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
         d = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * res.out.to(dtype)
         return dataclasses.replace(res, out=d)
+
+
+def consistency_coefficients(
+    sigma: Tensor, sigma_data: float = 0.5, sigma_min: float = 0.002
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(c_skip, c_out, c_in, c_noise)`` of a consistency model with the boundary at ``sigma_min`` (float64 in,
+    float64 out).
+
+    Song et al. 2023, "Consistency Models", Appendix C / openai/consistency_models cm/karras_diffusion.py
+    ``get_scalings_for_boundary_condition``: ``c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2)``,
+    ``c_out = sd (sigma - sigma_min) / sqrt(sigma^2 + sd^2)``, ``c_in = 1 / sqrt(sigma^2 + sd^2)``; ``c_noise`` is
+    EDM's ``ln(sigma) / 4`` (our backbones scale their time input themselves). At ``sigma = sigma_min`` these give
+    exactly ``c_skip = 1`` and ``c_out = 0``, hence ``f(x, sigma_min) = x``.
+    """
+    sd2 = sigma_data**2
+    shifted = sigma - sigma_min
+    c_skip = sd2 / (shifted**2 + sd2)
+    c_out = sigma_data * shifted / (sigma**2 + sd2).sqrt()
+    c_in = 1.0 / (sigma**2 + sd2).sqrt()
+    c_noise = sigma.log() / 4.0
+    return c_skip, c_out, c_in, c_noise
+
+
+class ConsistencyPrecond(nn.Module):
+    """Wraps a backbone ``F(x, t, y)`` into the consistency function ``f(x, sigma, y)`` (``consistency_coefficients``).
+
+    ``f(x, sigma_min) = x`` bit for bit: the coefficients are computed in float64 from ``sigma`` and from ``sigma_min``
+    rounded to ``sigma``'s own dtype first, so a float32 ``sigma`` equal to float32(sigma_min) gives ``c_out = 0`` and
+    ``c_skip = 1`` exactly.
+
+    Args:
+        net: backbone with ``forward(x, t, y, **kwargs) -> ModelOutput``.
+        sigma_data: expected standard deviation of the data.
+        sigma_min: the boundary noise level (0.002 in CM/iCT).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002) -> None:
+        super().__init__()
+        if not sigma_data > 0 or not math.isfinite(sigma_data):
+            raise ValueError(f"sigma_data must be a positive number, got {sigma_data}")
+        if not sigma_min > 0 or not math.isfinite(sigma_min):
+            raise ValueError(f"sigma_min must be a positive number, got {sigma_min}")
+        self.net = net
+        self.sigma_data = float(sigma_data)
+        self.sigma_min = float(sigma_min)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
+        """``f(x, sigma)`` with the shape of ``x``, float32 (float64 for float64 ``x``); ``sigma`` a float or ``(B,)``."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=dtype, device=x.device)
+        if not sigma.is_floating_point():
+            sigma = sigma.to(dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        # sigma_min in sigma's precision, then both in float64: the shift is exactly 0 at the boundary.
+        s_min = float(torch.tensor(self.sigma_min, dtype=sigma.dtype))
+        c_skip, c_out, c_in, c_noise = consistency_coefficients(sigma.double(), self.sigma_data, s_min)
+        bshape = (-1,) + (1,) * (x.ndim - 1)
+        xf = x.to(torch.float64)
+        res: ModelOutput = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
+        f = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * res.out.to(torch.float64)
+        return dataclasses.replace(res, out=f.to(dtype))

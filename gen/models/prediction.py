@@ -2,7 +2,7 @@
 
 A snapshot stores the objective's ``prediction_spec()``::
 
-    {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "velocity" | "x0" | "eps",
+    {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "velocity" | "x0" | "eps" | "consistency",
      "precond": None | {"_target_": "gen.models.precond.EDMPrecond", "sigma_data": 0.5}}
 
 and :func:`velocity_model` turns (network, spec) into the samplers' ``model_fn(x, t, y) -> velocity`` in path
@@ -20,7 +20,15 @@ from gen.paths import Path
 from gen.utils.build import BuildError, build
 
 ModelFn = Callable[..., Tensor]
-PREDICTIONS = ("velocity", "x0", "eps")
+PREDICTIONS = ("velocity", "x0", "eps", "consistency")
+# A consistency model's f(x, sigma) is a clean-image estimate, so it is exposed as x0; only the consistency sampler
+# may use it (``samplers.consistency``; samplers.spec.check_solver_fits refuses ODE/SDE solvers for it).
+CONSISTENCY = "consistency"
+
+
+def is_consistency(spec: Mapping[str, Any]) -> bool:
+    """Whether a prediction spec is a consistency model (``"prediction": "consistency"``)."""
+    return spec.get("prediction") == CONSISTENCY
 
 
 def prediction_path(spec: Mapping[str, Any]) -> Path:
@@ -48,6 +56,7 @@ def velocity_model(net: nn.Module, spec: Mapping[str, Any]) -> ModelFn:
     kind = spec.get("prediction", "velocity")
     if kind not in PREDICTIONS:
         raise BuildError(f"unknown prediction kind {kind!r}; expected one of {PREDICTIONS}")
+    kind = "x0" if kind == CONSISTENCY else kind
     precond = spec.get("precond")
     inner = net if precond is None else build(precond, net=net)
 

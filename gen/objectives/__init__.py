@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from gen.objectives.base import Objective
+from gen.objectives.consistency import ImprovedConsistencyTraining
 from gen.objectives.edm import EDMLoss
 from gen.objectives.flow_matching import FlowMatching
 
-__all__ = ["EDMLoss", "FlowMatching", "Objective"]
+__all__ = ["EDMLoss", "FlowMatching", "ImprovedConsistencyTraining", "Objective"]
