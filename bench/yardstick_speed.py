@@ -59,7 +59,6 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from gen.ema import EMA  # noqa: E402
 from gen.train.batches import Batches, make_batch  # noqa: E402
 from gen.train.method import PhaseModule, Progress, param_groups  # noqa: E402
 from gen.utils.build import TRAINING_PACKAGES, build  # noqa: E402
@@ -130,9 +129,9 @@ class Stepper:
             self.module = torch.compile(self.module)
         elif variant == "compile_maxautotune":
             self.module = torch.compile(self.module, mode="max-autotune-no-cudagraphs")
-        from train import _ema_profiles
+        from train import TRAINING_PACKAGES, _ema_factory
 
-        self.ema = EMA(method.net, _ema_profiles(c["ema"]))
+        self.ema = _ema_factory(c["ema"], TRAINING_PACKAGES)(method.net)  # the ema spec as train.py builds it
         self.trainer = c["trainer"]
         self.seed = int(c["trainer"]["seed"])
         self.batch = int(c["trainer"]["batch_size"])

@@ -24,6 +24,7 @@ from gen.models import ModelOutput
 from gen.models.prediction import prediction_path, velocity_model
 from gen.snapshot import load_network, read_snapshot
 from gen.utils.ckpt import CheckpointError, build_snapshot_tokenizer, check_config_ints, snapshot_int_bound
+from gen.utils.ckpt import tokenizer_weights as weights_from
 from gen.utils.dist import resolve_device
 from gen.utils.finite import NonFiniteError, shorten
 from gen.utils.seed import PerImageRandom
@@ -170,6 +171,7 @@ def snapshot_generate_fn(
     steps: int | str | None = None,
     cfg: float | str | None = None,
     batch_device: str = "auto",
+    tokenizer_weights: str | None = None,
 ) -> Callable[[list[int]], tuple[Tensor, Tensor]]:
     """A ``generate_fn(seeds) -> (uint8 images, labels)`` for a snapshot, for the evaluation CLI.
 
@@ -178,9 +180,13 @@ def snapshot_generate_fn(
 
         python -m eval fid10k runs/x/snapshot-000100000.safetensors --ref refs/x.npz \\
             --generator pipeline:snapshot_generate_fn --option steps=50 --option cfg=1.5
+
+    ``tokenizer_weights``: the tokenizer's weights file or folder, named by the user as with ``sample.py
+    tokenizer_weights=`` (``--option tokenizer_weights=<path>``); a path in the snapshot's metadata is never read.
     """
     device = resolve_device(batch_device, "batch_device")
-    gen, config = generator_from_snapshot(snapshot, device)
+    with weights_from(tokenizer_weights):
+        gen, config = generator_from_snapshot(snapshot, device)
     sampler_cfg = dict(config.get("sampler") or DEFAULT_SAMPLER)
     if kind is not None:  # a solver by its short name, e.g. "heun" -> samplers.sample_heun
         sampler_cfg["solver"] = {"_target_": f"samplers.sample_{kind}"}

@@ -20,7 +20,17 @@ import torch
 from torch import Tensor
 
 from gen.paths import EDMPath, Path
-from samplers._common import Callback, ModelFn, RandnLike, State, call, check_inputs, denoised, prior, randn_streams
+from samplers._common import (
+    Callback,
+    ModelFn,
+    RandnLike,
+    State,
+    call,
+    check_inputs,
+    denoised,
+    prior,
+    randn_streams,
+)
 
 
 @torch.no_grad()

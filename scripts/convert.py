@@ -176,10 +176,15 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     }
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in conv.tensors.items()}
     save_snapshot(out, tensors, meta)
+    from gen.utils.ckpt import tokenizer_weights
     from pipeline import generator_from_snapshot
 
-    try:  # what sample.py does: the snapshot must rebuild
-        generator_from_snapshot(str(out))
+    # What sample.py does with tokenizer_weights=<the file named here>: a weights path in a snapshot's metadata is a
+    # record of where the tokenizer came from, never followed (gen.utils.ckpt.build_snapshot_tokenizer).
+    weights = tok.config.get("weights") if isinstance(tok.config, dict) else None
+    try:
+        with tokenizer_weights(weights):
+            generator_from_snapshot(str(out))
     except (OSError, ValueError) as e:
         out.unlink(missing_ok=True)
         raise ConvertError(f"the written snapshot does not rebuild ({e}); nothing was kept") from e

@@ -199,7 +199,9 @@ def test_converted_checkpoint_samples_through_sample_py(source: str, tmp_path: P
     assert meta["sampler"] == cli._yaml("sampler", cli.DEFAULT_SAMPLER[source])
     # sample.py with nothing but the snapshot (dit), or a few seeds (the others, to keep the suite short).
     seeds = [] if source == "dit" else ["seeds=0-3"]
-    proc = subprocess.run([sys.executable, "sample.py", f"snapshot={out}", *seeds], cwd=ROOT, env=_env(),
+    # The tokenizer's weights are named by the user (a path in the snapshot's metadata is never followed).
+    weights = f"tokenizer_weights={meta['tokenizer']['weights']}"
+    proc = subprocess.run([sys.executable, "sample.py", f"snapshot={out}", weights, *seeds], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     samples = tmp_path / "samples" / "snap"
@@ -218,9 +220,10 @@ def test_eval_generator_runs_the_stored_sampler(source: str, tmp_path: Path, tok
 
     out = tmp_path / "snap.safetensors"
     assert run_cli(source, write_checkpoint(source, tmp_path / "c.pt"), out, tokenizer_file) == 0
-    images, labels = snapshot_generate_fn(str(out), batch_device="cpu")([0, 1])
+    weights = json.loads(tokenizer_file.read_text())["weights"]
+    images, labels = snapshot_generate_fn(str(out), batch_device="cpu", tokenizer_weights=weights)([0, 1])
     assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8 and labels.shape == (2,)
-    again, _ = snapshot_generate_fn(str(out), batch_device="cpu")([1])
+    again, _ = snapshot_generate_fn(str(out), batch_device="cpu", tokenizer_weights=weights)([1])
     assert torch.equal(again[0], images[1])  # image k depends on seed k only
 
 

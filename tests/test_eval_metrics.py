@@ -69,7 +69,9 @@ def test_evaluate_reports_is_and_sfid_with_inception(inception: InceptionFeature
     res = evaluate(images_fn(images), range(12), inception, ref, batch_size=5, allow_singular=True)
     assert res["fid"] < 1e-6 and res["sfid"] < 1e-6  # the same images as the reference
     direct = inception_score(inception.extract(images)["logits"])  # ADM splits: one group of 12
-    assert res["inception_score"] == pytest.approx(direct[0], rel=1e-9)
+    # evaluate() extracts in batches of 5 and the direct call all 12 at once: float32 GEMMs of other shapes round
+    # differently (2e-8 relative on some CPUs), so the two agree to float32 rounding, not bit for bit.
+    assert res["inception_score"] == pytest.approx(direct[0], rel=1e-6)
     with pytest.raises(ValueError, match="singular"):
         evaluate(images_fn(images), range(12), inception, ref, batch_size=5)
 

@@ -45,6 +45,7 @@ def test_sample_py_under_submitit_local(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     cmd = [sys.executable, "sample.py", "-m", "hydra/launcher=submitit_local", f"snapshot={snap}", "seeds=0-2",
+           f"tokenizer_weights={tmp_path / 'tok.safetensors'}",
            f"outdir={tmp_path / 'out'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=10"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
