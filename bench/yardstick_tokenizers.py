@@ -10,8 +10,8 @@ latents with a vision foundation model (the VF loss of VA-VAE) recovers generati
 * ``kl_f4d{4,16,64}``: KL autoencoders f4 with 4, 16 and 64 channels (``experiment=yardstick_kl_f4d<C>``: L1, KL
   1e-6, PatchGAN; 64 x 8 x 8 is four numbers per pixel);
 * ``vavae_f4d{4,16,64}``: the same plus VA-VAE's VF loss (``experiment=yardstick_vavae_f4d<C>``) against the
-  foundation encoder ``--vf-encoder`` (default ``foundation-mnist5k``; another encoder gives rows named
-  ``vavae_f4d<C>-<encoder>`` in their own folders, e.g. ``--vf-encoder foundation2-mnist5k``).
+  foundation encoder ``--vf-encoder`` (default ``foundation2-mnist5k``, 8 x 8 tokens like the latents; another
+  encoder gives rows named ``vavae_f4d<C>-<encoder>`` in their own folders, e.g. ``--vf-encoder foundation-mnist5k``).
 
 A tokenizer row: train the tokenizer once (seed 0, ``--tokenizer-kimg``, default 64 kimg, where its reconstruction
 has settled: see ``DEFAULT_TOKENIZER_KIMG``) through ``train.py``; measure rFID
@@ -62,7 +62,6 @@ for _p in (str(ROOT), str(BENCH_DIR)):  # run from anywhere without installing; 
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from gen.utils.ckpt import tokenizer_weights  # noqa: E402
 from tables import tokenizers as tokenizer_table  # noqa: E402  (the table bench/README.md shows)
 from yardstick import (  # noqa: E402
     DEFAULT_KIMG,
@@ -83,11 +82,13 @@ from yardstick import (  # noqa: E402
     utc_now,
 )
 
+from gen.utils.ckpt import tokenizer_weights  # noqa: E402
+
 BENCH = "yardstick_tokenizers"
 SCRIPT = "bench/yardstick_tokenizers.py"
 DATASET = "mnist5k"
 CHANNELS = (4, 16, 64)
-DEFAULT_VF_ENCODER = f"foundation-{DATASET}"
+DEFAULT_VF_ENCODER = f"foundation2-{DATASET}"
 # Tokenizer budget: the f4d16 KL run's EMA snapshots (rFID / PSNR / SSIM on 1,000 training digits) at 16, 32, 48, 64,
 # 80 and 96 kimg: rFID 1.72 / 1.11 / 0.47 / 0.40 / 0.28 / 0.25, PSNR 23.87 / 24.66 / 26.11 / 26.64 / 26.89 / 27.60 dB,
 # SSIM 0.919 / 0.945 / 0.957 / 0.961 / 0.959 / 0.968. rFID has settled by 64 kimg (below 0.5, far under the

@@ -347,7 +347,7 @@ def test_tokenizer_experiments_compose_and_the_yardstick_ones_build(experiment: 
     assert method.tokenizer.latent_shape(32) == (channels, 8, 8)
     assert (method.foundation is not None) == experiment.startswith("yardstick_vavae")
     if method.foundation is not None:  # the 1x1 projection maps the latent channels to the encoder's width
-        assert c["method"]["foundation"]["name"] == "foundation-mnist5k"
+        assert c["method"]["foundation"]["name"] == "foundation2-mnist5k"  # 8 x 8 tokens, the f4 latent grid
         assert method.projection.weight.shape[1] == channels
 
 
@@ -360,8 +360,8 @@ def test_the_vf_encoder_of_the_yardstick_sweep_is_one_key(channels: int) -> None
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         c = compose(config_name="train", overrides=[f"experiment=yardstick_vavae_f4d{channels}",
-                                                    "method.foundation.name=foundation2-${data.name}"])
-        assert c.method.foundation.name == "foundation2-mnist5k" and c.method.autoencoder.latent_channels == channels
+                                                    "method.foundation.name=foundation-${data.name}"])
+        assert c.method.foundation.name == "foundation-mnist5k" and c.method.autoencoder.latent_channels == channels
         with pytest.raises(ConfigCompositionException, match="method.foundation.name"):
             compose(config_name="train", overrides=[f"experiment=yardstick_kl_f4d{channels}",
                                                     "method.foundation.name=foundation2-${data.name}"])
