@@ -42,28 +42,28 @@ def _estimate(capsys: pytest.CaptureFixture[str], argv: list[str]) -> int:
 
 def test_rows_are_the_channel_sweep_with_and_without_the_vf_loss() -> None:
     assert yt.row_names() == ["pixels", "kl_f4d4", "vavae_f4d4", "kl_f4d16", "vavae_f4d16", "kl_f4d64", "vavae_f4d64"]
-    toks = yt.tokenizers("foundation2-mnist5k")
-    assert [t.method for t in toks if t.vf] == ["vavae_f4d4-foundation2", "vavae_f4d16-foundation2",
-                                                 "vavae_f4d64-foundation2"]
+    toks = yt.tokenizers("foundation-mnist5k")
+    assert [t.method for t in toks if t.vf] == ["vavae_f4d4-foundation", "vavae_f4d16-foundation",
+                                                 "vavae_f4d64-foundation"]
     assert [t.method for t in toks if not t.vf] == ["kl_f4d4", "kl_f4d16", "kl_f4d64"]  # the encoder does not touch them
     vf = toks[1]
     assert (vf.experiment, vf.preset) == ("yardstick_vavae_f4d4", "yardstick_kl_f4d4")
 
 
 def test_commands_name_the_presets_the_latents_and_the_shared_pixel_run(tmp_path: Path) -> None:
-    args = _parsed(tmp_path, "--tokenizer-kimg=8", "--vf-encoder=foundation2-mnist5k")
+    args = _parsed(tmp_path, "--tokenizer-kimg=8", "--vf-encoder=foundation-mnist5k")
     runs = tmp_path / "runs"
-    tok = yt._tok(args, "vavae_f4d64-foundation2")
+    tok = yt._tok(args, "vavae_f4d64-foundation")
     cmd = yt.tokenizer_run(args, tok).train_command()
-    for arg in ("experiment=yardstick_vavae_f4d64", "method.foundation.name=foundation2-mnist5k", "seed=0",
-                "trainer.total_kimg=8", "trainer.snapshot_kimg=8", f"run_dir={runs / 'tokenizers' / 'tok-vavae_f4d64-foundation2-s0'}"):
+    for arg in ("experiment=yardstick_vavae_f4d64", "method.foundation.name=foundation-mnist5k", "seed=0",
+                "trainer.total_kimg=8", "trainer.snapshot_kimg=8", f"run_dir={runs / 'tokenizers' / 'tok-vavae_f4d64-foundation-s0'}"):
         assert arg in cmd
-    gen = yt.generator_run(args, "vavae_f4d64-foundation2", 1)
+    gen = yt.generator_run(args, "vavae_f4d64-foundation", 1)
     cmd = gen.train_command()
-    assert gen.run_dir == runs / "tokenizers" / "vavae_f4d64-foundation2-s1"
+    assert gen.run_dir == runs / "tokenizers" / "vavae_f4d64-foundation-s1"
     for arg in ("experiment=yardstick_lightningdit", "model.patch_size=1", "tokenizer=yardstick_kl_f4d64",
-                f"data.dataset.root={runs / 'tokenizers' / 'latents-vavae_f4d64-foundation2'}",
-                f"tokenizer.weights={runs / 'tokenizers' / 'tok-vavae_f4d64-foundation2-s0' / 'snapshot-000008000.safetensors'}",
+                f"data.dataset.root={runs / 'tokenizers' / 'latents-vavae_f4d64-foundation'}",
+                f"tokenizer.weights={runs / 'tokenizers' / 'tok-vavae_f4d64-foundation-s0' / 'snapshot-000008000.safetensors'}",
                 "trainer.total_kimg=96", "trainer.snapshot_kimg=16", "seed=1"):
         assert arg in cmd
     # Pixels at the protocol's points is the backbone table's LightningDiT run; at other points its own.
@@ -204,10 +204,10 @@ def test_table_shows_the_sweep_in_order_with_both_seeds() -> None:
 
 
 def test_record_commands_rerun_one_record_with_the_bench_settings(tmp_path: Path) -> None:
-    args = _parsed(tmp_path, "--tokenizer-kimg=32", "--vf-encoder=foundation2-mnist5k")
-    cmd = yt.record_command(args, "vavae_f4d64-foundation2", 1, 96, "qs")
-    assert cmd == ("python bench/yardstick_tokenizers.py --methods=vavae_f4d64-foundation2 --seeds=1 --kimg=96 "
-                   f"--variants=qs --tokenizer-kimg=32 --vf-encoder=foundation2-mnist5k --runs={tmp_path / 'runs' / 'tokenizers'}")
+    args = _parsed(tmp_path, "--tokenizer-kimg=32", "--vf-encoder=foundation-mnist5k")
+    cmd = yt.record_command(args, "vavae_f4d64-foundation", 1, 96, "qs")
+    assert cmd == ("python bench/yardstick_tokenizers.py --methods=vavae_f4d64-foundation --seeds=1 --kimg=96 "
+                   f"--variants=qs --tokenizer-kimg=32 --vf-encoder=foundation-mnist5k --runs={tmp_path / 'runs' / 'tokenizers'}")
     args.runs = yt.DEFAULT_RUNS
     assert yt.record_command(args, "pixels", 0, 16, "euler20") == (
         "python bench/yardstick_tokenizers.py --methods=pixels --seeds=0 --kimg=16 --variants=euler20")
