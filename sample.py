@@ -321,6 +321,22 @@ def sample(
     labels = _labels(seeds, gen.num_classes, class_label)
     names = {s: f"{s:06d}-class{y}.png" for s, y in zip(seeds, labels)}
     places = (outdir / "images", outdir / f".staging-{key[:16]}")
+    _generate_missing(gen, sampler, seeds, names, places, png_dir, batch_size, class_label, dev, snap, outdir)
+    dist.barrier()
+    result: dict[str, Any] = {"snapshot": str(snap), "outdir": str(outdir), "num_images": len(seeds)}
+    if dist.is_main():
+        result.update(_write_outputs(outdir, seeds, labels, names, places, png_dir, identity, key,
+                                     images=images, npz=npz, npz_rgb=npz_rgb, grid=grid, grid_max=grid_max,
+                                     grid_nrow=grid_nrow))
+    dist.barrier()
+    return result
+
+
+def _generate_missing(
+    gen: Any, sampler: SamplerSpec, seeds: list[int], names: Mapping[int, str], places: tuple[Path, Path],
+    png_dir: Path, batch_size: int, class_label: int | None, dev: torch.device, snap: Path, outdir: Path,
+) -> None:
+    """Generate this process's share of the seeds whose PNG is in neither ``images/`` nor the staging folder."""
     missing = [s for s in seeds if not any((d / names[s]).is_file() for d in places)]
     if len(missing) < len(seeds):
         dist.print0(f"{len(seeds) - len(missing)} of {len(seeds)} images are already in {printable(outdir)} (same "
@@ -335,47 +351,51 @@ def sample(
                     raise RuntimeError(f"seed {s}: label {int(y)} differs from the label drawn for its file name")
                 save_png(img, png_dir / names[s])
             bar.advance(len(batch))
-    dist.barrier()
 
-    result: dict[str, Any] = {"snapshot": str(snap), "outdir": str(outdir), "num_images": len(seeds)}
-    if dist.is_main():
-        files = {}
-        for s in seeds:
-            found = [d / names[s] for d in places if (d / names[s]).is_file()]
-            if not found:
-                raise RuntimeError(f"image of seed {s} missing after sampling: {png_dir / names[s]}")
-            if images and found[0].parent != png_dir:
-                os.replace(found[0], png_dir / names[s])  # staged by an earlier images=false attempt of this set
-                found = [png_dir / names[s]]
-            files[s] = found[0]
-        try:
-            arr = torch.stack([load_png(files[s]) for s in seeds])  # (N, C, H, W) uint8
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CommandError(f"an image of this set in {printable(outdir)} cannot be read ({e}); delete it and "
-                               "re-run to generate it again") from e
-        labels_arr = np.array(labels, dtype=np.int64)
-        if npz:
-            hwc = arr.permute(0, 2, 3, 1).numpy()
-            if npz_rgb and hwc.shape[-1] == 1:  # for evaluators that need RGB (ADM's TensorFlow evaluator)
-                hwc = np.repeat(hwc, 3, axis=-1)
 
-            def write_npz(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    np.savez(f, arr_0=hwc, arr_1=labels_arr, seeds=np.array(seeds))
+def _write_outputs(
+    outdir: Path, seeds: list[int], labels: Sequence[int], names: Mapping[int, str], places: tuple[Path, Path],
+    png_dir: Path, identity: Mapping[str, Any], key: str, *, images: bool, npz: bool, npz_rgb: bool, grid: bool,
+    grid_max: int, grid_nrow: int | None,
+) -> dict[str, str]:
+    """Rank 0, after every process sampled: the npz, grid and manifest of the whole set; the files written."""
+    written: dict[str, str] = {}
+    files = {}
+    for s in seeds:
+        found = [d / names[s] for d in places if (d / names[s]).is_file()]
+        if not found:
+            raise RuntimeError(f"image of seed {s} missing after sampling: {png_dir / names[s]}")
+        if images and found[0].parent != png_dir:
+            os.replace(found[0], png_dir / names[s])  # staged by an earlier images=false attempt of this set
+            found = [png_dir / names[s]]
+        files[s] = found[0]
+    try:
+        arr = torch.stack([load_png(files[s]) for s in seeds])  # (N, C, H, W) uint8
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CommandError(f"an image of this set in {printable(outdir)} cannot be read ({e}); delete it and "
+                           "re-run to generate it again") from e
+    labels_arr = np.array(labels, dtype=np.int64)
+    if npz:
+        hwc = arr.permute(0, 2, 3, 1).numpy()
+        if npz_rgb and hwc.shape[-1] == 1:  # for evaluators that need RGB (ADM's TensorFlow evaluator)
+            hwc = np.repeat(hwc, 3, axis=-1)
 
-            atomic_write(outdir / "samples.npz", write_npz)
-            result["npz"] = str(outdir / "samples.npz")
-        if grid:
-            save_grid(arr[:grid_max], outdir / "grid.png", nrow=grid_nrow, scale=2)
-            result["grid"] = str(outdir / "grid.png")
-        if images:
-            result["images"] = str(png_dir)
-        _remove_staging(outdir)  # this run's staged PNGs (images=false), never images/
-        manifest = {"format": MANIFEST_FORMAT, "id": key, **identity, "complete": True,
-                    "seeds": compact_seeds(seeds), "images": images, "npz": npz, "grid": grid}
-        atomic_write(outdir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
-    dist.barrier()
-    return result
+        def write_npz(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=hwc, arr_1=labels_arr, seeds=np.array(seeds))
+
+        atomic_write(outdir / "samples.npz", write_npz)
+        written["npz"] = str(outdir / "samples.npz")
+    if grid:
+        save_grid(arr[:grid_max], outdir / "grid.png", nrow=grid_nrow, scale=2)
+        written["grid"] = str(outdir / "grid.png")
+    if images:
+        written["images"] = str(png_dir)
+    _remove_staging(outdir)  # this run's staged PNGs (images=false), never images/
+    manifest = {"format": MANIFEST_FORMAT, "id": key, **identity, "complete": True,
+                "seeds": compact_seeds(seeds), "images": images, "npz": npz, "grid": grid}
+    atomic_write(outdir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2)))
+    return written
 
 
 def file_key(identity: Mapping[str, Any]) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -49,10 +50,35 @@ from gen.utils.seed import derive_seed
 from samplers.spec import SamplerSpec, check_sampler
 
 PROG = "train.py"
-TOP_LEVEL_KEYS = {
-    "name", "seed", "run_dir", "paths", "data", "tokenizer", "model", "method", "objective", "sampler", "ema",
-    "optim", "trainer", "preview", "eval", "experiment", "packages",
-}
+
+
+@dataclass
+class TopLevelConfig:
+    """The top level of a training config: every group is a mapping checked by its own section (``trainer``,
+    ``preview``, ``eval``, ``sampler`` through gen.utils.config.from_mapping; the built groups by their
+    constructors); ``name`` and ``run_dir`` by ``_run_dir`` (Hydra may type a name as a number)."""
+
+    name: Any
+    seed: int
+    run_dir: Any
+    data: dict[str, Any]
+    tokenizer: dict[str, Any]
+    model: dict[str, Any]
+    method: dict[str, Any]
+    objective: dict[str, Any]
+    sampler: dict[str, Any]
+    ema: dict[str, Any]
+    optim: dict[str, Any]
+    trainer: dict[str, Any]
+    preview: dict[str, Any]
+    eval: dict[str, Any]
+    paths: dict[str, Any] | None = None
+    experiment: Any = None  # the preset group: merged into the others by Hydra
+    packages: list[str] | None = None  # extra packages whose _target_s the config may name (the user's own code)
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(x, str) and x for x in self.packages or []):
+            raise ValueError(f"packages={self.packages!r} must be a list of package names")
 
 
 def _build(spec: Any, group: str, packages: tuple[str, ...], **kwargs: Any) -> Any:
@@ -388,32 +414,23 @@ def _run_dir(c: Mapping[str, Any]) -> Path:
     return Path(run_dir)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
-    unknown = set(cfg.keys()) - TOP_LEVEL_KEYS
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s) {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}")
+def _checked(cfg: DictConfig) -> tuple[dict[str, Any], Path, tuple[str, ...]]:
+    """The resolved config as plain containers, its run folder and the packages whose targets it may name;
+    the top-level keys and NaN anywhere are refused first."""
     c = _container(cfg)
+    from_mapping(TopLevelConfig, c, "")
     run_dir = _run_dir(c)
     # `name=nan` or `name=1e3` are names that Hydra reads as numbers, so the name is not scanned.
     nan = [k for key, value in c.items() if key != "name" for k in nan_settings(value, key)]
     if nan:  # NaN passes every range check (all comparisons are false) and poisons whatever reads it
         raise ConfigError(f"{nan[0]} is NaN; give a number")
-    if not isinstance(c.get("seed"), int) or isinstance(c.get("seed"), bool):
-        raise ConfigError(f"seed={c.get('seed')!r} must be an integer")
-    extra_packages = c.get("packages") or []
-    if not isinstance(extra_packages, list) or not all(isinstance(x, str) and x for x in extra_packages):
-        raise ConfigError(f"packages={extra_packages!r} must be a list of package names")
     # Training configs are written by the user: they may name optimizers and, through `packages`, their own code.
-    packages = TRAINING_PACKAGES + tuple(extra_packages)
-    trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
-    dist.init_distributed()
-    device = resolve_device(trainer.device)
-    autocast_context(trainer.precision, device)  # refuses a precision the device cannot run, before any work
-    ema = _ema_factory(c["ema"], packages)
-    sampler = SamplerSpec.from_config(c["sampler"])
-    preview = from_mapping(PreviewConfig, c["preview"], "preview")
-    check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
+    return c, run_dir, TRAINING_PACKAGES + tuple(c.get("packages") or [])
+
+
+def _data(c: Mapping[str, Any], packages: tuple[str, ...]) -> tuple[Any, Any, dict[str, int]]:
+    """The dataset (checked against ``data.*``), the tokenizer (bound to pre-extracted latents) and the model's
+    shape arguments (``in_channels``, ``input_size``, ``num_classes``), which the model config may not set."""
     dataset = _build(c["data"]["dataset"], "data.dataset", packages)
     for key in ("channels", "resolution", "num_classes"):
         if getattr(dataset, key) != c["data"][key]:
@@ -432,6 +449,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"model.{clash[0]} is set by the data and tokenizer ({clash[0]}={shape_args[clash[0]]} here); remove it "
             "from the model config"
         )
+    return dataset, tokenizer, shape_args
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
+    c, run_dir, packages = _checked(cfg)
+    trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
+    dist.init_distributed()
+    device = resolve_device(trainer.device)
+    autocast_context(trainer.precision, device)  # refuses a precision the device cannot run, before any work
+    ema = _ema_factory(c["ema"], packages)
+    sampler = SamplerSpec.from_config(c["sampler"])
+    preview = from_mapping(PreviewConfig, c["preview"], "preview")
+    check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
+    dataset, tokenizer, shape_args = _data(c, packages)
     # Same initial weights on every process and every re-run (DDP also broadcasts rank 0's).
     torch.manual_seed(derive_seed("init", c["seed"]))
     interface = {
@@ -469,8 +501,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
         )
     except OSError as e:
-        # Writers that do not name their file (a plot, TensorBoard) still write into the run folder.
-        where, action = (e.filename, "write") if e.filename else (run_dir, "write into")
+        # Every file the loop writes is in the run folder; writers that do not name their file (a plot, TensorBoard)
+        # write there too. A named file elsewhere was being read (an image of the data, a snapshot of trainer.init).
+        if not isinstance(e.filename, (str, bytes, os.PathLike)) or not e.filename:
+            where, action = run_dir, "write into"
+        else:
+            inside = Path(os.fsdecode(e.filename)).resolve().is_relative_to(run_dir.resolve())
+            where, action = e.filename, "write" if inside else "read"
         raise CommandError(
             describe_os_error(e, where, action) + " Re-running the same command resumes from the last complete "
             "training state."

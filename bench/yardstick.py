@@ -578,28 +578,35 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
         print(f"        FID {m['fid']:.2f}  acc {m['class_accuracy']:.3f}  {1000 * m['sec_per_image']:.1f} ms/img "
               f"(eval {m['eval_seconds']:.0f} s)", flush=True)
     for g in groups:
-        snap = run.snapshot_at(max(kimg))
-        if snap is None:
-            continue
-        gen = generator(snap)
-        variants = [v for v in bench.variants if v.name in g.variants]
-        fns = {}
-        extra = {}
-        for v in variants:
-            sampler, facts = sampler_config(v, gen, run.run_dir, snap)
-            spec = SamplerSpec.from_config(sampler)
-            fns[v.name] = lambda seeds, gen=gen, spec=spec: gen.generate(seeds, spec)
-            extra[v.name] = {"nfe": v.nfe, "encoder_passes": v.encoder_passes(), **facts}
-        print(f"[time] {row.method}-s{seed} {g.name}: {', '.join(fns)} ...", flush=True)
-        res = interleaved_timing(fns, g.num_images, g.rounds)
-        store.put({
-            "kind": "timing", "key": timing_key[g.name], "bench": bench.name, "group": g.name, "method": row.method,
-            "seed": seed, "kimg": max(kimg), "variant": g.name, "num_images": g.num_images, "rounds": g.rounds,
-            "results": {k: {**res[k], **extra[k]} for k in res}, "snapshot": rel_path(snap),
-            "command": record_command(bench, args, row.method, seed, max(kimg), None, g.name),
-            "machine": machine(), "code": code_version(), "date": utc_now(),
-        })
-        print("        " + ", ".join(f"{k} {1000 * r['sec_per_image']:.1f} ms/img" for k, r in res.items()), flush=True)
+        _time_group(bench, args, row, seed, run, g, timing_key[g.name], generator, store)
+
+def _time_group(bench: Bench, args: argparse.Namespace, row: Row, seed: int, run: Run, g: TimingGroup, key: str,
+                generator: Callable[[Path], Any], store: Store) -> None:
+    """One timing record: the group's sampler variants timed interleaved on the last snapshot."""
+    from pipeline import SamplerSpec
+
+    snap = run.snapshot_at(max(run.kimg))
+    if snap is None:
+        return
+    gen = generator(snap)
+    variants = [v for v in bench.variants if v.name in g.variants]
+    fns = {}
+    extra = {}
+    for v in variants:
+        sampler, facts = sampler_config(v, gen, run.run_dir, snap)
+        spec = SamplerSpec.from_config(sampler)
+        fns[v.name] = lambda seeds, gen=gen, spec=spec: gen.generate(seeds, spec)
+        extra[v.name] = {"nfe": v.nfe, "encoder_passes": v.encoder_passes(), **facts}
+    print(f"[time] {row.method}-s{seed} {g.name}: {', '.join(fns)} ...", flush=True)
+    res = interleaved_timing(fns, g.num_images, g.rounds)
+    store.put({
+        "kind": "timing", "key": key, "bench": bench.name, "group": g.name, "method": row.method,
+        "seed": seed, "kimg": max(run.kimg), "variant": g.name, "num_images": g.num_images, "rounds": g.rounds,
+        "results": {k: {**res[k], **extra[k]} for k in res}, "snapshot": rel_path(snap),
+        "command": record_command(bench, args, row.method, seed, max(run.kimg), None, g.name),
+        "machine": machine(), "code": code_version(), "date": utc_now(),
+    })
+    print("        " + ", ".join(f"{k} {1000 * r['sec_per_image']:.1f} ms/img" for k, r in res.items()), flush=True)
 
 
 def _portable(sampler: dict[str, Any]) -> dict[str, Any]:

@@ -95,7 +95,7 @@ def collect(
     # Sums live where the extractor runs (float64 Gram updates on a GPU are far faster than on a CPU).
     device = getattr(extractor, "device", "cpu")
     stats = FeatureStats(extractor.dim, device=device)
-    out = Collected(stats=stats)
+    out = Collected(stats=stats)  # the sums of this process until the reduction below
     if spatial:
         out.spatial = FeatureStats(InceptionFeatures.SPATIAL_CHANNELS * 17 * 17, device=device)
     if inception_score:
@@ -108,22 +108,9 @@ def collect(
         check_uint8_images(images)
         if images.shape[0] != len(batch):
             raise ValueError(f"generate_fn returned {images.shape[0]} images for {len(batch)} seeds")
-        if needs_inception:
-            feats = extractor.extract(images, spatial=spatial)  # type: ignore[attr-defined]
-            f = feats["pool3"]
-            if out.spatial is not None:
-                out.spatial.update(feats["spatial"])
-            if out.inception_score is not None:
-                out.inception_score.update(feats["logits"], torch.tensor([position[s] for s in batch]))
-        else:
-            f = extractor(images)
-        stats.update(f)
-        if keep_features:
-            out.features.append(f.cpu())
-            out.indices.append(torch.tensor([position[s] for s in batch]))
-        if classifier is not None and labels is not None:
-            out.correct += int((classifier(images).cpu() == labels.long().cpu()).sum())
-            out.labelled += len(batch)
+        index = torch.tensor([position[s] for s in batch])
+        _add_batch(out, extractor, images, labels, index, spatial=spatial, needs_inception=needs_inception,
+                   keep_features=keep_features, classifier=classifier)
         if png_dir is not None:
             _write_pngs(png_dir, images, batch)
         done += len(batch)
@@ -139,6 +126,30 @@ def collect(
         dist.all_reduce_sum(counts)
         out.correct, out.labelled = int(counts[0]), int(counts[1])
     return out
+
+
+def _add_batch(
+    out: Collected, extractor: FeatureExtractor, images: torch.Tensor, labels: torch.Tensor | None, index: torch.Tensor,
+    *, spatial: bool, needs_inception: bool, keep_features: bool,
+    classifier: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> None:
+    """Add one batch of uint8 ``images`` (B, C, H, W) at global positions ``index`` (B,) to ``out``'s sums."""
+    if needs_inception:
+        feats = extractor.extract(images, spatial=spatial)  # type: ignore[attr-defined]
+        f = feats["pool3"]
+        if out.spatial is not None:
+            out.spatial.update(feats["spatial"])
+        if out.inception_score is not None:
+            out.inception_score.update(feats["logits"], index)
+    else:
+        f = extractor(images)
+    out.stats.update(f)
+    if keep_features:
+        out.features.append(f.cpu())
+        out.indices.append(index)
+    if classifier is not None and labels is not None:
+        out.correct += int((classifier(images).cpu() == labels.long().cpu()).sum())
+        out.labelled += len(index)
 
 
 def fixed_batches(seeds: Sequence[int], batch_size: int, rank: int, world: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ samples under ``torch.no_grad``; a training loss may differentiate through a few
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import Tensor
 from gen.paths import Path
 from gen.utils.build import BuildError, build
 from gen.utils.cli import describe_os_error
+from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import finite_number, nan_settings
 from gen.utils.seed import PerImageRandom
 from samplers import guidance, sharing
@@ -43,11 +44,9 @@ def prediction_path(prediction: Mapping[str, Any]) -> Path:
     return path
 
 
-SAMPLER_KEYS = {"solver", "steps", "grid", "guidance", "sharing"}
 DEFAULT_SAMPLER: dict[str, Any] = {
     "solver": {"_target_": "samplers.sample_euler"}, "steps": 30, "grid": {"_target_": "samplers.grids.uniform_grid"},
 }
-GUIDANCE_KEYS = {"scale", "interval", "dit_legacy_channels"}
 MAX_STEPS = 100_000  # far above any published sampler; a larger value is a typo (and a time grid of that size)
 
 
@@ -57,8 +56,54 @@ def _partial(cfg: Any, key: str) -> Callable[..., Any]:
     return build({**cfg, "_partial_": True})
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _plain(value: Any) -> Any:
+    """Mappings and lists (Hydra's containers included) as plain dicts and lists: what snapshots store."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class GuidanceSettings:
+    """``sampler.guidance``: the CFG scale (one per stream for REG), the path-time interval where it applies
+    (``[t_lo, t_hi(, ends)]``, samplers.guidance), and DiT's legacy guided-channel count."""
+
+    scale: float | list[float] = 1.0
+    interval: Any = None  # checked by guidance.parse_interval, whose message lists the accepted forms
+    dit_legacy_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        scales = self.scale if isinstance(self.scale, list) else [self.scale]
+        if not scales:
+            raise ValueError("sampler.guidance.scale is an empty list; give a number (or one per stream)")
+        if not all(finite_number(s) for s in scales):
+            raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {self.scale!r}")
+        guidance.parse_interval(self.interval, "sampler.guidance.interval")
+        if self.dit_legacy_channels is not None and self.dit_legacy_channels < 1:
+            raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or positive, got {self.dit_legacy_channels}")
+
+
+@dataclass
+class SamplerSettings:
+    """The keys of a sampler config, typed and range-checked (gen.utils.config.from_mapping, like every section)."""
+
+    solver: dict[str, Any]
+    steps: int
+    grid: dict[str, Any]
+    guidance: dict[str, Any] | None = None
+    sharing: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"sampler.steps must be an integer in [1, {MAX_STEPS}], got {self.steps!r}")
+        share = self.sharing
+        if share is not None and (set(share) - {"rate", "schedule"} or len(share) != 1):
+            raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {share!r}")
+        rate = (share or {}).get("rate", 1)
+        if not isinstance(rate, int) or isinstance(rate, bool) or rate < 1:
+            raise ValueError(f"sampler.sharing.rate must be a positive integer, got {rate!r}")
 
 
 @dataclass
@@ -74,50 +119,24 @@ class SamplerSpec:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> SamplerSpec:
+        """Check ``cfg`` (unknown keys, types, ranges, NaN: ConfigError naming ``sampler.<key>``) and build it."""
         if not isinstance(cfg, Mapping):
-            raise ValueError(f"the sampler config must be a mapping of {sorted(SAMPLER_KEYS)}, got {cfg!r}")
-        cfg = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in cfg.items()}
-        unknown = set(cfg) - SAMPLER_KEYS
-        if unknown:
-            raise ValueError(f"unknown sampler key(s) {sorted(unknown)}; known: {sorted(SAMPLER_KEYS)}")
+            raise ConfigError(f"the sampler config must be a mapping (solver, steps, grid, ...), got {cfg!r}")
+        cfg = _plain(cfg)
         nan = nan_settings(cfg, "sampler")
         if nan:  # NaN passes every range check below and in the solvers, and turns every image black
-            raise ValueError(f"{nan[0]} is NaN; give a number")
-        steps = cfg.get("steps")
-        if not _positive_int(steps) or steps > MAX_STEPS:
-            raise ValueError(f"sampler.steps must be an integer in [1, {MAX_STEPS}], got {steps!r}")
-        guide = cfg.get("guidance") or {}
-        if not isinstance(guide, Mapping):
-            raise ValueError(f"sampler.guidance must be a mapping with keys {sorted(GUIDANCE_KEYS)}, got {guide!r}")
-        guide = dict(guide)
-        unknown_g = set(guide) - GUIDANCE_KEYS
-        if unknown_g:
-            raise ValueError(f"unknown sampler.guidance key(s) {sorted(unknown_g)}; known: {sorted(GUIDANCE_KEYS)}")
-        scale = guide.get("scale", 1.0)
-        if isinstance(scale, (list, tuple)) and not scale:
-            raise ValueError("sampler.guidance.scale is an empty list; give a number (or one per stream)")
-        for s in scale if isinstance(scale, (list, tuple)) else [scale]:
-            if not finite_number(s):
-                raise ValueError(f"sampler.guidance.scale must be a finite number (or one per stream), got {scale!r}")
-        guidance.parse_interval(guide.get("interval"), "sampler.guidance.interval")  # [t_lo, t_hi(, ends)]
-        channels = guide.get("dit_legacy_channels")
-        if channels is not None and not _positive_int(channels):
-            raise ValueError(f"sampler.guidance.dit_legacy_channels must be null or a positive integer, got {channels!r}")
-        sharing = cfg.get("sharing")
-        if sharing is not None and (
-            not isinstance(sharing, Mapping) or set(sharing) - {"rate", "schedule"} or len(sharing) != 1
-        ):
-            raise ValueError(f"sampler.sharing must be null, {{rate: k}} or {{schedule: file}}, got {sharing!r}")
-        if sharing is not None and "rate" in sharing and not _positive_int(sharing["rate"]):
-            raise ValueError(f"sampler.sharing.rate must be a positive integer, got {sharing['rate']!r}")
-        spec = cls(cfg, _partial(cfg.get("solver"), "solver"), _partial(cfg.get("grid"), "grid"), steps, guide, sharing)
-        if sharing is not None:
+            raise ConfigError(f"{nan[0]} is NaN; give a number")
+        settings = from_mapping(SamplerSettings, cfg, "sampler")
+        from_mapping(GuidanceSettings, settings.guidance or {}, "sampler.guidance")  # checked; the spec keeps the mapping
+        spec = cls(cfg, _partial(settings.solver, "solver"), _partial(settings.grid, "grid"), settings.steps,
+                   dict(settings.guidance or {}), settings.sharing)
+        if settings.sharing is not None:
             try:  # read the schedule file now, not at the first preview of a long training run
                 spec.recompute_steps()
             except OSError as e:
-                raise ValueError("sampler.sharing.schedule: " + describe_os_error(e, e.filename, "read")) from e
+                raise ConfigError("sampler.sharing.schedule: " + describe_os_error(e, e.filename, "read")) from e
             except ValueError as e:
-                raise ValueError(f"sampler.sharing: {e}") from e
+                raise ConfigError(f"sampler.sharing: {e}") from e
         return spec
 
     def time_grid(self, path: Path) -> Tensor:

@@ -131,105 +131,125 @@ def scan_images(
     """
     root = Path(root)
     _check_root(root)
-    exts = tuple(e.lower() for e in extensions)
-    root_real = os.path.realpath(root)
-    scan = FolderScan(root=root)
-    seen_dirs: dict[object, Path] = {}
-    seen_files: dict[object, Path] = {}
-    dir_links: list[tuple[Path, tuple[object, ...]]] = []
-    file_links: list[tuple[Path, os.stat_result, bool]] = []
-
-    def identity(path: Path, st: os.stat_result) -> object:
-        # Some network / FUSE file systems report inode 0 for everything; fall back to the real path there.
-        return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
-
-    def add_file(path: Path, st: os.stat_result, outside: bool, linked: bool) -> None:
-        if not stat.S_ISREG(st.st_mode):
-            scan.problems.append((str(path), "not a regular file (a pipe, socket or device); remove it"))
-            return
-        key = identity(path, st)
-        if key in seen_files:
-            how = "a link to" if linked else "a hard link to"
-            scan.problems.append((str(path), f"{how} {printable(seen_files[key])}, which is already included; "
-                                             f"each image must appear once, remove one of them"))
-            return
-        seen_files[key] = path
-        scan.files.append(path)
-        if outside:
-            scan.outside.append(path)
-
-    def walk(folder: Path, chain: tuple[object, ...], outside: bool) -> None:
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            scan.problems.append((str(folder), f"cannot list this folder ({_reason(e)}); its images would be missing"))
-            return
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            path = folder / entry.name
-            imageish = entry.name.lower().endswith(exts)
-            try:
-                if entry.is_symlink():
-                    try:
-                        target = os.stat(path)
-                    except OSError as e:
-                        # A dangling link may have been an image or a class folder (no extension); report both.
-                        if imageish or "." not in entry.name:
-                            what = "a symbolic link loop" if e.errno == errno.ELOOP else f"a broken link ({_reason(e)})"
-                            scan.problems.append((str(path), f"{what} to {printable(os.readlink(path))}"))
-                        continue
-                    if stat.S_ISDIR(target.st_mode):
-                        if recursive:
-                            dir_links.append((path, chain))
-                    elif imageish:
-                        file_links.append((path, target, outside))
-                    continue
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                scan.problems.append((str(path), f"cannot read its file information ({_reason(e)})"))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                if recursive:
-                    key = identity(path, st)
-                    if key in seen_dirs:  # a bind mount of a folder already walked
-                        scan.problems.append((str(path), f"the same folder as {printable(seen_dirs[key])}"))
-                        continue
-                    seen_dirs[key] = path
-                    walk(path, chain + (key,), outside)
-            elif imageish:
-                add_file(path, st, outside, linked=False)
-
-    root_stat = os.stat(root)
-    root_key = identity(root, root_stat)
-    seen_dirs[root_key] = root
-    walk(root, (root_key,), False)
-    while dir_links:  # links found inside linked folders are appended and handled in turn
-        path, chain = dir_links.pop(0)
-        try:
-            st = os.stat(path)
-        except OSError as e:
-            scan.problems.append((str(path), f"cannot follow this link ({_reason(e)})"))
-            continue
-        key = identity(path, st)
-        real = os.path.realpath(path)
-        here = os.path.realpath(path.parent)
-        if key in chain or _inside(here, real) or _inside(root_real, real):
-            scan.problems.append((str(path), f"a symbolic link loop: it leads back to {printable(real)}, which "
-                                             f"contains it; remove the link"))
-        elif key in seen_dirs:
-            scan.problems.append((str(path), f"a link to the folder {printable(seen_dirs[key])}, which is already "
-                                             f"included; each image must appear once, remove the link"))
-        else:
-            seen_dirs[key] = path
-            walk(path, chain + (key,), not _inside(real, root_real))
-    for path, st, outside in file_links:
-        add_file(path, st, outside or not _inside(os.path.realpath(path), root_real), linked=True)
+    walker = _Walker(root, tuple(e.lower() for e in extensions), recursive)
+    walker.run()
+    scan = walker.scan
     scan.files.sort()
     scan.outside.sort()
     scan.problems.sort()
     return scan
+
+
+def _identity(path: Path, st: os.stat_result) -> object:
+    # Some network / FUSE file systems report inode 0 for everything; fall back to the real path there.
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.realpath(path)
+
+
+class _Walker:
+    """One scan of ``scan_images``: real folders first, then the links to folders, then the links to files."""
+
+    def __init__(self, root: Path, exts: tuple[str, ...], recursive: bool):
+        self.root, self.exts, self.recursive = root, exts, recursive
+        self.root_real = os.path.realpath(root)
+        self.scan = FolderScan(root=root)
+        self.seen_dirs: dict[object, Path] = {}
+        self.seen_files: dict[object, Path] = {}
+        self.dir_links: list[tuple[Path, tuple[object, ...]]] = []
+        self.file_links: list[tuple[Path, os.stat_result, bool]] = []
+
+    def problem(self, path: Path, why: str) -> None:
+        self.scan.problems.append((str(path), why))
+
+    def run(self) -> None:
+        root_key = _identity(self.root, os.stat(self.root))
+        self.seen_dirs[root_key] = self.root
+        self.walk(self.root, (root_key,), False)
+        while self.dir_links:  # links found inside linked folders are appended and handled in turn
+            self.follow_dir_link(*self.dir_links.pop(0))
+        for path, st, outside in self.file_links:
+            self.add_file(path, st, outside or not _inside(os.path.realpath(path), self.root_real), linked=True)
+
+    def add_file(self, path: Path, st: os.stat_result, outside: bool, linked: bool) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            self.problem(path, "not a regular file (a pipe, socket or device); remove it")
+            return
+        key = _identity(path, st)
+        if key in self.seen_files:
+            how = "a link to" if linked else "a hard link to"
+            self.problem(path, f"{how} {printable(self.seen_files[key])}, which is already included; "
+                               f"each image must appear once, remove one of them")
+            return
+        self.seen_files[key] = path
+        self.scan.files.append(path)
+        if outside:
+            self.scan.outside.append(path)
+
+    def walk(self, folder: Path, chain: tuple[object, ...], outside: bool) -> None:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self.problem(folder, f"cannot list this folder ({_reason(e)}); its images would be missing")
+            return
+        for entry in entries:
+            if not _hidden(entry.name):
+                self.entry(folder / entry.name, entry, chain, outside)
+
+    def entry(self, path: Path, entry: os.DirEntry, chain: tuple[object, ...], outside: bool) -> None:
+        imageish = entry.name.lower().endswith(self.exts)
+        try:
+            if entry.is_symlink():
+                self.link(path, entry.name, imageish, chain, outside)
+                return
+            st = entry.stat(follow_symlinks=False)
+        except OSError as e:
+            self.problem(path, f"cannot read its file information ({_reason(e)})")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            if self.recursive:
+                key = _identity(path, st)
+                if key in self.seen_dirs:  # a bind mount of a folder already walked
+                    self.problem(path, f"the same folder as {printable(self.seen_dirs[key])}")
+                    return
+                self.seen_dirs[key] = path
+                self.walk(path, chain + (key,), outside)
+        elif imageish:
+            self.add_file(path, st, outside, linked=False)
+
+    def link(self, path: Path, name: str, imageish: bool, chain: tuple[object, ...], outside: bool) -> None:
+        """A symbolic link: folders are walked after the real folders, files added after every folder."""
+        try:
+            target = os.stat(path)
+        except OSError as e:
+            # A dangling link may have been an image or a class folder (no extension); report both.
+            if imageish or "." not in name:
+                what = "a symbolic link loop" if e.errno == errno.ELOOP else f"a broken link ({_reason(e)})"
+                self.problem(path, f"{what} to {printable(os.readlink(path))}")
+            return
+        if stat.S_ISDIR(target.st_mode):
+            if self.recursive:
+                self.dir_links.append((path, chain))
+        elif imageish:
+            self.file_links.append((path, target, outside))
+
+    def follow_dir_link(self, path: Path, chain: tuple[object, ...]) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            self.problem(path, f"cannot follow this link ({_reason(e)})")
+            return
+        key = _identity(path, st)
+        real = os.path.realpath(path)
+        here = os.path.realpath(path.parent)
+        if key in chain or _inside(here, real) or _inside(self.root_real, real):
+            self.problem(path, f"a symbolic link loop: it leads back to {printable(real)}, which contains it; "
+                               f"remove the link")
+        elif key in self.seen_dirs:
+            self.problem(path, f"a link to the folder {printable(self.seen_dirs[key])}, which is already included; "
+                               f"each image must appear once, remove the link")
+        else:
+            self.seen_dirs[key] = path
+            self.walk(path, chain + (key,), not _inside(real, self.root_real))
 
 
 def find_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:

@@ -296,37 +296,58 @@ def extract_latents(
     dist.barrier()
     _check_same_plan(read_manifest(manifest), plan, out)
 
-    n, num_shards = plan["dataset"]["num_images"], plan["num_shards"]
-    digest = plan_digest(plan)
-    mine = list(range(dist.rank(), num_shards, dist.world_size()))
+    mine = list(range(dist.rank(), plan["num_shards"], dist.world_size()))
     for done, k in enumerate(mine, 1):
-        start, stop = k * shard_size, min((k + 1) * shard_size, n)
-        path = out / shard_name(k)
-        problem = shard_problem(path, start, stop - start, digest)
-        if problem is not None:
-            if path.exists():  # a damaged or foreign shard is never counted as done: say so, and rewrite it
-                log.warning("rewriting %s: %s", path, problem)
-            tensors = _encode_shard(dataset, tokenizer, start, stop, plan, batch_size, workers, device)
-            # One metadata entry holding sorted JSON, so the file's bytes are a function of its content.
-            meta = {"shard": json.dumps({"start": start, "count": stop - start, "format": FORMAT, "plan": digest,
-                                         "content_sha256": tensors_sha256(tensors)}, sort_keys=True)}
-            from safetensors.torch import save
-
-            data = save(tensors, metadata=meta)
-            atomic_write(path, lambda tmp, b=data: Path(tmp).write_bytes(b))
-            log.info("wrote %s (images %d-%d)", path.name, start, stop - 1)
+        _write_shard(dataset, tokenizer, out, k, plan, batch_size, workers, device)
         if on_shard is not None:
             on_shard(done, len(mine))
     dist.barrier()
+    _write_statistics(out, plan, mine)
+    return out
 
-    # Statistics from the files (so a resumed run gets them too): per-shard float64 sums, each shard's row
-    # filled by the rank that owns it, reduced (adding zeros is exact), then added in shard order.
-    # Every shard is checked again here (a shard written by another process or run, or damaged since), and a bad
-    # one turns its row to NaN, so every rank learns of it through the reduction and none writes statistics.
+
+def _shard_range(k: int, plan: Mapping[str, Any]) -> tuple[int, int]:
+    """Images ``[start, stop)`` of shard ``k``."""
+    size, n = plan["shard_size"], plan["dataset"]["num_images"]
+    return k * size, min((k + 1) * size, n)
+
+
+def _write_shard(
+    dataset: Any, tokenizer: Any, out: Path, k: int, plan: Mapping[str, Any], batch_size: int, workers: int,
+    device: torch.device,
+) -> None:
+    """Encode shard ``k`` unless a sound copy of it is there (a damaged or foreign one is rewritten)."""
+    start, stop = _shard_range(k, plan)
+    path, digest = out / shard_name(k), plan_digest(plan)
+    problem = shard_problem(path, start, stop - start, digest)
+    if problem is None:
+        return
+    if path.exists():  # a damaged or foreign shard is never counted as done: say so, and rewrite it
+        log.warning("rewriting %s: %s", path, problem)
+    tensors = _encode_shard(dataset, tokenizer, start, stop, plan, batch_size, workers, device)
+    # One metadata entry holding sorted JSON, so the file's bytes are a function of its content.
+    meta = {"shard": json.dumps({"start": start, "count": stop - start, "format": FORMAT, "plan": digest,
+                                 "content_sha256": tensors_sha256(tensors)}, sort_keys=True)}
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=meta)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    log.info("wrote %s (images %d-%d)", path.name, start, stop - 1)
+
+
+def _write_statistics(out: Path, plan: Mapping[str, Any], mine: list[int]) -> None:
+    """``stats.json`` (per-channel mean and std) from the shard files, so a resumed run gets them too.
+
+    Per-shard float64 sums, each shard's row filled by the rank that owns it, reduced (adding zeros is exact), then
+    added in shard order. Every shard is checked again here (a shard written by another process or run, or damaged
+    since), and a bad one turns its row to NaN, so every rank learns of it through the reduction and none writes
+    statistics.
+    """
+    num_shards, digest = plan["num_shards"], plan_digest(plan)
     sums = torch.zeros(num_shards, 3, plan["latent_shape"][0], dtype=torch.float64)
     problems: dict[int, str] = {}
     for k in mine:
-        start, stop = k * shard_size, min((k + 1) * shard_size, n)
+        start, stop = _shard_range(k, plan)
         problem = shard_problem(out / shard_name(k), start, stop - start, digest)
         if problem is None:
             sums[k] = _shard_sums(out / shard_name(k))
@@ -353,7 +374,6 @@ def extract_latents(
         check_statistics(stats, out / STATS, int(plan["latent_shape"][0]))  # before anything is written
         _write_json(out / STATS, stats)
     dist.barrier()
-    return out
 
 
 def check_statistics(stats: Mapping[str, Any], where: str | os.PathLike, channels: int | None = None) -> None:
