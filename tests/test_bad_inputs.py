@@ -833,6 +833,10 @@ TRAIN_CASES: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("preview-images-negative", ["preview.images=-1"], ("preview.images",)),
     ("preview-interval-negative", ["preview.images=4", "preview.interval_kimg=-2"], ("preview.interval_kimg",)),
     ("sampler-scale-nan", ["sampler.guidance.scale=nan"], ("sampler.guidance.scale",)),
+    ("sampler-unknown-key", ["+sampler.stepz=4"], ("'sampler.stepz'", "did you mean 'sampler.steps'")),
+    ("top-level-unknown-key", ["+seeed=3"], ("'seeed'", "did you mean 'seed'")),
+    ("seed-text", ["seed=abc"], ("'seed'", "an integer")),
+    ("packages-not-names", ["packages=[1]"], ("packages=[1]", "list of package names")),
     ("sampler-interval-reversed", ["sampler.guidance.interval=[0.9,0.1]"], ("sampler.guidance.interval",)),
     ("sampler-churn-negative", ["sampler=heun_edm_in64", "sampler.steps=4", "sampler.solver.s_churn=-1"], ("s_churn",)),
     ("sampler-grid-negative-t-max", ["+sampler.grid.t_max=-1.0"], ("sampler.grid", "t_max")),
@@ -905,6 +909,91 @@ def test_damaged_training_state_is_named(tmp_path: Path, capsys: pytest.CaptureF
     state.write_bytes(state.read_bytes()[:1000])  # cut, as by a disk error or a partial copy
     code, _, err = train_cli(tmp_path, [], capsys)
     assert_refused_by(code, err, 2, str(state), "cannot be read", "Delete it")
+
+
+def test_damaged_newest_state_falls_back_to_the_newest_good_one(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.utils.ckpt import load_training_state
+
+    assert train_cli(tmp_path, [])[0] == 0  # states at 32 and 64 images
+    run = tmp_path / "runs" / "r"
+    newest = run / "state-000000064.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut, as by a disk error
+    code, out, err = train_cli(tmp_path, ["trainer.total_kimg=0.096"], capsys)
+    assert code == 0, err
+    warning = next(line for line in out.splitlines() if line.startswith("warning:"))
+    assert str(newest) in warning and "cannot be read" in warning and "state-000000032.pt" in warning
+    assert f"Resuming from {run / 'state-000000032.pt'}" in out
+    assert load_training_state(newest)["registry"]["counters"] == {"nimg": 64, "step": 2}  # written again, whole
+    assert load_training_state(run / "state-000000096.pt")["registry"]["counters"]["nimg"] == 96
+
+
+def test_diverged_run_is_stopped_by_magnitude_and_writes_nothing(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # lr=1e30 leaves the weights finite (around 1e30): only a magnitude bound tells the run has diverged.
+    code, _, err = train_cli(tmp_path, ["optim.lr=1e30"], capsys)
+    assert_refused_by(code, err, 3, "diverged past trainer.max_weight_rms=1000.0", "module.net (RMS", "no result")
+    run = tmp_path / "runs" / "r"
+    assert not (run / "results.json").exists() and not list(run.glob("state-*")) and not list(run.glob("snapshot-*"))
+    code, _, err = train_cli(tmp_path, ["trainer.max_weight_rms=0"], capsys)
+    assert_refused_by(code, err, 2, "trainer.max_weight_rms=0", "positive number")
+
+
+def test_resuming_with_another_precision_names_the_precision(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_cli(tmp_path, ["trainer.precision=fp16", "trainer.total_kimg=0.032"])[0] == 0
+    code, _, err = train_cli(tmp_path, ["trainer.precision=bf16"], capsys)
+    line = assert_refused_by(code, err, 2, "state-000000032.pt", "precision fp16", "trainer.precision")
+    assert "another method" not in line
+
+
+def test_second_writer_of_a_run_folder_is_refused_and_a_killed_one_blocks_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gen.utils.runlock import RunFolderBusy, RunFolderLock
+
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    held = RunFolderLock(run, "another train.py")
+    try:
+        code, _, err = train_cli(tmp_path, [], capsys)
+        assert_refused_by(code, err, 2, str(run), "another train.py, pid", "name=")
+        assert not list(run.glob("state-*")) and not (run / "stats.jsonl").exists()
+    finally:
+        held.release()
+    assert train_cli(tmp_path, ["trainer.total_kimg=0.032"])[0] == 0  # released: the folder is free again
+    # A holder killed with SIGKILL leaves the file but not the lock.
+    code = f"from gen.utils.runlock import RunFolderLock; lock = RunFolderLock({str(run)!r}, 'child'); print('held', flush=True); import time; time.sleep(120)"
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderBusy, match=f"child, pid {child.pid}"):
+            RunFolderLock(run)
+    finally:
+        child.kill()
+        child.wait()
+    RunFolderLock(run).release()
+
+
+def test_an_image_that_fails_to_read_mid_training_is_named_as_a_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import gen.data.folder
+
+    root = _folder(tmp_path / "imgs")
+    bad = root / "c1" / "3.png"
+    real = gen.data.folder.load_image
+
+    def flaky(path: str | os.PathLike) -> object:  # a disk error after the folder was scanned and verified
+        if Path(path) == bad:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path)
+
+    monkeypatch.setattr(gen.data.folder, "load_image", flaky)
+    code, _, err = train_cli(tmp_path, ["data=imagefolder", f"data.dataset.root={root}", "data.resolution=8",
+                                        "data.num_classes=2", "trainer.batch_size=16", "trainer.total_kimg=0.032"],
+                             capsys)
+    line = assert_refused_by(code, err, 2, f"cannot read {bad}", "Input/output error")
+    assert "write" not in line.split("resumes")[0]
 
 
 def _enospc_torch_save(obj: object, f: object, *args: object, **kwargs: object) -> None:
@@ -1066,6 +1155,12 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
     ("device-unknown", ["device=tpu"], 2, ("device='tpu'",), None),
     ("sampler-scale-nan", ["sampler.guidance.scale=nan"], 2, ("sampler.guidance.scale",), None),
     ("sampler-steps-absurd", ["sampler.steps=1000000000"], 2, ("sampler.steps",), None),
+    # The sampler section is checked like every section (gen.utils.config.from_mapping): keys, types, ranges.
+    ("sampler-unknown-key", ["+sampler.stepz=4"], 2, ("'sampler.stepz'", "did you mean 'sampler.steps'"), None),
+    ("sampler-steps-text", ["sampler.steps=many"], 2, ("'sampler.steps'", "an integer"), None),
+    ("sampler-guidance-unknown-key", ["+sampler.guidance.scal=2"], 2,
+     ("'sampler.guidance.scal'", "did you mean 'sampler.guidance.scale'"), None),
+    ("sampler-sharing-rate-zero", ["+sampler.sharing.rate=0"], 2, ("sampler.sharing.rate",), None),
     ("sampler-churn-negative", ["sampler=heun_edm_in64", "sampler.steps=4", "sampler.solver.s_churn=-1"], 2,
      ("s_churn",), None),
     ("outdir-under-a-file", ["outdir={file}/out"], 2, ("outdir", "a-file"), None),

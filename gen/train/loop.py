@@ -43,10 +43,12 @@ from gen.train.batches import Batches, check_training_data, data_identity, label
 from gen.train.method import Method, OptimizerSpec, PhaseModule, Progress, param_groups
 from gen.train.state import STATE_FORMAT, StateRegistry, Value, check_init_sources, check_resume
 from gen.utils import ckpt, dist
+from gen.utils.cli import describe_os_error
 from gen.utils.config import ConfigError
 from gen.utils.dist import print0
 from gen.utils.finite import NonFiniteError, finite_number, shorten
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
+from gen.utils.runlock import RunFolderBusy, RunFolderLock
 from gen.utils.seed import SampleRandom, derive_seed
 
 __all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult", "data_identity"]
@@ -85,6 +87,10 @@ class TrainConfig:
             ``[data]`` after moving a dataset whose content the loop cannot fingerprint; the differences are printed.
         init: null, or trainable module name -> snapshot file whose weights it starts from (fine-tuning, a distillation
             student); the files' SHA-256 are recorded in training states and checked on resume.
+        max_weight_rms: divergence by magnitude: a trainable module or EMA whose weights' root mean square exceeds it
+            stops the run at the next status line, state or snapshot, like non-finite weights (nothing is written
+            from it). Initialised networks sit near 0.02-1 and trained ones stay there; a too-large learning rate
+            carries them far past any bound (1e30 with ``optim.lr=1e30``). null turns the check off.
     """
 
     total_kimg: float = 50.0
@@ -111,6 +117,7 @@ class TrainConfig:
     progress: bool = True
     resume_ignore: list[str] = field(default_factory=list)
     init: dict[str, str] | None = None
+    max_weight_rms: float | None = 1e3
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -134,6 +141,8 @@ class TrainConfig:
         need(self.num_workers >= 0, "num_workers", "must be >= 0")
         need(self.max_skipped_steps > 0, "max_skipped_steps", "must be > 0")
         need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
+        need(self.max_weight_rms is None or (finite_number(self.max_weight_rms) and self.max_weight_rms > 0),
+             "max_weight_rms", "must be a positive number, or null for no bound")
         need(all(isinstance(v, str) and v for v in (self.init or {}).values()), "init",
              "must map module names to snapshot files, e.g. {net: runs/teacher/snapshot-000100000.safetensors}")
 
@@ -351,9 +360,12 @@ def train(
         resume_keys: config sections that must be equal to resume.
     """
     loop = _Loop(method, dataset, tokenizer, cfg, Path(run_dir), hooks)
-    loop.build(ema)
-    loop.resume(config, resume_keys)
-    return loop.run(config, snapshot_meta)
+    try:
+        loop.build(ema)
+        loop.resume(config, resume_keys)
+        return loop.run(config, snapshot_meta)
+    finally:
+        loop.release()
 
 
 class _Loop:
@@ -379,16 +391,33 @@ class _Loop:
             raise ConfigError(str(e)) from e
         self.num_classes = getattr(dataset, "num_classes", None)
         self.identity = data_identity(dataset)
+        self.lock: RunFolderLock | None = None
+        busy: RunFolderBusy | None = None
         if dist.is_main():
             run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.remove_stale_temp_files(run_dir)
-        dist.barrier()
+            try:
+                self.lock = RunFolderLock(run_dir)
+            except RunFolderBusy as e:
+                busy = e
+            else:
+                if self.lock.note:
+                    print0(f"note: {self.lock.note}")
+                ckpt.remove_stale_temp_files(run_dir)  # only the folder's one writer may remove them
+        # Every process stops when rank 0 cannot have the folder (none waits at a barrier for it).
+        if float(dist.all_reduce_sum(torch.tensor([float(busy is not None)], dtype=torch.float64))[0]):
+            raise busy or RunFolderBusy(f"{run_dir} is being written by another run; wait for it or use another name=")
         self.nimg, self.step = 0, 0
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.last: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
         self.stepped: set[str] = set()
+
+    def release(self) -> None:
+        """Give the run folder back (the lock taken in ``__init__``); the kernel does it if the process dies."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # ---- building and resuming --------------------------------------------------------------------------
     def build(self, ema: EMAFactory) -> None:
@@ -399,7 +428,7 @@ class _Loop:
             m.to(device)
         if isinstance(self.tokenizer, nn.Module):
             self.tokenizer.to(device).eval().requires_grad_(False)
-        self.resumed_from = ckpt.latest_training_state(self.run_dir)
+        self.resumed_from, self.resume_state = newest_loadable_state(self.run_dir)
         self.init_sources = _init_modules(cfg.init or {}, method.trainable_modules(), fresh=self.resumed_from is None)
         self.specs = method.optimizers()
         _check_method(method, self.specs)
@@ -426,17 +455,18 @@ class _Loop:
 
     def resume(self, config: Mapping[str, Any], resume_keys: Sequence[str]) -> None:
         """Restore the newest training state of the run folder, if any, after checking that it fits this run."""
-        path = self.resumed_from
-        if path is not None:
-            state = ckpt.load_training_state(path)
+        path, state = self.resumed_from, self.resume_state
+        self.resume_state = None  # loaded in build (the newest state that loads); not kept after restoring it
+        if path is not None and state is not None:
             check_resume(state, config, self.frozen, resume_keys, path, self.identity, self.cfg.resume_ignore)
             self.init_sources = check_init_sources(state.get("init", {}), self.cfg.init or {}, path)
             self.registry.load_state_dict(state["registry"], str(path))
-            bad = self.registry.non_finite()
+            bad = self.registry.non_finite() or self._oversized()
             if bad:
                 earlier = [p for _, p in ckpt.list_training_states(self.run_dir) if p != path]
+                what = "non-finite values" if self.registry.non_finite() else "diverged weights"
                 raise NonFiniteError(
-                    f"{path} holds non-finite values ({shorten(bad)}); training cannot resume from it. "
+                    f"{path} holds {what} ({shorten(bad)}); training cannot resume from it. "
                     + (f"Delete it to resume from {earlier[-1]}." if earlier else "Delete the run folder to start again.")
                 )
             print0(f"Resuming from {path} at kimg {self.nimg / 1000:.1f} (step {self.step})")
@@ -599,6 +629,7 @@ class _Loop:
         cfg = self.cfg
         if _crossed(prev_nimg, self.nimg, cfg.status_kimg) or done:
             self._status()
+            self._check_finite("next training state")  # stop a diverged run now, not at its next file
         if done:
             return
         if _crossed(prev_nimg, self.nimg, cfg.snapshot_kimg):
@@ -639,11 +670,22 @@ class _Loop:
         self.sums, self.counts = {}, {}
         self.tick = (now, self.nimg)
 
+    def _oversized(self) -> list[str]:
+        """Modules whose weights' RMS exceeds ``trainer.max_weight_rms`` (named with their RMS)."""
+        bound = self.cfg.max_weight_rms
+        if bound is None:
+            return []
+        return [f"{k} (RMS {v:.3g})" for k, v in self.registry.weight_rms().items() if not v <= bound]
+
     def _check_finite(self, what: str) -> None:
+        """Stop before writing ``what`` from a diverged run: non-finite weights, or weights past the magnitude bound."""
         bad = self.registry.non_finite()
+        how = "became non-finite"
+        if not bad:
+            bad, how = self._oversized(), f"diverged past trainer.max_weight_rms={self.cfg.max_weight_rms}"
         if bad:
             raise NonFiniteError(
-                f"weights became non-finite by step {self.step} (kimg {self.nimg / 1000:.3f}): {shorten(bad)}. The "
+                f"weights {how} by step {self.step} (kimg {self.nimg / 1000:.3f}): {shorten(bad)}. The "
                 f"{what} was not written and the run has no result; the last good training state is "
                 f"{self.last_state or 'none'}. Lower the learning rate, enable trainer.grad_clip, or use fp32."
             )
@@ -692,6 +734,39 @@ class _Loop:
                 self.metrics.update(out)
                 if self.stats is not None and out:
                     self.stats.write({"kimg": self.nimg / 1000, "nimg": self.nimg, "step": self.step, **out})
+
+
+def newest_loadable_state(run_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest training state of ``run_dir`` that can be read, and its content; (None, None) for a new run.
+
+    A damaged newer state (cut by a crash of the disk, a partial copy) is named and skipped, so the run resumes from
+    the newest good one and overwrites the damaged file when it gets there again.
+
+    Raises:
+        CheckpointError: states exist but none can be read (the message names them).
+    """
+    damaged = []
+    for _, path in reversed(ckpt.list_training_states(run_dir)):
+        try:
+            state = ckpt.load_training_state(path)
+        except ckpt.CheckpointError as e:
+            damaged.append((path, e))
+            continue
+        except OSError as e:  # unreadable (permissions, an I/O error): named as a read, and skipped like damage
+            damaged.append((path, ckpt.CheckpointError(describe_os_error(e, path, "read"))))
+            continue
+        for _, e in damaged:
+            print0(f"warning: {e} Resuming from {path}, the newest state that can be read.")
+        return path, state
+    if damaged:
+        first = damaged[0][1]
+        if len(damaged) == 1:
+            raise first
+        raise ckpt.CheckpointError(
+            f"none of the {len(damaged)} training states in {run_dir} can be read ({first}). Delete them, or the run "
+            "folder, to start again."
+        )
+    return None, None
 
 
 def _rounds(cfg: TrainConfig, world: int) -> tuple[int, int]:

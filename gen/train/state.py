@@ -11,6 +11,7 @@ with a message that lists the differences.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +75,14 @@ class StateRegistry:
         """Restore every item; the file must hold exactly the registered names (the message lists the rest)."""
         missing = [n for n in self._items if n not in state]
         unexpected = [n for n in state if n not in self._items]
+        if (missing or unexpected) and all(n.startswith("scaler.") for n in missing + unexpected):
+            # Only fp16 keeps a gradient scaler: the precision changed, not the method.
+            was = "fp16" if unexpected else "bf16 or fp32 (trainer.precision=bf16 or no)"
+            raise ConfigError(
+                f"{source} was trained with precision {was}, and this run's trainer.precision differs (fp16 keeps a "
+                "gradient scaler in the state, the others do not). Resume with the run's own precision, or use "
+                "another name=... for a new run."
+            )
         if missing or unexpected:
             raise ValueError(
                 f"{source} does not hold this run's training state: missing {missing or 'nothing'}, unexpected "
@@ -84,6 +93,17 @@ class StateRegistry:
                 load_state_dict_checked(item, state[name], f"{source} [{name}]")
             else:
                 item.load_state_dict(state[name])
+
+    def weight_rms(self) -> dict[str, float]:
+        """Root mean square of each registered module's floating-point weights (trainable modules and EMAs): a
+        size-free magnitude, so one divergence bound (``trainer.max_weight_rms``) fits every model."""
+        out = {}
+        for name, module in self.modules().items():
+            tensors = [t.detach() for t in module.state_dict().values() if t.is_floating_point() and t.numel()]
+            if tensors:
+                total = sum(float(t.double().square().sum()) for t in tensors)
+                out[name] = math.sqrt(total / sum(t.numel() for t in tensors))
+        return out
 
     def non_finite(self) -> list[str]:
         """Names of floating-point tensors anywhere in the state (weights, EMAs, optimizer moments) with NaN/inf.
