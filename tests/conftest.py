@@ -24,6 +24,15 @@ SMALL = [
 ]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``: one test process per core), each test process computes on one thread, so the
+    processes do not fight over the cores (torch would start one thread per core in each)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 def free_port() -> int:
     """A TCP port that is free now (bound by the OS, then released), for ``torchrun --master_port``."""
     with socket.socket() as s:
