@@ -4,9 +4,11 @@ small model, and a teacher snapshot trained once per session (for the student ex
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +52,53 @@ def subprocess_env(threads: int = 1) -> dict[str, str]:
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), HYDRA_FULL_ERROR="0")
     return env
 
+
+def train_command(runs: Path, name: str, extra: Sequence[str] = (), small: Sequence[str] | None = None) -> list[str]:
+    """``python train.py`` into ``runs/name`` on the SMALL setup (or ``small``) plus ``extra``."""
+    return [sys.executable, "train.py", f"paths.runs={runs}", f"name={name}", *(SMALL if small is None else small), *extra]
+
+
+class Background:
+    """A command running beside the test (output in ``<log>``); ``wait()`` returns the output, failing on an error.
+
+    The SIGKILL tests train their uninterrupted reference this way while the killed run runs, so the two share the
+    machine's cores instead of running one after the other."""
+
+    def __init__(self, cmd: Sequence[str], log: Path, threads: int = 1) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log, self.cmd = log, list(cmd)
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=subprocess_env(threads), stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: float = 600) -> str:
+        code = self.proc.wait(timeout=timeout)
+        text = self.log.read_text()
+        if code != 0:
+            raise AssertionError(f"{' '.join(self.cmd[1:3])} failed ({code}):\n{text[-5000:]}")
+        return text
+
+
+def kill_mid_run(cmd: Sequence[str], run: Path, at_nimg: int, timeout: float = 300) -> int:
+    """Start ``cmd`` (training into ``run``) and SIGKILL it as soon as a training state of at least ``at_nimg`` images
+    exists: mid-run, possibly mid-write of the next file. Returns the newest state's image count after the kill.
+
+    Fails when the run ended (or never got there) before it could be killed: make the run longer."""
+    from gen.utils.ckpt import list_training_states
+
+    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        states = list_training_states(run)
+        if states and states[-1][0] >= at_nimg:
+            break
+        time.sleep(0.05)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, "training finished (or failed) before it could be killed; make the run longer"
+    return list_training_states(run)[-1][0]
 
 
 

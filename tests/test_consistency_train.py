@@ -7,37 +7,26 @@ and an ODE sampler asked for it is refused with a one-line message.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from gen.utils.ckpt import list_training_states, load_snapshot
+from gen.utils.ckpt import load_snapshot
 from gen.utils.log import read_stats
-from tests.test_train import ROOT, SMALL, _env, _final_state, _max_diff, _train
+from tests.conftest import Background, kill_mid_run, train_command
+from tests.test_train import ROOT, _env, _final_state, _max_diff, _train
 
 # N(k) over 1.024 kimg: 8 stages of 128 images, so the kill (after 256 images) lands inside a stage.
 ICT = ["objective=ict", "sampler=consistency", "trainer.grad_clip=null", "optim.lr=1e-4", "trainer.total_kimg=1.024"]
 
 
 def test_ict_sigkill_rerun_equals_uninterrupted_and_samples_without_flags(tmp_path: Path) -> None:
-    _train(tmp_path, "straight", ICT)
-    cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=killed", *SMALL, *ICT]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = Background(train_command(tmp_path, "straight", ICT), tmp_path / "straight.log")
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        states = list_training_states(run)
-        if states and states[-1][0] >= 256:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list_training_states(run)[-1][0] < 1024
+    assert kill_mid_run(train_command(tmp_path, "killed", ICT), run, 256) < 1024
+    straight.wait()
     resumed = _train(tmp_path, "killed", ICT)
     assert "Resuming from" in resumed.stdout + resumed.stderr
     a, b = _final_state(tmp_path / "straight")["registry"], _final_state(run)["registry"]

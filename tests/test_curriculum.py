@@ -4,10 +4,6 @@ resume through train.py (SIGKILL mid-stage, then re-run equals the uninterrupted
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -84,26 +80,16 @@ def test_refusals() -> None:
 
 
 def test_curriculum_sigkill_rerun_equals_uninterrupted_run(tmp_path: Path) -> None:
-    from gen.utils.ckpt import list_training_states
-    from tests.test_train import ROOT, SMALL, _env, _final_state, _max_diff, _train
+    from tests.conftest import Background, kill_mid_run, train_command
+    from tests.test_train import _final_state, _max_diff, _train
 
     # 4 clusters, patience 1 on the raw loss: stages advance within the 32-step run, so the kill lands mid-curriculum.
     cur = ["curriculum=difficulty", "method.clusters=4", "method.patience=1", "method.smoothing=0.0",
            "trainer.total_kimg=1.024"]
-    _train(tmp_path, "straight", cur)
-    cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=killed", *SMALL, *cur]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = Background(train_command(tmp_path, "straight", cur), tmp_path / "straight.log")
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        states = list_training_states(run)
-        if states and states[-1][0] >= 256:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list_training_states(run)[-1][0] < 1024
+    assert kill_mid_run(train_command(tmp_path, "killed", cur), run, 256) < 1024
+    straight.wait()
     resumed = _train(tmp_path, "killed", cur)
     assert "Resuming from" in resumed.stdout + resumed.stderr
     sa, sb = _final_state(tmp_path / "straight"), _final_state(run)

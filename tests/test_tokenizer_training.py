@@ -7,10 +7,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +29,7 @@ from gen.train.tokenizer import (
 )
 from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
 from gen.utils.log import read_stats
+from tests.conftest import Background, kill_mid_run, train_command
 from tests.test_train import _env, _max_diff
 from tokenizers.kl import AutoencoderKLTokenizer
 from tokenizers.pixels import PixelTokenizer
@@ -271,21 +270,13 @@ def _run_train(runs: Path, name: str, extra: list[str] = ()) -> subprocess.Compl
 
 
 def test_tokenizer_training_resumes_after_sigkill_exactly(tmp_path: Path) -> None:
-    _run_train(tmp_path, "straight", ["preview.images=4", "preview.nrow=2", "preview.interval_kimg=0.32"])
-    assert (tmp_path / "straight" / "samples" / "grid-000000320.png").is_file()  # originals over reconstructions
-    cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=killed", *TINY]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    preview = ["preview.images=4", "preview.nrow=2", "preview.interval_kimg=0.32"]
+    straight = Background(train_command(tmp_path, "straight", preview, small=TINY), tmp_path / "straight.log")
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once a state past the GAN start exists
-        states = list_training_states(run)
-        if states and states[-1][0] >= 128:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert list_training_states(run)[-1][0] < 320
+    # Killed once a state past the GAN start exists.
+    assert kill_mid_run(train_command(tmp_path, "killed", small=TINY), run, 128) < 320
+    straight.wait()
+    assert (tmp_path / "straight" / "samples" / "grid-000000320.png").is_file()  # originals over reconstructions
     resumed = _run_train(tmp_path, "killed")
     assert "Resuming from" in resumed.stdout + resumed.stderr
     a = load_training_state(list_training_states(tmp_path / "straight")[-1][1])

@@ -10,10 +10,8 @@ overflowing step; bad input is refused before work.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,16 @@ import torch
 
 from gen.utils.ckpt import list_training_states, load_snapshot, load_training_state
 from gen.utils.log import read_stats
-from tests.conftest import ROOT, SMALL, example, run_train, subprocess_env, torchrun
+from tests.conftest import (
+    ROOT,
+    Background,
+    example,
+    kill_mid_run,
+    run_train,
+    subprocess_env,
+    torchrun,
+    train_command,
+)
 
 _train, _env = run_train, subprocess_env
 EXAMPLE = example("adversarial_flow")
@@ -101,22 +108,11 @@ SIGKILL_MODULES = {
 def test_sigkill_then_rerun_equals_uninterrupted_run(tmp_path: Path, method: str, request: pytest.FixtureRequest) -> None:
     teacher = request.getfixturevalue("teacher_snapshot") if method.endswith("_student") else None
     longer = ["trainer.total_kimg=1.024", *_method_overrides(method, teacher)]
-    _train(tmp_path, "straight", longer)
-
-    cmd = [sys.executable, "train.py", f"paths.runs={tmp_path}", "name=killed", *SMALL, *longer]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    straight = Background(train_command(tmp_path, "straight", longer), tmp_path / "straight.log")
     run = tmp_path / "killed"
-    deadline = time.time() + 300
-    # Kill as soon as the second training state exists (mid-run, possibly mid-write of the next file).
-    while time.time() < deadline and proc.poll() is None:
-        if len(list_training_states(run)) >= 1 and list_training_states(run)[-1][0] >= 256:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "training finished before it could be killed; make the run longer"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = list_training_states(run)[-1][0]
-    assert killed_at < 1024
+    # Killed as soon as the second training state exists (mid-run, possibly mid-write of the next file).
+    assert kill_mid_run(train_command(tmp_path, "killed", longer), run, 256) < 1024
+    straight.wait()
 
     resumed = _train(tmp_path, "killed", longer)
     assert "Resuming from" in resumed.stdout + resumed.stderr
