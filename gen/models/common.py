@@ -117,3 +117,37 @@ def embed_extra_token(model: nn.Module, extra_token: Tensor, batch: int) -> Tens
     if extra_token.shape != (batch, model.extra_token_dim):
         raise ValueError(f"extra_token must be ({batch}, {model.extra_token_dim}), got {tuple(extra_token.shape)}")
     return model.extra_norm(model.extra_embed(extra_token)).unsqueeze(1)
+
+
+def make_augment_embedder(model: nn.Module, augment_dim: int, dim: int) -> None:
+    """ScoreAug's conditioning (Hou et al. 2025, "Score Augmentation for Diffusion Models"): when
+    ``augment_dim > 0``, ``aug_embedder`` (Linear D_aug -> D, no bias) embeds the transform parameters omega, and the
+    embedding is added to the time embedding. Zero-initialised and bias-free, so omega = 0 (the identity, used at
+    sampling) adds exactly nothing and training starts from the unconditioned network."""
+    model.augment_dim = int(augment_dim)
+    if augment_dim < 0:
+        raise ValueError(f"augment_dim must be >= 0, got {augment_dim}")
+    if augment_dim > 0:
+        model.aug_embedder = nn.Linear(augment_dim, dim, bias=False)
+    init_augment_embedder(model)
+
+
+def init_augment_embedder(model: nn.Module) -> None:
+    """Zero ScoreAug's embedder (after an init that visits every Linear), so omega = 0 adds nothing."""
+    if model.augment_dim > 0:
+        nn.init.zeros_(model.aug_embedder.weight)
+
+
+def augment_embedding(model: nn.Module, augment: Tensor | None, batch: int) -> Tensor | float:
+    """The embedding of ScoreAug's transform parameters ``augment`` (B, D_aug) to add to the time embedding (B, D);
+    0 without them (sampling, or a model built without ``augment_dim``)."""
+    if augment is None:
+        return 0.0
+    if model.augment_dim <= 0:
+        raise ValueError(
+            f"{type(model).__name__} got ScoreAug parameters but was built with augment_dim=0; build it with "
+            f"augment_dim={augment.shape[-1]} (augment=scoreaug sets model.augment_dim)"
+        )
+    if augment.shape != (batch, model.augment_dim):
+        raise ValueError(f"augment must be ({batch}, {model.augment_dim}), got {tuple(augment.shape)}")
+    return model.aug_embedder(augment.to(model.aug_embedder.weight.dtype))

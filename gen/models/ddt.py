@@ -36,12 +36,15 @@ from torch import Tensor, nn
 
 from gen.models.common import (
     ModelOutput,
+    augment_embedding,
     batch_labels,
     batch_time,
     check_image,
     embed_extra_token,
     feature_indices,
+    init_augment_embedder,
     init_extra_token,
+    make_augment_embedder,
     make_extra_token,
 )
 from gen.nn import LabelEmbedder, TimestepEmbedder, rope_2d_mixed, rope_prepend_identity, swiglu_hidden
@@ -68,6 +71,7 @@ class DDT(nn.Module):
         time_scale: t is multiplied by this before the sinusoid (reference: 1, t in [0, 1]).
         max_period: slowest sinusoid period (reference: 10).
         extra_token_dim: D_extra > 0 adds REG's extra-token projection and head.
+        augment_dim: D_aug > 0 adds ScoreAug's transform-parameter embedding (added to the time embedding).
         compile: ``torch.compile`` each block in place (default off).
     """
 
@@ -87,6 +91,7 @@ class DDT(nn.Module):
         time_scale: float = 1.0,
         max_period: float = 10.0,
         extra_token_dim: int = 0,
+        augment_dim: int = 0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -125,6 +130,7 @@ class DDT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_dim, norm="layer", silu_in_layout=False)
         make_extra_token(self, extra_token_dim, hidden_size)
+        make_augment_embedder(self, augment_dim, hidden_size)
         self.initialize_weights()
         if compile:
             for block in self.blocks:
@@ -142,6 +148,7 @@ class DDT(nn.Module):
         self.t_embedder.init_normal(0.02)
         self.final_layer.zero_()
         init_extra_token(self)
+        init_augment_embedder(self)
 
     def forward(
         self,
@@ -151,6 +158,7 @@ class DDT(nn.Module):
         *,
         return_features: Sequence[int] = (),
         extra_token: Tensor | None = None,
+        augment: Tensor | None = None,
         encoder_out: Tensor | None = None,
     ) -> ModelOutput:
         """Predict the output for noisy x; see the module docstring.
@@ -161,6 +169,7 @@ class DDT(nn.Module):
             y: (B,) long labels (``num_classes`` = null); None = all null.
             return_features: 1-indexed block numbers (encoder blocks first) whose token outputs are returned.
             extra_token: (B, D_extra) REG extra token.
+            augment: (B, D_aug) ScoreAug transform parameters; None = identity (sampling).
             encoder_out: cached self-condition z_t (B, n_extra + N, D) from an earlier call; skips the encoder.
 
         Returns:
@@ -182,7 +191,7 @@ class DDT(nn.Module):
         if encoder_out is None:
             t = batch_time(t, B, x.device, name)  # (B,)
             y = batch_labels(y, B, self.num_classes, x.device, name)  # (B,)
-            t_emb = self.t_embedder(t)  # (B, D)
+            t_emb = self.t_embedder(t) + augment_embedding(self, augment, B)  # (B, D)
             c = F.silu(t_emb + self.y_embedder(y))  # (B, D)
             s = self.s_embedder(tokens)  # (B, N, D)
             if e is not None:

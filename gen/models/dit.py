@@ -32,12 +32,15 @@ from torch import Tensor, nn
 
 from gen.models.common import (
     ModelOutput,
+    augment_embedding,
     batch_labels,
     batch_time,
     check_image,
     embed_extra_token,
     feature_indices,
+    init_augment_embedder,
     init_extra_token,
+    make_augment_embedder,
     make_extra_token,
     unpatchify,
 )
@@ -77,6 +80,7 @@ class DiT(nn.Module):
         time_scale: t is multiplied by this before the sinusoid.
         max_period: slowest sinusoid period of the timestep features.
         extra_token_dim: D_extra > 0 adds REG's extra-token input projection and output head.
+        augment_dim: D_aug > 0 adds ScoreAug's transform-parameter embedding (added to the time embedding).
         compile: ``torch.compile`` each block in place (default off; eager is the reference).
     """
 
@@ -100,6 +104,7 @@ class DiT(nn.Module):
         time_scale: float = 1000.0,
         max_period: float = 10000.0,
         extra_token_dim: int = 0,
+        augment_dim: int = 0,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -134,6 +139,7 @@ class DiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size * patch_size * self.out_channels, norm=norm)
         make_extra_token(self, extra_token_dim, hidden_size)
+        make_augment_embedder(self, augment_dim, hidden_size)
         self.initialize_weights()
         if compile:
             for block in self.blocks:
@@ -156,6 +162,7 @@ class DiT(nn.Module):
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
         self.final_layer.zero_()
         init_extra_token(self)
+        init_augment_embedder(self)
 
     def forward(
         self,
@@ -165,6 +172,7 @@ class DiT(nn.Module):
         *,
         return_features: Sequence[int] = (),
         extra_token: Tensor | None = None,
+        augment: Tensor | None = None,
     ) -> ModelOutput:
         """Predict the network output for noisy x at noise level t and class y.
 
@@ -174,6 +182,7 @@ class DiT(nn.Module):
             y: (B,) long class labels, ``num_classes`` = null; None = all null.
             return_features: 1-indexed block numbers whose token outputs are returned.
             extra_token: (B, D_extra) REG extra token (needs ``extra_token_dim > 0``).
+            augment: (B, D_aug) ScoreAug transform parameters (needs ``augment_dim > 0``); None = identity.
 
         Returns:
             ``ModelOutput``: ``out`` (B, C_out, H, W), ``extra`` (B, D_extra) with an extra token, ``features``.
@@ -185,7 +194,8 @@ class DiT(nn.Module):
         t = batch_time(t, B, x.device, name)  # (B,)
         y = batch_labels(y, B, self.num_classes, x.device, name)  # (B,)
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D), N = (H/p)^2
-        c_act = F.silu(self.t_embedder(t) + self.y_embedder(y))  # (B, D), shared SiLU of every adaLN input
+        t_emb = self.t_embedder(t) + augment_embedding(self, augment, B)  # (B, D)
+        c_act = F.silu(t_emb + self.y_embedder(y))  # (B, D), shared SiLU of every adaLN input
         rope = None if self.rope_cos is None else (self.rope_cos, self.rope_sin)  # (N, d_h) each
         n_extra = 0
         if extra_token is not None:

@@ -73,6 +73,9 @@ class Objective(nn.Module, ABC):
         align = getattr(self, "align", None)
         if align is not None:
             align.bind(net, image_resolution)
+        augment = getattr(self, "augment", None)
+        if augment is not None:
+            augment.bind(net)
 
     @abstractmethod
     def forward(self, net: nn.Module, batch: dict[str, Tensor], rng: Randomness, progress: Any = None) -> dict[str, Tensor]:
@@ -85,6 +88,15 @@ class Objective(nn.Module, ABC):
         ``gen.models.prediction.velocity_model(net, spec)`` turns a bare network plus this spec into the sampler's
         velocity function.
         """
+
+
+def check_augment(augment: Any, align: Any) -> Any:
+    """ScoreAug (``objective.augment``) as given, refusing it beside representation alignment: the encoder would see
+    the clean image while the backbone sees a transformed one, so their tokens would no longer correspond."""
+    if augment is not None and align is not None:
+        raise ValueError("objective.augment (ScoreAug) cannot be combined with representation alignment "
+                         "(objective.align); use one of them (align=none or augment=none)")
+    return augment
 
 
 def check_label_dropout(p: float) -> float:

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from gen.models.precond import EDMPrecond
 from gen.objectives.align import Alignment, align_terms
-from gen.objectives.base import Objective, check_label_dropout, mean_flat, sum_flat
+from gen.objectives.base import Objective, check_augment, check_label_dropout, mean_flat, sum_flat
+from gen.objectives.scoreaug import ScoreAug
 from gen.paths import EDMPath, LogNormalSigma
 from gen.utils.seed import Randomness
 
@@ -50,8 +51,10 @@ class EDMLoss(Objective):
         sigma_max: float = 80.0,
         label_dropout: float = 0.1,
         align: Alignment | None = None,
+        augment: ScoreAug | None = None,
     ) -> None:
         super().__init__()
+        self.augment = check_augment(augment, align)
         if sigma_data <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
         self.path = EDMPath(sigma_max)
@@ -73,8 +76,11 @@ class EDMLoss(Objective):
         x_noisy = self.path.sample(x0, eps, sigma)
         precond = EDMPrecond(net, self.sigma_data)
         out: dict[str, Tensor] = {}
+        kw = {}
+        if self.augment is not None:  # ScoreAug: D(T(x + sigma n)) against T(x0); c_skip T(x_noisy) stays consistent
+            x_noisy, x0, kw["augment"] = self.augment(x_noisy, x0, rng)
         if self.align is None:
-            denoised, extra = precond(x_noisy, sigma, y).out, 0.0
+            denoised, extra = precond(x_noisy, sigma, y, **kw).out, 0.0
         else:
             res, terms = align_terms(self.align, precond, x_noisy, sigma, y, batch, self.path, rng,
                                      lambda f, x, t, yy, **kw: f(x, t, yy, **kw))

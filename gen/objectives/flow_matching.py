@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gen.objectives.align import Alignment, align_terms
-from gen.objectives.base import Objective, check_label_dropout, mean_flat
+from gen.objectives.base import Objective, check_augment, check_label_dropout, mean_flat
+from gen.objectives.scoreaug import ScoreAug
 from gen.paths import LinearPath, Path, TimeSampler, UniformTime
 from gen.utils.seed import Randomness
 
@@ -42,6 +43,8 @@ class FlowMatching(Objective):
         cos_velocity_weight: weight of the velocity-direction (cosine) loss; 0 disables it.
         label_dropout: probability of training a sample with the null label (classifier-free guidance).
         align: representation alignment (REPA, or REG) added to the loss (``gen.objectives.align``).
+        augment: ScoreAug (``gen.objectives.scoreaug``): the noisy input and the velocity target transformed together,
+            the network conditioned on the transform.
     """
 
     def __init__(
@@ -52,8 +55,10 @@ class FlowMatching(Objective):
         cos_velocity_weight: float = 0.0,
         label_dropout: float = 0.1,
         align: Alignment | None = None,
+        augment: ScoreAug | None = None,
     ) -> None:
         super().__init__()
+        self.augment = check_augment(augment, align)
         self.path = LinearPath() if path is None else path
         self.time_sampler = UniformTime() if time_sampler is None else time_sampler
         if shift != 1.0:
@@ -73,8 +78,11 @@ class FlowMatching(Objective):
         x_t = self.path.sample(x0, eps, t)
         target = self.path.velocity(x0, eps, t)
         out: dict[str, Tensor] = {}
+        kw = {}
+        if self.augment is not None:  # ScoreAug: T(x_t) against T(v), omega to the network
+            x_t, target, kw["augment"] = self.augment(x_t, target, rng)
         if self.align is None:
-            v_hat = net(x_t, t, y).out.float()
+            v_hat = net(x_t, t, y, **kw).out.float()
             loss = 0.0
         else:
             res, terms = align_terms(self.align, net, x_t, t, y, batch, self.path, rng, _call)
