@@ -417,16 +417,19 @@ def sharing_statistics(gen: Any, sampler: dict[str, Any], run_dir: Path, snapsho
 
 
 def evaluate(
-    generate_fn: GenerateFn, num_images: int, dataset: str, cache_dir: str | None, batch_size: int, seed_offset: int = 0
+    generate_fn: GenerateFn, num_images: int, dataset: str, cache_dir: str | None, batch_size: int, seed_offset: int = 0,
+    memorisation: bool = False,
 ) -> dict[str, Any]:
-    """Yardstick FID and class accuracy of ``num_images`` samples, with the sampling time per image."""
+    """Yardstick FID and class accuracy of ``num_images`` samples, with the sampling time per image (and the
+    memorisation rate, ``eval.memorisation``, when asked)."""
     from eval.generate import yardstick_metrics
 
     timed = Timed(generate_fn)
     t0 = time.perf_counter()
-    m = yardstick_metrics(timed, num_images, dataset, cache_dir, batch_size, seed_offset)
+    m = yardstick_metrics(timed, num_images, dataset, cache_dir, batch_size, seed_offset, memorisation)
+    extra = {k: float(m[k]) for k in ("memorisation_rate", "sample_nn_median", "heldout_nn_median") if k in m}
     return {
-        "fid": float(m["fid"]), "class_accuracy": float(m.get("class_accuracy", float("nan"))),
+        **extra, "fid": float(m["fid"]), "class_accuracy": float(m.get("class_accuracy", float("nan"))),
         "sec_per_image": timed.seconds / max(timed.images, 1), "cpu_sec_per_image": timed.cpu_seconds / max(timed.images, 1),
         "eval_seconds": time.perf_counter() - t0,
     }
@@ -466,6 +469,7 @@ class Bench:
     kimg: tuple[float, ...] = DEFAULT_KIMG
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    memorisation: bool = False  # every evaluation also measures the memorisation rate (eval.memorisation)
 
 
 def _split(text: str) -> list[str]:
@@ -559,7 +563,7 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
         spec = SamplerSpec.from_config(sampler)
         print(f"[eval] {row.method}-s{seed} {k:g} kimg {v.name} ...", flush=True)
         m = evaluate(lambda seeds, gen=gen, spec=spec: gen.generate(seeds, spec), args.num_images,
-                     _dataset(snap), args.cache, args.batch_size)
+                     _dataset(snap), args.cache, args.batch_size, memorisation=bench.memorisation)
         nimg = int(snap.name.split("-")[1].split(".")[0])
         record = {
             "kind": "eval", "key": _eval_key(bench.name, row, seed, k, v, args.num_images), "bench": bench.name,

@@ -41,7 +41,7 @@ if str(BENCH_DIR) not in sys.path:
 import yardstick  # noqa: E402
 
 # The harness benches in the order they run (the backbone runs first: alignment reuses two of them).
-HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment"}
+HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment", "scoreaug": "yardstick_scoreaug"}
 # Benches with their own driver, run after the harness benches with --jobs; each has --estimate.
 DRIVER_BENCHES = {"tokenizers": "bench/yardstick_tokenizers.py"}
 

@@ -331,21 +331,34 @@ def yardstick_metrics(
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 250,
     seed_offset: int = 0,
+    memorisation: bool = False,
 ) -> dict[str, float]:
     """Yardstick FID (and class accuracy when labels are returned) of ``num_images`` generated images.
 
     Seeds are ``seed_offset .. seed_offset + num_images - 1``. Reference: the dataset's training split.
+    ``memorisation``: also the memorisation rate of the samples against the training split, calibrated by the
+    held-out split (``eval.memorisation``), in the yardstick's features.
 
     Returns:
-        ``{"fid": ..., "class_accuracy": ...}`` (the latter only for labelled samples).
+        ``{"fid": ..., "class_accuracy": ...}`` (the latter only for labelled samples), plus
+        ``memorisation_rate``, ``sample_nn_median`` and ``heldout_nn_median`` with ``memorisation``.
     """
     ext, ref = yardstick_reference(dataset_name, "train", cache_dir)
     clf = ext.yardstick.predict  # type: ignore[attr-defined]
     seeds = range(seed_offset, seed_offset + num_images)
-    got = collect(generate_fn, seeds, ext, batch_size, classifier=clf)
+    got = collect(generate_fn, seeds, ext, batch_size, classifier=clf, keep_features=memorisation)
     out = {"fid": fid_from_stats(got.stats.gaussian(ext.manifest()), ref)}
     if got.class_accuracy is not None:
         out["class_accuracy"] = got.class_accuracy
+    if memorisation:
+        from eval.classifier import load_dataset_tensors
+        from eval.memorisation import memorisation_rate
+
+        def features(split: str) -> torch.Tensor:
+            images, _ = load_dataset_tensors(dataset_name, split)
+            return torch.cat([ext(b) for b in images.split(500)]).float()
+
+        out.update(memorisation_rate(all_features(got, num_images), features("train"), features("heldout")))
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -75,6 +76,39 @@ def test_yardstick_metrics_of_a_generator_returning_real_digits(cache) -> None:
     got = yardstick_metrics(generate, num_images=400, dataset_name="mnist5k", cache_dir=cache, batch_size=64)
     assert got["class_accuracy"] >= 0.97
     assert got["fid"] < 10.0
+
+
+def test_memorisation_rate_tells_copies_from_fresh_digits(cache) -> None:
+    """Copies of training digits score ~1, held-out digits (fresh data) ~0.5, noise 0, in yardstick features."""
+    train, _ = load_dataset_tensors("mnist5k", "train")
+    held, labels = load_dataset_tensors("mnist5k", "heldout")
+
+    def source(images: torch.Tensor) -> Callable:
+        def generate(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.tensor(seeds) % len(images)
+            return images[idx], labels[idx % len(labels)]
+        return generate
+
+    kw = dict(num_images=250, dataset_name="mnist5k", cache_dir=cache, batch_size=64, memorisation=True)
+    copies = yardstick_metrics(source(train), **kw)
+    fresh = yardstick_metrics(source(held), **kw)
+    noise = torch.randint(0, 256, held.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    assert copies["memorisation_rate"] == 1.0 and copies["sample_nn_median"] < 1e-4  # cdist rounding
+    assert 0.4 < fresh["memorisation_rate"] < 0.6, fresh
+    assert yardstick_metrics(source(noise), **kw)["memorisation_rate"] == 0.0
+    assert copies["heldout_nn_median"] == fresh["heldout_nn_median"] > 0
+
+
+def test_nearest_distances_equal_brute_force() -> None:
+    from eval.memorisation import memorisation_rate, nearest_distances
+
+    g = torch.Generator().manual_seed(0)
+    q, r = torch.randn(37, 5, generator=g), torch.randn(50, 5, generator=g)
+    brute = torch.tensor([min(float((a - b).double().norm()) for b in r) for a in q], dtype=torch.float64)
+    torch.testing.assert_close(nearest_distances(q, r, chunk=8), brute)
+    with pytest.raises(ValueError, match=r"need \(M, D\) and \(N, D\)"):
+        nearest_distances(q, r[:, :4])
+    assert memorisation_rate(r[:10], r, q)["memorisation_rate"] == 1.0
 
 
 def test_yardstick_features_refuse_wrong_images(cache) -> None:
