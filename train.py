@@ -58,7 +58,7 @@ from gen.utils.cli import EXIT_PREEMPTED, CommandError, check_writable_dir, desc
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
-from gen.utils.preempt import DEFAULT_SIGNALS, PreemptionSignals
+from gen.utils.preempt import DEFAULT_SIGNALS, PreemptionSignals, signal_number
 from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
 from samplers.spec import SamplerSpec, check_sampler
@@ -573,6 +573,11 @@ def _preempt_signals(cfg: DictConfig) -> list[str]:
     names = OmegaConf.select(cfg, "trainer.preempt_signals", default=list(DEFAULT_SIGNALS))
     if names is None or isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"trainer.preempt_signals={names!r} must be a list of signal names, e.g. [SIGTERM, SIGUSR2]")
+    for n in names:
+        try:
+            signal_number(n)
+        except ValueError as e:
+            raise ConfigError(f"trainer.preempt_signals: {e}") from None
     return [str(n) for n in names]
 
 
@@ -607,8 +612,10 @@ def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run) -> int:
                 runner(cfg, should_stop=signals.requested)
             except TrainingPreempted as e:
                 who = f"rank {dist.rank()} of {dist.world_size()}: " if dist.world_size() > 1 else ""
-                print(f"{PROG}: {who}preempted by {signals.name}: {e}; no results.json. Re-running the same command "
-                      "(or the requeued job) resumes from that state.", file=sys.stderr, flush=True)
+                # One write per line: the processes of a job share one stderr, and print() writes the end apart.
+                sys.stderr.write(f"{PROG}: {who}preempted by {signals.name or 'a signal to another process'}: {e}; no results.json. Re-running the "
+                                 "same command (or the requeued job) resumes from that state.\n")
+                sys.stderr.flush()
                 return EXIT_PREEMPTED
         return 0
 
