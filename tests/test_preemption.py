@@ -1,6 +1,7 @@
 """Preemption of train.py: a signal stops training after the current step, on every process, with the state of that
 step written and exit status 75; re-running the same command resumes and gives the uninterrupted run's weights.
-Also train.py as a 2-task job under submitit's local executor (Hydra's submitit launcher), equal to torchrun.
+Also train.py under submitit's local executor (Hydra's submitit launcher): 2 tasks equal torchrun, and SIGUSR2
+(SLURM's warning) goes on to submitit's handler, which requeues the job; the requeued job resumes.
 """
 
 from __future__ import annotations
@@ -185,3 +186,47 @@ def test_two_tasks_under_submitit_local_equal_torchrun(tmp_path: Path) -> None:
     assert (tmp_path / "submitit" / "results.json").is_file(), text
     reference.wait()
     _assert_equal_runs(tmp_path / "torchrun", tmp_path / "submitit")
+
+
+def _submitit_task(rank: int) -> int | None:
+    """The pid of submitit's local task of global rank ``rank`` (its environment names it), if it runs."""
+    for entry in Path("/proc").iterdir():
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if f"SUBMITIT_LOCAL_GLOBALID={rank}".encode() in env and b"SUBMITIT_EXECUTOR=local" in env:
+            return int(entry.name)
+    return None
+
+
+def test_sigusr2_under_submitit_requeues_and_resumes(tmp_path: Path) -> None:
+    """SLURM's warning (SIGUSR2) to a job of Hydra's submitit launcher: the state is written at the step, then
+    submitit's handler requeues the job (the local executor reruns it), and the requeued job resumes and finishes
+    with the uninterrupted run's weights."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    straight = Background(train_command(tmp_path, "straight"), tmp_path / "straight.log")
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"paths.runs={tmp_path}", "name=requeued", *SMALL]
+    run = tmp_path / "requeued"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not list_training_states(run):
+        time.sleep(0.05)
+    task = _submitit_task(0)
+    assert proc.poll() is None and task is not None, "the job ended before it could be signalled"
+    at = list_training_states(run)[-1][0]
+    os.kill(task, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    logs = sorted((tmp_path / "sweep" / ".submitit").rglob("*_log.*"))
+    text = "\n".join(f"{p.name}:\n{p.read_text()[-3000:]}" for p in logs)
+    assert proc.returncode == 0, err[-3000:] + text
+    stopped = re.findall(r"preempted by SIGUSR2: stopped at step (\d+)", text)
+    # submitit ran the job twice: the requeued run resumed from the state written at the signal
+    assert len(stopped) == 1 and text.count("Starting with JobEnvironment") == 2, text
+    assert f"Resuming from {run / f'state-{int(stopped[0]) * 32:09d}.pt'}" in text, text
+    assert at < int(stopped[0]) * 32 < 512
+    assert (run / "results.json").is_file(), text
+    straight.wait()
+    _assert_equal_runs(tmp_path / "straight", run)
