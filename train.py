@@ -609,7 +609,7 @@ def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run) -> int:
         with PreemptionSignals(_preempt_signals(cfg)) as signals:
             preempt.append(signals)
             try:
-                runner(cfg, should_stop=signals.requested)
+                runner(cfg, should_stop=signals.requested if signals.numbers else None)  # []: no agreement step
             except TrainingPreempted as e:
                 who = f"rank {dist.rank()} of {dist.world_size()}: " if dist.world_size() > 1 else ""
                 # One write per line: the processes of a job share one stderr, and print() writes the end apart.
