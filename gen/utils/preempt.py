@@ -50,7 +50,8 @@ class PreemptionSignals:
         self.numbers = [signal_number(n) for n in names]
         self.received: int | None = None
         self.count = 0
-        self.previous: dict[int, _Handler] = {}
+        self.previous: dict[int, _Handler] = {}  # while installed
+        self.replaced: dict[int, _Handler] = {}  # after exit: what was there before, for pass_on
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
@@ -74,12 +75,12 @@ class PreemptionSignals:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for num, old in self.previous.items():
             signal.signal(num, old if old is not None else signal.SIG_DFL)
-        self.previous_at_exit = dict(self.previous)
+        self.replaced = dict(self.previous)
         self.previous = {}
 
     def pass_on(self) -> None:
         """After exit: call the handler that was installed before for the received signal, if it was a Python
         function (submitit's requeue handler under submitit); the default action and "ignore" are not repeated."""
-        old = getattr(self, "previous_at_exit", {}).get(self.received) if self.received is not None else None
+        old = self.replaced.get(self.received) if self.received is not None else None
         if callable(old):
             old(self.received, None)
