@@ -18,6 +18,12 @@ sampler, name), the run folder's writability, the evaluation's weights and refer
 (run once on a stand-in model) and the data's labels. An expected failure ends with one ``train.py: error:``
 line naming the key or file and the fix (exit status 2; 3 when values stopped being finite, in which case
 no ``results.json`` is written); ``GEN_DEBUG=1`` adds the traceback.
+
+Preemption: SIGTERM, SIGUSR1 or SIGUSR2 (``trainer.preempt_signals``; SLURM's preemption and its ``--signal``
+warning, which Hydra's submitit launcher asks for ``signal_delay_s`` before the time limit) stops training after
+the current optimizer step on every process, writes the training state of that step, releases the run folder and
+exits with status 75 (sysexits' EX_TEMPFAIL: run me again), with one line on stderr and no ``results.json``. Under
+submitit the signal then goes on to submitit's handler, which requeues the job; re-running the same command resumes.
 """
 
 from __future__ import annotations
@@ -37,14 +43,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eval.generator import Generator
-from gen.train.loop import HookContext, TrainConfig, autocast_context, resolve_device, train
+from gen.train.loop import (
+    HookContext,
+    TrainConfig,
+    TrainingPreempted,
+    autocast_context,
+    resolve_device,
+    train,
+)
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
 from gen.utils.ckpt import atomic_write
-from gen.utils.cli import CommandError, check_writable_dir, describe_os_error, run_main
+from gen.utils.cli import EXIT_PREEMPTED, CommandError, check_writable_dir, describe_os_error, run_main
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
+from gen.utils.preempt import DEFAULT_SIGNALS, PreemptionSignals, signal_number
 from gen.utils.progress import Progress
 from gen.utils.seed import derive_seed
 from samplers.spec import SamplerSpec, check_sampler
@@ -452,8 +466,12 @@ def _data(c: Mapping[str, Any], packages: tuple[str, ...]) -> tuple[Any, Any, di
     return dataset, tokenizer, shape_args
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate."""
+def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate.
+
+    ``should_stop`` (asked at every step boundary) stops training with its state written there: the loop raises
+    ``TrainingPreempted`` and nothing after training (final evaluation, ``results.json``) happens.
+    """
     c, run_dir, packages = _checked(cfg)
     trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
     dist.init_distributed()
@@ -498,7 +516,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         result = train(
             method=method, dataset=dataset, tokenizer=tokenizer, ema=ema, cfg=trainer,
-            run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks,
+            run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks, should_stop=should_stop,
         )
     except OSError as e:
         # Every file the loop writes is in the run folder; writers that do not name their file (a plot, TensorBoard)
@@ -550,17 +568,64 @@ def _ema_factory(c: Mapping[str, Any], packages: tuple[str, ...]) -> Callable[[t
     return factory
 
 
-def main_checked(cfg: DictConfig, runner: Callable[[DictConfig], Any] = run) -> int:
-    """Run training with expected errors as one line: exit 0 done, 2 bad setting or file, 3 non-finite values."""
+def _preempt_signals(cfg: DictConfig) -> list[str]:
+    """``trainer.preempt_signals``, read before the config is checked (TrainConfig checks it again)."""
+    names = OmegaConf.select(cfg, "trainer.preempt_signals", default=list(DEFAULT_SIGNALS))
+    if names is None or isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"trainer.preempt_signals={names!r} must be a list of signal names, e.g. [SIGTERM, SIGUSR2]")
+    for n in names:
+        try:
+            signal_number(n)
+        except ValueError as e:
+            raise ConfigError(f"trainer.preempt_signals: {e}") from None
+    return [str(n) for n in names]
+
+
+def _submitit_environment() -> None:
+    """Under submitit (Hydra's submitit launcher) with several tasks: export torch.distributed's variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) from the job's environment, as torchrun would set them
+    (submitit.helpers.TorchDistributedEnvironment); nothing when they are set already or when not under submitit."""
+    if "SUBMITIT_EXECUTOR" not in os.environ or "RANK" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run) -> int:
+    """Run training with expected errors as one line: exit 0 done, 2 bad setting or file, 3 non-finite values,
+    75 preempted (``EXIT_PREEMPTED``: the state of the step at the signal is written; run again to resume).
+
+    The preemption signals (``trainer.preempt_signals``) are caught only while training runs, here in the process
+    that trains, and their previous handlers come back afterwards. A stop passes the signal on to the handler that
+    was there before: under submitit that is submitit's, which requeues the job (Hydra's submitit launcher is
+    checkpointable: the requeued job is the same command, which resumes).
+    """
+    preempt: list[PreemptionSignals] = []
 
     def go() -> int:
-        runner(cfg)
+        _submitit_environment()
+        with PreemptionSignals(_preempt_signals(cfg)) as signals:
+            preempt.append(signals)
+            try:
+                runner(cfg, should_stop=signals.requested if signals.numbers else None)  # []: no agreement step
+            except TrainingPreempted as e:
+                who = f"rank {dist.rank()} of {dist.world_size()}: " if dist.world_size() > 1 else ""
+                # One write per line: the processes of a job share one stderr, and print() writes the end apart.
+                sys.stderr.write(f"{PROG}: {who}preempted by {signals.name or 'a signal to another process'}: {e}; no results.json. Re-running the "
+                                 "same command (or the requeued job) resumes from that state.\n")
+                sys.stderr.flush()
+                return EXIT_PREEMPTED
         return 0
 
-    return run_main(go, PROG)
+    code = run_main(go, PROG)
+    if code == EXIT_PREEMPTED:
+        preempt[0].pass_on()  # submitit's handler requeues the job (and exits); otherwise nothing
+    return code
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
     code = main_checked(cfg)
     if code:
@@ -568,4 +633,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module: Hydra's submitit launcher pickles the task with cloudpickle, which copies
+    # functions of __main__ by value and loses their module's names (dataclass annotations then fail to resolve).
+    import train
+
+    train.main()

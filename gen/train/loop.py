@@ -48,10 +48,12 @@ from gen.utils.config import ConfigError
 from gen.utils.dist import print0
 from gen.utils.finite import NonFiniteError, finite_number, shorten
 from gen.utils.log import StatsLog, plot_loss_curve, status_line
+from gen.utils.preempt import signal_number
 from gen.utils.runlock import RunFolderBusy, RunFolderLock
 from gen.utils.seed import SampleRandom, derive_seed
 
-__all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult", "data_identity"]
+__all__ = ["NonFiniteError", "TrainConfig", "train", "HookContext", "Hook", "TrainResult", "TrainingPreempted",
+           "data_identity"]
 
 # Kept for callers that catch the old name.
 NonFiniteLossError = NonFiniteError
@@ -91,6 +93,10 @@ class TrainConfig:
             stops the run at the next status line, state or snapshot, like non-finite weights (nothing is written
             from it). Initialised networks sit near 0.02-1 and trained ones stay there; a too-large learning rate
             carries them far past any bound (1e30 with ``optim.lr=1e30``). null turns the check off.
+        preempt_signals: signals that stop the run at the next step boundary with a training state written there
+            (gen.utils.preempt; installed by train.py, not by the loop): SIGTERM (SLURM's preemption and scancel)
+            and SLURM's warning signals (``--signal``: SIGUSR2 under submitit). An empty list keeps the default
+            actions.
     """
 
     total_kimg: float = 50.0
@@ -118,6 +124,7 @@ class TrainConfig:
     resume_ignore: list[str] = field(default_factory=list)
     init: dict[str, str] | None = None
     max_weight_rms: float | None = 1e3
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -143,6 +150,10 @@ class TrainConfig:
         need(all(isinstance(k, str) for k in self.resume_ignore), "resume_ignore", "must be a list of section names")
         need(self.max_weight_rms is None or (finite_number(self.max_weight_rms) and self.max_weight_rms > 0),
              "max_weight_rms", "must be a positive number, or null for no bound")
+        try:
+            [signal_number(n) for n in self.preempt_signals]
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"trainer.preempt_signals={self.preempt_signals!r}: {e}") from None
         need(all(isinstance(v, str) and v for v in (self.init or {}).values()), "init",
              "must map module names to snapshot files, e.g. {net: runs/teacher/snapshot-000100000.safetensors}")
 
@@ -178,6 +189,15 @@ class Hook(Protocol):
     interval_kimg: float
 
     def __call__(self, ctx: HookContext) -> Mapping[str, float]: ...
+
+
+class TrainingPreempted(Exception):
+    """The run stopped at a step boundary because a stop was requested (a preemption signal on some process); the
+    training state of that step is written (``state_path``) and re-running the same command resumes from it."""
+
+    def __init__(self, nimg: int, step: int, state_path: Path) -> None:
+        super().__init__(f"stopped at step {step} (kimg {nimg / 1000:g}); training state {state_path}")
+        self.nimg, self.step, self.state_path = nimg, step, state_path
 
 
 @dataclass
@@ -341,6 +361,7 @@ def train(
     snapshot_meta: Mapping[str, Any],
     hooks: Sequence[Hook] = (),
     resume_keys: Sequence[str] = ("model", "method", "objective", "data", "tokenizer"),
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train ``method`` on ``dataset``; resumes from ``run_dir`` when it holds a training state.
 
@@ -358,8 +379,14 @@ def train(
         snapshot_meta: metadata for inference snapshots (with the method's ``snapshot_config()`` merged in).
         hooks: periodic callbacks (sample grids, FID).
         resume_keys: config sections that must be equal to resume.
+        should_stop: asked on every process after every optimizer step (except the last); when it is true on any
+            process, all stop at that step, write its training state and raise :class:`TrainingPreempted`.
+
+    Raises:
+        TrainingPreempted: ``should_stop`` asked for a stop; the run folder's lock is released.
     """
     loop = _Loop(method, dataset, tokenizer, cfg, Path(run_dir), hooks)
+    loop.should_stop = should_stop
     try:
         loop.build(ema)
         loop.resume(config, resume_keys)
@@ -412,6 +439,7 @@ class _Loop:
         self.last: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
         self.stepped: set[str] = set()
+        self.should_stop: Callable[[], bool] | None = None
 
     def release(self) -> None:
         """Give the run folder back (the lock taken in ``__init__``); the kernel does it if the process dies."""
@@ -491,7 +519,10 @@ class _Loop:
         while self.nimg < total_nimg:
             prev_nimg = self.nimg
             self._step(Progress(self.nimg, total_nimg, self.step))
-            self._after_step(prev_nimg, done=self.nimg >= total_nimg)
+            done = self.nimg >= total_nimg
+            if not done and self._stop_agreed():
+                self._suspend(prev_nimg)
+            self._after_step(prev_nimg, done=done)
         if self.bar is not None:
             self.bar.close()
         # Final artefacts: the training state (for resuming or fine-tuning) and a snapshot.
@@ -506,6 +537,32 @@ class _Loop:
         dist.barrier()
         return TrainResult(self.nimg, self.step, self.run_dir, self.last_state, last_snapshot, self.resumed_from,
                            self.metrics)
+
+    def _stop_agreed(self) -> bool:
+        """Whether any process was asked to stop: one all-reduce of the flags at every step boundary, so every
+        process stops after the same step (a signal may reach one process of a job, or the processes at different
+        moments)."""
+        if self.should_stop is None:
+            return False
+        flag = torch.tensor([float(bool(self.should_stop()))], dtype=torch.float64)
+        return float(dist.all_reduce_sum(flag)[0]) > 0
+
+    def _suspend(self, prev_nimg: int) -> None:
+        """Stop at this step boundary: the status line and snapshot if due here, the training state always (unless
+        this step's is written already); hooks due here (a grid, an evaluation) are skipped, as their time may exceed
+        the grace time before the job is killed. Raises :class:`TrainingPreempted`."""
+        cfg = self.cfg
+        if _crossed(prev_nimg, self.nimg, cfg.status_kimg):
+            self._status()
+        if self.last_state_nimg != self.nimg:
+            self.last_state = self._save_state()
+        if _crossed(prev_nimg, self.nimg, cfg.snapshot_kimg):
+            self._save_snapshots()
+        if self.bar is not None:
+            self.bar.close()
+        if self.stats is not None:
+            self.stats.close()
+        raise TrainingPreempted(self.nimg, self.step, self.last_state)
 
     def _step(self, progress: Progress) -> None:
         """One optimizer step of every phase the method names, then the counters and the EMAs of stepped modules."""

@@ -2,7 +2,8 @@
 
 An expected failure (a bad argument, a missing or damaged file, a full disk, an unwritable folder) is
 printed as one ``error: ...`` line that names the file or argument and the fix, with exit status 2;
-values that stopped being finite (weights, a loss, generated images) end the same way with status 3.
+values that stopped being finite (weights, a loss, generated images) end the same way with status 3. A training
+run stopped by a preemption signal after writing its state ends with status 75 (``EXIT_PREEMPTED``).
 A Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of expected errors too.
 """
 
@@ -21,6 +22,10 @@ from gen.utils.finite import NonFiniteError
 EXIT_USAGE = 2
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
+# A preempted training run (SIGTERM, SLURM's warning signal) that wrote its state at a step boundary and wants to be
+# run again: sysexits.h's EX_TEMPFAIL, "a temporary failure; the user is invited to retry". A cluster can requeue on
+# it (slurm.conf ``RequeueExit=75``); under submitit the job is requeued by submitit itself.
+EXIT_PREEMPTED = 75
 
 
 class CommandError(Exception):
