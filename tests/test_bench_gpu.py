@@ -129,3 +129,47 @@ def test_peak_table(name: str, table: str, tflops: float) -> None:
 
 def test_unknown_gpu_has_no_peak() -> None:
     assert gpu.peak_bf16("NVIDIA GeForce RTX 4090") == (None, None)
+
+
+class _FakeCudaClock:
+    """CUDA's memory counters, scripted: another model holds 1000 bytes, ours 400 of weights, 100 of optimizer state
+    allocated by its first step, and each step needs ``transient`` more for a moment."""
+
+    cuda = True
+
+    def __init__(self) -> None:
+        self.alloc, self.high, self.transient = 1000, 0, 50
+
+    def now(self) -> float:
+        return 0.0
+
+    def allocated(self) -> int:
+        return self.alloc
+
+    def reset_peak(self) -> None:
+        self.high = self.alloc
+
+    def peak(self) -> int:
+        return self.high
+
+
+def test_peak_memory_is_the_models_own() -> None:
+    """Peak = weights + optimizer state (not the other model's) + the largest transient of one step, per mode."""
+    clock = _FakeCudaClock()
+    first = [True]
+
+    def step() -> None:
+        if first[0]:
+            clock.alloc += 100
+            first[0] = False
+        clock.high = max(clock.high, clock.alloc + clock.transient)
+
+    tr = gpu.Trainee("ours", torch.nn.Linear(1, 1), step, 2, alloc_before=clock.alloc)
+    clock.alloc += 400  # the model is built
+    gpu.warm_up(tr, "eager", 3, clock)
+    clock.transient = 70
+    gpu.warm_up(tr, "compile", 3, clock)
+    assert tr.static_bytes == 500 and tr.peak_bytes == {"eager": 550, "compile": 570}
+    tr.mode = "compile"
+    summary = gpu._summary(tr, [1.0, 3.0], 0.0, 1e9, 1e12, cuda=True)
+    assert summary["peak_mem_gib"] == 570 / 2**30 and summary["img_per_s"] == 2.0 and summary["mfu"] == pytest.approx(2.0 * 3 * 1e9 / 1e12)
