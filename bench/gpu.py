@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -309,6 +310,8 @@ def bench_training(bb: Backbone, args: argparse.Namespace, device: torch.device,
         out["ratio_reps"] = paired
         res[mode] = out
     del pair
+    torch.compiler.reset()  # compiled graphs and their guards may hold the models: free them for the next row
+    gc.collect()
     if clock.cuda:
         torch.cuda.empty_cache()
     return res
