@@ -166,3 +166,20 @@ def test_ect_sigkill_rerun_equals_uninterrupted_and_samples_without_flags(tmp_pa
 def test_prediction_spec_is_a_consistency_model(teacher: str) -> None:
     spec = EasyConsistencyTuning(teacher=teacher).prediction_spec()
     assert spec["prediction"] == "consistency" and spec["path"]["_target_"] == "gen.paths.EDMPath"
+
+
+def test_edm_teacher_starts_as_its_own_denoiser() -> None:
+    # teacher=edm: ConsistencyPrecond shares EDM's c_in and c_noise, so away from sigma_min it is the EDM denoiser.
+    from gen.models.common import ModelOutput
+    from gen.models.precond import EDMPrecond
+
+    class Net(torch.nn.Module):
+        def forward(self, x, t, y=None):  # noqa: ANN001, ANN202
+            return ModelOutput(out=torch.tanh(x) * t.reshape(-1, 1, 1, 1))
+
+    obj = EasyConsistencyTuning(teacher="edm")
+    f, d = obj.consistency_fn(Net()), EDMPrecond(Net(), 0.5)
+    x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([1.0, 10.0, 80.0], dtype=torch.float64)
+    assert (f(x, sigma).out - d(x, sigma).out).abs().max() < 0.01
+    assert torch.equal(f(x.float(), torch.full((3,), 0.002)).out, x.float())
