@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from eval.generator import Generator
+from gen.snapshot import read_snapshot
 from gen.train.loop import (
     HookContext,
     TrainConfig,
@@ -53,7 +54,7 @@ from gen.train.loop import (
 )
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
-from gen.utils.ckpt import atomic_write
+from gen.utils.ckpt import CheckpointError, atomic_write
 from gen.utils.cli import EXIT_PREEMPTED, CommandError, check_writable_dir, describe_os_error, run_main
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import NonFiniteError, finite_number, nan_settings
@@ -466,6 +467,26 @@ def _data(c: Mapping[str, Any], packages: tuple[str, ...]) -> tuple[Any, Any, di
     return dataset, tokenizer, shape_args
 
 
+
+def _check_start(method: Any, trainer: TrainConfig, c: Mapping[str, Any]) -> None:
+    """An objective that tunes a diffusion snapshot (ECT: ``check_start``) needs ``trainer.init.net``, a finite
+    snapshot of the same dataset and of the teacher kind it expects; otherwise one line (exit 2, 3 non-finite)."""
+    check = getattr(getattr(method, "objective", None), "check_start", None)
+    if check is None:
+        return
+    source = (trainer.init or {}).get("net")
+    if not source:
+        raise ConfigError("this objective tunes a diffusion snapshot: give trainer.init={net: <snapshot.safetensors>} "
+                          "(a flow-matching or EDM snapshot of the same data, e.g. the quick start's)")
+    try:
+        snap = read_snapshot(source, need=("data", "prediction"))
+    except (OSError, CheckpointError) as e:
+        raise ConfigError(f"trainer.init.net: {e}") from e
+    try:
+        check(snap.config, c["data"]["name"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
 def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate.
 
@@ -494,6 +515,8 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
+
+    _check_start(method, trainer, c)
 
     snapshot_meta = {
         "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},

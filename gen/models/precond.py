@@ -129,3 +129,49 @@ class ConsistencyPrecond(nn.Module):
         res: ModelOutput = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
         f = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * res.out.to(torch.float64)
         return dataclasses.replace(res, out=f.to(dtype))
+
+
+class FlowConsistencyPrecond(nn.Module):
+    """A consistency function ``f(x, sigma, y)`` in EDM sigma coordinates around a rectified-flow velocity backbone.
+
+    The flow path (data at t=0) is ``x_t = (1 - t) x0 + t eps`` and the EDM path ``x = x0 + sigma eps``; they carry
+    the same image after rescaling: ``x_t = x / (1 + sigma)`` at ``t = sigma / (1 + sigma)``. The flow teacher's
+    clean-image estimate there is ``D(x, sigma) = x_t - t v(x_t, t) = x / (1 + sigma) - sigma / (1 + sigma) v``.
+    The consistency function shifts the outer coefficients to the boundary, with ``delta = sigma - sigma_min``::
+
+        f(x, sigma) = x / (1 + delta) - delta / (1 + delta) * v(x / (1 + sigma), sigma / (1 + sigma))
+
+    so ``f(x, sigma_min) = x`` exactly and ``f = D`` up to O(sigma_min) elsewhere (the same shift as ECT's
+    ``ECMPrecond``, "Consistency Models Made Easy", locuslab/ect training/networks.py, applied to the flow's own
+    coefficients). A flow snapshot therefore starts ECT as its own denoiser, with no retraining of the time input.
+
+    Args:
+        net: velocity backbone ``forward(x_t, t, y) -> ModelOutput`` trained on ``gen.paths.LinearPath``.
+        sigma_min: the boundary noise level (0.002).
+    """
+
+    def __init__(self, net: nn.Module, sigma_min: float = 0.002) -> None:
+        super().__init__()
+        if not sigma_min > 0 or not math.isfinite(sigma_min):
+            raise ValueError(f"sigma_min must be a positive number, got {sigma_min}")
+        self.net = net
+        self.sigma_min = float(sigma_min)
+
+    def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
+        """``f(x, sigma)`` with the shape of ``x``, float32 (float64 for float64 ``x``); ``sigma`` a float or ``(B,)``."""
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=dtype, device=x.device)
+        if not sigma.is_floating_point():
+            sigma = sigma.to(dtype)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        s_min = float(torch.tensor(self.sigma_min, dtype=sigma.dtype))
+        s = sigma.double()
+        delta = s - s_min
+        bshape = (-1,) + (1,) * (x.ndim - 1)
+        xf = x.to(torch.float64)
+        x_t = xf / (1.0 + s).reshape(bshape)
+        res: ModelOutput = self.net(x_t.to(x.dtype), (s / (1.0 + s)).to(x.dtype), y, **net_kwargs)
+        d = delta.reshape(bshape)
+        f = xf / (1.0 + d) - d / (1.0 + d) * res.out.to(torch.float64)
+        return dataclasses.replace(res, out=f.to(dtype))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from gen.objectives.base import Objective
 from gen.objectives.consistency import ImprovedConsistencyTraining
+from gen.objectives.ect import EasyConsistencyTuning
 from gen.objectives.edm import EDMLoss
 from gen.objectives.flow_matching import FlowMatching
 
-__all__ = ["EDMLoss", "FlowMatching", "ImprovedConsistencyTraining", "Objective"]
+__all__ = ["EDMLoss", "EasyConsistencyTuning", "FlowMatching", "ImprovedConsistencyTraining", "Objective"]
