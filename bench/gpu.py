@@ -48,7 +48,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +63,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+sys.path.insert(0, str(ROOT / "bench"))  # the yardstick harness beside this file (its code_version)
+
+from yardstick import code_version  # noqa: E402
 
 from gen.nn.mlp import swiglu_hidden  # noqa: E402
 from gen.utils.build import build  # noqa: E402
@@ -399,17 +401,6 @@ def bench_fid(args: argparse.Namespace, device: torch.device, clock: Clock, seco
 
 # ----------------------------------------------------------------------------------------------------------
 # Record and tables
-
-def code_version() -> str:
-    """The commit the numbers were measured at (``+dirty`` when tracked code differs, results excluded)."""
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.call(["git", "diff", "--quiet", "HEAD", "--", ".", ":!bench/results", ":!bench/README.md"],
-                                cwd=ROOT)
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def machine(device: torch.device) -> dict[str, Any]:
     """Host, device name, peak bf16 FLOP/s used for MFU, library versions."""

@@ -115,12 +115,7 @@ class ConsistencyPrecond(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
         """``f(x, sigma)`` with the shape of ``x``, float32 (float64 for float64 ``x``); ``sigma`` a float or ``(B,)``."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=dtype, device=x.device)
-        if not sigma.is_floating_point():
-            sigma = sigma.to(dtype)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
+        dtype, sigma = _output_dtype_and_sigma(x, sigma)
         # sigma_min in sigma's precision, then both in float64: the shift is exactly 0 at the boundary.
         s_min = float(torch.tensor(self.sigma_min, dtype=sigma.dtype))
         c_skip, c_out, c_in, c_noise = consistency_coefficients(sigma.double(), self.sigma_data, s_min)
@@ -129,6 +124,16 @@ class ConsistencyPrecond(nn.Module):
         res: ModelOutput = self.net((c_in.reshape(bshape) * xf).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
         f = c_skip.reshape(bshape) * xf + c_out.reshape(bshape) * res.out.to(torch.float64)
         return dataclasses.replace(res, out=f.to(dtype))
+
+
+def _output_dtype_and_sigma(x: Tensor, sigma: Tensor | float) -> tuple[torch.dtype, Tensor]:
+    """The output dtype (float64 for float64 ``x``, else float32) and ``sigma`` as a floating (B,) tensor on ``x``'s
+    device, keeping a given tensor's precision (the boundary shift is computed in it)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=dtype, device=x.device)
+    if not sigma.is_floating_point():
+        sigma = sigma.to(dtype)
+    return dtype, sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
 class FlowConsistencyPrecond(nn.Module):
@@ -159,12 +164,7 @@ class FlowConsistencyPrecond(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
         """``f(x, sigma)`` with the shape of ``x``, float32 (float64 for float64 ``x``); ``sigma`` a float or ``(B,)``."""
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        sigma = sigma.to(x.device) if isinstance(sigma, Tensor) else torch.tensor(float(sigma), dtype=dtype, device=x.device)
-        if not sigma.is_floating_point():
-            sigma = sigma.to(dtype)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
+        dtype, sigma = _output_dtype_and_sigma(x, sigma)
         s_min = float(torch.tensor(self.sigma_min, dtype=sigma.dtype))
         s = sigma.double()
         delta = s - s_min

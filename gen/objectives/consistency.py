@@ -1,6 +1,6 @@
 """Improved consistency training, iCT (Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models").
 
-One step (Sec. 3-5 of the paper; restated in /work/shared/methods/objectives.md section 3.3):
+One step (Sec. 3-5 of the paper; openai/consistency_models ``cm/karras_diffusion.py`` for the parameterisation):
 
 1. ``N = N(k)``: the exponential discretisation curriculum ``N(k) = min(s0 2^floor(k / K'), s1) + 1`` with
    ``K' = floor(K / (log2 floor(s1 / s0) + 1))`` (paper Eq. 12; s0 = 10, s1 = 1280). Here k and K count training
@@ -82,12 +82,15 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
     return (sq + c * c).sqrt() - c
 
 
-def _rng_states(device: torch.device) -> tuple[Tensor, Tensor | None]:
+def rng_states(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """torch's global CPU (and ``device``'s CUDA) RNG states: restored before a second pass so that dropout draws
+    the same mask in the online and the target pass (iCT, ECT)."""
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_states(states: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+def set_rng_states(states: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    """Restore what :func:`rng_states` saved."""
     torch.set_rng_state(states[0])
     if states[1] is not None:
         torch.cuda.set_rng_state(states[1], device)
@@ -178,13 +181,13 @@ class ImprovedConsistencyTraining(Objective):
         x_hi = (x0.double() + s_hi.to(dev).reshape(bshape) * z.double()).float()
         x_lo = (x0.double() + s_lo.to(dev).reshape(bshape) * z.double()).float()
         hi_f, lo_f = s_hi.float().to(dev), s_lo.float().to(dev)
-        states = _rng_states(dev)
+        states = rng_states(dev)
         student = f(x_hi, hi_f, y).out
-        after = _rng_states(dev)
-        _set_rng_states(states, dev)  # the same dropout mask in the teacher pass
+        after = rng_states(dev)
+        set_rng_states(states, dev)  # the same dropout mask in the teacher pass
         with torch.no_grad():
             teacher = f(x_lo, lo_f, y).out.detach()
-        _set_rng_states(after, dev)
+        set_rng_states(after, dev)
         c = pseudo_huber_c(x0[0].numel()) if self.huber_c is None else self.huber_c
         d = pseudo_huber(student.float(), teacher.float(), c)
         weight = (1.0 / (s_hi - s_lo)).float().to(dev)

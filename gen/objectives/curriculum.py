@@ -1,6 +1,5 @@
 """Denoising-task-difficulty curriculum over training times (Kim, Go, Kwon, Kim, ICLR 2025, "Denoising Task
-Difficulty-based Curriculum for Training Diffusion Models", arXiv 2403.10348; notes in
-/work/shared/methods/objectives.md section 4).
+Difficulty-based Curriculum for Training Diffusion Models", arXiv 2403.10348).
 
 The training times are split into ``N`` clusters of *equal probability* under the objective's time sampler (its
 quantiles at k/N), C_1 the lowest times (least noise: hardest) to C_N the highest (most noise: easiest). Stage n

@@ -1,6 +1,6 @@
 """ECT, easy consistency tuning (Geng et al. 2024, "Consistency Models Made Easy"; official code locuslab/ect,
 ``training/loss.py`` ``ECMLoss`` and ``ct_train.py`` / ``training/training_loop.py`` for the stage schedule, read at
-the default branch; ImageNet details from its ``imgnet`` branch). Restated in /work/shared/methods/objectives.md 3.4.
+the default branch, commit 28704113; ImageNet details from its ``imgnet`` branch).
 
 Continuous-time consistency training started from a diffusion snapshot (``trainer.init={net: <snapshot>}``):
 
@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from gen.models.precond import ConsistencyPrecond, FlowConsistencyPrecond
 from gen.objectives.base import Objective, check_label_dropout, drop_labels, mean_flat
-from gen.objectives.consistency import _rng_states, _set_rng_states
+from gen.objectives.consistency import rng_states, set_rng_states
 from gen.paths import EDMPath, LogNormalSigma
 from gen.utils.seed import Randomness
 
@@ -156,16 +156,16 @@ class EasyConsistencyTuning(Objective):
         x_t = (x0.double() + t.reshape(bshape) * eps.double()).float()
         x_r = (x0.double() + r.reshape(bshape) * eps.double()).float()
         f = self.consistency_fn(net)
-        states = _rng_states(dev)
+        states = rng_states(dev)
         student = f(x_t, t.float(), y).out.float()
-        after = _rng_states(dev)
+        after = rng_states(dev)
         target = x0
         if bool((r > 0).any()):
-            _set_rng_states(states, dev)  # the same dropout mask in the target pass
+            set_rng_states(states, dev)  # the same dropout mask in the target pass
             with torch.no_grad():
                 d_r = torch.nan_to_num(f(x_r, r.float().clamp(min=self.sigma_min), y).out.float().detach())
             target = torch.where((r > 0).reshape(bshape), d_r, x0)
-        _set_rng_states(after, dev)
+        set_rng_states(after, dev)
         dist = adaptive_l2(student, target, self.huber_c)
         if self.weighting == "inv_dt":
             weight = 1.0 / (t - r)

@@ -489,10 +489,11 @@ class _Loop:
             check_resume(state, config, self.frozen, resume_keys, path, self.identity, self.cfg.resume_ignore)
             self.init_sources = check_init_sources(state.get("init", {}), self.cfg.init or {}, path)
             self.registry.load_state_dict(state["registry"], str(path))
-            bad = self.registry.non_finite() or self._oversized()
+            non_finite = self.registry.non_finite()
+            bad = non_finite or self._oversized()
             if bad:
                 earlier = [p for _, p in ckpt.list_training_states(self.run_dir) if p != path]
-                what = "non-finite values" if self.registry.non_finite() else "diverged weights"
+                what = "non-finite values" if non_finite else "diverged weights"
                 raise NonFiniteError(
                     f"{path} holds {what} ({shorten(bad)}); training cannot resume from it. "
                     + (f"Delete it to resume from {earlier[-1]}." if earlier else "Delete the run folder to start again.")
