@@ -616,20 +616,22 @@ def _submitit_environment() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run) -> int:
+def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run, exits_after: bool = False) -> int:
     """Run training with expected errors as one line: exit 0 done, 2 bad setting or file, 3 non-finite values,
     75 preempted (``EXIT_PREEMPTED``: the state of the step at the signal is written; run again to resume).
 
     The preemption signals (``trainer.preempt_signals``) are caught only while training runs, here in the process
     that trains, and their previous handlers come back afterwards. A stop passes the signal on to the handler that
     was there before: under submitit that is submitit's, which requeues the job (Hydra's submitit launcher is
-    checkpointable: the requeued job is the same command, which resumes).
+    checkpointable: the requeued job is the same command, which resumes). ``exits_after``: the process exits with
+    the returned code right away (the entry point), so after a stop a repeated signal stays recorded instead of
+    killing it before it can say 75.
     """
     preempt: list[PreemptionSignals] = []
 
     def go() -> int:
         _submitit_environment()
-        with PreemptionSignals(_preempt_signals(cfg)) as signals:
+        with PreemptionSignals(_preempt_signals(cfg), hold_after_stop=exits_after) as signals:
             preempt.append(signals)
             try:
                 runner(cfg, should_stop=signals.requested if signals.numbers else None)  # []: no agreement step
@@ -650,7 +652,7 @@ def main_checked(cfg: DictConfig, runner: Callable[..., Any] = run) -> int:
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "configs"), config_name="train")
 def main(cfg: DictConfig) -> None:
-    code = main_checked(cfg)
+    code = main_checked(cfg, exits_after=True)
     if code:
         sys.exit(code)
 

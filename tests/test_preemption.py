@@ -163,6 +163,23 @@ def test_handlers_only_record_and_are_restored() -> None:
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_hold_after_stop_keeps_recording_a_repeated_signal() -> None:
+    """A process that exits right after a stop must not die of a second SIGTERM in between (exit 75, not -15)."""
+    from gen.utils.preempt import PreemptionSignals
+
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        with PreemptionSignals(["SIGUSR2"], hold_after_stop=True) as p:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)  # after the context: still recorded (the default would end pytest)
+        assert p.count == 2 and p.name == "SIGUSR2"
+        with PreemptionSignals(["SIGUSR2"], hold_after_stop=True):
+            pass  # nothing received: the previous handler comes back
+        assert signal.getsignal(signal.SIGUSR2) == p._handle
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_preempt_signals_setting_is_checked(tmp_path: Path) -> None:
     proc = run_train(tmp_path, "bad", ["trainer.preempt_signals=[SIGKILL]"], check=False)
     assert proc.returncode == 2 and "preempt_signals" in proc.stderr, proc.stderr[-2000:]
