@@ -28,7 +28,9 @@ RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 MARKER = re.compile(r"(<!-- tables\.py: (?P<name>[\w/.-]+) -->\n)(?P<body>.*?)(<!-- /tables\.py -->)", re.DOTALL)
 # Bench name -> the module that declares it (rows, variants and labels in the order the tables use).
-BENCH_MODULES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment"}
+BENCH_MODULES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment",
+                 "consistency": "yardstick_consistency", "curriculum": "yardstick_curriculum",
+                 "scoreaug": "yardstick_scoreaug"}
 
 Records = dict[str, list[dict[str, Any]]]
 
@@ -316,6 +318,32 @@ def reach(records: Records, bench: str, baseline: str, variant: str = "euler20")
     return table(header, rows)
 
 
+def few_step(records: Records, bench: str = "consistency") -> str:
+    """``bench/yardstick_consistency.py``: FID by network evaluations per image. The teacher (Euler at 1-20 steps,
+    its last point) and, at each of their points, the consistency students at 1 and 2 steps; the training images
+    of ECT count on top of the teacher's. Wall time per image at the fewest steps."""
+    spec = bench_spec(bench)
+    recs = evals(records.get(bench, []))
+    variants = {v.name: v for v in spec.variants}
+    nfes = sorted({variants[r["variant"]].nfe for r in recs if r["variant"] in variants})
+    header = ["row", "training images", *[f"FID, NFE {n}" for n in nfes], "ms / image at the fewest NFE (wall)"]
+    rows = []
+    for row in spec.rows:
+        mine = [r for r in recs if r["method"] == row.method and r["variant"] in variants]
+        base = 0.0
+        if row.init_from is not None:
+            start = [r for r in recs if r["method"] == row.init_from]
+            base = max((r["kimg"] for r in start), default=0.0)
+        for k in sorted({r["kimg"] for r in mine}):
+            at = [r for r in mine if r["kimg"] == k]
+            cells = [fmt_seeds(by_seed([r for r in at if variants[r["variant"]].nfe == n], "fid")) for n in nfes]
+            fewest = min(variants[r["variant"]].nfe for r in at)
+            ms = mean_or_blank((r["sec_per_image"] for r in at if variants[r["variant"]].nfe == fewest), 2, 1000)
+            images = f"{base:g}k + {k:g}k" if base else f"{k:g}k"
+            rows.append([_label(row), images, *cells, ms])
+    return table(header, rows)
+
+
 def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
     """``bench/yardstick_tokenizers.py``: per row its latent channels, VF loss, the tokenizer's rFID / PSNR / SSIM and
     the generation FID of the generator trained on its latents at every point (Euler 20, no guidance; mean and each
@@ -444,6 +472,30 @@ def _sharing(records: Records) -> tuple[str, str] | None:
     return f"{speed:.2f}x faster at 10 of 20 encoder passes; FID {out[0]}", "yes" if out[1] != "no" else "no"
 
 
+def _within(bench: str, method: str, variant: str, baseline: str, base_variant: str,
+            factor: float) -> Callable[[Records], tuple[str, str] | None]:
+    """``method``'s final FID with ``variant`` within ``factor`` times ``baseline``'s with ``base_variant`` (per seed)."""
+
+    def measure(records: Records) -> tuple[str, str] | None:
+        a = final_fids(records, bench, method, variant)
+        b = final_fids(records, bench, baseline, base_variant)
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            return None
+        ratios = [a[s] / b[s] for s in seeds]
+        verdict = "yes" if max(ratios) <= factor else "no" if min(ratios) > factor else "within seed spread"
+        text = (f"FID {statistics.mean(a[s] for s in seeds):.1f} vs {statistics.mean(b[s] for s in seeds):.1f}: "
+                f"{statistics.mean(ratios):.2f}x ({' / '.join(f'{x:.2f}' for x in ratios)}; aim <= {factor:g}x)")
+        return text, verdict
+
+    return measure
+
+
+def _better_variants(records: Records, bench: str, a: tuple[str, str], b: tuple[str, str]) -> tuple[str, str] | None:
+    out = compare(final_fids(records, bench, *a), final_fids(records, bench, *b))
+    return None if out is None else (f"FID {out[0]} ({a[0]} {a[1]} vs {b[0]} {b[1]}, final point)", out[1])
+
+
 CLAIMS: tuple[Claim, ...] = (
     Claim("LightningDiT", "Yao et al. 2025", "the LightningDiT recipe (SwiGLU, RMSNorm, RoPE, logit-normal t, "
           "direction loss) converges much faster than DiT", _faster("backbones", "lightningdit", "dit", 0.5),
@@ -468,7 +520,18 @@ CLAIMS: tuple[Claim, ...] = (
           "generation at the largest channel count", _better("yardstick_tokenizers", "vavae_f4d64", "kl_f4d64")),
     Claim("REPA on LightningDiT", "Yao et al. 2025; Yu et al. 2025", "alignment helps the stronger recipe too",
           _better("alignment", "lightningdit_repa", "lightningdit")),
+    Claim("ECT", "Geng et al. 2024", "tuning a diffusion model into a consistency model gives 2-step samples near the "
+          "diffusion model's many-step quality at a fraction of its training (aim: 2 steps within 1.5x of the "
+          "teacher's Euler 20 FID after a third of its images)",
+          _within("consistency", "ect", "cm2", "dit", "euler20", 1.5)),
+    Claim("iCT", "Song & Dhariwal 2023", "consistency training from scratch samples in 2 steps better than a "
+          "diffusion model of the same training does in 2 steps", lambda r: _better_variants(
+              r, "consistency", ("ict", "cm2"), ("dit", "euler2"))),
+    Claim("Curriculum", "Kim et al. 2025", "training easy (high-noise) timesteps first converges faster",
+          _faster("curriculum", "curriculum", "dit", 0.8)),
 )
+
+
 
 
 def claims(records: Records) -> str:
@@ -494,6 +557,10 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "alignment/fid_vs_kimg": lambda r: fid_vs_kimg(r, "alignment"),
     "alignment/reach": lambda r: reach(r, "alignment", "dit"),
     "tokenizers": lambda r: tokenizers(r, "yardstick_tokenizers"),
+    "consistency/few_step": lambda r: few_step(r, "consistency"),
+    "curriculum/fid_vs_kimg": lambda r: fid_vs_kimg(r, "curriculum"),
+    "curriculum/reach": lambda r: reach(r, "curriculum", "dit"),
+    "curriculum/quickstart": lambda r: at_last_point(r, "curriculum", "qs"),
 }
 
 

@@ -100,6 +100,8 @@ class Variant:
         methods: the rows it applies to (None = every row).
         at: evaluated at every kimg point ("all") or at the last one only ("last").
         label: what the tables call it.
+        sampler: a whole ``pipeline.SamplerSpec`` config used instead of Euler (the consistency sampler); ``steps``
+            is then its number of network evaluations.
     """
 
     name: str
@@ -110,6 +112,7 @@ class Variant:
     methods: tuple[str, ...] | None = None
     at: Literal["all", "last"] = "all"
     label: str = ""
+    sampler: Mapping[str, Any] | None = None
 
     @property
     def nfe(self) -> int:
@@ -124,7 +127,10 @@ class Variant:
         return len(range(0, self.steps, n)) if kind == "rate" else n
 
     def definition(self) -> dict[str, Any]:
-        return {"steps": self.steps, "scale": self.scale, "interval": self.interval, "sharing": self.sharing}
+        out = {"steps": self.steps, "scale": self.scale, "interval": self.interval, "sharing": self.sharing}
+        if self.sampler is not None:  # only then: the stored records' keys of Euler variants stay as they were
+            out["sampler"] = json.loads(json.dumps(self.sampler))
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,13 +150,17 @@ class Row:
 
     ``run_group`` names the folder group the run trains in (default: the bench's name); rows of several benches with
     the same overrides set it to one group so the configuration is trained once (the alignment table's plain DiT
-    and LightningDiT rows are the backbone table's runs).
+    and LightningDiT rows are the backbone table's runs). ``kimg`` gives the row its own evaluation points (default:
+    the bench's). ``init_from`` names another row of the bench whose last snapshot of the same seed the run starts
+    from (``trainer.init.net``; ECT tunes the quick start's snapshot): that row is trained first.
     """
 
     method: str
     overrides: tuple[str, ...]
     label: str = ""
     run_group: str | None = None
+    kimg: tuple[float, ...] | None = None
+    init_from: str | None = None
 
 
 # The protocol's samplers: Euler 20 without guidance at every point, the quick start's sampler at the last.
@@ -195,6 +205,7 @@ class Run:
     seed: int
     kimg: tuple[float, ...]
     runs: Path
+    init: Path | None = None  # the snapshot the network starts from (Row.init_from)
 
     @property
     def run_dir(self) -> Path:
@@ -207,7 +218,7 @@ class Run:
             f"run_dir={self.run_dir}", f"trainer.total_kimg={_kimg_str(max(self.kimg))}",
             f"trainer.snapshot_kimg={_kimg_str(snapshot_interval(self.kimg))}", "eval=none", "preview.images=0",
             "trainer.progress=false", "trainer.tensorboard=false",
-        ]
+        ] + ([f"trainer.init.net={self.init}"] if self.init is not None else [])
 
     def snapshot_at(self, kimg: float) -> Path | None:
         """The snapshot written when training passed ``kimg`` (the first at or after it), or None."""
@@ -357,6 +368,8 @@ def sampler_config(variant: Variant, gen: Any, run_dir: Path, snapshot: Path) ->
     snapshot (``sharing-<snapshot>-<variant>.json``); the sampler reads it back through ``sharing: {schedule}``.
     """
     interval = variant.interval
+    if variant.sampler is not None:
+        return json.loads(json.dumps(variant.sampler)), {}
     if variant.sharing is None:
         return euler_config(variant.steps, variant.scale, interval), {}
     kind, n = variant.sharing
@@ -522,11 +535,41 @@ def _eval_key(bench: str, row: Row, seed: int, kimg: float, variant: Variant, nu
         [list(row.overrides), variant.definition()])
 
 
+def row_kimg(row: Row, args_kimg: str | Sequence[float]) -> tuple[float, ...]:
+    """The row's evaluation points: its own, else the command line's (the bench's by default)."""
+    if row.kimg is not None:
+        return tuple(row.kimg)
+    return tuple(float(k) for k in (_split(args_kimg) if isinstance(args_kimg, str) else args_kimg))
+
+
+def make_run(bench: Bench, row: Row, seed: int, args_kimg: str | Sequence[float], runs: Path,
+             train_first: int | None = None) -> Run:
+    """The run of (row, seed); with ``init_from`` its start snapshot is the named row's last one of the same seed,
+    trained first when ``train_first`` (threads) is given, else its future path (for estimates)."""
+    init = None
+    if row.init_from is not None:
+        rows = {r.method: r for r in bench.rows}
+        if row.init_from not in rows:
+            raise ValueError(f"row {row.method!r} starts from {row.init_from!r}, which is not a row of {bench.name}")
+        teacher = make_run(bench, rows[row.init_from], seed, args_kimg, runs, train_first)
+        if train_first is not None:
+            teacher.train(train_first)
+        init = teacher.snapshot_at(max(teacher.kimg))
+        if init is None:
+            if train_first is not None:
+                raise SystemExit(f"{row.method}-s{seed} starts from {teacher.run_dir}, which has no snapshot at "
+                                 f"{max(teacher.kimg):g} kimg; train it first (drop --skip-train)")
+            init = teacher.run_dir / f"snapshot-{int(round(max(teacher.kimg) * 1000)):09d}.safetensors"
+    return Run(bench.name, row, seed, row_kimg(row, args_kimg), runs, init)
+
+
 def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> None:
     """Train (or resume) one (row, seed) and compute its missing records."""
     store = Store(args.results / f"{bench.name}.json")
-    kimg = tuple(float(k) for k in _split(args.kimg))
-    run = Run(bench.name, row, seed, kimg, args.runs.resolve())
+    run = make_run(bench, row, seed, args.kimg, args.runs.resolve(), None if args.skip_train else args.threads)
+    kimg = run.kimg
+    if row.kimg is not None and args.kimg != ",".join(map(_kimg_str, bench.kimg)):
+        kimg = tuple(k for k in kimg if k in row_kimg(Row("", ()), args.kimg))  # --kimg picks among the row's points
     wanted = [v for v in bench.variants if v.name in _split(args.variants)
               and (v.methods is None or row.method in v.methods)]
     jobs = [(k, v) for v in wanted for k in (kimg if v.at == "all" else (max(kimg),))]

@@ -41,7 +41,8 @@ if str(BENCH_DIR) not in sys.path:
 import yardstick  # noqa: E402
 
 # The harness benches in the order they run (the backbone runs first: alignment reuses two of them).
-HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment", "scoreaug": "yardstick_scoreaug"}
+HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment", "consistency": "yardstick_consistency",
+                   "curriculum": "yardstick_curriculum", "scoreaug": "yardstick_scoreaug"}
 # Benches with their own driver, run after the harness benches with --jobs; each has --estimate.
 DRIVER_BENCHES = {"tokenizers": "bench/yardstick_tokenizers.py"}
 
@@ -95,7 +96,7 @@ def plan(args: argparse.Namespace) -> list[Task]:
         store = yardstick.Store(args.results / f"{bench.name}.json")
         for seed in bench.seeds:
             for row in bench.rows:
-                run = yardstick.Run(bench.name, row, seed, tuple(bench.kimg), args.runs.resolve())
+                run = yardstick.make_run(bench, row, seed, bench.kimg, args.runs.resolve())
                 tasks.append(Task(bench, run, run.remaining_kimg(), missing_evals(bench, run, args.num_images, store)))
     return tasks
 
@@ -133,9 +134,14 @@ def _env(args: argparse.Namespace) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
 
 
+def folders(task: Task) -> set[Path]:
+    """The run folders a worker trains in: its own, and the one its start snapshot comes from (trained first)."""
+    return {task.run.run_dir} | ({task.run.init.parent} if task.run.init is not None else set())
+
+
 def pick(pending: Sequence[Task], busy: set[Path]) -> Task | None:
-    """The first pending worker whose run folder no running worker holds (None: wait)."""
-    return next((t for t in pending if t.run.run_dir not in busy), None)
+    """The first pending worker none of whose run folders a running worker holds (None: wait)."""
+    return next((t for t in pending if not folders(t) & busy), None)
 
 
 def run_tasks(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
@@ -144,13 +150,13 @@ def run_tasks(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
     running: list[tuple[Task, subprocess.Popen, object]] = []
     failed = []
     while pending or running:
-        busy = {t.run.run_dir for t, _, _ in running}
+        busy = set().union(*(folders(t) for t, _, _ in running))
         while len(running) < args.jobs:
             nxt = pick(pending, busy)
             if nxt is None:
                 break
             pending.remove(nxt)
-            busy.add(nxt.run.run_dir)
+            busy |= folders(nxt)
             log = args.runs.resolve() / nxt.bench.name / f"{nxt.run.row.method}-s{nxt.run.seed}.worker.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, nxt.bench.script, f"--methods={nxt.run.row.method}", f"--seeds={nxt.run.seed}",

@@ -221,3 +221,45 @@ def test_claim_verdicts_follow_the_seed_ranges() -> None:
     reg = next(line for line in text.splitlines() if line.startswith("| REG |"))
     assert "within seed spread" in reg
     assert "not measured yet" in next(line for line in text.splitlines() if line.startswith("| DDT |"))
+
+
+def test_consistency_plan_starts_ect_from_the_teachers_last_snapshot(tmp_path: Path) -> None:
+    import argparse
+
+    import yardstick_all
+
+    args = argparse.Namespace(benches=["consistency"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    by_name = {t.name: t for t in yardstick_all.plan(args)}
+    teacher, ect, ict = (by_name[f"consistency/{m}-s1"] for m in ("dit", "ect", "ict"))
+    # The teacher is the backbone table's run (its snapshots every 16k stay); ECT tunes its 96k snapshot of the seed.
+    assert teacher.run.run_dir == tmp_path / "runs" / "backbones" / "dit-s1"
+    assert ect.run.init == teacher.run.run_dir / "snapshot-000096000.safetensors"
+    assert f"trainer.init.net={ect.run.init}" in ect.run.train_command()
+    assert "trainer.snapshot_kimg=16" in teacher.run.train_command() and ict.run.init is None
+    assert (teacher.train_kimg, ect.train_kimg, ict.train_kimg) == (96.0, 32.0, 96.0)
+    # Euler 1/2/4/8/20 on the teacher at its last point; 1 and 2 consistency steps at each of the students' points.
+    assert (teacher.evals, ect.evals, ict.evals) == (5, 2 * 3, 2 * 4)
+    # ECT waits while a worker holds the teacher's folder.
+    assert yardstick_all.pick([ect, ict], {teacher.run.run_dir}) is ict
+    assert yardstick_all.pick([ect], set()) is ect
+
+
+def test_a_variant_with_its_own_sampler_is_used_as_given() -> None:
+    import yardstick_consistency
+
+    cm2 = next(v for v in yardstick_consistency.VARIANTS if v.name == "cm2")
+    sampler, facts = yardstick.sampler_config(cm2, None, Path("."), Path("x.safetensors"))
+    assert sampler["grid"] == {"_target_": "samplers.consistency_grid", "sigmas": [0.821]} and facts == {}
+    assert cm2.nfe == 2 and cm2.definition()["sampler"] == sampler
+    # Euler variants keep the definition (and so the record keys) they had before variants could carry a sampler.
+    assert yardstick.EULER20.definition() == {"steps": 20, "scale": 1.0, "interval": None, "sharing": None}
+    from pipeline import SamplerSpec
+
+    assert SamplerSpec.from_config(sampler).steps == 2
+
+
+def test_a_row_starting_from_an_unknown_row_is_refused(tmp_path: Path) -> None:
+    bench = yardstick.Bench("b", "", (yardstick.Row("s", (), init_from="nope"),), (yardstick.EULER20,))
+    with pytest.raises(ValueError, match="'nope', which is not a row of b"):
+        yardstick.make_run(bench, bench.rows[0], 0, "96", tmp_path)
