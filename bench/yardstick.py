@@ -321,8 +321,22 @@ def _digest(obj: Any) -> str:
 def machine() -> dict[str, Any]:
     """Where and under what load a number was measured (timings on a shared machine move with the load)."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(), "cores": os.cpu_count(),
+            # The kernels' instruction set: records of hosts with different ones differ by float rounding, which
+            # a training run amplifies into seed-noise-sized differences (README, the quick start's note).
+            "isa": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "load_1min": round(load[0], 2), "torch": torch.__version__}
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def code_version() -> str:
