@@ -218,7 +218,7 @@ class Run:
             f"run_dir={self.run_dir}", f"trainer.total_kimg={_kimg_str(max(self.kimg))}",
             f"trainer.snapshot_kimg={_kimg_str(snapshot_interval(self.kimg))}", "eval=none", "preview.images=0",
             "trainer.progress=false", "trainer.tensorboard=false",
-        ] + ([f"trainer.init.net={self.init}"] if self.init is not None else [])
+        ] + ([f"++trainer.init.net={self.init}"] if self.init is not None else [])
 
     def snapshot_at(self, kimg: float) -> Path | None:
         """The snapshot written when training passed ``kimg`` (the first at or after it), or None."""

@@ -235,7 +235,7 @@ def test_consistency_plan_starts_ect_from_the_teachers_last_snapshot(tmp_path: P
     # The teacher is the backbone table's run (its snapshots every 16k stay); ECT tunes its 96k snapshot of the seed.
     assert teacher.run.run_dir == tmp_path / "runs" / "backbones" / "dit-s1"
     assert ect.run.init == teacher.run.run_dir / "snapshot-000096000.safetensors"
-    assert f"trainer.init.net={ect.run.init}" in ect.run.train_command()
+    assert f"++trainer.init.net={ect.run.init}" in ect.run.train_command()
     assert "trainer.snapshot_kimg=16" in teacher.run.train_command() and ict.run.init is None
     assert (teacher.train_kimg, ect.train_kimg, ict.train_kimg) == (96.0, 32.0, 96.0)
     # Euler 1/2/4/8/20 on the teacher at its last point; 1 and 2 consistency steps at each of the students' points.
