@@ -15,9 +15,11 @@ the raw weights ``module.<name>`` or an EMA copy, ``state_key``).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,12 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from gen.ema import phema_name
 from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, load_training_state, save_snapshot
 from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
-__all__ = ["combine", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names"]
+__all__ = ["combine", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
+           "phema_snapshots"]
 
 
 def buffer_names(reference: str | os.PathLike) -> list[str]:
@@ -42,8 +46,6 @@ def buffer_names(reference: str | os.PathLike) -> list[str]:
 
 def snapshot_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a snapshot without reading its tensors (cheap: for listing a run's snapshots)."""
-    import json
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"snapshot {path} does not exist")
@@ -155,9 +157,39 @@ def combine(
         raise NonFiniteError(f"the combination of {len(paths)} checkpoints has non-finite weights ({shorten(bad)}); "
                              "the coefficients are too large for float32. Bound them (smaller --max-norm)")
     if out is not None:
-        meta = {k: v for k, v in ref_config.items() if k not in ("ema", "averaging")}
+        meta = {k: v for k, v in ref_config.items() if k not in ("ema", "ema_spec", "averaging")}
         meta["ema"] = str((averaging or {}).get("name", "combined"))
         meta["averaging"] = {**dict(averaging or {}), "sources": records, "state_key": state_key,
                              "reference": {"name": ref_path.name, "sha256": file_sha256(ref_path)}}
         save_snapshot(out, result, meta)
     return result
+
+
+@dataclass(frozen=True)
+class StoredAverage:
+    """One power-function EMA snapshot of a run: file, images and optimizer steps when written, width."""
+
+    path: Path
+    nimg: int
+    step: int
+    sigma_rel: float
+
+
+def phema_snapshots(run_dir: str | os.PathLike) -> list[StoredAverage]:
+    """Every snapshot of ``run_dir`` written by a :class:`gen.ema.PowerFunctionEMA`, sorted by (step, sigma_rel).
+
+    Only the metadata is read; the width comes from the profile name (``ema``) and the averaging spec (``ema_spec``).
+    """
+    found = []
+    for path in sorted(Path(run_dir).glob("snapshot-*.safetensors")):
+        meta = snapshot_metadata(path)
+        spec = meta.get("ema_spec")
+        if not isinstance(spec, Mapping) or spec.get("_target_") != "gen.ema.PowerFunctionEMA":
+            continue
+        widths = {phema_name(float(s)): float(s) for s in spec.get("sigma_rels", [])}
+        name, nimg, step = meta.get("ema"), meta.get("nimg"), meta.get("step")
+        if name not in widths or not isinstance(nimg, int) or not isinstance(step, int) or step < 1:
+            raise CheckpointError(f"{path}: its metadata (ema={name!r}, nimg={nimg!r}, step={step!r}) does not "
+                                  "describe a power-function EMA snapshot; the file is damaged or edited")
+        found.append(StoredAverage(path, nimg, step, widths[name]))
+    return sorted(found, key=lambda s: (s.step, s.sigma_rel))

@@ -1,15 +1,32 @@
-"""Checkpoint averaging: the combiner (streamed float64 sum of saved checkpoints, written as a snapshot)."""
+"""Checkpoint averaging: the combiner (streamed float64 sum of saved checkpoints, written as a snapshot), EDM2's
+power-function EMA and its post-hoc reconstruction, and the LCSC search."""
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from scipy.integrate import quad
 
 from gen.averaging import combine, read_weights
+from gen.ema import (
+    PowerFunctionEMA,
+    gamma_to_sigma_rel,
+    posthoc_coefficients,
+    power_inner_product,
+    sigma_rel_to_gamma,
+)
 from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, save_snapshot, save_training_state
 from gen.utils.finite import NonFiniteError
+from scripts.posthoc_ema import main as posthoc_main
+from tests.conftest import ROOT, Background, kill_mid_run, run_train, subprocess_env, train_command
+from tests.test_train import _final_state, _max_diff
 
 SHAPES = {"w": (4, 3), "b": (3,), "norm.scale": (5,)}
 META = {"model": {"_target_": "gen.models.dit.DiT", "depth": 1}, "data": {"name": "digits"}, "ema": "d0.9"}
@@ -96,3 +113,122 @@ def test_refuses_non_finite_coefficients_and_weights(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteError, match="the combination of 2 checkpoints has non-finite weights"):
         combine(paths, [1e300, -1e300 / 3], paths[0], out)
     assert not out.exists()
+
+
+# ---- power-function EMA -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma_rel", [0.005, 0.05, 0.10, 0.2, 0.29])
+def test_sigma_rel_gamma_round_trip(sigma_rel: float) -> None:
+    gamma = sigma_rel_to_gamma(sigma_rel)
+    assert gamma > (math.sqrt(5) - 3) / 2  # the branch where a wider profile has a smaller exponent
+    assert abs(gamma_to_sigma_rel(gamma) - sigma_rel) < 1e-12
+    # The definition: the profile's standard deviation relative to the training time t (numerical, on t = 1).
+    mass = quad(lambda u: u**gamma, 0, 1)[0]
+    mean = quad(lambda u: u ** (gamma + 1), 0, 1)[0] / mass
+    var = quad(lambda u: (u - mean) ** 2 * u**gamma, 0, 1)[0] / mass
+    assert abs(math.sqrt(var) - sigma_rel) < 1e-7
+    for g in (0.0, 3.5, 16.97, 200.0):
+        assert abs(sigma_rel_to_gamma(gamma_to_sigma_rel(g)) - g) < 1e-8 * max(1.0, g)
+    with pytest.raises(ValueError, match=r"sigma_rel=0.31 must lie in \(0, 0.300"):
+        sigma_rel_to_gamma(0.31)
+
+
+def test_power_profile_weights_are_the_continuous_profile_mass() -> None:
+    # A net whose weight is the step number: the EMA after t steps is sum_s w_s * s, with w_s the profile's mass on
+    # [s - 1, s], i.e. (s^(g+1) - (s-1)^(g+1)) / t^(g+1).
+    net = torch.nn.Linear(1, 1, bias=False).double()
+    ema = PowerFunctionEMA(net, sigma_rels=[0.1])
+    g = sigma_rel_to_gamma(0.1)
+    for s in range(1, 41):
+        net.weight.data.fill_(float(s))
+        ema.update(net, nimg=(s - 1) * 8, batch_size=8)
+    t = 40
+    want = sum((s ** (g + 1) - (s - 1) ** (g + 1)) / t ** (g + 1) * s for s in range(1, t + 1))
+    assert abs(float(ema.averaged().weight) - want) < 1e-10
+    assert ema.names == ["phema0.1"] and ema.spec == {"_target_": "gen.ema.PowerFunctionEMA", "sigma_rels": [0.1]}
+
+
+def test_inner_products_match_numerical_integration() -> None:
+    def profile(t: float, g: float) -> Callable[[float], float]:
+        return lambda u: (g + 1) * u**g / t ** (g + 1) if u <= t else 0.0
+
+    for (ta, sa), (tb, sb) in [((100, 0.05), (300, 0.1)), ((300, 0.1), (100, 0.05)), ((250, 0.2), (250, 0.03)),
+                               ((1000, 0.08), (700, 0.15))]:
+        ga, gb = sigma_rel_to_gamma(sa), sigma_rel_to_gamma(sb)
+        pa, pb = profile(ta, ga), profile(tb, gb)
+        want = quad(lambda u, pa=pa, pb=pb: pa(u) * pb(u), 0, min(ta, tb), epsabs=0, epsrel=1e-12, limit=200)[0]
+        got = float(power_inner_product(np.array(ta), np.array(sa), np.array(tb), np.array(sb)))
+        assert abs(got - want) <= 1e-9 * want, (ta, sa, tb, sb)
+
+
+def test_posthoc_solve_of_a_stored_profile_is_one_hot() -> None:
+    t = [64, 128, 192, 256] * 2
+    s = [0.05] * 4 + [0.10] * 4
+    for k in range(len(t)):
+        x = posthoc_coefficients(t, s, [t[k]], [s[k]])[:, 0]
+        assert np.abs(x - np.eye(len(t))[k]).max() < 1e-6, (k, x)
+    x = posthoc_coefficients(t, s, [256, 256], [0.03, 0.08])
+    assert np.allclose(x.sum(axis=0), 1.0, rtol=0, atol=1e-12)
+
+
+PHEMA = ["ema=phema", "trainer.snapshot_kimg=0.128"]
+
+
+def _posthoc(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """``python -m scripts.posthoc_ema ARGS`` in this process: (exit status, stderr)."""
+    code = posthoc_main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_phema_sigkill_rerun_equals_uninterrupted(tmp_path: Path) -> None:
+    straight = Background(train_command(tmp_path, "straight", PHEMA), tmp_path / "straight.log")
+    run = tmp_path / "killed"
+    assert kill_mid_run(train_command(tmp_path, "killed", PHEMA), run, 256) < 512
+    straight.wait()
+    resumed = run_train(tmp_path, "killed", PHEMA)
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    a, b = _final_state(tmp_path / "straight")["registry"], _final_state(run)["registry"]
+    assert set(a["ema.net"]) == {f"copies.phema0_05.{k}" for k in a["module.net"]} | {
+        f"copies.phema0_1.{k}" for k in a["module.net"]}
+    for k in ("module.net", "ema.net"):
+        assert _max_diff(a[k], b[k]) <= 1e-6, k
+    names = sorted(p.name for p in run.glob("snapshot-*.safetensors"))
+    assert names == sorted(p.name for p in (tmp_path / "straight").glob("snapshot-*.safetensors"))
+    assert "snapshot-000000512-phema0.1.safetensors" in names and len(names) == 8
+
+
+def test_posthoc_of_a_run_whose_weights_never_changed_gives_those_weights(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    run_train(tmp_path, "still", PHEMA + ["optim.lr=0"])
+    run = tmp_path / "still"
+    raw = _final_state(run)["registry"]["module.net"]
+    code, err = _posthoc(capsys, str(run), "--sigma-rel", "0.03,0.08", "--at-kimg", "0.256,0.512")
+    assert code == 0, err
+    outs = sorted(run.glob("posthoc-*.safetensors"))
+    assert [p.name for p in outs] == [f"posthoc-000000{k}-sigma{s}.safetensors" for k in (256, 512)
+                                      for s in ("0.03", "0.08")]
+    for out in outs:
+        tensors, meta = load_snapshot(out)
+        assert _max_diff(tensors, raw) <= 1e-6, out.name
+        rec = meta["averaging"]
+        assert rec["method"] == "posthoc_ema" and abs(sum(s["coefficient"] for s in rec["sources"]) - 1) < 1e-9
+        assert meta["ema"] == f"posthoc{rec['sigma_rel']:g}" and "ema_spec" not in meta
+    assert len(load_snapshot(outs[-1])[1]["averaging"]["sources"]) == 8  # both widths at 4 times
+    samples = subprocess.run([sys.executable, "sample.py", f"snapshot={outs[-1]}", f"outdir={tmp_path / 's'}",
+                              "seeds=0-1"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert samples.returncode == 0, samples.stderr[-2000:]
+
+    # Refusals: one line, naming the time or the run and the fix; nothing written.
+    code, err = _posthoc(capsys, str(run), "--sigma-rel", "0.03", "--at-kimg", "0.3", "--out-dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1
+    assert "no power-function EMA snapshot at kimg 0.3 (it has kimg 0.128, 0.256, 0.384, 0.512)" in err
+    code, err = _posthoc(capsys, str(run), "--sigma-rel", "0.03", "--at-kimg", "0.128", "--out-dir", str(tmp_path / "o"))
+    assert code == 2 and "at only 1 time(s) up to kimg 0.128" in err and "trainer.snapshot_kimg" in err
+    code, err = _posthoc(capsys, str(run), "--sigma-rel", "0.4")
+    assert code == 2 and "--sigma-rel: sigma_rel=0.4 must lie in (0, 0.3003)" in err
+    classic = tmp_path / "classic"
+    save_snapshot(classic / "snapshot-000000064.safetensors", _weights(0), {**META, "ema_spec": {"_target_": "gen.ema.EMA"}})
+    code, err = _posthoc(capsys, str(classic), "--sigma-rel", "0.03")
+    assert code == 2 and "holds no power-function EMA snapshots; train the run with ema=phema" in err
+    assert not list((tmp_path / "o").glob("*.safetensors"))
