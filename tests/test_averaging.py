@@ -3,6 +3,7 @@ power-function EMA and its post-hoc reconstruction, and the LCSC search."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 from scipy.integrate import quad
 
+from distill.lcsc import SearchSettings, constrain, ema_coefficients, initial_population, search
 from gen.averaging import combine, read_weights
 from gen.ema import (
     PowerFunctionEMA,
@@ -232,3 +234,69 @@ def test_posthoc_of_a_run_whose_weights_never_changed_gives_those_weights(tmp_pa
     code, err = _posthoc(capsys, str(classic), "--sigma-rel", "0.03")
     assert code == 2 and "holds no power-function EMA snapshots; train the run with ema=phema" in err
     assert not list((tmp_path / "o").glob("*.safetensors"))
+
+
+# ---- LCSC search ------------------------------------------------------------------------------------------------
+
+TARGET = np.array([-0.4, 0.3, 0.1, 1.2, -0.2])  # sums to 1, norm 1.37: inside the bounds
+
+
+def _quadratic(calls: list[np.ndarray] | None = None, die_after: int | None = None) -> Callable[[np.ndarray], float]:
+    """A closed-form fitness with its minimum at TARGET (a stand-in for FID); optionally 'killed' after some calls."""
+
+    def fitness(alpha: np.ndarray) -> float:
+        if calls is not None:
+            calls.append(alpha.copy())
+            if die_after is not None and len(calls) > die_after:
+                raise KeyboardInterrupt("killed")
+        return float(((alpha - TARGET) ** 2).sum())
+
+    return fitness
+
+
+def test_constraints_and_ema_vectors() -> None:
+    for d in (0.5, 0.9):
+        a = ema_coefficients(6, d)
+        assert abs(a.sum() - 1) < 1e-15 and np.all(np.diff(a[1:]) > 0) and a[-1] == 1 - d
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = constrain(rng.normal(0, 10, 7), 2.0)
+        assert abs(a.sum() - 1) < 1e-12 and np.linalg.norm(a) <= 2.0 + 1e-12
+    inside = constrain(TARGET, 5.0)
+    assert np.array_equal(inside, TARGET + (1 - TARGET.sum()) / 5)  # only the float64 sum correction
+    with pytest.raises(ValueError, match=r"max_norm=0.1 must be finite and at least 1/sqrt\(n\)"):
+        search(5, _quadratic(), SearchSettings(max_norm=0.1))
+    with pytest.raises(ValueError, match="at least 2 checkpoints"):
+        search(1, _quadratic())
+
+
+def test_lcsc_same_seed_same_alpha_and_it_improves_on_the_initial_population() -> None:
+    s = SearchSettings(population=10, generations=12, mutation_std=0.2, seed=3)
+    calls: list[np.ndarray] = []
+    a = search(5, _quadratic(calls), s)
+    b = search(5, _quadratic(), s)
+    assert np.array_equal(a.alpha, b.alpha) and a.fitness == b.fitness and a.history == b.history
+    assert abs(a.alpha.sum() - 1) < 1e-12 and np.linalg.norm(a.alpha) <= s.max_norm
+    first = min(_quadratic()(v) for v in initial_population(5, s))
+    assert a.fitness < 0.5 * first  # the search beats every EMA-like start on this fitness
+    assert a.evaluations == len({tuple(c) for c in calls}) == len(calls)  # the cache: nothing scored twice
+    assert [h["best"] for h in a.history] == sorted((h["best"] for h in a.history), reverse=True)  # elitism
+    c = search(5, _quadratic(), dataclasses.replace(s, seed=4))
+    assert not np.array_equal(a.alpha, c.alpha)
+
+
+def test_lcsc_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    s = SearchSettings(population=8, generations=6, seed=1)
+    straight = search(5, _quadratic(), s, tmp_path / "straight.json")
+    state = tmp_path / "killed.json"
+    for die_after in (13, 29):  # killed twice, mid-generation
+        with pytest.raises(KeyboardInterrupt):
+            search(5, _quadratic([], die_after), s, state)
+    calls: list[np.ndarray] = []
+    resumed = search(5, _quadratic(calls), s, state)
+    assert np.array_equal(resumed.alpha, straight.alpha) and resumed.fitness == straight.fitness
+    assert resumed.history == straight.history and resumed.evaluations == straight.evaluations
+    assert len(calls) < straight.evaluations  # it continued; it did not start over
+    assert not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(ValueError, match=r"killed.json belongs to another search .* delete it"):
+        search(5, _quadratic(), dataclasses.replace(s, population=9), state)
