@@ -162,29 +162,30 @@ class _Cache:
         return self.items[key]
 
 
-def _save(path: Path, s: SearchSettings, n: int, g: int, pop: list[np.ndarray], fit: list[float], cache: _Cache,
-          history: list[dict[str, Any]]) -> None:
-    state = {"format": STATE_FORMAT, "settings": dataclasses.asdict(s), "n": n, "generation": g,
+def _save(path: Path, s: SearchSettings, n: int, context: dict[str, Any], g: int, pop: list[np.ndarray],
+          fit: list[float], cache: _Cache, history: list[dict[str, Any]]) -> None:
+    state = {"format": STATE_FORMAT, "settings": dataclasses.asdict(s), "n": n, "context": context, "generation": g,
              "population": [p.tolist() for p in pop], "fitness": fit, "cache": cache.items, "history": history}
     text = json.dumps(state, allow_nan=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
-def _load(path: Path, s: SearchSettings, n: int) -> dict[str, Any]:
+def _load(path: Path, s: SearchSettings, n: int, context: dict[str, Any]) -> dict[str, Any]:
     try:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"LCSC state {path} cannot be read ({e}); delete it to start the search again") from e
-    want = json.loads(json.dumps(dataclasses.asdict(s)))
-    if state.get("format") != STATE_FORMAT or state.get("settings") != want or state.get("n") != n:
+    want = json.loads(json.dumps({"settings": dataclasses.asdict(s), "context": context}))
+    if (state.get("format") != STATE_FORMAT or state.get("settings") != want["settings"] or state.get("n") != n
+            or state.get("context") != want["context"]):
         raise ValueError(f"LCSC state {path} belongs to another search (other settings or checkpoints); give the same "
                          "settings, another --out, or delete it to start again")
     return state
 
 
 def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings(),
-           state_path: str | os.PathLike | None = None,
-           log: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+           state_path: str | os.PathLike | None = None, log: Callable[[dict[str, Any]], None] | None = None,
+           context: dict[str, Any] | None = None) -> SearchResult:
     """Minimise ``fitness(alpha)`` over coefficient vectors of n checkpoints (module docstring).
 
     Args:
@@ -193,6 +194,7 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
         settings: population, generations, operators, bounds and seed.
         state_path: JSON file written after every generation; an existing one is resumed from.
         log: called with each generation's record (generation, best, mean fitness, evaluations).
+        context: what else defines the fitness (checkpoints, sampler, seed set), JSON; a resume must match it.
 
     Returns:
         The best vector of the last population (sum 1, norm <= max_norm), its fitness and the cost.
@@ -201,7 +203,7 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
     s.check(n)
     path = Path(state_path) if state_path is not None else None
     if path is not None and path.is_file():
-        state = _load(path, s, n)
+        state = _load(path, s, n, context or {})
         start = int(state["generation"]) + 1
         pop = [np.asarray(p, dtype=np.float64) for p in state["population"]]
         fit, history = [float(f) for f in state["fitness"]], list(state["history"])
@@ -216,7 +218,7 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
                                                                          [math.inf])), "evaluations": len(cache.items)}
         history.append(record)
         if path is not None:
-            _save(path, s, n, g, pop, fit, cache, history)
+            _save(path, s, n, context or {}, g, pop, fit, cache, history)
         if log is not None:
             log(record)
     best = int(np.argmin(np.asarray(fit)))

@@ -4,6 +4,7 @@ power-function EMA and its post-hoc reconstruction, and the LCSC search."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from gen.ema import (
 )
 from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, save_snapshot, save_training_state
 from gen.utils.finite import NonFiniteError
+from scripts.lcsc import main as lcsc_main
 from scripts.posthoc_ema import main as posthoc_main
 from tests.conftest import ROOT, Background, kill_mid_run, run_train, subprocess_env, train_command
 from tests.test_train import _final_state, _max_diff
@@ -300,3 +302,46 @@ def test_lcsc_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(ValueError, match=r"killed.json belongs to another search .* delete it"):
         search(5, _quadratic(), dataclasses.replace(s, population=9), state)
+
+
+@pytest.fixture(scope="module")
+def four_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SMALL run with the default EMA and four snapshots (kimg 0.128 .. 0.512)."""
+    runs = tmp_path_factory.mktemp("lcsc")
+    run_train(runs, "run", ["trainer.snapshot_kimg=0.128"])
+    return runs / "run"
+
+
+def test_lcsc_command_refusals(four_snapshots: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lcsc_main([str(four_snapshots), "--last", "5", "--out", str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--last 5:" in err and "holds 4 snapshots" in err and "trainer.snapshot_kimg" in err
+    assert lcsc_main([str(four_snapshots), "--last", "3", "--source", "states", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "holds 2 states" in capsys.readouterr().err  # keep_states=2 by default
+    assert lcsc_main([str(tmp_path), "--last", "2"]) == 2
+    assert "holds no snapshot-<nimg>.safetensors" in capsys.readouterr().err
+    assert lcsc_main([str(four_snapshots), "--last", "4", "--max-norm", "0.1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "max_norm=0.1 must be finite and at least 1/sqrt(n)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
+@pytest.mark.slow
+def test_lcsc_command_on_the_yardstick_writes_a_loadable_winner_and_resumes(four_snapshots: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lcsc.safetensors"
+    args = [str(four_snapshots), "--last", "4", "--fitness-images", "160", "--rescore-images", "200", "--population",
+            "4", "--generations", "1", "--steps", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert lcsc_main(args) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    alpha = np.array(record["alpha"])
+    assert abs(alpha.sum() - 1) < 1e-12 and record["evaluations"] <= 8
+    assert record["fitness_fid"] == min(h["best"] for h in record["history"])
+    assert math.isfinite(record["rescore_fid"]) and math.isfinite(record["last_rescore_fid"])
+    tensors, meta = load_snapshot(out)
+    assert meta["averaging"]["method"] == "lcsc" and [s["coefficient"] for s in meta["averaging"]["sources"]] == list(alpha)
+    want = combine(sorted(four_snapshots.glob("snapshot-*.safetensors")), alpha.tolist(),
+                   sorted(four_snapshots.glob("snapshot-*.safetensors"))[-1], None)
+    assert all(torch.equal(tensors[k], want[k]) for k in want)
+    # Run again: the search state says it is done, so the same alpha comes back without a new fitness evaluation.
+    assert lcsc_main(args) == 0
+    again = json.loads(out.with_suffix(".json").read_text())
+    assert again["alpha"] == record["alpha"] and again["rescore_fid"] == record["rescore_fid"]
