@@ -325,11 +325,33 @@ def test_lcsc_command_refusals(four_snapshots: Path, tmp_path: Path, capsys: pyt
     assert not list(tmp_path.glob("x*"))
 
 
+@pytest.fixture(scope="module")
+def yardstick_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The yardstick network's cache, trained once for this module's slow tests (about 30 s on 2 cores)."""
+    from eval.classifier import load_or_train_classifier
+
+    path = tmp_path_factory.mktemp("yardstick")
+    load_or_train_classifier("mnist5k", path)
+    return path
+
+
 @pytest.mark.slow
-def test_lcsc_command_on_the_yardstick_writes_a_loadable_winner_and_resumes(four_snapshots: Path, tmp_path: Path) -> None:
+def test_posthoc_sweep_scores_and_plots(tmp_path: Path, yardstick_cache: Path) -> None:
+    run_train(tmp_path, "ph", PHEMA + ["trainer.total_kimg=0.256"])
+    assert posthoc_main([str(tmp_path / "ph"), "--sigma-rel", "0.02,0.2", "--score", "160", "--steps", "2",
+                         "--cache-dir", str(yardstick_cache), "--out-dir", str(tmp_path / "sweep")]) == 0
+    record = json.loads((tmp_path / "sweep" / "posthoc_sweep.json").read_text())
+    assert [(r["kimg"], r["sigma_rel"]) for r in record["rows"]] == [(0.256, 0.02), (0.256, 0.2)]
+    assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in record["rows"])
+    assert (tmp_path / "sweep" / "posthoc_sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_lcsc_command_on_the_yardstick_writes_a_loadable_winner_and_resumes(four_snapshots: Path, tmp_path: Path,
+                                                                           yardstick_cache: Path) -> None:
     out = tmp_path / "lcsc.safetensors"
     args = [str(four_snapshots), "--last", "4", "--fitness-images", "160", "--rescore-images", "200", "--population",
-            "4", "--generations", "1", "--steps", "2", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+            "4", "--generations", "1", "--steps", "2", "--cache-dir", str(yardstick_cache), "--out", str(out)]
     assert lcsc_main(args) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     alpha = np.array(record["alpha"])
