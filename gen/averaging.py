@@ -73,8 +73,10 @@ def read_weights(path: str | os.PathLike, state_key: str = "module.net") -> dict
             raise CheckpointError(f"training state {path} holds no '{state_key}' (it holds {have}); give "
                                   "--state-key module.<name> or ema.<name> of a module it saved")
         sd = registry[state_key]
-        if any(not isinstance(v, Tensor) for v in sd.values()):  # an EMA: its copies, one profile each
-            raise CheckpointError(f"training state {path}: '{state_key}' is not one module's weights")
+        if any(not isinstance(v, Tensor) for v in sd.values()) or all(k.startswith("copies.") for k in sd):
+            # An EMA holds one copy per profile; its averages are in the run's snapshots.
+            raise CheckpointError(f"training state {path}: '{state_key}' is not one module's weights (an EMA holds a "
+                                  "copy per profile); give module.<name> for raw weights, or combine the snapshots")
         return dict(sd)
     return load_snapshot(path)[0]
 
@@ -124,7 +126,7 @@ def combine(
         reference: a snapshot of the same model: its metadata, dtypes and buffers go into the result.
         out: the snapshot to write; None only returns the tensors (a fitness evaluation in memory).
         averaging: what produced the coefficients (method, its settings), stored in the metadata.
-        state_key: which weights of a training state (``module.net``: raw; ``ema.net`` is refused).
+        state_key: which weights of a training state (``module.net``, the raw weights; an EMA is refused).
         buffers: tensor names copied from the reference instead of averaged (module buffers).
 
     Returns:

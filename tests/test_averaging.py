@@ -87,6 +87,10 @@ def test_training_states_are_sources_too(tmp_path: Path) -> None:
     assert all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(CheckpointError, match=r"state-000000000.pt holds no 'ema.x'.*--state-key"):
         read_weights(states[0], "ema.x")
+    ema_state = tmp_path / "state-000000002.pt"
+    save_training_state(ema_state, {"registry": {"ema.net": {f"copies.d0_9.{k}": v for k, v in _weights(0).items()}}})
+    with pytest.raises(CheckpointError, match=r"'ema.net' is not one module's weights .* give module.<name>"):
+        read_weights(ema_state, "ema.net")
 
 
 def test_refuses_another_model_naming_the_file(tmp_path: Path) -> None:
