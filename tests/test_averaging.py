@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -371,3 +373,35 @@ def test_lcsc_command_on_the_yardstick_writes_a_loadable_winner_and_resumes(four
     assert lcsc_main(args) == 0
     again = json.loads(out.with_suffix(".json").read_text())
     assert again["alpha"] == record["alpha"] and again["rescore_fid"] == record["rescore_fid"]
+
+
+@pytest.mark.slow
+def test_lcsc_command_sigkilled_and_rerun_equals_uninterrupted(four_snapshots: Path, tmp_path: Path,
+                                                               yardstick_cache: Path) -> None:
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "scripts.lcsc", str(four_snapshots), "--last", "3", "--fitness-images", "160",
+                "--rescore-images", "160", "--population", "4", "--generations", "3", "--steps", "2",
+                "--cache-dir", str(yardstick_cache), "--out", str(out)]
+
+    straight = Background(command(tmp_path / "straight.safetensors"), tmp_path / "straight.log")
+    killed = tmp_path / "killed.safetensors"
+    proc = subprocess.Popen(command(killed), cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed.with_suffix(".search.json")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.05)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, "the search ended before it could be killed"
+    assert json.loads(state.read_text())["generation"] < 3 and not killed.exists()
+    straight.wait()
+    rerun = subprocess.run(command(killed), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a = json.loads((tmp_path / "straight.json").read_text())
+    b = json.loads((tmp_path / "killed.json").read_text())
+    for key in ("alpha", "fitness_fid", "rescore_fid", "history", "evaluations"):
+        assert a[key] == b[key], key
+    ta, tb = load_snapshot(tmp_path / "straight.safetensors")[0], load_snapshot(killed)[0]
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
