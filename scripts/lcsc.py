@@ -1,6 +1,6 @@
 """LCSC search: the linear combination of a run's last saved checkpoints with the best yardstick FID.
 
-    python -m scripts.lcsc runs/quickstart --last 6 --fitness-images 500 --rescore-images 2000 \\
+    python -m scripts.lcsc runs/quickstart --last 6 --fitness-images 500 --rescore-images 2000 [--at-kimg 64] \\
         [--source snapshots|states] [--population 12 --generations 8 --max-norm 5 --seed 0] [--kind euler --steps 8]
     python sample.py snapshot=runs/quickstart/lcsc.safetensors
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -40,15 +41,19 @@ PROG = "python -m scripts.lcsc"
 RESCORE_SEED_OFFSET = 1_000_000
 
 
-def checkpoints(run: Path, source: str, last: int) -> tuple[list[Path], Path]:
-    """The last ``last`` checkpoints of ``run`` (oldest first) and the reference snapshot (the newest)."""
-    snaps = [p for _, p in list_snapshots(run)]
+def checkpoints(run: Path, source: str, last: int, at_kimg: float | None = None) -> tuple[list[Path], Path]:
+    """The last ``last`` checkpoints of ``run`` up to ``at_kimg`` (oldest first) and the reference snapshot (the
+    newest snapshot up to then)."""
+    until = math.inf if at_kimg is None else int(round(at_kimg * 1000))
+    snaps = [p for n, p in list_snapshots(run) if n <= until]
     if not snaps:
-        raise CommandError(f"{printable(run)} holds no snapshot-<nimg>.safetensors; give the folder of a train.py run")
-    found = snaps if source == "snapshots" else [p for _, p in list_training_states(run)]
+        raise CommandError(f"{printable(run)} holds no snapshot-<nimg>.safetensors"
+                           + ("" if at_kimg is None else f" up to kimg {at_kimg:g}") + "; give the folder of a train.py run")
+    found = snaps if source == "snapshots" else [p for n, p in list_training_states(run) if n <= until]
     if last < 2 or len(found) < last:
         fix = "trainer.keep_states" if source == "states" else "trainer.snapshot_kimg"
-        raise CommandError(f"--last {last}: {printable(run)} holds {len(found)} {source}; LCSC needs at least 2 and at "
+        upto = "" if at_kimg is None else f" up to kimg {at_kimg:g}"
+        raise CommandError(f"--last {last}: {printable(run)} holds {len(found)} {source}{upto}; LCSC needs at least 2 and at "
                            f"most what the run kept (a smaller --last, or train with more: {fix})")
     return found[-last:], snaps[-1]
 
@@ -65,7 +70,7 @@ def yardstick_fitness(paths: list[Path], reference: Path, args: argparse.Namespa
 
     def fitness(alpha: np.ndarray) -> float:
         combine(paths, alpha.tolist(), reference, candidate, {"method": "lcsc_candidate"}, args.state_key, buffers)
-        gen = snapshot_generate_fn(str(candidate), kind=args.kind, steps=args.steps)
+        gen = snapshot_generate_fn(str(candidate), kind=args.kind, steps=args.steps, cfg=args.cfg)
         return float(yardstick_metrics(gen, num_images, dataset, args.cache_dir, args.batch_size, seed_offset)["fid"])
 
     return fitness
@@ -76,7 +81,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     run = Path(args.run)
     if not run.is_dir():
         raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
-    paths, reference = checkpoints(run, args.source, args.last)
+    paths, reference = checkpoints(run, args.source, args.last, args.at_kimg)
     out = check_writable_file(args.out or run / "lcsc.safetensors", "--out")
     settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
                               mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
@@ -85,7 +90,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
         fitness = yardstick_fitness(paths, reference, args, Path(tmp), 0, args.fitness_images)
         context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
-                   "kind": args.kind, "steps": args.steps, "dataset": args.dataset, "state_key": args.state_key}
+                   "kind": args.kind, "steps": args.steps, "cfg": args.cfg, "dataset": args.dataset,
+                   "state_key": args.state_key}
         found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
                        lambda r: print(f"generation {r['generation']}: best FID {r['best']:.3f}, mean {r['mean']:.3f}, "
                                        f"{r['evaluations']} evaluated", flush=True), context)
@@ -96,7 +102,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                   "rescore_fid": rescore(found.alpha), "last_rescore_fid": rescore(last_alone),
                   "fitness_images": args.fitness_images, "rescore_images": args.rescore_images,
                   "evaluations": found.evaluations, "search_seconds": search_s, "history": found.history,
-                  "settings": dataclasses.asdict(settings), "sampler": {"kind": args.kind, "steps": args.steps}}
+                  "settings": dataclasses.asdict(settings),
+                  "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}}
     combine(paths, found.alpha.tolist(), reference, out,
             {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},
             args.state_key, buffer_names(reference))
@@ -114,6 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("run", help="the run folder")
     p.add_argument("--last", type=int, default=6, help="how many of the last checkpoints to combine")
     p.add_argument("--source", choices=["snapshots", "states"], default="snapshots")
+    p.add_argument("--at-kimg", type=float, default=None, help="use the checkpoints up to this time (default: all)")
     p.add_argument("--state-key", default="module.net", help="weights read from training states (--source states)")
     p.add_argument("--out", default=None, help="the snapshot to write (default RUN/lcsc.safetensors)")
     p.add_argument("--fitness-images", type=int, default=500)
@@ -126,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--kind", default=None, help="sampler by short name (euler, heun, consistency); default the snapshot's")
     p.add_argument("--steps", type=int, default=None, help="sampler steps; default the snapshot's")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
     p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
     p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
     p.add_argument("--batch-size", type=int, default=250)

@@ -99,13 +99,13 @@ def sweep(written: list[Path], args: argparse.Namespace, out_dir: Path) -> list[
     rows = []
     for path in written:
         meta = snapshot_metadata(path)
-        gen = snapshot_generate_fn(str(path), kind=args.kind, steps=args.steps)
+        gen = snapshot_generate_fn(str(path), kind=args.kind, steps=args.steps, cfg=args.cfg)
         dataset = args.dataset or str(meta.get("data", {}).get("name", "mnist5k"))
         fid = float(yardstick_metrics(gen, args.score, dataset, args.cache_dir, args.batch_size)["fid"])
         rec = meta["averaging"]
         rows.append({"kimg": rec["nimg"] / 1000, "sigma_rel": rec["sigma_rel"], "fid": fid, "snapshot": path.name})
         print(f"kimg {rows[-1]['kimg']:g} sigma_rel {rec['sigma_rel']:g}: yardstick FID {fid:.3f} ({args.score} images)")
-    record = {"images": args.score, "sampler": {"kind": args.kind, "steps": args.steps}, "rows": rows}
+    record = {"images": args.score, "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "rows": rows}
     text = json.dumps(record, indent=1)
     atomic_write(out_dir / "posthoc_sweep.json", lambda tmp: Path(tmp).write_text(text))
     _plot(rows, out_dir / "posthoc_sweep.png")
@@ -140,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score", type=int, default=0, help="score each reconstruction by the yardstick FID of N samples")
     p.add_argument("--kind", default=None, help="sampler for --score by short name; default the snapshot's")
     p.add_argument("--steps", type=int, default=None, help="sampler steps for --score; default the snapshot's")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
     p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
     p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
     p.add_argument("--batch-size", type=int, default=250)

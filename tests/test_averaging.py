@@ -324,6 +324,8 @@ def test_lcsc_command_refusals(four_snapshots: Path, tmp_path: Path, capsys: pyt
     assert "--last 5:" in err and "holds 4 snapshots" in err and "trainer.snapshot_kimg" in err
     assert lcsc_main([str(four_snapshots), "--last", "3", "--source", "states", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "holds 2 states" in capsys.readouterr().err  # keep_states=2 by default
+    assert lcsc_main([str(four_snapshots), "--last", "3", "--at-kimg", "0.256", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "holds 2 snapshots up to kimg 0.256" in capsys.readouterr().err
     assert lcsc_main([str(tmp_path), "--last", "2"]) == 2
     assert "holds no snapshot-<nimg>.safetensors" in capsys.readouterr().err
     assert lcsc_main([str(four_snapshots), "--last", "4", "--max-norm", "0.1", "--out", str(tmp_path / "x.safetensors")]) == 2
