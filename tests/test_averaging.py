@@ -407,3 +407,20 @@ def test_lcsc_command_sigkilled_and_rerun_equals_uninterrupted(four_snapshots: P
         assert a[key] == b[key], key
     ta, tb = load_snapshot(tmp_path / "straight.safetensors")[0], load_snapshot(killed)[0]
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yardstick_averaging
+
+    rows = [{"seed": 0, "method": "raw", "kimg": 96, "fid": 9.0},
+            {"seed": 0, "method": "ema-hl2k", "kimg": 96, "fid": 6.0},
+            {"seed": 0, "method": "ema-hl8k", "kimg": 96, "fid": 7.0},
+            {"seed": 0, "method": "posthoc-0.05", "kimg": 96, "fid": 5.5},
+            {"seed": 0, "method": "posthoc-0.1", "kimg": 96, "fid": 5.8}]
+    rows += [{"seed": 0, "method": "lcsc", "kimg": k, "fid": f, "fitness_fid": f - 0.5}
+             for k, f in [(24, 8.0), (48, 5.9), (72, 5.0), (96, 4.5)]]
+    line = yardstick_averaging.summary(rows, 96)[-1]
+    assert line == "| 0 | 9.00 | 6.00 (hl2k) | 5.50 (0.05) | 4.50 | -0.50 | 50% (48 of 96 kimg) |"
+    rows[-3]["fid"] = 6.5  # 48k no longer reaches the best EMA; 72k does
+    assert yardstick_averaging.summary(rows, 96)[-1].endswith("| 25% (72 of 96 kimg) |")
