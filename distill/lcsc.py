@@ -84,6 +84,11 @@ class SearchResult:
     fitness: float
     evaluations: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def score_of(self, alpha: np.ndarray) -> float | None:
+        """The fitness of a vector the search evaluated (e.g. the last checkpoint alone), else None."""
+        return self.scores.get(_key(np.asarray(alpha, dtype=np.float64)))
 
 
 def ema_coefficients(n: int, decay: float) -> np.ndarray:
@@ -222,4 +227,4 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
         if log is not None:
             log(record)
     best = int(np.argmin(np.asarray(fit)))
-    return SearchResult(pop[best], fit[best], len(cache.items), history)
+    return SearchResult(pop[best], fit[best], len(cache.items), history, dict(cache.items))

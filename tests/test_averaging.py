@@ -288,6 +288,7 @@ def test_lcsc_same_seed_same_alpha_and_it_improves_on_the_initial_population() -
     first = min(_quadratic()(v) for v in initial_population(5, s))
     assert a.fitness < 0.5 * first  # the search beats every EMA-like start on this fitness
     assert a.evaluations == len({tuple(c) for c in calls}) == len(calls)  # the cache: nothing scored twice
+    assert a.score_of(np.eye(5)[-1]) == _quadratic()(np.eye(5)[-1]) and a.score_of(np.full(5, 7.0)) is None
     assert [h["best"] for h in a.history] == sorted((h["best"] for h in a.history), reverse=True)  # elitism
     c = search(5, _quadratic(), dataclasses.replace(s, seed=4))
     assert not np.array_equal(a.alpha, c.alpha)
@@ -366,6 +367,7 @@ def test_lcsc_command_on_the_yardstick_writes_a_loadable_winner_and_resumes(four
     assert abs(alpha.sum() - 1) < 1e-12 and record["evaluations"] <= 8
     assert record["fitness_fid"] == min(h["best"] for h in record["history"])
     assert math.isfinite(record["rescore_fid"]) and math.isfinite(record["last_rescore_fid"])
+    assert record["last_fitness_fid"] >= record["fitness_fid"]  # the last checkpoint alone was a candidate
     tensors, meta = load_snapshot(out)
     assert meta["averaging"]["method"] == "lcsc" and [s["coefficient"] for s in meta["averaging"]["sources"]] == list(alpha)
     want = combine(sorted(four_snapshots.glob("snapshot-*.safetensors")), alpha.tolist(),
@@ -418,8 +420,8 @@ def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
             {"seed": 0, "method": "ema-hl8k", "kimg": 96, "fid": 7.0},
             {"seed": 0, "method": "posthoc-0.05", "kimg": 96, "fid": 5.5},
             {"seed": 0, "method": "posthoc-0.1", "kimg": 96, "fid": 5.8}]
-    rows += [{"seed": 0, "method": "lcsc", "kimg": k, "fid": f, "fitness_fid": f - 0.5}
-             for k, f in [(24, 8.0), (48, 5.9), (72, 5.0), (96, 4.5)]]
+    rows += [{"seed": 0, "method": "lcsc", "kimg": k, "fid": f, "fitness_fid": f + 3.5, "last_alone_fid": 7.0,
+              "last_alone_fitness_fid": 11.0} for k, f in [(24, 8.0), (48, 5.9), (72, 5.0), (96, 4.5)]]
     line = yardstick_averaging.summary(rows, 96)[-1]
     assert line == "| 0 | 9.00 | 6.00 (hl2k) | 5.50 (0.05) | 4.50 | -0.50 | 50% (48 of 96 kimg) |"
     rows[-3]["fid"] = 6.5  # 48k no longer reaches the best EMA; 72k does
