@@ -319,12 +319,17 @@ def four_snapshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs / "run"
 
 
-def test_lcsc_command_refusals(four_snapshots: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_lcsc_command_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    four_snapshots = tmp_path / "run"  # refused before any weights are read: the files' names are enough
+    for i, nimg in enumerate((128, 256, 384, 512)):
+        save_snapshot(four_snapshots / f"snapshot-{nimg:09d}.safetensors", _weights(i), META)
+    for nimg in (384, 512):
+        save_training_state(four_snapshots / f"state-{nimg:09d}.pt", {"registry": {"module.net": _weights(0)}})
     assert lcsc_main([str(four_snapshots), "--last", "5", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "--last 5:" in err and "holds 4 snapshots" in err and "trainer.snapshot_kimg" in err
     assert lcsc_main([str(four_snapshots), "--last", "3", "--source", "states", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "holds 2 states" in capsys.readouterr().err  # keep_states=2 by default
+    assert "holds 2 states" in capsys.readouterr().err
     assert lcsc_main([str(four_snapshots), "--last", "3", "--at-kimg", "0.256", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "holds 2 snapshots up to kimg 0.256" in capsys.readouterr().err
     assert lcsc_main([str(tmp_path), "--last", "2"]) == 2
