@@ -154,11 +154,12 @@ EMAFactory = Callable[[nn.Module], EMA]
 
 # ----------------------------------------------------------------------------------------------------------
 # EDM2's power-function EMA ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras et al.
-# 2024, Sec. 3.1 and Appendix C; NVlabs/edm2 training/phema.py). Time t counts optimizer steps here.
+# 2024, the post-hoc EMA section; NVlabs/edm2 training/phema.py). Time t counts optimizer steps here.
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """Standard deviation of the profile ``p_t(tau) ∝ tau^gamma`` on [0, t], relative to t (paper Eq. 3):
+    """Standard deviation of the profile ``p_t(tau) ∝ tau^gamma`` on [0, t], relative to t (NVlabs/edm2
+    training/phema.py ``exp_to_std``):
     ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))``."""
     g = float(gamma)
     if not g > -1.0:
@@ -235,7 +236,8 @@ class PowerFunctionEMA(EMA):
 def power_inner_product(t_a: np.ndarray, sigma_a: np.ndarray, t_b: np.ndarray, sigma_b: np.ndarray) -> np.ndarray:
     """``<p_a, p_b> = ∫ p_a(tau) p_b(tau) dtau`` of normalised power-function profiles, broadcast, float64.
 
-    With ``p_t(tau) = (g + 1) tau^g / t^(g+1)`` on [0, t] and ``m = min(t_a, t_b)`` (EDM2 Appendix C.2):
+    With ``p_t(tau) = (g + 1) tau^g / t^(g+1)`` on [0, t] and ``m = min(t_a, t_b)`` (the correlation from which
+    NVlabs/edm2 training/phema.py ``solve_posthoc_coefficients`` builds its system):
     ``<p_a, p_b> = (g_a + 1)(g_b + 1) m^(g_a + g_b + 1) / ((g_a + g_b + 1) t_a^(g_a + 1) t_b^(g_b + 1))``,
     evaluated in logs so that long runs (t ~ 1e6 steps, g ~ 70) do not overflow.
     """
@@ -250,9 +252,9 @@ def power_inner_product(t_a: np.ndarray, sigma_a: np.ndarray, t_b: np.ndarray, s
 def posthoc_coefficients(
     t_in: Sequence[float], sigma_in: Sequence[float], t_out: Sequence[float], sigma_out: Sequence[float]
 ) -> np.ndarray:
-    """Coefficients (n_in, n_out) that combine stored power-function averages into target profiles (EDM2 Eq. 20).
+    """Coefficients (n_in, n_out) that combine stored power-function averages into target profiles.
 
-    The least-squares fit of each target profile by the stored ones in L2 over tau: solve ``A x = b`` with the Gram
+    As in NVlabs/edm2 training/phema.py ``solve_posthoc_coefficients``: the least-squares fit of each target profile by the stored ones in L2 over tau: solve ``A x = b`` with the Gram
     matrix ``A_ij = <p_i, p_j>`` and ``b_ik = <p_i, p_out_k>`` in float64, then normalise every column to sum 1
     (every profile integrates to 1, so an exact fit already does; this removes the fit's residual scale).
 

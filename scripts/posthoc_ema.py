@@ -7,7 +7,7 @@
 
 For each target time (a time at which the run stored snapshots; default the latest) and width, the coefficients
 over the stored snapshots up to that time are the float64 least-squares fit of EDM2 ("Analyzing and Improving the
-Training Dynamics of Diffusion Models", Karras et al. 2024, Appendix C.2; NVlabs/edm2 ``reconstruct_phema.py``),
+Training Dynamics of Diffusion Models", Karras et al. 2024; NVlabs/edm2 ``reconstruct_phema.py``),
 and ``gen.averaging.combine`` streams the weighted sum into an ordinary snapshot (buffers and metadata from the
 stored snapshot at the target time), named ``posthoc-<nimg>-sigma<width>.safetensors``. The file's metadata
 records the sources, their SHA-256 and coefficients. ``--score N`` sweeps: each reconstruction is scored by the
