@@ -190,7 +190,7 @@ def _load(path: Path, s: SearchSettings, n: int, context: dict[str, Any]) -> dic
 
 def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings(),
            state_path: str | os.PathLike | None = None, log: Callable[[dict[str, Any]], None] | None = None,
-           context: dict[str, Any] | None = None) -> SearchResult:
+           context: dict[str, Any] | None = None, write: bool = True) -> SearchResult:
     """Minimise ``fitness(alpha)`` over coefficient vectors of n checkpoints (module docstring).
 
     Args:
@@ -200,6 +200,8 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
         state_path: JSON file written after every generation; an existing one is resumed from.
         log: called with each generation's record (generation, best, mean fitness, evaluations).
         context: what else defines the fitness (checkpoints, sampler, seed set), JSON; a resume must match it.
+        write: whether this process writes the state (False on all processes but one when a fitness evaluation is
+            spread over several; each runs the same search, which the reduced fitness keeps identical).
 
     Returns:
         The best vector of the last population (sum 1, norm <= max_norm), its fitness and the cost.
@@ -222,7 +224,7 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
         record = {"generation": g, "best": min(fit), "mean": float(np.mean([f for f in fit if math.isfinite(f)] or
                                                                          [math.inf])), "evaluations": len(cache.items)}
         history.append(record)
-        if path is not None:
+        if path is not None and write:
             _save(path, s, n, context or {}, g, pop, fit, cache, history)
         if log is not None:
             log(record)

@@ -13,6 +13,9 @@ with the same arguments, continues to the same result. The winner is written by 
 ordinary snapshot (OUT) and re-scored on an independent, larger seed set (seeds from 1,000,000), beside the last
 checkpoint alone, so that overfitting to the fitness seeds shows; both go to ``OUT.json`` with the search's cost.
 
+Under ``torchrun --nproc_per_node=N -m scripts.lcsc ...`` every fitness evaluation is spread over the N processes
+(each generates its share of the seeds; the statistics are reduced), which run the same search; one writes the files.
+
 Sources: ``snapshots`` (the run's snapshots, ``snapshot-<nimg>.safetensors``, the first EMA profile) or ``states``
 (the raw weights of its training states; keep enough with ``trainer.keep_states``). Exit status: 0 written, 2 refused.
 """
@@ -34,8 +37,10 @@ import numpy as np
 
 from distill.lcsc import SearchSettings, search
 from gen.averaging import buffer_names, combine, snapshot_metadata
+from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
 from gen.utils.cli import CommandError, check_writable_file, printable, run_main
+from gen.utils.dist import print0
 
 PROG = "python -m scripts.lcsc"
 RESCORE_SEED_OFFSET = 1_000_000
@@ -93,8 +98,9 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                    "kind": args.kind, "steps": args.steps, "cfg": args.cfg, "dataset": args.dataset,
                    "state_key": args.state_key}
         found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
-                       lambda r: print(f"generation {r['generation']}: best FID {r['best']:.3f}, mean {r['mean']:.3f}, "
-                                       f"{r['evaluations']} evaluated", flush=True), context)
+                       lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
+                                        f"{r['mean']:.3f}, {r['evaluations']} evaluated"), context, dist.is_main())
+        dist.barrier()  # the state is written before any process starts the next step
         search_s = time.perf_counter() - t0
         rescore = yardstick_fitness(paths, reference, args, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
         last_alone = np.eye(len(paths))[-1]
@@ -108,12 +114,14 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                   "evaluations": found.evaluations, "search_seconds": search_s, "history": found.history,
                   "settings": dataclasses.asdict(settings),
                   "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}}
-    combine(paths, found.alpha.tolist(), reference, out,
-            {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},
-            args.state_key, buffer_names(reference))
-    text = json.dumps(record, indent=1)
-    atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
-    print(f"LCSC over {len(paths)} {args.source}: fitness FID {found.fitness:.3f}, re-scored {record['rescore_fid']:.3f} "
+    if dist.is_main():
+        combine(paths, found.alpha.tolist(), reference, out,
+                {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},
+                args.state_key, buffer_names(reference))
+        text = json.dumps(record, indent=1)
+        atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    dist.barrier()
+    print0(f"LCSC over {len(paths)} {args.source}: fitness FID {found.fitness:.3f}, re-scored {record['rescore_fid']:.3f} "
           f"(last checkpoint alone {record['last_rescore_fid']:.3f}), {found.evaluations} evaluations in "
           f"{search_s:.0f} s -> {printable(out)}")
     return record
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> int:
         if args.fitness_images < 2 or args.rescore_images < 2:
             raise CommandError("--fitness-images and --rescore-images must be at least 2 (FID needs a covariance)")
+        dist.init_distributed()
         run_search(args)
         return 0
 

@@ -31,7 +31,7 @@ from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, save_sna
 from gen.utils.finite import NonFiniteError
 from scripts.lcsc import main as lcsc_main
 from scripts.posthoc_ema import main as posthoc_main
-from tests.conftest import ROOT, Background, kill_mid_run, run_train, subprocess_env, train_command
+from tests.conftest import ROOT, Background, kill_mid_run, run_train, subprocess_env, torchrun, train_command
 from tests.test_train import _final_state, _max_diff
 
 SHAPES = {"w": (4, 3), "b": (3,), "norm.scale": (5,)}
@@ -431,3 +431,24 @@ def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
     assert line == "| 0 | 9.00 | 6.00 (hl2k) | 5.50 (0.05) | 4.50 | -0.50 | 50% (48 of 96 kimg) |"
     rows[-3]["fid"] = 6.5  # 48k no longer reaches the best EMA; 72k does
     assert yardstick_averaging.summary(rows, 96)[-1].endswith("| 25% (72 of 96 kimg) |")
+
+
+@pytest.mark.slow
+def test_lcsc_fitness_spread_over_two_processes_finds_the_same_alpha(four_snapshots: Path, tmp_path: Path,
+                                                                     yardstick_cache: Path) -> None:
+    def args(out: Path) -> list[str]:
+        return ["-m", "scripts.lcsc", str(four_snapshots), "--last", "3", "--fitness-images", "160",
+                "--rescore-images", "160", "--population", "4", "--generations", "1", "--steps", "2",
+                "--cache-dir", str(yardstick_cache), "--out", str(out)]
+
+    one = Background([sys.executable, *args(tmp_path / "one.safetensors")], tmp_path / "one.log")
+    two = subprocess.run([*torchrun(2), *args(tmp_path / "two.safetensors")], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one.wait()
+    assert two.stdout.count("LCSC over 3 snapshots") == 1  # one process reports and writes
+    a = json.loads((tmp_path / "one.json").read_text())
+    b = json.loads((tmp_path / "two.json").read_text())
+    assert a["alpha"] == b["alpha"] and a["evaluations"] == b["evaluations"]
+    for key in ("fitness_fid", "rescore_fid", "last_rescore_fid"):
+        assert abs(a[key] - b[key]) <= 1e-6 * a[key], key
