@@ -26,6 +26,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gen.objectives": ("gen.paths", "gen.models", "gen.nn", "gen.utils"),
     "gen.ema": ("gen.utils",),
     "gen.snapshot": ("gen.utils",),
+    "gen.averaging": ("gen.ema", "gen.snapshot", "gen.utils"),
     "gen.data": ("gen.utils",),
     "gen.train": ("gen.objectives", "gen.ema", "gen.data", "gen.utils", "gen.paths", "gen.models", "gen.nn",
                   "gen.snapshot"),

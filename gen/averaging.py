@@ -1,0 +1,197 @@
+"""One combiner of saved checkpoints: ``theta = sum_i alpha_i theta_i``, written as an ordinary snapshot.
+
+Classic EMA, EDM2's post-hoc EMA and LCSC all produce weights of this form and differ only in how the
+coefficients ``alpha`` are chosen ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras
+et al. 2024, NVlabs/edm2 ``reconstruct_phema.py``; "Linear Combination of Saved Checkpoints Makes Consistency and
+Diffusion Models Better", Liu et al. 2024). The sources are read one file at a time and accumulated in float64,
+so combining n checkpoints holds two models in memory, not n. Buffers (non-float tensors and module buffers such
+as normalisation statistics) are not averaged: they are copied from a reference snapshot, whose metadata (model,
+prediction, data, tokenizer, sampler) the result also takes, so ``sample.py`` and the evaluation jobs load it with
+no flags. The result's metadata records every source (name, SHA-256) and its coefficient.
+
+Sources are inference snapshots (``.safetensors``) or training states (``.pt``, read with ``weights_only=True``;
+the raw weights ``module.<name>`` or an EMA copy, ``state_key``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from gen.ema import phema_name
+from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, load_training_state, save_snapshot
+from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
+
+__all__ = ["combine", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
+           "phema_snapshots"]
+
+
+def buffer_names(reference: str | os.PathLike) -> list[str]:
+    """Names of the module buffers a snapshot stores (built with the checks of ``gen.snapshot``): copied, not averaged."""
+    from gen.snapshot import load_network
+
+    net, _ = load_network(reference)
+    stored = net.state_dict()
+    return sorted(name for name, _ in net.named_buffers() if name in stored)
+
+
+def snapshot_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON config of a snapshot without reading its tensors (cheap: for listing a run's snapshots)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"snapshot {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        config = json.loads(meta["config"])
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable snapshot of this toolkit ({type(e).__name__}: {e}); "
+                              "it is damaged or was not written by train.py") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its 'config' metadata is not a JSON object; the file is damaged")
+    return config
+
+
+def read_weights(path: str | os.PathLike, state_key: str = "module.net") -> dict[str, Tensor]:
+    """The tensors of one source: a snapshot's, or ``registry[state_key]`` of a training state (``.pt``)."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        if not path.is_file():
+            raise FileNotFoundError(f"training state {path} does not exist")
+        registry = load_training_state(path).get("registry")
+        if not isinstance(registry, Mapping) or not isinstance(registry.get(state_key), Mapping):
+            have = sorted(registry) if isinstance(registry, Mapping) else []
+            raise CheckpointError(f"training state {path} holds no '{state_key}' (it holds {have}); give "
+                                  "--state-key module.<name> or ema.<name> of a module it saved")
+        sd = registry[state_key]
+        if any(not isinstance(v, Tensor) for v in sd.values()) or all(k.startswith("copies.") for k in sd):
+            # An EMA holds one copy per profile; its averages are in the run's snapshots.
+            raise CheckpointError(f"training state {path}: '{state_key}' is not one module's weights (an EMA holds a "
+                                  "copy per profile); give module.<name> for raw weights, or combine the snapshots")
+        return dict(sd)
+    return load_snapshot(path)[0]
+
+
+def averaged_keys(tensors: Mapping[str, Tensor], buffers: Sequence[str] = ()) -> list[str]:
+    """Keys that are averaged: floating-point tensors that are not in ``buffers`` (buffers come from the reference)."""
+    skip = set(buffers)
+    return sorted(k for k, v in tensors.items() if v.is_floating_point() and k not in skip)
+
+
+def _check_same_model(ref: Mapping[str, Tensor], got: Mapping[str, Tensor], path: Path, ref_path: Path) -> None:
+    missing, extra = sorted(set(ref) - set(got)), sorted(set(got) - set(ref))
+    shapes = [k for k in sorted(set(ref) & set(got)) if tuple(ref[k].shape) != tuple(got[k].shape)]
+    if missing or extra or shapes:
+        what = (f"lacks {shorten(missing)}" if missing else f"has extra tensors {shorten(extra)}" if extra else
+                f"has other shapes ({shapes[0]}: {tuple(got[shapes[0]].shape)} vs {tuple(ref[shapes[0]].shape)})")
+        raise CheckpointError(f"{path} is a checkpoint of another model than the reference {ref_path}: it {what}; "
+                              "combine only checkpoints of one run (one model and preset)")
+
+
+def _check_coefficients(coefficients: Sequence[float], paths: Sequence[Path]) -> list[float]:
+    if len(coefficients) != len(paths) or not paths:
+        raise ValueError(f"combine: {len(coefficients)} coefficients for {len(paths)} checkpoints; give one "
+                         "coefficient per checkpoint (at least one)")
+    out = [float(a) for a in coefficients]
+    for a, p in zip(out, paths):
+        if not math.isfinite(a):
+            raise ValueError(f"combine: the coefficient of {p} is {a}; coefficients must be finite numbers")
+    return out
+
+
+@torch.no_grad()
+def combine(
+    sources: Sequence[str | os.PathLike],
+    coefficients: Sequence[float],
+    reference: str | os.PathLike,
+    out: str | os.PathLike | None,
+    averaging: Mapping[str, Any] | None = None,
+    state_key: str = "module.net",
+    buffers: Sequence[str] = (),
+) -> dict[str, Tensor]:
+    """Write ``sum_i coefficients[i] * weights(sources[i])`` as a snapshot (atomically) and return its tensors.
+
+    Args:
+        sources: n snapshots or training states of one model; read one at a time.
+        coefficients: n finite numbers (not required to sum to 1; the callers normalise).
+        reference: a snapshot of the same model: its metadata, dtypes and buffers go into the result.
+        out: the snapshot to write; None only returns the tensors (a fitness evaluation in memory).
+        averaging: what produced the coefficients (method, its settings), stored in the metadata.
+        state_key: which weights of a training state (``module.net``, the raw weights; an EMA is refused).
+        buffers: tensor names copied from the reference instead of averaged (module buffers).
+
+    Returns:
+        name -> tensor in the reference's dtypes.
+
+    Raises:
+        CheckpointError (a ValueError) naming the file: another model or shapes. ValueError: a non-finite or
+        missing coefficient. NonFiniteError: a source or the result holds NaN/inf.
+    """
+    paths = [Path(s) for s in sources]
+    alphas = _check_coefficients(coefficients, paths)
+    ref_path = Path(reference)
+    ref_tensors, ref_config = load_snapshot(ref_path)
+    keys = averaged_keys(ref_tensors, buffers)
+    acc = {k: torch.zeros(ref_tensors[k].shape, dtype=torch.float64) for k in keys}
+    records = []
+    for alpha, path in zip(alphas, paths):
+        weights = read_weights(path, state_key)
+        _check_same_model(ref_tensors, weights, path, ref_path)
+        bad = non_finite_tensors({k: weights[k] for k in keys})
+        if bad:
+            raise NonFiniteError(f"{path} holds non-finite weights ({shorten(bad)}); leave it out of the combination")
+        for k in keys:
+            acc[k].add_(weights[k].to(torch.float64), alpha=alpha)
+        records.append({"name": path.name, "sha256": file_sha256(path), "coefficient": alpha})
+        del weights  # one source in memory at a time
+    result = {k: acc.pop(k).to(ref_tensors[k].dtype) if k in keys else v for k, v in list(ref_tensors.items())}
+    bad = non_finite_tensors({k: result[k] for k in keys})
+    if bad:
+        raise NonFiniteError(f"the combination of {len(paths)} checkpoints has non-finite weights ({shorten(bad)}); "
+                             "the coefficients are too large for float32. Bound them (smaller --max-norm)")
+    if out is not None:
+        meta = {k: v for k, v in ref_config.items() if k not in ("ema", "ema_spec", "averaging")}
+        meta["ema"] = str((averaging or {}).get("name", "combined"))
+        meta["averaging"] = {**dict(averaging or {}), "sources": records, "state_key": state_key,
+                             "reference": {"name": ref_path.name, "sha256": file_sha256(ref_path)}}
+        save_snapshot(out, result, meta)
+    return result
+
+
+@dataclass(frozen=True)
+class StoredAverage:
+    """One power-function EMA snapshot of a run: file, images and optimizer steps when written, width."""
+
+    path: Path
+    nimg: int
+    step: int
+    sigma_rel: float
+
+
+def phema_snapshots(run_dir: str | os.PathLike) -> list[StoredAverage]:
+    """Every snapshot of ``run_dir`` written by a :class:`gen.ema.PowerFunctionEMA`, sorted by (step, sigma_rel).
+
+    Only the metadata is read; the width comes from the profile name (``ema``) and the averaging spec (``ema_spec``).
+    """
+    found = []
+    for path in sorted(Path(run_dir).glob("snapshot-*.safetensors")):
+        meta = snapshot_metadata(path)
+        spec = meta.get("ema_spec")
+        if not isinstance(spec, Mapping) or spec.get("_target_") != "gen.ema.PowerFunctionEMA":
+            continue
+        widths = {phema_name(float(s)): float(s) for s in spec.get("sigma_rels", [])}
+        name, nimg, step = meta.get("ema"), meta.get("nimg"), meta.get("step")
+        if name not in widths or not isinstance(nimg, int) or not isinstance(step, int) or step < 1:
+            raise CheckpointError(f"{path}: its metadata (ema={name!r}, nimg={nimg!r}, step={step!r}) does not "
+                                  "describe a power-function EMA snapshot; the file is damaged or edited")
+        found.append(StoredAverage(path, nimg, step, widths[name]))
+    return sorted(found, key=lambda s: (s.step, s.sigma_rel))

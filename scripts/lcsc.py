@@ -1,0 +1,170 @@
+"""LCSC search: the linear combination of a run's last saved checkpoints with the best yardstick FID.
+
+    python -m scripts.lcsc runs/quickstart --last 6 --fitness-images 500 --rescore-images 2000 [--at-kimg 64] \\
+        [--source snapshots|states] [--population 12 --generations 8 --max-norm 5 --seed 0] [--kind euler --steps 8]
+    python sample.py snapshot=runs/quickstart/lcsc.safetensors
+
+"Linear Combination of Saved Checkpoints Makes Consistency and Diffusion Models Better" (Liu et al., ICLR 2025).
+The search (``distill.lcsc.search``) scores each coefficient vector by the yardstick FID
+(``eval.generate.yardstick_metrics``) of ``--fitness-images`` samples on the fixed seeds 0.. of the combined
+checkpoints, sampled with the snapshot's own sampler or ``--kind`` / ``--steps`` (any sampler, 1-step consistency
+sampling included). After every generation the search is written to ``OUT.search.json``: a killed search, run again
+with the same arguments, continues to the same result. The winner is written by ``gen.averaging.combine`` as an
+ordinary snapshot (OUT) and re-scored on an independent, larger seed set (seeds from 1,000,000), beside the last
+checkpoint alone, so that overfitting to the fitness seeds shows; both go to ``OUT.json`` with the search's cost.
+
+Under ``torchrun --nproc_per_node=N -m scripts.lcsc ...`` every fitness evaluation is spread over the N processes
+(each generates its share of the seeds; the statistics are reduced), which run the same search; one writes the files.
+
+Sources: ``snapshots`` (the run's snapshots, ``snapshot-<nimg>.safetensors``, the first EMA profile) or ``states``
+(the raw weights of its training states; keep enough with ``trainer.keep_states``). Exit status: 0 written, 2 refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill.lcsc import SearchSettings, search
+from gen.averaging import buffer_names, combine, snapshot_metadata
+from gen.utils import dist
+from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
+from gen.utils.cli import CommandError, check_writable_file, printable, run_main
+from gen.utils.dist import print0
+
+PROG = "python -m scripts.lcsc"
+RESCORE_SEED_OFFSET = 1_000_000
+
+
+def checkpoints(run: Path, source: str, last: int, at_kimg: float | None = None) -> tuple[list[Path], Path]:
+    """The last ``last`` checkpoints of ``run`` up to ``at_kimg`` (oldest first) and the reference snapshot (the
+    newest snapshot up to then)."""
+    until = math.inf if at_kimg is None else int(round(at_kimg * 1000))
+    snaps = [p for n, p in list_snapshots(run) if n <= until]
+    if not snaps:
+        raise CommandError(f"{printable(run)} holds no snapshot-<nimg>.safetensors"
+                           + ("" if at_kimg is None else f" up to kimg {at_kimg:g}") + "; give the folder of a train.py run")
+    found = snaps if source == "snapshots" else [p for n, p in list_training_states(run) if n <= until]
+    if last < 2 or len(found) < last:
+        fix = "trainer.keep_states" if source == "states" else "trainer.snapshot_kimg"
+        upto = "" if at_kimg is None else f" up to kimg {at_kimg:g}"
+        raise CommandError(f"--last {last}: {printable(run)} holds {len(found)} {source}{upto}; LCSC needs at least 2 and at "
+                           f"most what the run kept (a smaller --last, or train with more: {fix})")
+    return found[-last:], snaps[-1]
+
+
+def yardstick_fitness(paths: list[Path], reference: Path, args: argparse.Namespace, work: Path,
+                      seed_offset: int, num_images: int) -> Callable[[np.ndarray], float]:
+    """FID of the combination ``alpha`` on a fixed seed set (the combined snapshot is written into ``work``)."""
+    from eval.generate import yardstick_metrics
+    from eval.generator import snapshot_generate_fn
+
+    buffers = buffer_names(reference)
+    dataset = args.dataset or str(snapshot_metadata(reference).get("data", {}).get("name", "mnist5k"))
+    candidate = work / "candidate.safetensors"
+
+    def fitness(alpha: np.ndarray) -> float:
+        combine(paths, alpha.tolist(), reference, candidate, {"method": "lcsc_candidate"}, args.state_key, buffers)
+        gen = snapshot_generate_fn(str(candidate), kind=args.kind, steps=args.steps, cfg=args.cfg)
+        return float(yardstick_metrics(gen, num_images, dataset, args.cache_dir, args.batch_size, seed_offset)["fid"])
+
+    return fitness
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    """Search, write the winner and the record; returns the record."""
+    run = Path(args.run)
+    if not run.is_dir():
+        raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
+    paths, reference = checkpoints(run, args.source, args.last, args.at_kimg)
+    out = check_writable_file(args.out or run / "lcsc.safetensors", "--out")
+    settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
+                              mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
+    settings.check(len(paths))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
+        fitness = yardstick_fitness(paths, reference, args, Path(tmp), 0, args.fitness_images)
+        context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
+                   "kind": args.kind, "steps": args.steps, "cfg": args.cfg, "dataset": args.dataset,
+                   "state_key": args.state_key}
+        found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
+                       lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
+                                        f"{r['mean']:.3f}, {r['evaluations']} evaluated"), context, dist.is_main())
+        dist.barrier()  # the state is written before any process starts the next step
+        search_s = time.perf_counter() - t0
+        rescore = yardstick_fitness(paths, reference, args, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
+        last_alone = np.eye(len(paths))[-1]
+        # The last checkpoint alone is in the first population, so its fitness is known: the gap between fitness and
+        # re-score of the winner, against the same gap of the last checkpoint, is the overfitting to the fitness seeds
+        # (FID's bias from the sample count is in both).
+        record = {"alpha": found.alpha.tolist(), "sources": [p.name for p in paths], "fitness_fid": found.fitness,
+                  "rescore_fid": rescore(found.alpha), "last_fitness_fid": found.score_of(last_alone),
+                  "last_rescore_fid": rescore(last_alone),
+                  "fitness_images": args.fitness_images, "rescore_images": args.rescore_images,
+                  "evaluations": found.evaluations, "search_seconds": search_s, "history": found.history,
+                  "settings": dataclasses.asdict(settings),
+                  "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}}
+    if dist.is_main():
+        combine(paths, found.alpha.tolist(), reference, out,
+                {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},
+                args.state_key, buffer_names(reference))
+        text = json.dumps(record, indent=1)
+        atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
+    dist.barrier()
+    print0(f"LCSC over {len(paths)} {args.source}: fitness FID {found.fitness:.3f}, re-scored {record['rescore_fid']:.3f} "
+          f"(last checkpoint alone {record['last_rescore_fid']:.3f}), {found.evaluations} evaluations in "
+          f"{search_s:.0f} s -> {printable(out)}")
+    return record
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    d = SearchSettings()
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("run", help="the run folder")
+    p.add_argument("--last", type=int, default=6, help="how many of the last checkpoints to combine")
+    p.add_argument("--source", choices=["snapshots", "states"], default="snapshots")
+    p.add_argument("--at-kimg", type=float, default=None, help="use the checkpoints up to this time (default: all)")
+    p.add_argument("--state-key", default="module.net", help="weights read from training states (--source states)")
+    p.add_argument("--out", default=None, help="the snapshot to write (default RUN/lcsc.safetensors)")
+    p.add_argument("--fitness-images", type=int, default=500)
+    p.add_argument("--rescore-images", type=int, default=2000)
+    p.add_argument("--population", type=int, default=d.population)
+    p.add_argument("--generations", type=int, default=d.generations)
+    p.add_argument("--elite", type=int, default=d.elite)
+    p.add_argument("--mutation-std", type=float, default=d.mutation_std)
+    p.add_argument("--max-norm", type=float, default=d.max_norm)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--kind", default=None, help="sampler by short name (euler, heun, consistency); default the snapshot's")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps; default the snapshot's")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
+    p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
+    p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
+    p.add_argument("--batch-size", type=int, default=250)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def go() -> int:
+        if args.fitness_images < 2 or args.rescore_images < 2:
+            raise CommandError("--fitness-images and --rescore-images must be at least 2 (FID needs a covariance)")
+        dist.init_distributed()
+        run_search(args)
+        return 0
+
+    return run_main(go, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Post-hoc EMA: reconstruct power-function averages of any width from a run's stored ones, after training.
+
+    python train.py ema=phema ...                      # stores snapshots of sigma_rel 0.05 and 0.10
+    python -m scripts.posthoc_ema runs/quickstart --sigma-rel 0.03,0.08 [--at-kimg 64,96] [--out-dir DIR]
+    python sample.py snapshot=runs/quickstart/posthoc-000096000-sigma0.03.safetensors
+    python -m scripts.posthoc_ema runs/quickstart --sigma-rel 0.02,0.04,0.06,0.08,0.1,0.15,0.2 --score 1000 [--steps 8]
+
+For each target time (a time at which the run stored snapshots; default the latest) and width, the coefficients
+over the stored snapshots up to that time are the float64 least-squares fit of EDM2 ("Analyzing and Improving the
+Training Dynamics of Diffusion Models", Karras et al. 2024; NVlabs/edm2 ``reconstruct_phema.py``),
+and ``gen.averaging.combine`` streams the weighted sum into an ordinary snapshot (buffers and metadata from the
+stored snapshot at the target time), named ``posthoc-<nimg>-sigma<width>.safetensors``. The file's metadata
+records the sources, their SHA-256 and coefficients. ``--score N`` sweeps: each reconstruction is scored by the
+yardstick FID of N samples (seeds 0..N-1, the snapshot's sampler or ``--kind`` / ``--steps``), written to
+``posthoc_sweep.json`` and plotted against sigma_rel in ``posthoc_sweep.png`` (in the output folder).
+Exit status: 0 written, 2 refused (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
+from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
+from gen.utils.ckpt import atomic_write
+from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
+
+PROG = "python -m scripts.posthoc_ema"
+# Snapshots of one time only fit profiles ending at that time with the stored widths; a fit of another width
+# needs the profiles' different shapes over time, so at least two stored times.
+MIN_TIMES = 2
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise CommandError(f"{flag} {text!r}: give numbers separated by commas, e.g. {flag} 0.03,0.08") from e
+    if not values:
+        raise CommandError(f"{flag} is empty; give numbers separated by commas, e.g. {flag} 0.03,0.08")
+    return values
+
+
+def target_inputs(stored: list[StoredAverage], kimg: float, run: Path) -> list[StoredAverage]:
+    """The stored averages usable for a target at ``kimg``: those written at or before it (refusals named)."""
+    nimg = int(round(kimg * 1000))
+    times = sorted({s.nimg for s in stored})
+    if nimg not in times:
+        have = ", ".join(f"{t / 1000:g}" for t in times)
+        raise CommandError(f"--at-kimg {kimg:g}: {printable(run)} has no power-function EMA snapshot at kimg {kimg:g} "
+                           f"(it has kimg {have}); give one of those times")
+    inputs = [s for s in stored if s.nimg <= nimg]
+    n_times = len({s.nimg for s in inputs})
+    if n_times < MIN_TIMES:
+        raise CommandError(f"--at-kimg {kimg:g}: {printable(run)} stored power-function EMA snapshots at only {n_times} "
+                           f"time(s) up to kimg {kimg:g}; the solve needs snapshots at {MIN_TIMES} times or more. Give "
+                           "a later --at-kimg, or train with more snapshots (a smaller trainer.snapshot_kimg)")
+    return inputs
+
+
+def reconstruct(run: Path, sigmas: list[float], kimgs: list[float] | None, out_dir: Path) -> list[Path]:
+    """Write one snapshot per (target time, width); returns their paths."""
+    for s in sigmas:
+        try:
+            sigma_rel_to_gamma(s)
+        except ValueError as e:
+            raise CommandError(f"--sigma-rel: {e}") from e
+    stored = phema_snapshots(run)
+    if not stored:
+        raise CommandError(f"{printable(run)} holds no power-function EMA snapshots; train the run with ema=phema")
+    written = []
+    for kimg in kimgs or [stored[-1].nimg / 1000]:
+        inputs = target_inputs(stored, kimg, run)
+        t_out = max(s.step for s in inputs)
+        x = posthoc_coefficients([s.step for s in inputs], [s.sigma_rel for s in inputs],
+                                 [t_out] * len(sigmas), sigmas)
+        reference = next(s.path for s in reversed(inputs) if s.step == t_out)
+        buffers = buffer_names(reference)
+        for j, sigma in enumerate(sigmas):
+            out = out_dir / f"posthoc-{inputs[-1].nimg:09d}-sigma{sigma:g}.safetensors"
+            record = {"method": "posthoc_ema", "name": f"posthoc{sigma:g}", "sigma_rel": sigma,
+                      "gamma": sigma_rel_to_gamma(sigma), "nimg": inputs[-1].nimg, "step": t_out}
+            combine([s.path for s in inputs], x[:, j].tolist(), reference, out, record, buffers=buffers)
+            print(f"kimg {inputs[-1].nimg / 1000:g} sigma_rel {sigma:g}: {len(inputs)} snapshots, "
+                  f"coefficients in [{x[:, j].min():.3g}, {x[:, j].max():.3g}] -> {printable(out)}")
+            written.append(out)
+    return written
+
+
+def sweep(written: list[Path], args: argparse.Namespace, out_dir: Path) -> list[dict[str, float]]:
+    """Yardstick FID of every reconstruction; JSON record and a plot of FID against sigma_rel per target time."""
+    from eval.generate import yardstick_metrics
+    from eval.generator import snapshot_generate_fn
+    from gen.averaging import snapshot_metadata
+
+    rows = []
+    for path in written:
+        meta = snapshot_metadata(path)
+        gen = snapshot_generate_fn(str(path), kind=args.kind, steps=args.steps, cfg=args.cfg)
+        dataset = args.dataset or str(meta.get("data", {}).get("name", "mnist5k"))
+        fid = float(yardstick_metrics(gen, args.score, dataset, args.cache_dir, args.batch_size)["fid"])
+        rec = meta["averaging"]
+        rows.append({"kimg": rec["nimg"] / 1000, "sigma_rel": rec["sigma_rel"], "fid": fid, "snapshot": path.name})
+        print(f"kimg {rows[-1]['kimg']:g} sigma_rel {rec['sigma_rel']:g}: yardstick FID {fid:.3f} ({args.score} images)")
+    record = {"images": args.score, "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "rows": rows}
+    text = json.dumps(record, indent=1)
+    atomic_write(out_dir / "posthoc_sweep.json", lambda tmp: Path(tmp).write_text(text))
+    _plot(rows, out_dir / "posthoc_sweep.png")
+    return rows
+
+
+def _plot(rows: list[dict[str, float]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for kimg in sorted({r["kimg"] for r in rows}):
+        pts = sorted((r["sigma_rel"], r["fid"]) for r in rows if r["kimg"] == kimg)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=f"kimg {kimg:g}")
+    ax.set_xlabel("sigma_rel (post-hoc EMA width)")
+    ax.set_ylabel("yardstick FID")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("run", help="the run folder (trained with ema=phema)")
+    p.add_argument("--sigma-rel", required=True, help="target widths, comma-separated, e.g. 0.03,0.08")
+    p.add_argument("--at-kimg", default=None, help="target times in kimg (stored snapshot times; default the latest)")
+    p.add_argument("--out-dir", default=None, help="where to write the snapshots (default: the run folder)")
+    p.add_argument("--score", type=int, default=0, help="score each reconstruction by the yardstick FID of N samples")
+    p.add_argument("--kind", default=None, help="sampler for --score by short name; default the snapshot's")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps for --score; default the snapshot's")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
+    p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
+    p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
+    p.add_argument("--batch-size", type=int, default=250)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def go() -> int:
+        run = Path(args.run)
+        if not run.is_dir():
+            raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
+        sigmas = _numbers(args.sigma_rel, "--sigma-rel")
+        kimgs = _numbers(args.at_kimg, "--at-kimg") if args.at_kimg is not None else None
+        out_dir = check_writable_dir(args.out_dir or run, "--out-dir")
+        if args.score < 0:
+            raise CommandError(f"--score {args.score}: give a number of images (0: no scoring)")
+        written = reconstruct(run, sigmas, kimgs, out_dir)
+        if args.score:
+            sweep(written, args, out_dir)
+        return 0
+
+    return run_main(go, PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
