@@ -150,6 +150,8 @@ def open_teacher(source: str | os.PathLike) -> LoadedSnapshot:
     Raises:
         FileNotFoundError: the file is missing. CheckpointError: not a train.py snapshot. NonFiniteError: NaN/inf.
     """
+    if str(source) in ("???", "", "None"):
+        raise FileNotFoundError("method.teacher is not set; give method.teacher=<teacher snapshot.safetensors>")
     if not os.path.isfile(source):
         raise FileNotFoundError(f"teacher snapshot {source} does not exist; give the teacher's snapshot file "
                                 "(runs/<name>/snapshot-*.safetensors)")
