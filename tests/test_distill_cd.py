@@ -32,11 +32,19 @@ from tests.test_train import _final_state
 CD = ["method=cd", "sampler=consistency", "method.num_levels=18", "trainer.grad_clip=null"]
 
 
+class _Perceptual(torch.nn.Module):
+    """A stand-in perceptual distance (frozen, no weights)."""
+
+    def forward(self, a, b):  # noqa: ANN001, ANN201
+        return (a.tanh() - b.tanh()).abs().flatten(1).mean(1)
+
+
 def _method(teacher: Path, metric: str = "l2") -> ConsistencyDistillation:
     student, _ = load_network(teacher)
     student = copy.deepcopy(student).train().requires_grad_(True)
     method = ConsistencyDistillation(student, partial(torch.optim.Adam, lr=1e-3), str(teacher),
                                      partial(EMA, decays=[0.95]), num_levels=18, metric=metric,
+                                     perceptual=_Perceptual() if metric == "lpips" else None,
                                      data_name="mnist5k", image_resolution=32, image_channels=1)
     method.attach_emas({"net": EMA(method.net, decays=[0.95])})
     with torch.no_grad():  # the student moves away from its EMA target (as after some training)
@@ -53,7 +61,7 @@ def _flow_d(net: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, y: torch
     return x.double() / (1 + d) - d / (1 + d) * v
 
 
-@pytest.mark.parametrize("metric", ["l2", "huber"])
+@pytest.mark.parametrize("metric", ["l2", "huber", "lpips"])
 def test_loss_equals_direct_computation(teacher_snapshot: Path, metric: str) -> None:
     torch.manual_seed(0)
     method = _method(teacher_snapshot, metric)
@@ -81,6 +89,8 @@ def test_loss_equals_direct_computation(teacher_snapshot: Path, metric: str) -> 
         f_t = _flow_d(ema, x_lo.float().double(), s_lo, y, 0.002)
         if metric == "l2":
             want = (f_s - f_t).pow(2).flatten(1).mean(1)
+        elif metric == "lpips":
+            want = (f_s.tanh() - f_t.tanh()).abs().flatten(1).mean(1)
         else:
             c = 0.00054 * 1024**0.5
             want = ((f_s - f_t).pow(2).flatten(1).sum(1) + c * c).sqrt() - c
