@@ -19,8 +19,15 @@ the teacher's model space, ``label`` and ``seed`` int64 (n,)), each written atom
 continues: complete shards are kept, the others drawn (a killed run resumes). A folder of other pairs (another
 teacher, sampler, seeds or count) is refused unless ``overwrite=true``.
 
-The dataset (:class:`PairShards`, ``data=pairs``) reads a complete folder into memory and refuses pairs made by another
-teacher than the run's (``teacher=``, the method's teacher by interpolation).
+Real-data pairs (``real=mnist5k`` or ``real=shapes``, the teacher's own built-in training data; 2-rectified flow++'s
+"incorporating real data", paper Sec. 4.4 / config F): pair ``k`` is training image ``seed_offset + k`` with its label,
+and its noise is the teacher's ODE run backwards from it (Euler on the teacher's own time grid reversed, with its
+guidance: :func:`invert`), so the coupling is the teacher's in both directions. The inversion recipe is ours; the
+paper's is not restated in its text we could check.
+
+The dataset (:class:`PairShards`, ``data=pairs``) reads a complete folder into memory (plus ``real_root``, a real-data
+pair folder of the same teacher) and refuses pairs made by another teacher than the run's (``teacher=``, the method's
+teacher by interpolation).
 """
 
 from __future__ import annotations
@@ -75,6 +82,60 @@ def draw_pairs(teacher: Teacher, seeds: Sequence[int], device: torch.device | st
     return {"noise": noise, "x": x, "label": label.long(), "seed": torch.tensor(list(seeds), dtype=torch.long)}
 
 
+@torch.no_grad()
+def invert(teacher: Teacher, x: Tensor, y: Tensor) -> Tensor:
+    """Unit noise ``z`` whose teacher sample is ``x``: Euler steps of the teacher's (guided) ODE from ``t = 0`` up its own
+    time grid to ``t_max``, ``z = x(t_max) / sigma(t_max)``. Needs a velocity defined at t = 0 (a flow teacher).
+
+    Shapes: x (B, C, H, W) in model space, y (B,) -> z (B, C, H, W) float32.
+    """
+    if teacher.kind != "flow":
+        raise ValueError(f"real-data pairs invert the teacher's ODE from t = 0, which needs a flow-matching velocity "
+                         f"teacher; {teacher.source} is a {teacher.prediction.get('prediction')} model")
+    from samplers.spec import guided_model_fn
+
+    ts = teacher.sampler.time_grid(teacher.path).flip(0).tolist()  # ascending: 0 -> t_max
+    model_fn = guided_model_fn(teacher.velocity_fn(), teacher.sampler, teacher.num_classes)
+    state = x.double()
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        v = model_fn(state.float(), torch.full((x.shape[0],), t, device=x.device), y).double()
+        state = state + (t_next - t) * v
+    sigma = float(teacher.path.sigma(torch.tensor(ts[-1], dtype=torch.float64)))
+    return (state / sigma).float()
+
+
+def draw_real_pairs(teacher: Teacher, images: Tensor, labels: Tensor, index: Sequence[int],
+                    device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Real-data pairs for training items ``index``: ``{"noise": invert(x), "x", "label", "seed": index}`` on the CPU;
+    ``x`` is the image in model space ([-1, 1] pixels)."""
+    idx = torch.tensor(list(index), dtype=torch.long)
+    x = images[idx].float() / 127.5 - 1.0
+    y = labels[idx].long()
+    z = invert(teacher, x.to(device), y.to(device)).cpu()
+    return {"noise": z, "x": x, "label": y, "seed": idx}
+
+
+def real_images(name: str, teacher: Teacher) -> tuple[Tensor, Tensor]:
+    """The built-in training split ``name`` (uint8 images, labels) the teacher was trained on; refuses another."""
+    data = teacher.config.get("data") or {}
+    if name != data.get("name"):
+        raise ValueError(f"real={name}: the teacher was trained on {data.get('name')!r}; real-data pairs invert images "
+                         "of the teacher's own data")
+    if (teacher.config.get("tokenizer") or {}).get("_target_") != "tokenizers.pixels.PixelTokenizer":
+        raise ValueError("real=...: real-data pairs are implemented for pixel-space teachers only")
+    if name == "mnist5k":
+        from gen.data.builtin import MNIST5k
+
+        ds = MNIST5k(split="train", resolution=int(data["resolution"]))
+    elif name == "shapes":
+        from gen.data.shapes import Shapes
+
+        ds = Shapes(resolution=int(data["resolution"]))
+    else:
+        raise ValueError(f"real={name}: real-data pairs read the built-in data (mnist5k, shapes)")
+    return ds.tensors()
+
+
 @dataclass
 class PairsConfig:
     """The settings of ``python -m distill.pairs`` (module docstring)."""
@@ -88,6 +149,7 @@ class PairsConfig:
     steps: int | None = None
     device: str = "auto"
     overwrite: bool = False
+    real: str | None = None
 
     def __post_init__(self) -> None:
         if not self.teacher or not self.out:
@@ -108,6 +170,7 @@ def _identity(teacher: Teacher, cfg: PairsConfig) -> dict[str, Any]:
         "prediction": teacher.prediction, "tokenizer": teacher.config.get("tokenizer"),
         "shape": [int(net.in_channels), int(net.input_size), int(net.input_size)],
         "num": cfg.num, "seed_offset": cfg.seed_offset, "shard_size": cfg.shard_size,
+        **({"real": cfg.real} if cfg.real else {}),
     }
 
 
@@ -166,6 +229,10 @@ def make_pairs(cfg: PairsConfig) -> dict[str, Any]:
         sampler = {**(stored or {"solver": {"_target_": "samplers.sample_euler"},
                                  "grid": {"_target_": "samplers.grids.uniform_grid"}}), "steps": cfg.steps}
     teacher = load_teacher(cfg.teacher, sampler, device)
+    real = real_images(cfg.real, teacher) if cfg.real else None
+    if real is not None and cfg.seed_offset + cfg.num > len(real[1]):
+        raise ValueError(f"real={cfg.real} has {len(real[1])} training images; seed_offset + num = "
+                         f"{cfg.seed_offset + cfg.num} exceeds it")
     out = Path(cfg.out)
     identity = _identity(teacher, cfg)
     key = _key(identity)
@@ -179,7 +246,9 @@ def make_pairs(cfg: PairsConfig) -> dict[str, Any]:
             seeds = list(range(lo, min(lo + cfg.shard_size, cfg.seed_offset + cfg.num)))
             parts = []
             for b in range(0, len(seeds), cfg.batch_size):
-                parts.append(draw_pairs(teacher, seeds[b : b + cfg.batch_size], device))
+                chunk = seeds[b : b + cfg.batch_size]
+                parts.append(draw_pairs(teacher, chunk, device) if real is None
+                             else draw_real_pairs(teacher, *real, chunk, device))
                 bar.advance(len(parts[-1]["seed"]))
             _write_shard(out / shard_name(i), {k: torch.cat([p[k] for p in parts]) for k in KEYS})
     dist.barrier()
@@ -198,11 +267,13 @@ class PairShards:
 
     Args:
         root: the folder written by ``python -m distill.pairs``.
+        real_root: a folder of real-data pairs (``real=...``) of the same teacher, appended to ``root``'s.
         teacher: the run's teacher snapshot; pairs made by another teacher (by file SHA-256) are refused.
         data_name: the run's ``data.name``; pairs of a teacher of another data set are refused.
     """
 
-    def __init__(self, root: str, teacher: str | None = None, data_name: str | None = None) -> None:
+    def __init__(self, root: str, teacher: str | None = None, data_name: str | None = None,
+                 real_root: str | None = None) -> None:
         self.root = Path(root)
         manifest = read_manifest(self.root)
         if not manifest or manifest.get("format") != FORMAT:
@@ -220,7 +291,7 @@ class PairShards:
                 raise ValueError(f"the pairs in {root} were made by teacher {made_by['path']} (sha256 "
                                  f"{made_by['sha256'][:12]}), not by this run's teacher {teacher} ({sha[:12]}); draw "
                                  f"pairs with it: python -m distill.pairs teacher={teacher} out=<folder> num=<pairs>")
-        self.manifest = manifest
+        self.manifest, self.real_id = manifest, None
         data = manifest.get("data") or {}
         if data_name is not None and data.get("name") != data_name:
             raise ValueError(f"the pairs in {root} are of data {data.get('name')!r}, not data.name={data_name!r}; "
@@ -233,6 +304,13 @@ class PairShards:
         parts = [load_file(str(self.root / shard_name(i))) for i in range((num - 1) // size + 1)]
         self._tensors = {k: torch.cat([p[k] for p in parts]) for k in ("x", "noise", "label")}
         self._tensors["label"] = self._tensors["label"].long()
+        if real_root is not None:  # real-data pairs of the same teacher, appended
+            real = PairShards(real_root, teacher, data_name)
+            if real.teacher_sha256 != self.teacher_sha256 or not real.manifest.get("real"):
+                raise ValueError(f"data.dataset.real_root={real_root} must hold real-data pairs (real=...) of the teacher "
+                                 f"of {root}")
+            self._tensors = {k: torch.cat([v, real.tensors()[k]]) for k, v in self._tensors.items()}
+            self.real_id = real.manifest["id"]
 
     def __len__(self) -> int:
         return int(self._tensors["label"].shape[0])
@@ -247,7 +325,8 @@ class PairShards:
 
     def content_identity(self) -> dict[str, Any]:
         """What resuming checks: the pair set's id (teacher, sampler, seeds, count) and the teacher's hash."""
-        return {"kind": "pairs", "id": self.manifest["id"], "teacher_sha256": self.teacher_sha256, "count": len(self)}
+        return {"kind": "pairs", "sha256": self.manifest["id"], "real": self.real_id, "teacher_sha256": self.teacher_sha256,
+                "count": len(self)}
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, Any]:

@@ -160,3 +160,27 @@ def test_pairs_command_errors_are_one_line(tmp_path: Path, teacher_snapshot: Pat
     _pairs(teacher_snapshot, tmp_path / "p")
     assert "holds other pairs" in run(f"teacher={teacher_snapshot}", f"out={tmp_path / 'p'}", "num=21",
                                       "shard_size=8", "steps=3")
+
+
+def test_real_data_pairs_invert_the_teacher(tmp_path: Path, teacher_snapshot: Path) -> None:
+    real = _pairs(teacher_snapshot, tmp_path / "real", num=6, shard_size=4, steps=32, real="mnist5k")
+    got = _shards(real)
+    from gen.data.builtin import MNIST5k
+
+    data = MNIST5k(split="train")
+    assert torch.equal(got["x"], data.images[:6].float() / 127.5 - 1) and torch.equal(got["label"], data.labels[:6])
+    # The teacher's sample from the inverted noise comes back near the real image (Euler both ways, 32 steps).
+    manifest = json.loads((real / "pairs.json").read_text())
+    assert manifest["real"] == "mnist5k"
+    teacher = load_teacher(teacher_snapshot, manifest["sampler"])
+    back = teacher.sample(got["noise"], got["label"])
+    err = (back - got["x"]).pow(2).mean().sqrt() / got["x"].pow(2).mean().sqrt()
+    assert float(err) < 0.1, float(err)
+    assert 0.5 < float(got["noise"].std()) < 2.0
+    synth = _pairs(teacher_snapshot, tmp_path / "synth")
+    both = PairShards(str(synth), teacher=str(teacher_snapshot), real_root=str(real))
+    assert len(both) == 26 and torch.equal(both.tensors()["x"][20:], got["x"])
+    with pytest.raises(ValueError, match="must hold real-data pairs"):
+        PairShards(str(synth), real_root=str(synth))
+    with pytest.raises(ValueError, match="teacher was trained on 'mnist5k'"):
+        _pairs(teacher_snapshot, tmp_path / "shapes", real="shapes")
