@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import HuberRule, pseudo_huber, resolve_huber_c
-from distill.reflow import check_same_teacher, check_student_sampler
-from distill.teacher import Teacher, check_teacher, load_teacher
+from distill.teacher import Teacher, check_same_teacher, check_student_sampler, check_teacher, load_teacher
 from gen.ema import EMAFactory
 from gen.models.precond import ConsistencyPrecond, FlowConsistencyPrecond
 from gen.objectives.base import check_label_dropout, drop_labels

@@ -22,17 +22,18 @@ SHA-256, the solvers it serves) so that ``sample.py`` and ``python -m eval`` use
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from distill.losses import HuberRule, pseudo_huber, resolve_huber_c
-from distill.teacher import check_teacher, open_teacher
+from distill.teacher import check_same_teacher, check_student_sampler, check_teacher, open_teacher
 from gen.objectives.base import check_label_dropout, drop_labels
 from gen.paths import LinearPath, UShapedTime
 from gen.train.method import Batch, Method, OptimizerFactory, OptimizerSpec, Progress
+from gen.utils.frozen import hold_frozen
 from gen.utils.seed import Randomness, SampleRandom
 
 # Deterministic ODE solvers a reflow student serves (an SDE or consistency sampler cannot).
@@ -103,8 +104,6 @@ class Reflow(Method):
         self.time_sampler = UShapedTime(time_a, time_eps)
         self.label_dropout = check_label_dropout(label_dropout)
         if perceptual is not None:
-            from gen.utils.frozen import hold_frozen
-
             hold_frozen(self, "perceptual", perceptual)
 
     def optimizers(self) -> list[OptimizerSpec]:
@@ -154,24 +153,3 @@ class Reflow(Method):
 
     def check_sampler(self, sampler: Mapping[str, Any]) -> None:
         check_student_sampler(sampler, REFLOW_SOLVERS, "reflow", "reflow_1step")
-
-
-def check_same_teacher(saved: Mapping[str, Any] | None, current: Mapping[str, str]) -> None:
-    """Refuse to resume a student run with another teacher file (by SHA-256) than the one it started with."""
-    if saved is not None and saved.get("sha256") != current["sha256"]:
-        from gen.utils.config import ConfigError
-
-        raise ConfigError(f"this run was trained with teacher {saved.get('path')} (sha256 {str(saved.get('sha256'))[:12]}), "
-                          f"but method.teacher={current['path']} is another file ({current['sha256'][:12]}); restore "
-                          "the teacher or start a new run (name=...)")
-
-
-def check_student_sampler(sampler: Mapping[str, Any], solvers: Sequence[str], method: str, preset: str) -> None:
-    """Refuse a sampler whose solver the student cannot serve (one line naming the solver and the choices)."""
-    name = (sampler.get("solver") or {}).get("_target_")
-    if name not in solvers:
-        raise ValueError(f"sampler.solver={name} cannot serve a {method} student; use one of {list(solvers)} "
-                         f"(e.g. sampler={preset})")
-    if float((sampler.get("solver") or {}).get("s_churn", 0.0) or 0.0) > 0:
-        raise ValueError(f"sampler.solver.s_churn>0 makes the sampler stochastic, which a {method} student's "
-                         "deterministic coupling cannot serve; set s_churn=0")

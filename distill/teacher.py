@@ -31,9 +31,11 @@ from gen.models.rows import MinRows
 from gen.paths import Path
 from gen.snapshot import LoadedSnapshot, load_network, read_snapshot
 from gen.utils.ckpt import CheckpointError
+from gen.utils.config import ConfigError
 from samplers.spec import DEFAULT_SAMPLER, SamplerSpec, check_sampler, guided_model_fn, run_sampler
 
-__all__ = ["Teacher", "TeacherError", "load_teacher", "open_teacher", "check_teacher", "prediction_kind", "PREDICTION_KINDS"]
+__all__ = ["Teacher", "TeacherError", "load_teacher", "open_teacher", "check_teacher", "check_same_teacher",
+           "check_student_sampler", "prediction_kind", "PREDICTION_KINDS"]
 
 # prediction kind -> (prediction, path target) as snapshots store them (``Objective.prediction_spec``).
 PREDICTION_KINDS: dict[str, tuple[str, str]] = {
@@ -182,3 +184,22 @@ def load_teacher(source: str | os.PathLike, sampler: Mapping[str, Any] | None = 
     if not isinstance(snap.config["prediction"], Mapping):
         raise CheckpointError(f"teacher {source}: its prediction metadata is not a mapping")
     return Teacher(net, dict(snap.config["prediction"]), dict(snap.config), str(source), snap.sha256, spec)
+
+
+def check_same_teacher(saved: Mapping[str, Any] | None, current: Mapping[str, str]) -> None:
+    """Refuse to resume a student run with another teacher file (by SHA-256) than the one it started with."""
+    if saved is not None and saved.get("sha256") != current["sha256"]:
+        raise ConfigError(f"this run was trained with teacher {saved.get('path')} (sha256 {str(saved.get('sha256'))[:12]}), "
+                          f"but method.teacher={current['path']} is another file ({current['sha256'][:12]}); restore "
+                          "the teacher or start a new run (name=...)")
+
+
+def check_student_sampler(sampler: Mapping[str, Any], solvers: Sequence[str], method: str, preset: str) -> None:
+    """Refuse a sampler whose solver the student cannot serve (one line naming the solver and the choices)."""
+    name = (sampler.get("solver") or {}).get("_target_")
+    if name not in solvers:
+        raise ValueError(f"sampler.solver={name} cannot serve a {method} student; use one of {list(solvers)} "
+                         f"(e.g. sampler={preset})")
+    if float((sampler.get("solver") or {}).get("s_churn", 0.0) or 0.0) > 0:
+        raise ValueError(f"sampler.solver.s_churn>0 makes the sampler stochastic, which a {method} student's "
+                         "deterministic coupling cannot serve; set s_churn=0")
