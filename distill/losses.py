@@ -9,7 +9,7 @@ for Training Consistency Models", Sec. 3.3). Two conventions for ``c`` meet in t
   were trained with, so it is our default for reflow. With the larger c the loss is quadratic (``~||a-b||^2 / 2cD``)
   for per-sample errors far below c and linear above it; iCT's small c makes it nearly the L2 norm everywhere.
 
-The perceptual term: :class:`distill.perceptual.LPIPS` (VGG16 + learned linear heads, weights from a local file) or
+The perceptual term: ``gen.nn.lpips.LPIPS`` (VGG16 + learned linear heads, local weights; ``distill.perceptual``) or
 any module with the same call, ``distance(a, b) -> (B,)`` on images in [-1, 1].
 """
 

@@ -72,7 +72,7 @@ class Reflow(Method):
             SHA-256 in the snapshot and the training state, and checked on resume).
         loss: ``"huber"``, ``"lpips-huber"`` or ``"l2"``.
         huber_c: ``"rfpp"`` (0.00054 D, divided by D), ``"ict"`` (0.00054 sqrt(D), not divided) or a number (divided).
-        perceptual: the perceptual distance module of ``"lpips-huber"`` (``distill.perceptual.LPIPS`` or a stand-in).
+        perceptual: the perceptual distance module of ``"lpips-huber"`` (``distill.perceptual.Resized`` around ``gen.nn.lpips.LPIPS``, or a stand-in).
         lpips_divt: divide the perceptual term by t (CIFAR-10 recipe).
         time_a, time_eps: the U-shaped time density's a and its margin.
         label_dropout: classifier-free guidance label dropout (0 in the paper).
@@ -91,7 +91,7 @@ class Reflow(Method):
         if loss not in ("huber", "lpips-huber", "l2"):
             raise ValueError(f"method.loss must be 'huber', 'lpips-huber' or 'l2', got {loss!r}")
         if (loss == "lpips-huber") != (perceptual is not None):
-            raise ValueError("method.loss='lpips-huber' needs method.perceptual (a distill.perceptual.LPIPS spec) and "
+            raise ValueError("method.loss='lpips-huber' needs method.perceptual (e.g. distill.perceptual.Resized around gen.nn.lpips.LPIPS) and "
                              "the other losses take none; set both or neither")
         huber_c_value = huber_c if isinstance(huber_c, str) else float(huber_c)
         resolve_huber_c(1, huber_c_value)  # refuses an unknown rule or a negative c now, not at the first step
