@@ -21,7 +21,8 @@ def test_distill_plan_starts_students_from_the_teacher_and_draws_pairs_first(tmp
     assert teacher.run.run_dir == tmp_path / "runs" / "backbones" / "dit-s0"
     snap = teacher.run.run_dir / "snapshot-000096000.safetensors"
     for student in (rfpp, cd):
-        assert student.run.init == snap and f"trainer.init.net={snap}" in student.run.train_command()
+        assert student.run.init == snap
+        assert any(a.endswith(f"trainer.init.net={snap}") for a in student.run.train_command())  # ++ on newer main
         assert student.train_kimg == 32.0
     assert "data.dataset.root=${run_dir}/pairs" in rfpp.run.train_command()
     fill = {"init": rfpp.run.init, "run_dir": rfpp.run.run_dir}
