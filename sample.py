@@ -297,8 +297,16 @@ def sample(
     snap = resolve_snapshot(snapshot)
     with tokenizer_weights_from(tokenizer_weights):
         gen, meta = generator_from_snapshot(str(snap), dev)
-    if not sampler_chosen and is_consistency(gen.prediction):
+    student = meta.get("distill") if isinstance(meta.get("distill"), dict) else None
+    if not sampler_chosen and (is_consistency(gen.prediction) or (student and meta.get("sampler"))):
+        # A consistency model or a distilled student samples with the sampler its run stored (its step count,
+        # times and update rule), which the default ODE sampler would not reproduce.
         sampler = SamplerSpec.from_config(meta.get("sampler") or CONSISTENCY_SAMPLER)
+    elif student and isinstance(student.get("solvers"), list):
+        name = (sampler.config.get("solver") or {}).get("_target_")
+        if name not in student["solvers"]:
+            raise ValueError(f"sampler.solver={name} cannot serve this {student.get('method')} student; use one of "
+                             f"{student['solvers']}, or no sampler=... to use the one stored in the snapshot")
     if class_label is not None and not 0 <= class_label < gen.num_classes:
         raise ValueError(
             f"class_label={class_label} is outside [0, {gen.num_classes - 1}] (label {gen.num_classes} is the null class)"

@@ -511,12 +511,19 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
         "optimizer": lambda: _build({**c["optim"], "_partial_": True}, "optim", packages),
         "image_resolution": lambda: dataset.resolution,
         "image_channels": lambda: dataset.channels,
+        "data_name": lambda: c["data"]["name"],
         "ema": lambda: ema,
     }
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
 
     _check_start(method, trainer, c)
+    serves = getattr(method, "check_sampler", None)
+    if serves is not None:  # a student that serves only some samplers (distill: its solvers)
+        try:
+            serves(c["sampler"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
     snapshot_meta = {
         "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},

@@ -152,7 +152,10 @@ class Row:
     the same overrides set it to one group so the configuration is trained once (the alignment table's plain DiT
     and LightningDiT rows are the backbone table's runs). ``kimg`` gives the row its own evaluation points (default:
     the bench's). ``init_from`` names another row of the bench whose last snapshot of the same seed the run starts
-    from (``trainer.init.net``; ECT tunes the quick start's snapshot): that row is trained first.
+    from (``trainer.init.net``; ECT tunes the quick start's snapshot): that row is trained first. ``prepare`` is a
+    command of this repository (arguments after the interpreter, with ``{init}`` and ``{run_dir}`` filled in) run
+    before training, logged with it: a distillation student's pairs drawn from its teacher (``python -m distill.pairs``,
+    itself resumable).
     """
 
     method: str
@@ -161,6 +164,7 @@ class Row:
     run_group: str | None = None
     kimg: tuple[float, ...] | None = None
     init_from: str | None = None
+    prepare: tuple[str, ...] = ()
 
 
 # The protocol's samplers: Euler 20 without guidance at every point, the quick start's sampler at the last.
@@ -244,6 +248,10 @@ class Run:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 if not self.trained():  # another bench may have finished it while this one waited
+                    if self.row.prepare:
+                        fill = {"init": self.init, "run_dir": self.run_dir}
+                        cmd = [sys.executable, *(a.format(**fill) for a in self.row.prepare)]
+                        run_logged(cmd, self.run_dir.with_suffix(".log"), threads, "prepare")
                     run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)

@@ -42,7 +42,7 @@ import yardstick  # noqa: E402
 
 # The harness benches in the order they run (the backbone runs first: alignment reuses two of them).
 HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment", "consistency": "yardstick_consistency",
-                   "curriculum": "yardstick_curriculum", "scoreaug": "yardstick_scoreaug"}
+                   "curriculum": "yardstick_curriculum", "scoreaug": "yardstick_scoreaug", "distill": "yardstick_distill"}
 # Benches with their own driver, run after the harness benches with --jobs; each has --estimate.
 DRIVER_BENCHES = {"tokenizers": "bench/yardstick_tokenizers.py"}
 

@@ -24,6 +24,7 @@ from samplers.euler import sample_euler
 from samplers.grids import karras_grid, log_snr_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
+from samplers.reflow import sample_reuse_noise
 from samplers.sde import sample_euler_maruyama
 from samplers.sharing import EncoderSharing
 
@@ -33,6 +34,7 @@ __all__ = [
     "sample_heun",
     "sample_euler_maruyama",
     "sample_dpmpp_2m",
+    "sample_reuse_noise",
     "sample_consistency", "consistency_grid",
     "EncoderSharing",
     "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid",

@@ -1,0 +1,80 @@
+"""Yardstick of few-step distillation: 2-rectified flow++ and consistency distillation from the quick start, against
+the teacher at 1 to 32 NFE with Euler, Heun and DPM-Solver++.
+
+The teacher is the quick start's DiT (``yardstick_dit``, the backbone table's run, 96k images), sampled without
+guidance with Euler at 1, 2, 4, 8, 16 and 32 steps, Heun at 2, 4, 8, 16 and 32 NFE (odd step counts: 2N - 1 NFE, so
+the NFE are 1, 3, ... rounded as the rows say) and DPM-Solver++(2M) at 4, 8, 16 and 32 steps. The students start from
+the teacher's 96k snapshot of the same seed (``trainer.init.net``, read by the presets as ``method.teacher``):
+
+* 2-RF++ (``yardstick_rfpp``: Lee et al. 2024, "Improving the Training of Rectified Flows"): first 20k pairs drawn
+  from the teacher with its own sampler (Euler 20, CFG 2: 40 NFE per pair, 800k network evaluations, counted as
+  training cost) into ``<run>/pairs``, then 32k training images; sampled with Euler at 1 step, the noise-reusing
+  update at 2 and 4 steps.
+* CD (``yardstick_cd``: Song et al. 2023, "Consistency Models"): 32k images, 2 teacher NFE each (its Heun step);
+  sampled with the consistency sampler at 1 and 2 steps (mid level 0.821).
+
+1,000 samples, seeds 0 and 1, wall time per image in every record. The aim (issue 19): the 1-NFE 2-RF++ student
+below the teacher's 8-NFE Euler FID.
+
+    nice -n 10 python bench/yardstick_distill.py --jobs 2
+
+Records: ``bench/results/distill.json``; run folders: ``runs/yardstick/distill/<method>-s<seed>`` (the teacher's are
+the backbone table's, ``runs/yardstick/backbones/dit-s<seed>``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
+
+from yardstick import DEFAULT_KIMG, Bench, Row, Variant, main  # noqa: E402
+from yardstick_consistency import consistency_sampler  # noqa: E402
+
+STUDENT_KIMG = (8.0, 16.0, 32.0)
+NUM_PAIRS = 20000
+
+
+def ode_sampler(solver: str, steps: int, grid: str = "uniform_grid") -> dict[str, object]:
+    """A whole sampler config of ``configs/sampler``: ``samplers.<solver>`` on ``steps`` intervals, no guidance."""
+    return {"solver": {"_target_": f"samplers.{solver}"}, "steps": steps,
+            "grid": {"_target_": f"samplers.grids.{grid}"}, "guidance": {"scale": 1.0, "interval": None},
+            "sharing": None}
+
+
+ROWS = (
+    Row("dit", ("experiment=yardstick_dit",), "quick start (teacher)", run_group="backbones", kimg=DEFAULT_KIMG),
+    Row("rfpp", ("experiment=yardstick_rfpp", "data.dataset.root=${run_dir}/pairs"),
+        f"2-RF++ from the quick start ({NUM_PAIRS // 1000}k pairs at 40 NFE + images trained)", kimg=STUDENT_KIMG,
+        init_from="dit", prepare=("-m", "distill.pairs", "teacher={init}", "out={run_dir}/pairs", f"num={NUM_PAIRS}",
+                                  "batch_size=250", "shard_size=2000", "device=cpu")),
+    Row("cd", ("experiment=yardstick_cd",), "CD from the quick start (+ images trained, 2 teacher NFE each)",
+        kimg=STUDENT_KIMG, init_from="dit"),
+)
+
+TEACHER = ("dit",)
+VARIANTS = (
+    *(Variant(f"euler{n}", n, methods=TEACHER, at="last", label=f"Euler {n}") for n in (1, 2, 4, 8, 16, 32)),
+    *(Variant(f"heun{n}", 2 * n - 1, methods=TEACHER, at="last", label=f"Heun {n} steps ({2 * n - 1} NFE)",
+              sampler=ode_sampler("sample_heun", n)) for n in (2, 4, 8, 16)),
+    *(Variant(f"dpm{n}", n, methods=TEACHER, at="last", label=f"DPM-Solver++(2M) {n}",
+              sampler=ode_sampler("sample_dpmpp_2m", n)) for n in (4, 8, 16, 32)),
+    Variant("rf1", 1, methods=("rfpp",), label="Euler 1 step", sampler=ode_sampler("sample_euler", 1)),
+    *(Variant(f"rfnew{n}", n, methods=("rfpp",), label=f"noise-reusing update, {n} steps",
+              sampler=ode_sampler("sample_reuse_noise", n)) for n in (2, 4)),
+    Variant("cm1", 1, methods=("cd",), label="consistency, 1 step", sampler=consistency_sampler(())),
+    Variant("cm2", 2, methods=("cd",), label="consistency, 2 steps (sigma 0.821)", sampler=consistency_sampler((0.821,))),
+)
+
+BENCH = Bench(
+    name="distill",
+    description=__doc__.split("\n\n")[0],
+    rows=ROWS,
+    variants=VARIANTS,
+    script="bench/yardstick_distill.py",
+    kimg=DEFAULT_KIMG,
+)
+
+if __name__ == "__main__":
+    main(BENCH)
