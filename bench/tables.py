@@ -39,7 +39,10 @@ def load(results: Path = RESULTS_DIR) -> Records:
     """Every ``<bench>.json`` in ``results``: bench name -> records."""
     out: Records = {}
     for f in sorted(Path(results).glob("*.json")):
-        out[f.stem] = json.loads(f.read_text())["records"]
+        data = json.loads(f.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("records"), list):
+            raise ValueError(f"{f}: a results file holds {{\"records\": [...]}}; move other files out of {results}")
+        out[f.stem] = data["records"]
     return out
 
 

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for s in args.seeds.split(",") for r in rows_for_seed(args, int(s))]
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("averaging_smoke.json" if args.smoke else
                                                                          "averaging.json")
-    text = json.dumps({"settings": vars(args), "rows": rows}, indent=1)
+    text = json.dumps({"records": rows, "settings": vars(args)}, indent=1)  # "records" as every results file
     atomic_write(out, lambda tmp: Path(tmp).write_text(text))
     print("\n".join(summary(rows, args.kimg)))
 
