@@ -64,9 +64,10 @@ def _children(pid: int) -> dict[int, int]:
 
 
 def _signal_mid_run(cmd: Sequence[str], run: Path, pick: int | None = None, sig: signal.Signals = signal.SIGTERM,
-                    again_after: float | None = None) -> tuple[subprocess.CompletedProcess, int]:
+                    again_every: float | None = None) -> tuple[subprocess.CompletedProcess, int]:
     """Start ``cmd``; once its first training state exists, send ``sig`` to it (or to its worker of rank ``pick``),
-    and a second time ``again_after`` seconds later (while it finishes its step or writes its state).
+    and again every ``again_every`` seconds until it exits (while it finishes its step, writes its state and shuts
+    down: a scheduler may repeat its signal at any of those moments).
     Returns the finished process and the newest state's image count at the moment of the signal."""
     proc = subprocess.Popen(list(cmd), cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -81,10 +82,12 @@ def _signal_mid_run(cmd: Sequence[str], run: Path, pick: int | None = None, sig:
         assert pick in workers, f"no worker of rank {pick} among {workers}"
         target = workers[pick]
     os.kill(target, sig)
-    if again_after is not None:
-        time.sleep(again_after)
-        if proc.poll() is None:
+    while again_every is not None and proc.poll() is None:
+        time.sleep(again_every)
+        try:
             os.kill(target, sig)
+        except ProcessLookupError:  # exited (and reaped) between the poll and the signal
+            break
     out, err = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), at
 
@@ -110,8 +113,9 @@ def _stopped_step(line: str) -> int:
 def test_sigterm_stops_at_a_step_with_its_state_and_rerun_resumes(tmp_path: Path) -> None:
     straight = Background(train_command(tmp_path, "straight", LONGER), tmp_path / "straight.log")
     run = tmp_path / "stopped"
-    # A second SIGTERM while the step ends or the state is written changes nothing.
-    proc, at = _signal_mid_run(train_command(tmp_path, "stopped", LONGER), run, again_after=0.15)
+    # SIGTERM repeated every 50 ms until the exit (while the step ends, the state is written, the process shuts down)
+    # changes nothing.
+    proc, at = _signal_mid_run(train_command(tmp_path, "stopped", LONGER), run, again_every=0.05)
     assert proc.returncode == EXIT_PREEMPTED, proc.stderr[-3000:]
     lines = _preempted_lines(proc.stderr)
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "resumes" in lines[0], proc.stderr[-3000:]
@@ -167,15 +171,20 @@ def test_hold_after_stop_keeps_recording_a_repeated_signal() -> None:
     """A process that exits right after a stop must not die of a second SIGTERM in between (exit 75, not -15)."""
     from gen.utils.preempt import PreemptionSignals
 
-    before = signal.getsignal(signal.SIGUSR2)
+    before = signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     try:
         with PreemptionSignals(["SIGUSR2"], hold_after_stop=True) as p:
             os.kill(os.getpid(), signal.SIGUSR2)
-        os.kill(os.getpid(), signal.SIGUSR2)  # after the context: still recorded (the default would end pytest)
-        assert p.count == 2 and p.name == "SIGUSR2"
+        # Ignored, not a Python handler: the interpreter's shutdown resets those to the default action.
+        assert p.name == "SIGUSR2" and signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGUSR2)  # the default action would end pytest here
         with PreemptionSignals(["SIGUSR2"], hold_after_stop=True):
-            pass  # nothing received: the previous handler comes back
-        assert signal.getsignal(signal.SIGUSR2) == p._handle
+            pass  # nothing received: the previous action comes back
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+        with PreemptionSignals(["SIGUSR2"], hold_after_stop=False) as q:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        assert q.requested() and signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # without it: restored
     finally:
         signal.signal(signal.SIGUSR2, before)
 

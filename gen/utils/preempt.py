@@ -11,9 +11,12 @@ boundaries (``should_suspend``) and dumps its state before exiting.
 The handlers stay installed until the state is written, so a second signal during the write is recorded and
 ignored: it cannot cut the file (every state is written atomically anyway). Afterwards the previous handlers come
 back, and the one that was installed for the received signal is called with it (:meth:`PreemptionSignals.pass_on`).
-A process that exits right after a stop (``hold_after_stop=True``, train.py's entry point) keeps recording the
+A process that exits right after a stop (``hold_after_stop=True``, train.py's entry point) ignores from then on the
 signals whose previous action was the default or "ignore": a repeated SIGTERM in the moment between the written state
-and the exit would otherwise kill it and turn its "preempted, resume me" status (75) into a death by signal.
+and the exit would otherwise kill it and turn its "preempted, resume me" status (75) into a death by signal. It is
+SIG_IGN rather than a recording handler because the interpreter's shutdown resets the Python-level handlers it
+installed to the default action (CPython ``_PySignal_Fini``), and a process with torch loaded takes a while to shut
+down; an ignored signal stays ignored until the exit.
 Under submitit that is submitit's own handler, which pickles the job (Hydra's launcher is checkpointable: it
 resubmits the same overrides, see submitit.helpers.Checkpointable / DelayedSubmission) and requeues it.
 """
@@ -47,8 +50,8 @@ class PreemptionSignals:
     """A context in which the given signals only set a flag (``received``); the previous handlers come back at exit.
 
     Install it only in the process that trains, in its main thread (Python runs handlers there), around training.
-    With ``hold_after_stop``, after a received signal the recording handlers stay for the signals whose previous
-    action was not a Python function; use it only where the process exits right after the context.
+    With ``hold_after_stop``, after a received signal the signals whose previous action was not a Python function
+    are ignored from then on; use it only where the process exits right after the context.
     """
 
     def __init__(self, names: Sequence[str] = DEFAULT_SIGNALS, hold_after_stop: bool = False) -> None:
@@ -81,7 +84,8 @@ class PreemptionSignals:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         for num, old in self.previous.items():
             if self.hold_after_stop and self.received is not None and not callable(old):
-                continue  # the process exits next: a repeated signal is recorded, not fatal
+                signal.signal(num, signal.SIG_IGN)  # the process exits next: a repeated signal is not fatal
+                continue
             signal.signal(num, old if old is not None else signal.SIG_DFL)
         self.replaced = dict(self.previous)
         self.previous = {}
