@@ -487,6 +487,18 @@ def _check_start(method: Any, trainer: TrainConfig, c: Mapping[str, Any]) -> Non
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
+def _check_method(method: Any, trainer: TrainConfig, c: Mapping[str, Any]) -> None:
+    """Before any work: the start snapshots (``trainer.init``), and the sampler for a method that serves only some
+    (a distilled student: its own solvers)."""
+    _check_start(method, trainer, c)
+    serves = getattr(method, "check_sampler", None)
+    if serves is not None:
+        try:
+            serves(c["sampler"])
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+
 def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Build and check everything from ``cfg`` (failing on bad config before any work), train, evaluate.
 
@@ -517,14 +529,7 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
     method_spec = c["method"]
     method = _build(method_spec, "method", packages, **_interface(str(method_spec.get("_target_")), packages, interface))
 
-    _check_start(method, trainer, c)
-    serves = getattr(method, "check_sampler", None)
-    if serves is not None:  # a student that serves only some samplers (distill: its solvers)
-        try:
-            serves(c["sampler"])
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-
+    _check_method(method, trainer, c)
     snapshot_meta = {
         "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},
         "tokenizer": tokenizer.config,
