@@ -44,7 +44,7 @@ import yardstick  # noqa: E402
 HARNESS_BENCHES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment", "consistency": "yardstick_consistency",
                    "curriculum": "yardstick_curriculum", "scoreaug": "yardstick_scoreaug", "distill": "yardstick_distill"}
 # Benches with their own driver, run after the harness benches with --jobs; each has --estimate.
-DRIVER_BENCHES = {"tokenizers": "bench/yardstick_tokenizers.py"}
+DRIVER_BENCHES = {"tokenizers": "bench/yardstick_tokenizers.py", "averaging": "bench/yardstick_averaging.py"}
 
 
 @dataclass

@@ -17,20 +17,26 @@ fitness never sees (its fitness uses seeds 0..); EMA widths and post-hoc widths 
 
 "Images saved" is the first LCSC point whose FID reaches the best classic EMA's final FID, against the run length.
 
-    nice -n 10 python bench/yardstick_averaging.py --seeds 0,1           # about 2 x (2 runs of 96k + the searches)
+    nice -n 10 python bench/yardstick_averaging.py --seeds 0,1 --jobs 2  # about 2 x (2 runs of 96k + the searches)
+    python bench/yardstick_averaging.py --estimate                       # what is left and how long; does nothing
     python bench/yardstick_averaging.py --smoke                          # minutes: a tiny model, 1k images
+    python bench/yardstick_all.py --benches averaging                    # the same through the one command
 
 Records: ``bench/results/averaging.json`` (``--smoke``: ``averaging_smoke.json``); runs in ``runs/yardstick/averaging``.
-Re-running resumes the training runs and the searches; finished rows are read back, not recomputed.
+Re-running resumes the training runs and the searches; rows stored with the same settings are read back, not
+recomputed (the records file is rewritten after every seed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +61,13 @@ def _run(cmd: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); see {log}")
 
 
-def train(args: argparse.Namespace, seed: int, kind: str) -> Path:
-    """Train (or resume, or leave finished) the seed's run with classic EMAs (``ema``) or ``phema``."""
+KINDS = ("ema", "phema")
+SETTINGS = ("kimg", "snapshot_kimg", "sigma_rel", "lcsc_kimg", "last", "population", "generations", "fitness_images",
+            "num_images", "smoke")  # what a stored row depends on: rows stored under other values are recomputed
+
+
+def train_command(args: argparse.Namespace, seed: int, kind: str) -> tuple[Path, list[str]]:
+    """The seed's run folder with classic EMAs (``ema``) or ``phema``, and the train.py command that trains it."""
     run = Path(args.runs) / f"{kind}-s{seed}"
     every = f"{args.snapshot_kimg:g}"
     ema = (["ema=phema", f"trainer.snapshot_kimg={every}", f"trainer.checkpoint_kimg={every}", "trainer.keep_states=0"]
@@ -64,9 +75,30 @@ def train(args: argparse.Namespace, seed: int, kind: str) -> Path:
                                     f"trainer.snapshot_kimg={args.kimg:g}"])
     cmd = [sys.executable, "train.py", "experiment=yardstick_dit", f"seed={seed}", f"run_dir={run}",
            f"trainer.total_kimg={args.kimg:g}", "eval=none", *(SMOKE if args.smoke else []), *ema]
-    if not (run / "results.json").exists():
-        _run(cmd, run / "bench.log")
-    return run
+    return run, cmd
+
+
+def train_all(args: argparse.Namespace, seeds: list[int]) -> None:
+    """Train (or resume) every unfinished (seed, kind) run, ``--jobs`` at a time, each a single-threaded process."""
+    todo = [train_command(args, s, k) for s in seeds for k in KINDS]
+    todo = [(run, cmd) for run, cmd in todo if not (run / "results.json").exists()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs > 1 else None
+    running: list[tuple[Path, subprocess.Popen[bytes], Any]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < max(args.jobs, 1):
+            run, cmd = todo.pop(0)
+            run.mkdir(parents=True, exist_ok=True)
+            log = open(run / "bench.log", "a")
+            running.append((run, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode != 0:
+                failed.append(f"{item[0]} (exit {item[1].returncode}; see {item[0] / 'bench.log'})")
+    if failed:
+        raise SystemExit(f"training failed: {'; '.join(failed)}")
 
 
 def fid(snapshot: Path, args: argparse.Namespace) -> float:
@@ -78,28 +110,62 @@ def fid(snapshot: Path, args: argparse.Namespace) -> float:
     return float(yardstick_metrics(gen, args.num_images, "mnist5k", args.cache_dir, seed_offset=ROW_SEEDS)["fid"])
 
 
-def rows_for_seed(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
-    """Every row of one training seed."""
+def planned_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """(method, kimg) of every row of one seed, in the order they are computed."""
+    return ([("raw", args.kimg)] + [(f"ema-hl{h:g}k", args.kimg) for h in HALFLIVES]
+            + [(f"posthoc-{float(v):g}", args.kimg) for v in args.sigma_rel.split(",")]
+            + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")])
+
+
+def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
+    """Rows already in the records file, by (seed, method, kimg), if they were computed with the same settings."""
+    if not out.exists():
+        return {}
+    data = json.loads(out.read_text())
+    settings = data.get("settings", {})
+    if any(settings.get(k) != getattr(args, k) for k in SETTINGS):
+        return {}
+    return {(int(r["seed"]), r["method"], float(r["kimg"])): r for r in data.get("records", [])}
+
+
+def rows_for_seed(args: argparse.Namespace, seed: int,
+                  done: dict[tuple[int, str, float], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Every row of one training seed (both runs trained); rows in ``done`` are read back, not recomputed."""
+    done = done or {}
+    if all((seed, m, k) in done for m, k in planned_rows(args)):
+        return [done[(seed, m, k)] for m, k in planned_rows(args)]
     from gen.averaging import combine
 
-    classic, phema = train(args, seed, "ema"), train(args, seed, "phema")
+    classic, phema = (train_command(args, seed, kind)[0] for kind in KINDS)
     rows: list[dict[str, Any]] = []
-    raw = phema / "raw.safetensors"
-    combine([list_training_states(phema)[-1][1]], [1.0], list_snapshots(phema)[-1][1], raw, {"method": "raw"})
-    rows.append({"method": "raw", "kimg": args.kimg, "fid": fid(raw, args)})
+
+    def add(method: str, kimg: float, snapshot: Callable[[], Path]) -> None:
+        old = done.get((seed, method, float(kimg)))
+        rows.append(old if old is not None else {"method": method, "kimg": kimg, "fid": fid(snapshot(), args)})
+
+    def raw() -> Path:
+        out = phema / "raw.safetensors"
+        combine([list_training_states(phema)[-1][1]], [1.0], list_snapshots(phema)[-1][1], out, {"method": "raw"})
+        return out
+
+    add("raw", args.kimg, raw)
     end = list_snapshots(classic)[-1][0]
     for h in HALFLIVES:
         name = f"hl{h:g}k"
         snap = classic / (f"snapshot-{end:09d}.safetensors" if h == HALFLIVES[0] else
                           f"snapshot-{end:09d}-{name}.safetensors")
-        rows.append({"method": f"ema-{name}", "kimg": args.kimg, "fid": fid(snap, args)})
-    _run([sys.executable, "-m", "scripts.posthoc_ema", str(phema), "--sigma-rel", args.sigma_rel],
-         phema / "bench.log")
+        add(f"ema-{name}", args.kimg, lambda snap=snap: snap)
+    sigmas = [float(v) for v in args.sigma_rel.split(",")]
+    if any((seed, f"posthoc-{s:g}", float(args.kimg)) not in done for s in sigmas):
+        _run([sys.executable, "-m", "scripts.posthoc_ema", str(phema), "--sigma-rel", args.sigma_rel],
+             phema / "bench.log")
     last = list_snapshots(phema)[-1][0]
-    for sigma in [float(v) for v in args.sigma_rel.split(",")]:
-        snap = phema / f"posthoc-{last:09d}-sigma{sigma:g}.safetensors"
-        rows.append({"method": f"posthoc-{sigma:g}", "kimg": args.kimg, "fid": fid(snap, args)})
+    for sigma in sigmas:
+        add(f"posthoc-{sigma:g}", args.kimg, lambda sigma=sigma: phema / f"posthoc-{last:09d}-sigma{sigma:g}.safetensors")
     for k in [float(v) for v in args.lcsc_kimg.split(",")]:
+        if (seed, "lcsc", k) in done:
+            rows.append(done[(seed, "lcsc", k)])
+            continue
         out = phema / f"lcsc-{k:g}k.safetensors"
         t0 = time.time()
         _run([sys.executable, "-m", "scripts.lcsc", str(phema), "--source", "states", "--last", str(args.last),
@@ -160,7 +226,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1000)
     p.add_argument("--runs", default=str(ROOT / "runs" / "yardstick" / "averaging"))
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--out", default=None, help="records file (default bench/results/averaging.json)")
+    p.add_argument("--results", default=str(ROOT / "bench" / "results"), help="folder of the records file")
+    p.add_argument("--out", default=None, help="records file (default <results>/averaging.json)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at a time (single-threaded each when > 1)")
+    p.add_argument("--estimate", action="store_true", help="print what is left and its estimated time; do nothing")
+    p.add_argument("--sec-per-kimg", type=float, default=10.0, help="estimate: training speed where none is measured")
+    p.add_argument("--sec-per-eval", type=float, default=60.0, help="estimate: seconds per 1,000-sample FID")
     p.add_argument("--smoke", action="store_true", help="a tiny model for 1.024k images: checks the pipeline only")
     args = p.parse_args(argv)
     if args.smoke:
@@ -170,13 +241,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, str, float], dict[str, Any]]) -> float:
+    """Seconds left: training images left per run at its measured s/kimg (else ``--sec-per-kimg``) over the jobs,
+    plus the missing rows' FIDs and LCSC searches at ``--sec-per-eval`` per 1,000 samples."""
+    train_s, eval_s = 0.0, 0.0
+    per_eval = args.sec_per_eval * args.num_images / 1000
+    per_fitness = args.sec_per_eval * args.fitness_images / 1000
+    for seed in seeds:
+        for kind in KINDS:
+            run = train_command(args, seed, kind)[0]
+            if (run / "results.json").exists():
+                continue
+            states = list_training_states(run) if run.is_dir() else []
+            left = args.kimg - (states[-1][0] / 1000 if states else 0.0)
+            stats = run / "stats.jsonl"
+            speeds = [json.loads(x).get("sec_per_kimg") for x in stats.read_text().splitlines()] if stats.exists() else []
+            speed = statistics.median([v for v in speeds if v]) if any(speeds) else args.sec_per_kimg
+            train_s += left * speed
+            print(f"{run.name:12s} {left:7.1f} kimg left at {speed:.1f} s/kimg")
+        missing = [(m, k) for m, k in planned_rows(args) if (seed, m, k) not in done]
+        searches = sum(m == "lcsc" for m, _ in missing)
+        eval_s += len(missing) * per_eval + searches * args.population * args.generations * per_fitness
+        print(f"seed {seed}: {len(missing)} rows missing ({searches} LCSC searches)")
+    return train_s / max(args.jobs, 1) + eval_s
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    rows = [r for s in args.seeds.split(",") for r in rows_for_seed(args, int(s))]
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / ("averaging_smoke.json" if args.smoke else
-                                                                         "averaging.json")
-    text = json.dumps({"records": rows, "settings": vars(args)}, indent=1)  # "records" as every results file
-    atomic_write(out, lambda tmp: Path(tmp).write_text(text))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out) if args.out else Path(args.results) / ("averaging_smoke.json" if args.smoke else
+                                                                 "averaging.json")
+    done = stored_rows(out, args)
+    if args.estimate:
+        print(f"ESTIMATE_SECONDS={estimate(args, seeds, done):.0f}")
+        return
+    train_all(args, seeds)
+    rows: list[dict[str, Any]] = []
+    settings = {k: v for k, v in vars(args).items() if k not in ("estimate", "jobs")}
+    for i, seed in enumerate(seeds):  # the records file is rewritten after every seed: a stopped run keeps those done
+        rows += rows_for_seed(args, seed, done)
+        kept = [r for (s, _, _), r in done.items() if s not in seeds[: i + 1]]
+        text = json.dumps({"records": rows + kept, "settings": settings}, indent=1)  # "records" as every results file
+        atomic_write(out, lambda tmp, text=text: Path(tmp).write_text(text))
     print("\n".join(summary(rows, args.kimg)))
 
 

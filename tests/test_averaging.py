@@ -433,6 +433,33 @@ def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
     assert yardstick_averaging.summary(rows, 96)[-1].endswith("| 25% (72 of 96 kimg) |")
 
 
+def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yardstick_averaging as ya
+
+    out = tmp_path / "averaging.json"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--jobs", "2", "--population", "4",
+            "--generations", "2", "--fitness-images", "500", "--sec-per-kimg", "10", "--sec-per-eval", "60"]
+    ya.main([*argv, "--estimate"])
+    rows_per_seed = 1 + len(ya.HALFLIVES) + 8 + 4  # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times
+    train_s = 2 * 2 * 96 * 10 / 2  # 2 seeds x 2 runs of 96k images at 10 s/kimg, 2 at a time
+    eval_s = 2 * (rows_per_seed * 60 + 4 * 4 * 2 * 30)  # each row one FID; each search population x generations
+    assert f"ESTIMATE_SECONDS={train_s + eval_s:.0f}" in capsys.readouterr().out
+    # A training state at 48k images halves that run's training left.
+    run = tmp_path / "runs" / "phema-s1"
+    run.mkdir(parents=True)
+    (run / "state-000048000.pt").write_bytes(b"")
+    ya.main([*argv, "--estimate"])
+    assert f"ESTIMATE_SECONDS={train_s - 48 * 10 / 2 + eval_s:.0f}" in capsys.readouterr().out
+    # Stored rows are read back only under the same settings.
+    args = ya.parse_args(argv)
+    settings = {k: getattr(args, k) for k in ya.SETTINGS}
+    out.write_text(json.dumps({"records": [{"seed": 0, "method": "raw", "kimg": 96.0, "fid": 9.0}],
+                               "settings": settings}))
+    assert list(ya.stored_rows(out, args)) == [(0, "raw", 96.0)]
+    assert ya.stored_rows(out, ya.parse_args([*argv, "--num-images", "2000"])) == {}
+
+
 @pytest.mark.slow
 def test_lcsc_fitness_spread_over_two_processes_finds_the_same_alpha(four_snapshots: Path, tmp_path: Path,
                                                                      yardstick_cache: Path) -> None:
