@@ -6,8 +6,9 @@
 
 It prints the estimated time first, then runs every (bench, row, seed) worker of the harness benches
 (``bench/yardstick_backbones.py``, ``bench/yardstick_alignment.py``, ...) ``--jobs`` at a time, each a
-single-threaded subprocess of its bench script restricted to that row and seed, then the tokenizer sweep
-(``bench/yardstick_tokenizers.py``, which has its own preparation steps), then ``bench/tables.py``. Everything is
+single-threaded subprocess of its bench script restricted to that row and seed, then the benches with their own
+drivers: the tokenizer sweep (``bench/yardstick_tokenizers.py``, which has its own preparation steps) and checkpoint
+averaging (``bench/yardstick_averaging.py``, training runs then searches), then ``bench/tables.py``. Everything is
 cached or resumable: trained runs and stored records are not repeated, a killed training resumes from its newest
 state, so re-running the same command continues where it stopped. Rows that several benches share (the alignment
 table's plain DiT and LightningDiT are the backbone table's runs) train once: two workers whose runs share a folder
