@@ -36,11 +36,12 @@ from typing import Any
 import numpy as np
 
 from distill.lcsc import SearchSettings, search
-from gen.averaging import buffer_names, combine, snapshot_metadata
+from gen.averaging import buffer_names, combine
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
 from gen.utils.cli import CommandError, check_writable_file, printable, run_main
 from gen.utils.dist import print0
+from scripts.scoring import add_scoring_args, scoring_dataset, yardstick_fid
 
 PROG = "python -m scripts.lcsc"
 RESCORE_SEED_OFFSET = 1_000_000
@@ -66,17 +67,13 @@ def checkpoints(run: Path, source: str, last: int, at_kimg: float | None = None)
 def yardstick_fitness(paths: list[Path], reference: Path, args: argparse.Namespace, work: Path,
                       seed_offset: int, num_images: int) -> Callable[[np.ndarray], float]:
     """FID of the combination ``alpha`` on a fixed seed set (the combined snapshot is written into ``work``)."""
-    from eval.generate import yardstick_metrics
-    from eval.generator import snapshot_generate_fn
-
     buffers = buffer_names(reference)
-    dataset = args.dataset or str(snapshot_metadata(reference).get("data", {}).get("name", "mnist5k"))
+    dataset = scoring_dataset(reference, args)
     candidate = work / "candidate.safetensors"
 
     def fitness(alpha: np.ndarray) -> float:
         combine(paths, alpha.tolist(), reference, candidate, {"method": "lcsc_candidate"}, args.state_key, buffers)
-        gen = snapshot_generate_fn(str(candidate), kind=args.kind, steps=args.steps, cfg=args.cfg)
-        return float(yardstick_metrics(gen, num_images, dataset, args.cache_dir, args.batch_size, seed_offset)["fid"])
+        return yardstick_fid(candidate, args, num_images, dataset, seed_offset)
 
     return fitness
 
@@ -144,12 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mutation-std", type=float, default=d.mutation_std)
     p.add_argument("--max-norm", type=float, default=d.max_norm)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--kind", default=None, help="sampler by short name (euler, heun, consistency); default the snapshot's")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps; default the snapshot's")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
-    p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
-    p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
-    p.add_argument("--batch-size", type=int, default=250)
+    add_scoring_args(p, "the fitness")
     return p.parse_args(argv)
 
 

@@ -27,6 +27,7 @@ from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
 from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
 from gen.utils.ckpt import atomic_write
 from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
+from scripts.scoring import add_scoring_args, scoring_dataset, yardstick_fid
 
 PROG = "python -m scripts.posthoc_ema"
 # Snapshots of one time only fit profiles ending at that time with the stored widths; a fit of another width
@@ -92,16 +93,12 @@ def reconstruct(run: Path, sigmas: list[float], kimgs: list[float] | None, out_d
 
 def sweep(written: list[Path], args: argparse.Namespace, out_dir: Path) -> list[dict[str, float]]:
     """Yardstick FID of every reconstruction; JSON record and a plot of FID against sigma_rel per target time."""
-    from eval.generate import yardstick_metrics
-    from eval.generator import snapshot_generate_fn
     from gen.averaging import snapshot_metadata
 
     rows = []
     for path in written:
         meta = snapshot_metadata(path)
-        gen = snapshot_generate_fn(str(path), kind=args.kind, steps=args.steps, cfg=args.cfg)
-        dataset = args.dataset or str(meta.get("data", {}).get("name", "mnist5k"))
-        fid = float(yardstick_metrics(gen, args.score, dataset, args.cache_dir, args.batch_size)["fid"])
+        fid = yardstick_fid(path, args, args.score, scoring_dataset(path, args))
         rec = meta["averaging"]
         rows.append({"kimg": rec["nimg"] / 1000, "sigma_rel": rec["sigma_rel"], "fid": fid, "snapshot": path.name})
         print(f"kimg {rows[-1]['kimg']:g} sigma_rel {rec['sigma_rel']:g}: yardstick FID {fid:.3f} ({args.score} images)")
@@ -138,12 +135,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--at-kimg", default=None, help="target times in kimg (stored snapshot times; default the latest)")
     p.add_argument("--out-dir", default=None, help="where to write the snapshots (default: the run folder)")
     p.add_argument("--score", type=int, default=0, help="score each reconstruction by the yardstick FID of N samples")
-    p.add_argument("--kind", default=None, help="sampler for --score by short name; default the snapshot's")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps for --score; default the snapshot's")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
-    p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
-    p.add_argument("--cache-dir", default=None, help="yardstick network cache (default ${GEN_CACHE}/yardstick)")
-    p.add_argument("--batch-size", type=int, default=250)
+    add_scoring_args(p, "--score")
     return p.parse_args(argv)
 
 
