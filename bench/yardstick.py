@@ -57,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import file_sha256, list_snapshots  # noqa: E402
+from gen.utils.ckpt import file_sha256, list_snapshots, load_snapshot_config  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 # Protocol v2 (bench/README.md): FID at 16, 32, 64 and 96k images (the quick start's length), 1,000 samples.
@@ -687,10 +687,7 @@ def _portable(sampler: dict[str, Any]) -> dict[str, Any]:
 
 
 def _dataset(snapshot: Path) -> str:
-    from safetensors import safe_open
-
-    with safe_open(str(snapshot), framework="pt") as f:
-        return json.loads((f.metadata() or {})["config"])["data"]["name"]
+    return load_snapshot_config(snapshot)["data"]["name"]
 
 
 def utc_now() -> str:

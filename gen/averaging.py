@@ -15,7 +15,6 @@ the raw weights ``module.<name>`` or an EMA copy, ``state_key``).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -24,11 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from gen.ema import phema_name
-from gen.utils.ckpt import CheckpointError, file_sha256, load_snapshot, load_training_state, save_snapshot
+from gen.utils.ckpt import (
+    CheckpointError,
+    file_sha256,
+    load_snapshot,
+    load_snapshot_config,
+    load_training_state,
+    save_snapshot,
+)
 from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
 __all__ = ["combine", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
@@ -46,19 +51,7 @@ def buffer_names(reference: str | os.PathLike) -> list[str]:
 
 def snapshot_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON config of a snapshot without reading its tensors (cheap: for listing a run's snapshots)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"snapshot {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        config = json.loads(meta["config"])
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable snapshot of this toolkit ({type(e).__name__}: {e}); "
-                              "it is damaged or was not written by train.py") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: its 'config' metadata is not a JSON object; the file is damaged")
-    return config
+    return load_snapshot_config(path)
 
 
 def read_weights(path: str | os.PathLike, state_key: str = "module.net") -> dict[str, Tensor]:

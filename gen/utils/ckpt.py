@@ -163,13 +163,22 @@ def save_snapshot(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], 
 
 def load_snapshot(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a snapshot written by :func:`save_snapshot`; returns (tensors, config)."""
+    return _read_snapshot(path, tensors=True)
+
+
+def load_snapshot_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The config of a snapshot without reading its tensors (cheap: for listing a run's snapshots)."""
+    return _read_snapshot(path, tensors=False)[1]
+
+
+def _read_snapshot(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"snapshot {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable safetensors snapshot ({reason}); it is damaged or not a snapshot") from e
