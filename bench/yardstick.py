@@ -591,7 +591,7 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
     run = make_run(bench, row, seed, args.kimg, args.runs.resolve(), None if args.skip_train else args.threads)
     kimg = run.kimg
     if row.kimg is not None and args.kimg != ",".join(map(_kimg_str, bench.kimg)):
-        kimg = tuple(k for k in kimg if k in row_kimg(Row("", ()), args.kimg))  # --kimg picks among the row's points
+        kimg = tuple(k for k in kimg if k in {float(x) for x in _split(args.kimg)})  # --kimg picks among the row's
     wanted = [v for v in bench.variants if v.name in _split(args.variants)
               and (v.methods is None or row.method in v.methods)]
     jobs = [(k, v) for v in wanted for k in (kimg if v.at == "all" else (max(kimg),))]
