@@ -163,6 +163,38 @@ def _direct_ict_other_mask(net: nn.Module, x0: torch.Tensor) -> torch.Tensor:
         torch.manual_seed = orig  # type: ignore[assignment]
 
 
+class LabelNet(DropNet):
+    """DropNet plus a class offset, recording every label batch it sees: the labels must reach both passes."""
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.emb = nn.Embedding(self.num_classes + 1, 1)  # + the null class of classifier-free guidance
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, y=None, **kw):  # noqa: ANN001, ANN201
+        self.seen.append(y.clone())
+        return ModelOutput(super().forward(x, t).out + self.emb(y).reshape(-1, 1, 1, 1))
+
+
+def test_ict_conditions_both_passes_on_the_labels_and_the_loss_depends_on_them() -> None:
+    x0 = torch.randn(4, 2, 4, 4)
+    y = torch.tensor([0, 1, 2, 1])
+    net = LabelNet()
+    with torch.no_grad():
+        net.emb.weight.copy_(torch.tensor([[0.0], [1.0], [-2.0], [5.0]]))
+
+    def loss(labels: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+        obj = ImprovedConsistencyTraining(label_dropout=dropout)
+        return obj(net, {"x0": x0, "label": labels}, BatchRandom(4, torch.Generator().manual_seed(3)))["loss"]
+
+    a = loss(y)
+    assert len(net.seen) == 2 and all(torch.equal(s, y) for s in net.seen)  # student and target passes
+    assert not torch.allclose(a, loss(torch.tensor([2, 0, 1, 0]))), "the labels must change the loss"
+    net.seen.clear()
+    loss(y, dropout=1.0)
+    assert all(torch.equal(s, torch.full((4,), 3)) for s in net.seen)  # every label dropped to the null class
+
+
 def test_ict_follows_progress_and_records_a_consistency_spec() -> None:
     from gen.train.method import Progress
 
