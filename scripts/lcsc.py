@@ -1,13 +1,14 @@
-"""LCSC search: the linear combination of a run's last saved checkpoints with the best yardstick FID.
+"""LCSC search: the linear combination of a run's last saved checkpoints with the best yardstick FID (or, with
+``--ref STATS.npz``, the best FID against reference statistics: Inception or DINOv2, ``scripts.scoring``).
 
     python -m scripts.lcsc runs/quickstart --last 6 --fitness-images 500 --rescore-images 2000 [--at-kimg 64] \\
         [--source snapshots|states] [--population 12 --generations 8 --max-norm 5 --seed 0] [--kind euler --steps 8]
     python sample.py snapshot=runs/quickstart/lcsc.safetensors
+    torchrun --nproc_per_node=8 -m scripts.lcsc RUN --ref in256_inception.npz --weights pt_inception-2015-12-05.pth
 
 "Linear Combination of Saved Checkpoints Makes Consistency and Diffusion Models Better" (Liu et al., ICLR 2025).
-The search (``distill.lcsc.search``) scores each coefficient vector by the yardstick FID
-(``eval.generate.yardstick_metrics``) of ``--fitness-images`` samples on the fixed seeds 0.. of the combined
-checkpoints, sampled with the snapshot's own sampler or ``--kind`` / ``--steps`` (any sampler, 1-step consistency
+The search (``distill.lcsc.search``) scores each coefficient vector by the FID of ``--fitness-images`` samples on the
+fixed seeds 0.. of the combined checkpoints, sampled with the snapshot's own sampler or ``--kind`` / ``--steps`` (any sampler, 1-step consistency
 sampling included). After every generation the search is written to ``OUT.search.json``: a killed search, run again
 with the same arguments, continues to the same result. The winner is written by ``gen.averaging.combine`` as an
 ordinary snapshot (OUT) and re-scored on an independent, larger seed set (seeds from 1,000,000), beside the last
@@ -41,7 +42,7 @@ from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
 from gen.utils.cli import CommandError, check_writable_file, printable, run_main
 from gen.utils.dist import print0
-from scripts.scoring import add_scoring_args, scoring_dataset, yardstick_fid
+from scripts.scoring import Scorer, add_scoring_args, make_scorer, metric_name, scoring_context
 
 PROG = "python -m scripts.lcsc"
 RESCORE_SEED_OFFSET = 1_000_000
@@ -64,16 +65,15 @@ def checkpoints(run: Path, source: str, last: int, at_kimg: float | None = None)
     return found[-last:], snaps[-1]
 
 
-def yardstick_fitness(paths: list[Path], reference: Path, args: argparse.Namespace, work: Path,
-                      seed_offset: int, num_images: int) -> Callable[[np.ndarray], float]:
+def fitness_of(paths: list[Path], reference: Path, args: argparse.Namespace, score: Scorer, work: Path,
+               seed_offset: int, num_images: int) -> Callable[[np.ndarray], float]:
     """FID of the combination ``alpha`` on a fixed seed set (the combined snapshot is written into ``work``)."""
     buffers = buffer_names(reference)
-    dataset = scoring_dataset(reference, args)
     candidate = work / "candidate.safetensors"
 
     def fitness(alpha: np.ndarray) -> float:
         combine(paths, alpha.tolist(), reference, candidate, {"method": "lcsc_candidate"}, args.state_key, buffers)
-        return yardstick_fid(candidate, args, num_images, dataset, seed_offset)
+        return score(candidate, num_images, seed_offset)
 
     return fitness
 
@@ -88,18 +88,19 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
                               mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
     settings.check(len(paths))
+    score = make_scorer(reference, args, {"--fitness-images": args.fitness_images,
+                                          "--rescore-images": args.rescore_images})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
-        fitness = yardstick_fitness(paths, reference, args, Path(tmp), 0, args.fitness_images)
+        fitness = fitness_of(paths, reference, args, score, Path(tmp), 0, args.fitness_images)
         context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
-                   "kind": args.kind, "steps": args.steps, "cfg": args.cfg, "dataset": args.dataset,
-                   "state_key": args.state_key}
+                   **scoring_context(args), "state_key": args.state_key}
         found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
                        lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
                                         f"{r['mean']:.3f}, {r['evaluations']} evaluated"), context, dist.is_main())
         dist.barrier()  # the state is written before any process starts the next step
         search_s = time.perf_counter() - t0
-        rescore = yardstick_fitness(paths, reference, args, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
+        rescore = fitness_of(paths, reference, args, score, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
         last_alone = np.eye(len(paths))[-1]
         # The last checkpoint alone is in the first population, so its fitness is known: the gap between fitness and
         # re-score of the winner, against the same gap of the last checkpoint, is the overfitting to the fitness seeds
@@ -110,7 +111,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                   "fitness_images": args.fitness_images, "rescore_images": args.rescore_images,
                   "evaluations": found.evaluations, "search_seconds": search_s, "history": found.history,
                   "settings": dataclasses.asdict(settings),
-                  "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}}
+                  "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "metric": metric_name(args)}
     if dist.is_main():
         combine(paths, found.alpha.tolist(), reference, out,
                 {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},

@@ -11,7 +11,8 @@ Training Dynamics of Diffusion Models", Karras et al. 2024; NVlabs/edm2 ``recons
 and ``gen.averaging.combine`` streams the weighted sum into an ordinary snapshot (buffers and metadata from the
 stored snapshot at the target time), named ``posthoc-<nimg>-sigma<width>.safetensors``. The file's metadata
 records the sources, their SHA-256 and coefficients. ``--score N`` sweeps: each reconstruction is scored by the
-yardstick FID of N samples (seeds 0..N-1, the snapshot's sampler or ``--kind`` / ``--steps``), written to
+yardstick FID of N samples (or the FID against ``--ref STATS.npz`` in its extractor's features, ``scripts.scoring``;
+seeds 0..N-1, the snapshot's sampler or ``--kind`` / ``--steps``), written to
 ``posthoc_sweep.json`` and plotted against sigma_rel in ``posthoc_sweep.png`` (in the output folder).
 Exit status: 0 written, 2 refused (one line on stderr).
 """
@@ -25,9 +26,9 @@ from pathlib import Path
 
 from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
 from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
-from gen.utils.ckpt import atomic_write
+from gen.utils.ckpt import atomic_write, list_snapshots
 from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
-from scripts.scoring import add_scoring_args, scoring_dataset, yardstick_fid
+from scripts.scoring import Scorer, add_scoring_args, make_scorer, metric_name
 
 PROG = "python -m scripts.posthoc_ema"
 # Snapshots of one time only fit profiles ending at that time with the stored widths; a fit of another width
@@ -91,18 +92,20 @@ def reconstruct(run: Path, sigmas: list[float], kimgs: list[float] | None, out_d
     return written
 
 
-def sweep(written: list[Path], args: argparse.Namespace, out_dir: Path) -> list[dict[str, float]]:
+def sweep(written: list[Path], args: argparse.Namespace, out_dir: Path, score: Scorer | None = None) -> list[dict[str, float]]:
     """Yardstick FID of every reconstruction; JSON record and a plot of FID against sigma_rel per target time."""
     from gen.averaging import snapshot_metadata
 
     rows = []
+    score = score or make_scorer(written[0], args, {"--score": args.score})
     for path in written:
         meta = snapshot_metadata(path)
-        fid = yardstick_fid(path, args, args.score, scoring_dataset(path, args))
+        fid = score(path, args.score, 0)
         rec = meta["averaging"]
         rows.append({"kimg": rec["nimg"] / 1000, "sigma_rel": rec["sigma_rel"], "fid": fid, "snapshot": path.name})
-        print(f"kimg {rows[-1]['kimg']:g} sigma_rel {rec['sigma_rel']:g}: yardstick FID {fid:.3f} ({args.score} images)")
-    record = {"images": args.score, "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "rows": rows}
+        print(f"kimg {rows[-1]['kimg']:g} sigma_rel {rec['sigma_rel']:g}: {metric_name(args)} {fid:.3f} ({args.score} images)")
+    record = {"images": args.score, "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg},
+              "metric": metric_name(args), "rows": rows}
     text = json.dumps(record, indent=1)
     atomic_write(out_dir / "posthoc_sweep.json", lambda tmp: Path(tmp).write_text(text))
     _plot(rows, out_dir / "posthoc_sweep.png")
@@ -151,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = check_writable_dir(args.out_dir or run, "--out-dir")
         if args.score < 0:
             raise CommandError(f"--score {args.score}: give a number of images (0: no scoring)")
+        snaps = list_snapshots(run)
+        # The scoring flags are checked before anything is written (the run's newest snapshot names its data set).
+        score = make_scorer(snaps[-1][1], args, {"--score": args.score}) if args.score and snaps else None
         written = reconstruct(run, sigmas, kimgs, out_dir)
         if args.score:
-            sweep(written, args, out_dir)
+            sweep(written, args, out_dir, score)
         return 0
 
     return run_main(go, PROG)

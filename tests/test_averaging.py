@@ -339,6 +339,38 @@ def test_lcsc_command_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not list(tmp_path.glob("x*"))
 
 
+def test_scoring_flags_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ref`` (FID against reference statistics) and its flags: each misuse is one line naming the flag and the fix,
+    before any fitness evaluation."""
+    from eval.stats import GaussianStats, save_stats
+
+    run = tmp_path / "run"
+    for i, nimg in enumerate((128, 256)):
+        save_snapshot(run / f"snapshot-{nimg:09d}.safetensors", _weights(i), META)
+    inception = tmp_path / "inception.npz"
+    save_stats(inception, GaussianStats(np.zeros(2048), np.eye(2048), 50_000,
+                                        {"extractor": "inception-v3-pool3", "resize": "tf1-bilinear", "dim": 2048}))
+    bare = tmp_path / "adm.npz"
+    np.savez(bare, mu=np.zeros(8), sigma=np.eye(8))
+    out = ["--last", "2", "--out", str(tmp_path / "x.safetensors")]
+    cases = [
+        (["--ref", str(tmp_path / "none.npz")], "none.npz: no such file; write it with `python -m eval ref"),
+        (["--ref", str(inception), "--dataset", "mnist5k"], "ask for two metrics; give one"),
+        (["--weights", "w.pth"], "are for --ref's statistics and extractor; give --ref STATS.npz or drop them"),
+        (["--ref", str(bare)], "has no manifest naming its feature extractor"),
+        (["--ref", str(inception), "--fitness-images", "500"],
+         "--fitness-images 500: the FID in --ref's 2048 features needs more than 2048 images"),
+        (["--ref", str(inception), "--fitness-images", "5000", "--rescore-images", "2000"], "--rescore-images 2000:"),
+    ]
+    for flags, message in cases:
+        assert lcsc_main([str(run), *out, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (flags, err)
+    assert posthoc_main([str(run), "--sigma-rel", "0.05", "--score", "100", "--ref", str(inception)]) == 2
+    assert "--score 100: the FID in --ref's 2048 features" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))
+
+
 @pytest.fixture(scope="module")
 def yardstick_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The yardstick network's cache, trained once for this module's slow tests (about 30 s on 2 cores)."""
@@ -358,6 +390,24 @@ def test_posthoc_sweep_scores_and_plots(tmp_path: Path, yardstick_cache: Path) -
     assert [(r["kimg"], r["sigma_rel"]) for r in record["rows"]] == [(0.256, 0.02), (0.256, 0.2)]
     assert all(math.isfinite(r["fid"]) and r["fid"] > 0 for r in record["rows"])
     assert (tmp_path / "sweep" / "posthoc_sweep.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_scoring_against_reference_statistics_equals_the_yardstick_with_its_own_reference(
+        four_snapshots: Path, yardstick_cache: Path) -> None:
+    """``--ref`` with the yardstick's own reference file rebuilds the yardstick network from the file's manifest and
+    gives the yardstick FID exactly: the same features, reference and seeds through the evaluator's general path."""
+    from eval.generate import yardstick_reference
+    from scripts.lcsc import parse_args
+    from scripts.scoring import make_scorer
+
+    yardstick_reference("mnist5k", "train", yardstick_cache)
+    (ref,) = yardstick_cache.glob("ref-mnist5k-train-*.npz")
+    snap = sorted(four_snapshots.glob("snapshot-*.safetensors"))[-1]
+    common = [str(four_snapshots), "--steps", "2", "--cache-dir", str(yardstick_cache)]
+    plain = make_scorer(snap, parse_args(common))(snap, 200, 7)
+    by_ref = make_scorer(snap, parse_args([*common, "--ref", str(ref)]), {"--fitness-images": 200})(snap, 200, 7)
+    assert math.isfinite(plain) and by_ref == plain
 
 
 @pytest.mark.slow
