@@ -1,7 +1,8 @@
 """2-rectified flow++: reflow on a teacher's fixed noise-image pairs (Lee, Lin & Fanti 2024, "Improving the Training of
 Rectified Flows", NeurIPS; official code sangyun884/rfpp, ``train.py``, ``t_dist.py``, ``generate.py``).
 
-The teacher (1-rectified flow: a flow-matching snapshot, ``x_t = (1 - t) x0 + t eps``) draws pairs ``(z, x)`` once
+The teacher (1-rectified flow: a flow-matching snapshot, ``x_t = (1 - t) x0 + t eps``, or an EDM snapshot read as
+one, as the paper does with EDM's models: ``gen.models.precond.EDMFlowPrecond``) draws pairs ``(z, x)`` once
 (``python -m distill.pairs``, ``data=pairs``); the student starts from the teacher's weights (``trainer.init``) and
 learns the straight coupling between them. One step, per pair:
 
@@ -29,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import HuberRule, pseudo_huber, resolve_huber_c
-from distill.teacher import check_same_teacher, check_student_sampler, check_teacher, open_teacher
+from distill.teacher import TeacherError, check_same_teacher, check_student_sampler, check_teacher, open_teacher
+from gen.models.precond import EDMFlowPrecond
 from gen.objectives.base import check_label_dropout, drop_labels
 from gen.paths import LinearPath, UShapedTime
 from gen.train.method import Batch, Method, OptimizerFactory, OptimizerSpec, Progress
@@ -62,14 +64,30 @@ def rfpp_loss(v: Tensor, x: Tensor, z: Tensor, t: Tensor, c: float, *, x_hat_dis
             "perceptual": x_hat_distance.detach()}
 
 
+def edm_flow_precond(prediction: Mapping[str, Any], source: str = "the teacher") -> dict[str, float]:
+    """``EDMFlowPrecond``'s settings from an EDM teacher's prediction spec: its sigma_data and its path's sigma_max.
+
+    Raises:
+        TeacherError: the teacher's preconditioning is not EDM's (``EDMFlowPrecond`` rewrites exactly that one).
+    """
+    precond = prediction.get("precond") or {}
+    if precond.get("_target_") != "gen.models.precond.EDMPrecond":
+        raise TeacherError(f"reflow: teacher {source} is an x0 model on the EDM path with preconditioning "
+                           f"{precond.get('_target_')!r}; an EDM teacher must use gen.models.precond.EDMPrecond "
+                           "(an objective=edm snapshot)")
+    return {"sigma_data": float(precond.get("sigma_data", 0.5)),
+            "sigma_max": float((prediction.get("path") or {}).get("sigma_max", 80.0))}
+
+
 class Reflow(Method):
     """2-rectified flow++ on stored pairs (module docstring); trainable ``net`` (the student).
 
     Args:
         net: the student backbone (the teacher's architecture; ``trainer.init={net: <teacher>}``).
         optimizer: the ``optim`` group's optimizer factory.
-        teacher: the teacher's snapshot file (checked: data, resolution, a flow-matching velocity model; recorded by
-            SHA-256 in the snapshot and the training state, and checked on resume).
+        teacher: the teacher's snapshot file (checked: data, resolution, a flow-matching velocity model or an EDM
+            model, whose network then runs inside ``EDMFlowPrecond`` with the teacher's sigma_data and sigma_max;
+            recorded by SHA-256 in the snapshot and the training state, and checked on resume).
         loss: ``"huber"``, ``"lpips-huber"`` or ``"l2"``.
         huber_c: ``"rfpp"`` (0.00054 D, divided by D), ``"ict"`` (0.00054 sqrt(D), not divided) or a number (divided).
         perceptual: the perceptual distance module of ``"lpips-huber"`` (``distill.perceptual.Resized`` around ``gen.nn.lpips.LPIPS``, or a stand-in).
@@ -96,10 +114,11 @@ class Reflow(Method):
         huber_c_value = huber_c if isinstance(huber_c, str) else float(huber_c)
         resolve_huber_c(1, huber_c_value)  # refuses an unknown rule or a negative c now, not at the first step
         snap = open_teacher(teacher)
-        check_teacher(snap.config, teacher, data_name=data_name, resolution=image_resolution,
-                      channels=image_channels, kinds=("flow",), method="reflow")
+        kind = check_teacher(snap.config, teacher, data_name=data_name, resolution=image_resolution,
+                             channels=image_channels, kinds=("flow", "edm"), method="reflow")
         self.teacher_ref = {"path": str(teacher), "sha256": snap.sha256}
         self.net, self._optimizer, self.path = net, optimizer, LinearPath()
+        self.precond = edm_flow_precond(snap.config["prediction"], str(teacher)) if kind == "edm" else None
         self.loss_kind, self.huber_rule, self.lpips_divt = loss, huber_c_value, bool(lpips_divt)
         self.time_sampler = UShapedTime(time_a, time_eps)
         self.label_dropout = check_label_dropout(label_dropout)
@@ -127,7 +146,7 @@ class Reflow(Method):
         t = self.time_sampler(rng).to(x.device).float()  # (B,)
         y = drop_labels(batch["label"], self.label_dropout, self.net.num_classes, rng)
         x_t = self.path.sample(x, z, t)
-        v = self.net(x_t, t, y).out.float()
+        v = self.velocity(x_t, t, y)
         if self.loss_kind == "l2":
             mse = (v - (z - x)).square().flatten(1).mean(1)
             return {"loss": mse, "huber": mse.detach(), "perceptual": torch.zeros_like(mse), "t": t}
@@ -140,6 +159,12 @@ class Reflow(Method):
             lp = self.perceptual(x_hat, x)
         return {**rfpp_loss(v, x, z, t, c, x_hat_distance=lp, divt=self.lpips_divt, normalise=normalise), "t": t}
 
+    def velocity(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        """The student's velocity (B, C, H, W) float32: the network's output, or through ``EDMFlowPrecond``."""
+        if self.precond is None:
+            return self.net(x_t, t, y).out.float()
+        return EDMFlowPrecond(self.net, **self.precond)(x_t, t, y).out.float()
+
     def extra_state(self) -> dict[str, Any]:
         return {"teacher": dict(self.teacher_ref)}
 
@@ -148,7 +173,9 @@ class Reflow(Method):
 
     def snapshot_config(self) -> dict[str, Any]:
         return {"model": dict(self.net.config),
-                "prediction": {"path": dict(self.path.config), "prediction": "velocity", "precond": None},
+                "prediction": {"path": dict(self.path.config), "prediction": "velocity",
+                               "precond": None if self.precond is None else
+                               {"_target_": "gen.models.precond.EDMFlowPrecond", **self.precond}},
                 "distill": {"method": "reflow", "teacher": dict(self.teacher_ref), "solvers": list(REFLOW_SOLVERS)}}
 
     def check_sampler(self, sampler: Mapping[str, Any]) -> None:

@@ -4,7 +4,8 @@ Covers: the U-shaped time density against its closed form; the noise-reusing upd
 hand (2 steps); each loss (rfpp and iCT pseudo-Huber, LPIPS-Huber with and without 1/t, L2) against a direct
 computation on known tensors; a student run SIGKILLed mid-way and re-run equal to the uninterrupted run (<= 1e-6),
 its snapshot sampled by sample.py with no flags (the stored 1-step sampler); the one-line refusals of train.py (a
-missing or EDM teacher, another teacher's pairs, a sampler the student cannot serve).
+missing or consistency teacher, another teacher's pairs, a sampler the student cannot serve); an EDM teacher read as a
+1-rectified flow (EDMFlowPrecond) against the EDM denoiser, finite at t = 1, and its snapshot spec.
 """
 
 from __future__ import annotations
@@ -168,14 +169,57 @@ def _refused(tmp_path: Path, extra: list[str], match: str) -> None:
 def test_train_refusals_are_one_line(tmp_path: Path, teacher_snapshot: Path, pairs: Path) -> None:
     missing = tmp_path / "missing.safetensors"
     _refused(tmp_path, reflow_args(teacher_snapshot, pairs, f"method.teacher={missing}"), "does not exist")
-    edm = edited_teacher(teacher_snapshot, tmp_path / "edm.safetensors", config_fn=lambda c: {
-        **c, "prediction": {"path": {"_target_": "gen.paths.EDMPath", "sigma_max": 80.0}, "prediction": "x0",
-                            "precond": {"_target_": "gen.models.precond.EDMPrecond", "sigma_data": 0.5}}})
-    # train.py builds the data first, so an EDM teacher meets its pairs' check before the method's; the method's own
+    cm = edited_teacher(teacher_snapshot, tmp_path / "cm.safetensors", config_fn=lambda c: {
+        **c, "prediction": {"path": {"_target_": "gen.paths.EDMPath", "sigma_max": 80.0}, "prediction": "consistency",
+                            "precond": {"_target_": "gen.models.precond.ConsistencyPrecond", "sigma_data": 0.5}}})
+    # train.py builds the data first, so such a teacher meets its pairs' check before the method's; the method's own
     # refusal is checked here directly.
-    with pytest.raises(TeacherError, match="this method needs a velocity model on gen.paths.LinearPath"):
-        Reflow(_Net(), partial(torch.optim.Adam), str(edm), data_name="mnist5k", image_resolution=32)
+    with pytest.raises(TeacherError, match="this method needs a velocity model on gen.paths.LinearPath or x0 model on gen.paths.EDMPath"):
+        Reflow(_Net(), partial(torch.optim.Adam), str(cm), data_name="mnist5k", image_resolution=32)
     other = edited_teacher(teacher_snapshot, tmp_path / "other.safetensors",
                            tensors_fn=lambda t: {k: v * 1.01 if v.is_floating_point() else v for k, v in t.items()})
     _refused(tmp_path, reflow_args(teacher_snapshot, pairs, f"method.teacher={other}"), "were made by teacher")
     _refused(tmp_path, reflow_args(teacher_snapshot, pairs, "sampler=euler_maruyama"), "cannot serve a reflow student")
+
+
+def _edm_teacher(teacher_snapshot: Path, out: Path, precond: str = "EDMPrecond") -> Path:
+    return edited_teacher(teacher_snapshot, out, config_fn=lambda c: {
+        **c, "prediction": {"path": {"_target_": "gen.paths.EDMPath", "sigma_max": 40.0}, "prediction": "x0",
+                            "precond": {"_target_": f"gen.models.precond.{precond}", "sigma_data": 0.4}}})
+
+
+def test_edm_teacher_is_read_as_a_rectified_flow(tmp_path: Path, teacher_snapshot: Path) -> None:
+    """The student of an EDM teacher: v(x_t, t) = (x_t - D(x_t / (1 - t), t / (1 - t))) / t with the teacher's own
+    EDM denoiser D below t = sigma_max / (1 + sigma_max); finite at t = 1 (sigma clamped to sigma_max); the loss uses
+    it; the snapshot's spec rebuilds the same velocity for the samplers."""
+    from gen.models.precond import EDMPrecond
+    from gen.models.prediction import velocity_model
+
+    edm = _edm_teacher(teacher_snapshot, tmp_path / "edm.safetensors")
+    torch.manual_seed(0)
+    method = Reflow(_Net(), partial(torch.optim.Adam), str(edm), data_name="mnist5k", image_resolution=32)
+    x_t, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 3, 5, 10])
+    t = torch.tensor([1e-3, 0.3, 0.7, 0.97], dtype=torch.float64)
+    got = method.velocity(x_t.float(), t.float(), y)
+    net64 = _Net().double()
+    net64.load_state_dict(method.net.state_dict())
+    b = (-1, 1, 1, 1)
+    denoised = EDMPrecond(net64, sigma_data=0.4)(x_t / (1 - t).view(b), t / (1 - t), y).out
+    want = (x_t - denoised) / t.view(b)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    ones = torch.ones(4, dtype=torch.float64)
+    at_one = method.velocity(x_t.float(), ones.float(), y)
+    # t = 1: c_skip = 0, c_out = sd, c_in x = x_t, noise input ln(sigma_max) / 4.
+    want_one = x_t - 0.4 * net64(x_t, torch.full((4,), math.log(40.0) / 4, dtype=torch.float64), y).out
+    assert torch.isfinite(at_one).all() and torch.allclose(at_one.double(), want_one, rtol=1e-5, atol=1e-5)
+    method.net.config = {"_target_": "tests.test_distill_reflow._Net"}  # what a backbone records of itself
+    spec = method.snapshot_config()["prediction"]
+    assert spec["precond"] == {"_target_": "gen.models.precond.EDMFlowPrecond", "sigma_data": 0.4, "sigma_max": 40.0}
+    v = velocity_model(method.net, spec)(x_t.float(), t.float(), y)
+    assert torch.allclose(v, got.float(), rtol=1e-5, atol=1e-5)
+    out = method.loss("net", {"x0": torch.randn(4, 1, 8, 8), "noise": torch.randn(4, 1, 8, 8), "label": y},
+                      SampleRandom([1, 2, 3, 4], namespace="r"), Progress(0, 1, 0))
+    assert torch.isfinite(out["loss"]).all()
+    with pytest.raises(TeacherError, match="EDMPrecond"):
+        Reflow(_Net(), partial(torch.optim.Adam), str(_edm_teacher(teacher_snapshot, tmp_path / "odd.safetensors",
+                                                                   "ConsistencyPrecond")), data_name="mnist5k")

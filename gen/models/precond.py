@@ -175,3 +175,49 @@ class FlowConsistencyPrecond(nn.Module):
         d = delta.reshape(bshape)
         f = xf / (1.0 + d) - d / (1.0 + d) * res.out.to(torch.float64)
         return dataclasses.replace(res, out=f.to(dtype))
+
+
+class EDMFlowPrecond(nn.Module):
+    """A rectified-flow velocity ``v(x_t, t, y)`` on ``gen.paths.LinearPath`` around an EDM-preconditioned backbone.
+
+    2-rectified flow++ starts its student from an EDM model read as a 1-rectified flow ("Improving the Training of
+    Rectified Flows", Lee, Lin & Fanti 2024, Sec. 5; sangyun884/rfpp). The two paths carry the same image after
+    rescaling: ``x_t = (1 - t) x0 + t eps`` is ``x = x_t / (1 - t)`` on the EDM path at ``sigma = t / (1 - t)``, and the
+    velocity from EDM's clean-image estimate ``D`` is ``v = (x_t - D(x, sigma)) / t``. Written in ``t`` with
+    ``r = sqrt(t^2 + sd^2 (1 - t)^2)`` the EDM coefficients stay finite up to ``t = 1`` (pure noise, where a 1-step
+    sample starts)::
+
+        c_in x = x_t / r,   c_skip x = sd^2 (1 - t) x_t / r^2,   c_out = t sd / r,   c_noise = ln(sigma) / 4
+
+    and only the network's noise input needs a bound: ``sigma`` is clamped to ``sigma_max`` there (EDM's largest
+    trained level; ``t = 1`` reads as ``sigma_max``). Below ``t = sigma_max / (1 + sigma_max)`` the velocity is exactly
+    the EDM model's; the weights are the EDM snapshot's, unchanged.
+
+    Args:
+        net: the EDM backbone ``F(x, c_noise, y)`` (an ``objective=edm`` snapshot's network).
+        sigma_data: EDM's sigma_data (0.5).
+        sigma_max: the clamp of the noise input (80).
+    """
+
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, sigma_max: float = 80.0) -> None:
+        super().__init__()
+        for name, value in (("sigma_data", sigma_data), ("sigma_max", sigma_max)):
+            if not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        self.net = net
+        self.sigma_data, self.sigma_max = float(sigma_data), float(sigma_max)
+
+    def forward(self, x: Tensor, t: Tensor | float, y: Tensor | None = None, **net_kwargs: Any) -> ModelOutput:
+        """``v(x_t, t)`` with the shape of ``x``, float32 (float64 for float64 ``x``); ``t`` in (0, 1], a float or (B,)."""
+        dtype, t = _output_dtype_and_sigma(x, t)
+        t = t.double()
+        sd = self.sigma_data
+        r = (t.square() + sd**2 * (1.0 - t).square()).sqrt()
+        sigma = (t / (1.0 - t)).clamp(max=self.sigma_max)  # t = 1 gives inf, clamped to sigma_max
+        bshape = (-1,) + (1,) * (x.ndim - 1)
+        xf = x.to(torch.float64)
+        c_noise = sigma.log() / 4.0
+        res: ModelOutput = self.net((xf / r.reshape(bshape)).to(x.dtype), c_noise.to(x.dtype), y, **net_kwargs)
+        d = (sd**2 * (1.0 - t) / r.square()).reshape(bshape) * xf + (t * sd / r).reshape(bshape) * res.out.to(torch.float64)
+        v = (xf - d) / t.reshape(bshape)
+        return dataclasses.replace(res, out=v.to(dtype))
