@@ -90,6 +90,12 @@ def make_scorer(reference: Path, args: argparse.Namespace, counts: dict[str, int
             raise CommandError(f"{flag} {n}: the FID in --ref's {ref.dim} features needs more than {ref.dim} images "
                                f"(fewer give a singular covariance); give {flag} {max(ref.dim + 1, 2 * ref.dim)} or more")
     ext = reference_extractor(ref, args)
+    from eval.stats import check_compatible
+
+    try:  # other weights or resize than the file's would give a number not comparable with it: refused now
+        check_compatible(ref.manifest, ext.manifest())
+    except ValueError as e:
+        raise CommandError(f"--ref {printable(args.ref)}: {e}") from e
 
     def score(snap: Path, n: int, first: int) -> float:
         from eval.generate import evaluate

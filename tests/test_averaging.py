@@ -366,6 +366,15 @@ def test_scoring_flags_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert lcsc_main([str(run), *out, *flags]) == 2, flags
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (flags, err)
+    # Statistics of other Inception weights than the ones given: refused before any sample is drawn.
+    from eval.features import make_random_inception_weights
+
+    weights = make_random_inception_weights(tmp_path / "inception.pth")
+    assert lcsc_main([str(run), *out, "--ref", str(inception), "--fitness-images", "5000", "--rescore-images", "5000",
+                      "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "inception.npz: the reference statistics were made with a different feature extractor" in err, err
+    assert "weights_sha256: None in the reference statistics vs" in err and "Traceback" not in err, err
     assert posthoc_main([str(run), "--sigma-rel", "0.05", "--score", "100", "--ref", str(inception)]) == 2
     assert "--score 100: the FID in --ref's 2048 features" in capsys.readouterr().err
     assert not list(tmp_path.glob("x*"))
