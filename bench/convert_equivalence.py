@@ -101,10 +101,10 @@ def write_checkpoints(folder: Path, seed: int = 0) -> list[Path]:
     return paths
 
 
-def converted_model(source: str, ckpt: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def converted_model(source: str, ckpt: Path, input_size: int = 8) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The converted backbone (rebuilt as from a snapshot) and its prediction spec."""
     state, _ = select_weights(read_checkpoint(ckpt), source, ckpt)
-    conv = convert_state(source, state, ckpt, num_heads=4, encoder_blocks=3, input_size=8)
+    conv = convert_state(source, state, ckpt, num_heads=4, encoder_blocks=3, input_size=input_size)
     return build_from_snapshot(conv.model, conv.tensors, str(ckpt)).eval(), conv.prediction
 
 
@@ -158,6 +158,9 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
             rows["adapter"] = _diff(model_fn(x, t.double(), y), official)
         else:  # data at s = 1 in theirs: our t = 1 - s, our velocity = -theirs
             rows["adapter"] = _diff(-model_fn(x, 1.0 - t.double(), y), official[:, :c])
+    if "out16" in ref:  # DDT (no position table) at 16x16 latents: its RoPE on an 8x8 token grid
+        net16 = converted_model(source, ckpt, input_size=16)[0].to(x.dtype)
+        rows["net_16x16"] = _diff(net16(ref["x16"], t, y).out, ref["out16"])
     # Sampling from the same noise.
     if source == "dit":
         # DDIM (eta 0) on the respaced steps k_0 > ... > k_{n-1} = 0, then to the data, is Euler on the EDM path
