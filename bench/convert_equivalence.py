@@ -53,6 +53,7 @@ from gen.nn import rope_2d_axial  # noqa: E402
 from gen.utils.ckpt import build_from_snapshot  # noqa: E402
 from samplers import (  # noqa: E402
     Streams,
+    cfg,
     sample_euler,
     sample_euler_maruyama,
     sample_heun,
@@ -135,7 +136,7 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
     net = net.to(ref["x"].dtype)
     model_fn = velocity_model(net, spec)
     path = prediction_path(spec)
-    x, t, y, noise = ref["x"], ref["t"], ref["y"], ref["noise"]
+    x, t, y = ref["x"], ref["t"], ref["y"]
     rows: dict[str, dict[str, float]] = {}
     official = ref["out"]
     if source == "reg":
@@ -161,7 +162,42 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
     if "out16" in ref:  # DDT (no position table) at 16x16 latents: its RoPE on an 8x8 token grid
         net16 = converted_model(source, ckpt, input_size=16)[0].to(x.dtype)
         rows["net_16x16"] = _diff(net16(ref["x16"], t, y).out, ref["out16"])
-    # Sampling from the same noise.
+    # Sampling from the same noise, without guidance and with the guidance of the snapshot's stored sampler.
+    # LightningDiT also at guidance 1.5: at its 6.7 the random-weight ODE is chaotic (see *_sensitivity).
+    runs = [("", model_fn), ("_cfg", guided_model_fn(model_fn, source))]
+    if "ode_cfg15.out" in ref:
+        runs.append(("_cfg15", guided_model_fn(model_fn, source, 1.5)))
+    for tag, fn in runs:
+        for k, v in compare_sampling(source, fn, path, ref, tag).items():
+            rows[k.replace("_sensitivity", "") + tag + ("_sensitivity" if k.endswith("_sensitivity") else "")] = v
+    rows["output_max_abs"] = {"abs": float(official.abs().max()), "rel": 1.0}
+    return rows
+
+
+def guided_model_fn(model_fn: Callable, source: str, scale: float | None = None) -> Callable:
+    """``model_fn`` with the classifier-free guidance of the source's stored sampler preset (scripts/convert.py
+    ``DEFAULT_SAMPLER``: scale, interval, DiT-style 3-channel guidance), null label ``NULL_CLASS``; ``scale``
+    replaces the preset's scale."""
+    from scripts.convert import DEFAULT_SAMPLER, _yaml
+
+    g = _yaml("sampler", DEFAULT_SAMPLER[source])["guidance"]
+    interval = g.get("interval")
+    return cfg(model_fn, g["scale"] if scale is None else scale, NULL_CLASS,
+               interval=None if interval is None else tuple(interval),
+               dit_legacy_channels=g.get("dit_legacy_channels"))
+
+
+def compare_sampling(
+    source: str, model_fn: Callable, path: Any, ref: dict[str, Tensor], tag: str = ""
+) -> dict[str, dict[str, float]]:
+    """Our samplers on ``model_fn`` against the official ``ode{tag}.out`` / ``sde{tag}.out`` from the same noise.
+
+    Each row also gets ``*_sensitivity``: how far our sample moves (max abs) when the noise moves by 1e-6 N(0, I),
+    the scale below which no implementation can agree with another (rounding is a perturbation of that size).
+    """
+    y, noise = ref["y"], ref["noise"]
+    nudge = 1e-6 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(5)).to(noise.dtype)
+    runs: dict[str, tuple[Callable[[Tensor], Tensor], Tensor]] = {}
     if source == "dit":
         # DDIM (eta 0) on the respaced steps k_0 > ... > k_{n-1} = 0, then to the data, is Euler on the EDM path
         # with the grid r_{k_0}, ..., r_0, 0 in the state x / sqrt(abar); the official start x_T = noise at step k_0
@@ -169,10 +205,12 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
         steps = ref["ode.steps"].flip(0).long()
         abar = ddpm_alphas_cumprod(1000)[steps]
         ts = torch.cat([torch.sqrt((1 - abar) / abar), torch.zeros(1, dtype=torch.float64)])
-        start = noise.double() * math.sqrt(1 + float(ts[0]) ** 2) / float(ts[0])
-        rows["ode"] = _diff(sample_euler(model_fn, start.to(noise.dtype), ts, path=path, y=y), ref["ode.out"])
-        rows["ode_prior_sigma_noise"] = _diff(sample_euler(model_fn, noise, ts, path=path, y=y), ref["ode.out"])
-    elif source in ("sit", "ddt", "lightningdit", "repa"):
+        scale = math.sqrt(1 + float(ts[0]) ** 2) / float(ts[0])
+        runs["ode"] = (lambda z: sample_euler(model_fn, (z.double() * scale).to(z.dtype), ts, path=path, y=y),
+                       ref[f"ode{tag}.out"])
+        if not tag:
+            runs["ode_prior_sigma_noise"] = (lambda z: sample_euler(model_fn, z, ts, path=path, y=y), ref["ode.out"])
+    elif f"ode{tag}.out" in ref:
         if source == "lightningdit":
             ts = shifted_grid(ODE_STEPS, 1.0 / LIGHTNINGDIT_SHIFT)
         elif source == "ddt":
@@ -180,19 +218,28 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
         else:
             ts = uniform_grid(ODE_STEPS)
         solver = sample_heun if source == "repa" else sample_euler
-        rows["ode"] = _diff(solver(model_fn, noise, ts, path=path, y=y), ref["ode.out"])
-    if "sde.out" in ref:
-        draws = {tuple(ref["sde.draws"].shape[1:]): list(ref["sde.draws"])}
-        start: Any = noise
-        if "sde.draws_cls" in ref:
-            draws[tuple(ref["sde.draws_cls"].shape[1:])] = list(ref["sde.draws_cls"])
-            start = Streams((noise, ref["cls_noise"]))
-        res = sample_euler_maruyama(model_fn, start, uniform_grid(ODE_STEPS, t_min=0.04), path=path, y=y,
-                                    randn_like=_replay(draws), diffusion="sigma", last_step="mean")
-        rows["sde"] = _diff(res[0] if isinstance(res, tuple) else res, ref["sde.out"])
-        if any(q for q in draws.values()):
-            raise RuntimeError(f"{source}: the official SDE sampler drew more noise than ours used")
-    rows["output_max_abs"] = {"abs": float(official.abs().max()), "rel": 1.0}
+        runs["ode"] = (lambda z: solver(model_fn, z, ts, path=path, y=y), ref[f"ode{tag}.out"])
+    if f"sde{tag}.out" in ref:
+
+        def sde(z: Tensor) -> Tensor:
+            draws = {tuple(ref[f"sde{tag}.draws"].shape[1:]): list(ref[f"sde{tag}.draws"])}
+            start: Any = z
+            if f"sde{tag}.draws_cls" in ref:
+                draws[tuple(ref[f"sde{tag}.draws_cls"].shape[1:])] = list(ref[f"sde{tag}.draws_cls"])
+                start = Streams((z, ref["cls_noise"]))
+            res = sample_euler_maruyama(model_fn, start, uniform_grid(ODE_STEPS, t_min=0.04), path=path, y=y,
+                                        randn_like=_replay(draws), diffusion="sigma", last_step="mean")
+            if any(q for q in draws.values()):
+                raise RuntimeError(f"{source}: the official SDE sampler drew more noise than ours used")
+            return res[0] if isinstance(res, tuple) else res
+
+        runs["sde"] = (sde, ref[f"sde{tag}.out"])
+    rows: dict[str, dict[str, float]] = {}
+    for name, (run, official) in runs.items():
+        out = run(noise)
+        rows[name] = _diff(out, official)
+        moved = float((run(noise + nudge) - out).abs().max())
+        rows[f"{name}_sensitivity"] = {"abs": moved, "rel": moved / float(official.abs().max())}
     return rows
 
 
@@ -227,9 +274,9 @@ def main() -> None:
             rows.update({f"{k}_fp64": v for k, v in compare_source(source, args.dir / f"{source}.pt", ref64).items()
                          if k != "output_max_abs"})
             rows["official_fp32_vs_fp64"] = _diff(ref["out"], ref64["out"])
-            for k in ("ode.out", "sde.out"):
-                if k in ref:
-                    rows[f"official_{k[:3]}_fp32_vs_fp64"] = _diff(ref[k], ref64[k])
+            for k in ("ode", "sde", "ode_cfg", "sde_cfg", "ode_cfg15"):
+                if f"{k}.out" in ref:
+                    rows[f"official_{k}_fp32_vs_fp64"] = _diff(ref[f"{k}.out"], ref64[f"{k}.out"])
         table[source] = {"settings": settings, **{k: {m: float(f"{v:.3g}") for m, v in r.items()}
                                                   for k, r in rows.items()}}
     print(json.dumps(table, indent=1))
