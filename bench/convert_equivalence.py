@@ -16,8 +16,10 @@ the models as a snapshot is rebuilt, and reports, per source, the largest absolu
   i.e. the time adapter) at our time, mapped to the official convention (SiT/LightningDiT/DDT: ``-v(x, 1 - s)``;
   DiT: epsilon at the EDM time ``t = r_k = sqrt((1 - abar_k) / abar_k)`` of step k on ``x * sqrt(1 + r_k^2)``);
 - ``ode`` / ``sde``: our samplers (``samplers.sample_euler`` / ``sample_heun`` / ``sample_euler_maruyama``) on the
-  converted model against the official sampler from the same noise (SDE: the official run's ``randn_like`` draws are
-  replayed in order).
+  converted model against the official sampler from the same noise (SDE: the official run's ``randn_like`` /
+  ``randn`` draws are replayed in order), unguided and (``*_cfg``) with the guidance of the source's stored sampler
+  preset (``samplers.cfg``), against the official guided sampler; ``*_sensitivity``: how far our sample moves when
+  the noise moves by 1e-6.
 
 With ``official64_<source>.safetensors`` (the same run on a float64 copy of the official sources, their float32
 casts made float64) the same rows are reported in float64 (``*_fp64``; our backbones keep the sinusoid, RMSNorm and
@@ -222,7 +224,10 @@ def compare_sampling(
     if f"sde{tag}.out" in ref:
 
         def sde(z: Tensor) -> Tensor:
-            draws = {tuple(ref[f"sde{tag}.draws"].shape[1:]): list(ref[f"sde{tag}.draws"])}
+            # SiT's guided sampler integrates the doubled batch [x; x] (forward_with_cfg): the conditional half it
+            # returns took the first half of each draw.
+            img = ref[f"sde{tag}.draws"][:, : z.shape[0]]
+            draws = {tuple(img.shape[1:]): list(img)}
             start: Any = z
             if f"sde{tag}.draws_cls" in ref:
                 draws[tuple(ref[f"sde{tag}.draws_cls"].shape[1:])] = list(ref[f"sde{tag}.draws_cls"])
