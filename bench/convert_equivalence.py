@@ -179,7 +179,9 @@ def compare_source(source: str, ckpt: Path, ref: dict[str, Tensor]) -> dict[str,
 def guided_model_fn(model_fn: Callable, source: str, scale: float | None = None) -> Callable:
     """``model_fn`` with the classifier-free guidance of the source's stored sampler preset (scripts/convert.py
     ``DEFAULT_SAMPLER``: scale, interval, DiT-style 3-channel guidance), null label ``NULL_CLASS``; ``scale``
-    replaces the preset's scale."""
+    replaces the preset's scale. The official counterparts: ``forward_with_cfg`` (DiT/SiT models.py, LightningDiT
+    models/lightningdit.py), the ``cfg_scale`` / ``guidance_high`` of REPA's and REG's samplers.py, DDT's
+    ``guidance_interval_min``."""
     from scripts.convert import DEFAULT_SAMPLER, _yaml
 
     g = _yaml("sampler", DEFAULT_SAMPLER[source])["guidance"]
@@ -193,6 +195,12 @@ def compare_sampling(
     source: str, model_fn: Callable, path: Any, ref: dict[str, Tensor], tag: str = ""
 ) -> dict[str, dict[str, float]]:
     """Our samplers on ``model_fn`` against the official ``ode{tag}.out`` / ``sde{tag}.out`` from the same noise.
+
+    The official samplers (run outside): facebookresearch/DiT diffusion/gaussian_diffusion.py ``ddim_sample_loop``;
+    willisma/SiT transport/transport.py ``Sampler.sample_ode`` / ``sample_sde``; sihyun-yu/REPA samplers.py
+    ``euler_sampler(heun=True)`` / ``euler_maruyama_sampler`` (Martinser/REG: the latter, with the class token);
+    hustvl/LightningDiT transport/ ``sample_ode(timestep_shift=0.3)``; MCG-NJU/DDT
+    src/diffusion/stateful_flow_matching/sampling.py ``EulerSampler``.
 
     Each row also gets ``*_sensitivity``: how far our sample moves (max abs) when the noise moves by 1e-6 N(0, I),
     the scale below which no implementation can agree with another (rounding is a perturbation of that size).
