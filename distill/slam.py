@@ -32,8 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import huber_elementwise
-from distill.teacher import Teacher, check_same_teacher, check_student_sampler, check_teacher, load_teacher, \
-    start_from_teacher
+from distill.teacher import (
+    Teacher,
+    check_same_teacher,
+    check_student_sampler,
+    check_teacher,
+    load_teacher,
+    start_from_teacher,
+)
 from gen.ema import EMAFactory
 from gen.models.student import SubpathConsistency, takes_condition
 from gen.objectives.base import check_label_dropout, drop_labels

@@ -39,8 +39,15 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import huber_elementwise
-from distill.teacher import Teacher, TeacherError, check_same_teacher, check_student_sampler, check_teacher, \
-    load_teacher, start_from_teacher
+from distill.teacher import (
+    Teacher,
+    TeacherError,
+    check_same_teacher,
+    check_student_sampler,
+    check_teacher,
+    load_teacher,
+    start_from_teacher,
+)
 from gen.models.student import StepConditioned, takes_condition
 from gen.paths import LinearPath
 from gen.train.method import Batch, Method, OptimizerFactory, OptimizerSpec, Progress

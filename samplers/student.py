@@ -17,7 +17,17 @@ import torch
 from torch import Tensor
 
 from gen.paths import Path
-from samplers._common import Callback, ModelFn, RandnLike, State, check_inputs, denoised, prior, randn_streams, tvec
+from samplers._common import (
+    Callback,
+    ModelFn,
+    RandnLike,
+    State,
+    check_inputs,
+    denoised,
+    prior,
+    randn_streams,
+    tvec,
+)
 
 
 def sample_ddim(

@@ -11,7 +11,6 @@ another shape, a unify student without the condition slot), each one line naming
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from functools import partial
@@ -30,7 +29,7 @@ from gen.train.method import Progress
 from gen.utils.ckpt import load_snapshot
 from gen.utils.seed import SampleRandom
 from samplers import sample_ddim, sample_euler, uniform_grid
-from tests.conftest import CONFIGS, ROOT, Background, run_train, subprocess_env, train_command
+from tests.conftest import ROOT, Background, run_train, subprocess_env, train_command
 from tests.test_train import _final_state, _max_diff
 
 KEYS = [3, 5, 8, 13]
