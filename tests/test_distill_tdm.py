@@ -141,11 +141,15 @@ def test_refusals_name_the_key_and_the_fix(teacher_snapshot: Path, tmp_path: Pat
                                        fake_score=other)
     with pytest.raises(ValueError, match=r"method.unify_steps=\[1, 2, 4\] .* set model.augment_dim"):
         _method(teacher_snapshot, unify_steps=[1, 2, 4])
-    proc = run_train(tmp_path, "bad", ["method=tdm", "sampler=tdm_4step", f"method.teacher={teacher_snapshot}",
-                                       "method.num_steps=3"], check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("train.py: error:"), proc.stderr
-    assert "method.trajectory_steps=1000" in lines[0]
+    small_fake = ("method.fake_score={_target_: gen.models.dit.DiT, in_channels: 1, input_size: 32, num_classes: 10, "
+                  "depth: 2, hidden_size: 32, num_heads: 2, patch_size: 4}")
+    for bad, match in (("method.num_steps=3", "method.trajectory_steps=1000"),
+                       (small_fake, "method.fake_score is another network than the teacher")):
+        proc = run_train(tmp_path, "bad", ["method=tdm", "sampler=tdm_4step", f"method.teacher={teacher_snapshot}",
+                                           bad], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("train.py: error:"), proc.stderr
+        assert match in lines[0], lines[0]
 
 
 def test_unify_student_is_told_its_step_count(teacher_snapshot: Path) -> None:
