@@ -9,7 +9,7 @@ Consistency distillation along straight sub-paths. On a grid of ``num_levels`` =
    gives ``(x0_hat, eps_hat)``; one DDIM step ``x_e = alpha_e x0_hat + sigma_e eps_hat``.
 3. Target: the EMA network's consistency output at ``(x_e, t_e)`` with ``gamma = 1`` (no gradient).
 4. ``gamma ~ U(0, 1)``; the point on the sub-path linear ODE between ``x_s`` and the drift-compensated end
-   ``(alpha_s / alpha_e) x_e``: ``x_gamma = gamma x_s + (1 - gamma)(alpha_s / alpha_e) x_e`` (Eq. 8), at the noise level
+   ``(alpha_s / alpha_e) x_e``: ``x_gamma = gamma x_s + (1 - gamma)(alpha_s / alpha_e) x_e``, at the noise level
    ``sigma~^2 = (1 - gamma^2) sigma_a^2 + gamma^2 sigma_s^2`` with ``sigma_a = alpha_s sigma_e / alpha_e``, which is the
    official ``(alpha_s sigma_e / alpha_e)^2 + gamma^2 (1 - (alpha_s / alpha_e)^2)`` on a variance-preserving path
    (``sigma^2 = 1 - alpha^2``) and the same interpolation of the two ends' noise levels on ours.

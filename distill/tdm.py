@@ -9,7 +9,7 @@ Two networks alternate as two phases of one step (``Method.phases``: ``"fake_sco
   runs its first ``K - i`` steps to the segment's start ``t_g = i / K``; its end is ``t_m = (i - 1) / K``. The
   teacher's trajectory is a grid of ``trajectory_steps`` = N steps and a segment spans L = N / K of them, so K must
   divide N (checked). Shared between the phases of a step (``Method.shared``).
-* **Diffusion to tau** (Eq. 5): the student's prediction at ``(x_g, t_g)`` gives ``(x0_hat, eps_hat)``, its
+* **Diffusion to tau**: the student's prediction at ``(x_g, t_g)`` gives ``(x0_hat, eps_hat)``, its
   deterministic segment end ``x_m = alpha_m x0_hat + sigma_m eps_hat``, then fresh noise ``n``:
   ``x_tau = (alpha_tau / alpha_m) x_m + sqrt(sigma_tau^2 - (alpha_tau sigma_m / alpha_m)^2) n`` with the grid index of
   tau uniform in ``[max(tau_min, (i - 1) L), i L - margin)`` (``separate``: non-overlapping segments, so one fake
@@ -17,13 +17,13 @@ Two networks alternate as two phases of one step (``Method.phases``: ``"fake_sco
 * **Fake-score phase** (Eq. 7): ``|| x0_psi(x_tau, tau) - x0_hat ||^2`` (mean over elements) times
   ``omega_tau = min(SNR(tau), snr_cap)`` times the importance weight ``w = exp(-mean(m^2) / 2) / exp(-mean(n^2) / 2)``,
   ``m = (x_tau - alpha_tau x0_hat) / sigma_tau`` the effective noise of ``x_tau`` around ``x0_hat``.
-* **Generator phase** (Eq. 6 through a stop-gradient surrogate): with the teacher's classifier-free-guided estimate
-  ``x0_cfg = x0_c + (w - 1)(x0_c - x0_u)`` and the fake's ``x0_psi``, target ``x0_hat + x0_cfg - x0_psi`` (detached),
-  loss ``mean(sqrt((x0_hat - target)^2 + c^2) - c) / eta`` (elementwise pseudo-Huber, c = 1e-3 as the official code)
+* **Generator phase** (the KL objective of Eq. 5-6 through a stop-gradient surrogate): with the teacher's
+  classifier-free-guided estimate ``x0_cfg = x0_c + (w - 1)(x0_c - x0_u)`` and the fake's ``x0_psi``, target
+  ``x0_hat + x0_cfg - x0_psi`` (detached), loss ``mean(sqrt((x0_hat - target)^2 + c^2) - c) / eta`` (elementwise pseudo-Huber, c = 1e-3 as the official code)
   or the squared error, with the DMD-style normaliser ``eta = mean|x0_hat - x0_cfg|`` (detached; floored at 1e-8).
   Only the student's last step carries gradient.
-* **TDM-unify** (Sec. 3.4, ``unify_steps``): K is drawn per sample from a set, and the student and the fake score are
-  conditioned on it through the backbone's extra-condition slot (``gen.models.student.StepConditioned``).
+* **TDM-unify** (the sampling-steps-aware objective, ``unify_steps``): K is drawn per sample from a set, and the
+  student and the fake score are conditioned on it through the backbone's extra-condition slot (``gen.models.student.StepConditioned``).
 
 Both trainable networks start from the teacher's weights (``distill.teacher.start_from_teacher``); the teacher is
 frozen, never in a training state; the snapshot is the student's EMA, sampled by ``samplers.sample_ddim``.
@@ -221,7 +221,7 @@ class TrajectoryDistributionMatching(Method):
         return {"loss": mse * weight, "weight": weight, "tau": d["tau"].float()}
 
     def generator_loss(self, batch: Batch, rng: Randomness) -> dict[str, Tensor]:
-        """Per-sample ``{"loss", "eta", "tau"}`` of the generator's surrogate (Eq. 6)."""
+        """Per-sample ``{"loss", "eta", "tau"}`` of the generator's surrogate (Eq. 5-6)."""
         y = batch["label"]
         roll = self._shared_rollout(rng, y)
         t_g = (roll["seg"].double() / roll["k"])

@@ -6,7 +6,7 @@
   Luo-Yihong/TDM ``train_tdm_demo.py``). On ``LinearPath`` it is the Euler step. With ``condition_steps`` the model is
   called with ``num_steps=K`` (K = ``len(ts) - 1``): a step-count-conditioned ("unify") student.
 * ``sample_lcm``: ``x0 = f(x, t)``, then re-noise to the next time with fresh per-image noise,
-  ``x = alpha(t') x0 + sigma(t') n`` (Luo et al. 2023, "Latent Consistency Models", Algorithm 3; the LCM scheduler
+  ``x = alpha(t') x0 + sigma(t') n`` (Luo et al. 2023, "Latent Consistency Models", multistep sampling; the LCM scheduler
   that SLAM samples with, Xu et al. 2024, MCG-NJU/SPLAM README). The model must be a consistency function exposed as
   an x0 prediction (``"prediction": "consistency"``); NFE = ``len(ts) - 1``.
 """

@@ -3,10 +3,10 @@
 Two distilled students need one more input than the teacher's ``(x, t, y)``:
 
 * TDM-unify conditions the student (and its fake score) on the number of sampling steps K (Luo et al. 2025,
-  "Learning Few-Step Diffusion Models by Trajectory Distribution Matching", Sec. 3.4, "sampling-steps-aware
-  objective"; official code Luo-Yihong/TDM).
+  "Learning Few-Step Diffusion Models by Trajectory Distribution Matching", the sampling-steps-aware
+  objective; official code Luo-Yihong/TDM).
 * SLAM conditions the student on the position gamma in [0, 1] along a sub-path (Xu et al. 2024, "Accelerating Image
-  Generation with Sub-path Linear Approximation Model", Sec. 4; official code MCG-NJU/SPLAM,
+  Generation with Sub-path Linear Approximation Model"; official code MCG-NJU/SPLAM,
   ``splam/train_splam_distill_sd_wds.py``, which feeds ``emb(10 - 10 gamma)`` through the UNet's ``time_cond_proj``,
   LCM's guidance-embedding slot).
 
@@ -81,7 +81,7 @@ class StepConditioned(nn.Module):
 
 
 class SubpathConsistency(nn.Module):
-    """SLAM's consistency function ``f(x, t, y; gamma, sigma~)`` around a velocity backbone (SPLAM Sec. 4, Eq. 9-11).
+    """SLAM's consistency function ``f(x, t, y; gamma, sigma~)`` around a velocity backbone (MCG-NJU/SPLAM ``train_splam_distill_sd_wds.py``).
 
     ``f = c_skip(t) x + c_out(t) x0_hat`` with ``x0_hat = (x - sigma~ eps_hat) / alpha_t`` (the official code's
     epsilon-to-x0 step at the interpolated noise level ``sigma~``), ``eps_hat`` the backbone's noise estimate at
