@@ -19,11 +19,13 @@ Two networks alternate as two phases of one step (``Method.phases``: ``"fake_sco
   ``m = (x_tau - alpha_tau x0_hat) / sigma_tau`` the effective noise of ``x_tau`` around ``x0_hat``.
 * **Generator phase** (the KL objective of Eq. 5-6 through a stop-gradient surrogate): with the teacher's
   classifier-free-guided estimate ``x0_cfg = x0_c + (w - 1)(x0_c - x0_u)`` and the fake's ``x0_psi``, target
-  ``x0_hat + x0_cfg - x0_psi`` (detached), loss ``mean(sqrt((x0_hat - target)^2 + c^2) - c) / eta`` (elementwise pseudo-Huber, c = 1e-3 as the official code)
-  or the squared error, with the DMD-style normaliser ``eta = mean|x0_hat - x0_cfg|`` (detached; floored at 1e-8).
+  ``x0_hat + x0_cfg - x0_psi`` (detached), loss ``mean(sqrt((x0_hat - target)^2 + c^2) - c) / eta`` (elementwise
+  pseudo-Huber, c = 1e-3 as the official code) or the squared error, with the DMD-style normaliser
+  ``eta = mean|x0_hat - x0_cfg|`` (detached; floored at 1e-8).
   Only the student's last step carries gradient.
 * **TDM-unify** (the sampling-steps-aware objective, ``unify_steps``): K is drawn per sample from a set, and the
-  student and the fake score are conditioned on it through the backbone's extra-condition slot (``gen.models.student.StepConditioned``).
+  student and the fake score are conditioned on it through the backbone's extra-condition slot
+  (``gen.models.student.StepConditioned``).
 
 Both trainable networks start from the teacher's weights (``distill.teacher.start_from_teacher``); the teacher is
 frozen, never in a training state; the snapshot is the student's EMA, sampled by ``samplers.sample_ddim``.

@@ -81,7 +81,8 @@ class StepConditioned(nn.Module):
 
 
 class SubpathConsistency(nn.Module):
-    """SLAM's consistency function ``f(x, t, y; gamma, sigma~)`` around a velocity backbone (MCG-NJU/SPLAM ``train_splam_distill_sd_wds.py``).
+    """SLAM's consistency function ``f(x, t, y; gamma, sigma~)`` around a velocity backbone (MCG-NJU/SPLAM
+    ``train_splam_distill_sd_wds.py``).
 
     ``f = c_skip(t) x + c_out(t) x0_hat`` with ``x0_hat = (x - sigma~ eps_hat) / alpha_t`` (the official code's
     epsilon-to-x0 step at the interpolated noise level ``sigma~``), ``eps_hat`` the backbone's noise estimate at
