@@ -87,8 +87,9 @@ VARIANTS = (
     *(Variant(f"tdmu{n}", n, methods=("tdm_unify",), label=f"DDIM {n} steps, told K = {n}",
               sampler={**ode_sampler("sample_ddim", n), "solver": {"_target_": "samplers.sample_ddim",
                                                                    "condition_steps": True}}) for n in (1, 2, 4)),
-    *(Variant(f"slam{n}", n, methods=("slam",), label=f"LCM multistep, {n} steps", sampler=ode_sampler("sample_lcm", n))
-      for n in (1, 2, 4)),
+    *(Variant(f"slam{n}", n, methods=("slam",), label=f"LCM multistep, {n} steps from t = 0.936",
+              sampler={**ode_sampler("sample_lcm", n), "grid": {"_target_": "samplers.grids.uniform_grid",
+                                                                "t_max": 0.936}}) for n in (1, 2, 4)),
 )
 
 BENCH = Bench(

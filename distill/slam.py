@@ -2,7 +2,10 @@
 Approximation Model", ECCV; official code MCG-NJU/SPLAM, ``splam/train_splam_distill_sd_wds.py``).
 
 Consistency distillation along straight sub-paths. On a grid of ``num_levels`` = N levels ``t_j = j t_max / N``
-(50 DDIM steps over 1000 with skip 20 in the official code: ``t_max = 0.999``), one step per sample:
+(the official code: 50 DDIM steps over SD-v1.5's 1000 with skip 20, the top at DDPM step 999 where alpha-bar =
+0.0047; ``t_max = 0.936`` is that level at the same signal-to-noise ratio on ``LinearPath``,
+``((1 - t) / t)^2 = alpha-bar / (1 - alpha-bar)``; the paper's x0 step divides by ``alpha_s``, which at t = 0.999 would
+be 0.001 instead of SD's 0.068), one step per sample:
 
 1. ``j ~ U{1..N}``: sub-path start ``t_s = t_j``, end ``t_e = t_{j-1}``; ``x_s = alpha_s x0 + sigma_s eps``.
 2. The frozen teacher's classifier-free-guided velocity in LCM's form ``v = v_c + w (v_c - v_u)`` at ``(x_s, t_s)``
@@ -61,7 +64,8 @@ class SubpathLinearApproximation(Method):
         target_ema: the EMA factory (``_partial_`` ``gen.ema.EMA``); its first profile goes into snapshots.
         target_profile: the profile read as the target network (e.g. ``d0.95``; None: the first).
         gamma_dim: width of the gamma embedding (the backbone's extra-condition slot).
-        num_levels: N of the grid (50); t_max: its top (0.999: DDPM step 999 of 1000).
+        num_levels: N of the grid (50); t_max: its top (0.936: SD's DDPM step 999 at the same SNR; the samplers'
+            grid starts there too, ``configs/sampler/slam_*``).
         guidance: w of the teacher's guidance in LCM's form (8, an effective scale of 9).
         sigma_data, time_scale: LCM's boundary scalings (0.5; 10 x 1000 in continuous time).
         loss: ``"huber"`` (elementwise, ``huber_c``) or ``"l2"``.
@@ -70,7 +74,7 @@ class SubpathLinearApproximation(Method):
     """
 
     def __init__(self, net: nn.Module, optimizer: OptimizerFactory, teacher: str, target_ema: EMAFactory,
-                 target_profile: str | None = None, gamma_dim: int = 64, num_levels: int = 50, t_max: float = 0.999,
+                 target_profile: str | None = None, gamma_dim: int = 64, num_levels: int = 50, t_max: float = 0.936,
                  guidance: float = 8.0, sigma_data: float = 0.5, time_scale: float = 10_000.0,
                  loss: Literal["huber", "l2"] = "huber", huber_c: float = 1e-3, label_dropout: float = 0.0,
                  data_name: str | None = None, image_resolution: int | None = None,
@@ -165,4 +169,11 @@ class SubpathLinearApproximation(Method):
                 "distill": {"method": "slam", "teacher": dict(self.teacher_ref), "solvers": list(SLAM_SOLVERS)}}
 
     def check_sampler(self, sampler: Mapping[str, Any]) -> None:
+        """Refuse another solver, and a grid that starts above the student's top level (it never trained there)."""
         check_student_sampler(sampler, SLAM_SOLVERS, "SLAM", "slam_4step")
+        top = (sampler.get("grid") or {}).get("t_max")
+        top = self.path.t_max if top is None else float(top)
+        if top > float(self.levels[-1]) + 1e-9:
+            raise ValueError(f"sampler.grid.t_max={top:g} starts above the SLAM student's top level method.t_max="
+                             f"{float(self.levels[-1]):g}; set sampler.grid.t_max={float(self.levels[-1]):g} "
+                             "(e.g. sampler=slam_4step)")

@@ -84,7 +84,7 @@ def test_loss_equals_direct_computation(teacher_snapshot: Path, loss: str) -> No
         for b in range(4):
             y, g = LABELS[b:b + 1], float(gammas[b])
             j = int(u[b] * 50) + 1
-            t_s, t_e = 0.999 * j / 50, 0.999 * (j - 1) / 50
+            t_s, t_e = 0.936 * j / 50, 0.936 * (j - 1) / 50
             x_s = (1 - t_s) * x0[b:b + 1].double() + t_s * eps[b:b + 1].double()
             v_c, v_u = _v(method.teacher, x_s, t_s, y), _v(method.teacher, x_s, t_s, torch.tensor([10]))
             v = v_c + 1.5 * (v_c - v_u)  # LCM's form of guidance
