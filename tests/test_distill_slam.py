@@ -181,3 +181,17 @@ def test_train_then_sample_in_one_and_two_steps(tmp_path: Path, teacher_snapshot
         with np.load(out / "samples.npz") as f:
             assert f["arr_0"].shape == (4, 32, 32, 1) and f["arr_0"].std() > 0
         assert "sample_lcm" in (out / "sample.json").read_text()
+
+
+def test_trainer_init_keeps_a_zero_condition_slot_the_teacher_file_lacks(teacher_snapshot: Path) -> None:
+    from gen.snapshot import init_from_snapshot
+
+    student = _student(teacher_snapshot)
+    init_from_snapshot(student, teacher_snapshot, "trainer.init.net")
+    teacher, _ = load_network(teacher_snapshot)
+    assert not student.aug_embedder.weight.detach().any()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items() if k in teacher.state_dict())
+    with torch.no_grad():
+        student.aug_embedder.weight.fill_(0.1)  # a trained slot is not silently kept: the file holds another network
+    with pytest.raises(ValueError, match="trainer.init.net: cannot start from"):
+        init_from_snapshot(student, teacher_snapshot, "trainer.init.net")
