@@ -4,8 +4,8 @@ Approximation Model", ECCV; official code MCG-NJU/SPLAM, ``splam/train_splam_dis
 Consistency distillation along straight sub-paths. On a grid of ``num_levels`` = N levels ``t_j = j t_max / N``
 (the official code: 50 DDIM steps over SD-v1.5's 1000 with skip 20, the top at DDPM step 999 where alpha-bar =
 0.0047; ``t_max = 0.936`` is that level at the same signal-to-noise ratio on ``LinearPath``,
-``((1 - t) / t)^2 = alpha-bar / (1 - alpha-bar)``; the paper's x0 step divides by ``alpha_s``, which at t = 0.999 would
-be 0.001 instead of SD's 0.068), one step per sample:
+``((1 - t) / t)^2 = alpha-bar / (1 - alpha-bar)``: at t = 0.999 alpha would be 0.001, not SD's 0.068), one step per
+sample:
 
 1. ``j ~ U{1..N}``: sub-path start ``t_s = t_j``, end ``t_e = t_{j-1}``; ``x_s = alpha_s x0 + sigma_s eps``.
 2. The frozen teacher's classifier-free-guided velocity in LCM's form ``v = v_c + w (v_c - v_u)`` at ``(x_s, t_s)``
@@ -17,7 +17,8 @@ be 0.001 instead of SD's 0.068), one step per sample:
    official ``(alpha_s sigma_e / alpha_e)^2 + gamma^2 (1 - (alpha_s / alpha_e)^2)`` on a variance-preserving path
    (``sigma^2 = 1 - alpha^2``) and the same interpolation of the two ends' noise levels on ours.
 5. Student ``f_theta(x_gamma, t_s; gamma, sigma~)`` (``gen.models.student.SubpathConsistency``: gamma embedded as
-   ``emb(10 - 10 gamma)`` through the backbone's extra-condition slot, LCM's boundary scalings); loss the elementwise
+   ``emb(10 - 10 gamma)`` through the backbone's extra-condition slot, its velocity read at the noise level sigma~ as
+   the official code reads its epsilon, LCM's boundary scalings); loss the elementwise
    pseudo-Huber ``mean(sqrt((f - target)^2 + c^2) - c)`` with c = 1e-3 (``--loss_type huber``) or the squared error.
 6. The loop steps the optimizer and updates the EMA; ``target_profile`` (rate 0.95 every step) is the target.
 

@@ -1,7 +1,7 @@
 """SLAM (distill/slam.py; Xu et al. 2024, MCG-NJU/SPLAM splam/train_splam_distill_sd_wds.py).
 
 Covers: the loss against a direct computation from the documented draws (the guided teacher's DDIM step, the EMA
-target at gamma = 1, the sub-path point x_gamma and its noise level, the paper's epsilon-to-x0 step, LCM's boundary
+target at gamma = 1, the sub-path point x_gamma and its noise level, the velocity read at that level, LCM's boundary
 scalings, the sin-cos gamma embedding written out); the student starts as its teacher; the teacher gets no gradient
 and is in no saved state; the multistep sampler; train.py then sample.py at 1 and 2 steps with no flags; a backbone
 without the gamma slot refused in one line naming the key and the fix.
@@ -95,7 +95,7 @@ def test_loss_equals_direct_computation(teacher_snapshot: Path, loss: str) -> No
             s_a = (1 - t_s) * t_e / (1 - t_e)
             s_tilde = math.sqrt((1 - g * g) * s_a**2 + g * g * t_s**2)
             v_s = _v(method.net, x_g, t_s, y, gamma=g)
-            x0_hat = (x_g - s_tilde * (x_g + (1 - t_s) * v_s)) / (1 - t_s)  # the paper's eps -> x0 step
+            x0_hat = (x_g - s_tilde * v_s) / (1 - t_s + s_tilde)  # v = eps - x0 read at noise level s_tilde
             cs, co = _boundary(t_s)
             f = cs * x_g + co * x0_hat
             d = f - target
