@@ -128,7 +128,7 @@ def test_each_phase_leaves_the_other_network_unchanged_and_the_teacher_untouched
     assert method.shared.has("x")  # the generator phase reused the fake phase's rollout
 
 
-def test_refusals_name_the_key_and_the_fix(teacher_snapshot: Path, tmp_path: Path) -> None:
+def test_refusals_name_the_key_and_the_fix(teacher_snapshot: Path) -> None:
     with pytest.raises(ValueError, match=r"K=3 does not divide method.trajectory_steps=1000 .*use K in"):
         _method(teacher_snapshot, num_steps=3)
     with pytest.raises(ValueError, match=r"K=3 does not divide method.trajectory_steps=1000"):
@@ -141,6 +141,9 @@ def test_refusals_name_the_key_and_the_fix(teacher_snapshot: Path, tmp_path: Pat
                                        fake_score=other)
     with pytest.raises(ValueError, match=r"method.unify_steps=\[1, 2, 4\] .* set model.augment_dim"):
         _method(teacher_snapshot, unify_steps=[1, 2, 4])
+
+
+def test_train_refuses_a_bad_step_count_and_fake_score_in_one_line(teacher_snapshot: Path, tmp_path: Path) -> None:
     small_fake = ("method.fake_score={_target_: gen.models.dit.DiT, in_channels: 1, input_size: 32, num_classes: 10, "
                   "depth: 2, hidden_size: 32, num_heads: 2, patch_size: 4}")
     for bad, match in (("method.num_steps=3", "method.trajectory_steps=1000"),
