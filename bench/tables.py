@@ -30,7 +30,7 @@ MARKER = re.compile(r"(<!-- tables\.py: (?P<name>[\w/.-]+) -->\n)(?P<body>.*?)(<
 # Bench name -> the module that declares it (rows, variants and labels in the order the tables use).
 BENCH_MODULES = {"backbones": "yardstick_backbones", "alignment": "yardstick_alignment",
                  "consistency": "yardstick_consistency", "curriculum": "yardstick_curriculum",
-                 "scoreaug": "yardstick_scoreaug"}
+                 "scoreaug": "yardstick_scoreaug", "distill": "yardstick_distill"}
 
 Records = dict[str, list[dict[str, Any]]]
 
@@ -575,6 +575,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "alignment/reach": lambda r: reach(r, "alignment", "dit"),
     "tokenizers": lambda r: tokenizers(r, "yardstick_tokenizers"),
     "consistency/few_step": lambda r: few_step(r, "consistency"),
+    "distill/few_step": lambda r: few_step(r, "distill"),
     "curriculum/fid_vs_kimg": lambda r: fid_vs_kimg(r, "curriculum"),
     "curriculum/reach": lambda r: reach(r, "curriculum", "dit"),
     "curriculum/quickstart": lambda r: at_last_point(r, "curriculum", "qs"),
@@ -595,6 +596,72 @@ def render(text: str, records: Records) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Plots
+
+
+def cost_series(records: Records, bench: str) -> dict[str, list[tuple[int, float, float]]]:
+    """Per row and solver, at the row's last evaluated point: ``(NFE, FID, seconds per image)`` of each record.
+
+    A row's series are split by solver (the teacher's Euler, Heun and DPM-Solver++ are three curves); every row of
+    a bench counts, whatever its training length (the distilled students stop earlier than their teacher)."""
+    spec = bench_spec(bench)
+    variants = {v.name: v for v in spec.variants} if spec is not None else {}
+    recs = [r for r in evals(records.get(bench, [])) if r["variant"] in variants]
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for row in spec.rows if spec is not None else ():
+        mine = [r for r in recs if r["method"] == row.method]
+        if not mine:
+            continue
+        last = max(r["kimg"] for r in mine)
+        for r in mine:
+            if r["kimg"] != last:
+                continue
+            v = variants[r["variant"]]
+            solver = ((v.sampler or {}).get("solver") or {}).get("_target_", "samplers.sample_euler")
+            key = f"{row.method} ({solver.rsplit('.', 1)[-1].removeprefix('sample_')}, {last:g}k)"
+            out.setdefault(key, []).append((v.nfe, float(r["fid"]), float(r["sec_per_image"])))
+    return out
+
+
+def plot_fid_vs_cost(records: Records, bench: str, out_dir: Path) -> Path | None:
+    """FID against NFE and against wall time per image, one curve per row and solver (``cost_series``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = cost_series(records, bench)
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        for ax, col in ((axes[0], 0), (axes[1], 2)):
+            xs = sorted({p[col] for p in pts})
+            mean = [statistics.mean(p[1] for p in pts if p[col] == x) for x in xs] if col == 0 else None
+            if col == 0:
+                ax.plot(xs, mean, "-o", color=f"C{i % 10}", label=name, ms=4)
+            else:  # wall times differ between seeds: one point per record, the mean per NFE joined
+                by_nfe = sorted({p[0] for p in pts})
+                ax.plot([1000 * statistics.mean(p[2] for p in pts if p[0] == n) for n in by_nfe],
+                        [statistics.mean(p[1] for p in pts if p[0] == n) for n in by_nfe], "-o", color=f"C{i % 10}",
+                        ms=4)
+            ax.scatter([p[col] * (1000 if col == 2 else 1) for p in pts], [p[1] for p in pts], s=8,
+                       color=f"C{i % 10}", alpha=0.5)
+    for ax, label in ((axes[0], "NFE per image"), (axes[1], "wall time per image (ms)")):
+        ax.set_xscale("log", base=2 if ax is axes[0] else 10)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("yardstick FID")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{bench}: FID against sampling cost, each row at its last point", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"{bench}_fid_vs_cost.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+COST_PLOTS = ("distill",)  # benches whose rows stop at different points (students after their teacher)
 
 
 def plot(records: Records, out_dir: Path) -> list[Path]:
@@ -648,6 +715,10 @@ def plot(records: Records, out_dir: Path) -> list[Path]:
             path = out_dir / f"{bench}_fid_vs_{kind}.png"
             fig.savefig(path, dpi=110)
             plt.close(fig)
+            written.append(path)
+    for bench in COST_PLOTS:
+        path = plot_fid_vs_cost(records, bench, out_dir)
+        if path is not None:
             written.append(path)
     return written
 

@@ -13,7 +13,16 @@ the teacher's 96k snapshot of the same seed (``trainer.init.net``, read by the p
 * CD (``yardstick_cd``: Song et al. 2023, "Consistency Models"): 32k images, 2 teacher NFE each (its Heun step);
   sampled with the consistency sampler at 1 and 2 steps (mid level 0.821).
 
-1,000 samples, seeds 0 and 1, wall time per image in every record. The aim (issue 19): the 1-NFE 2-RF++ student
+* TDM (``yardstick_tdm``: Luo et al. 2025, "Learning Few-Step Diffusion Models by Trajectory Distribution
+  Matching"): data-free, a 4-step student and its fake score alternating as two phases, teacher CFG 2; 32k images
+  (labels only); sampled with its DDIM steps at 1, 2 and 4 (the 4-step student run with fewer steps). TDM-unify, the
+  same with K drawn from {1, 2, 4} and told to the student, sampled at the K it is told.
+* SLAM (``yardstick_slam``: Xu et al. 2024, "Accelerating Image Generation with Sub-path Linear Approximation
+  Model"): 32k images, 2 teacher NFE each (its guided DDIM step, CFG 2); sampled with LCM's multistep sampler at 1, 2
+  and 4 steps.
+
+1,000 samples, seeds 0 and 1, wall time per image in every record; ``bench/tables.py`` plots FID against NFE and
+against wall time per image for every row (``distill_fid_vs_cost.png``). The aim (issue 19): the 1-NFE 2-RF++ student
 below the teacher's 8-NFE Euler FID.
 
     nice -n 10 python bench/yardstick_distill.py --jobs 2
@@ -51,6 +60,14 @@ ROWS = (
                                   "batch_size=250", "shard_size=2000", "device=cpu")),
     Row("cd", ("experiment=yardstick_cd",), "CD from the quick start (+ images trained, 2 teacher NFE each)",
         kimg=STUDENT_KIMG, init_from="dit"),
+    Row("tdm", ("experiment=yardstick_tdm",), "TDM, 4-step student, from the quick start (data-free)",
+        kimg=STUDENT_KIMG, init_from="dit"),
+    Row("tdm_unify", ("experiment=yardstick_tdm", "method.unify_steps=[1,2,4]", "+model.augment_dim=64",
+                      "sampler=tdm_unify"),
+        "TDM-unify, one student for 1, 2 and 4 steps, from the quick start (data-free)", kimg=STUDENT_KIMG,
+        init_from="dit"),
+    Row("slam", ("experiment=yardstick_slam",), "SLAM from the quick start (+ images trained, 2 teacher NFE each)",
+        kimg=STUDENT_KIMG, init_from="dit"),
 )
 
 TEACHER = ("dit",)
@@ -65,6 +82,14 @@ VARIANTS = (
               sampler=ode_sampler("sample_reuse_noise", n)) for n in (2, 4)),
     Variant("cm1", 1, methods=("cd",), label="consistency, 1 step", sampler=consistency_sampler(())),
     Variant("cm2", 2, methods=("cd",), label="consistency, 2 steps (sigma 0.821)", sampler=consistency_sampler((0.821,))),
+    *(Variant(f"tdm{n}", n, methods=("tdm",), label=f"DDIM {n} steps", sampler=ode_sampler("sample_ddim", n))
+      for n in (1, 2, 4)),
+    *(Variant(f"tdmu{n}", n, methods=("tdm_unify",), label=f"DDIM {n} steps, told K = {n}",
+              sampler={**ode_sampler("sample_ddim", n), "solver": {"_target_": "samplers.sample_ddim",
+                                                                   "condition_steps": True}}) for n in (1, 2, 4)),
+    *(Variant(f"slam{n}", n, methods=("slam",), label=f"LCM multistep, {n} steps from t = 0.936",
+              sampler={**ode_sampler("sample_lcm", n), "grid": {"_target_": "samplers.grids.uniform_grid",
+                                                                "t_max": 0.936}}) for n in (1, 2, 4)),
 )
 
 BENCH = Bench(

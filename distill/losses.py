@@ -45,3 +45,11 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float, normalise: bool = False) -> Ten
     diff = (a.float() - b.float()).reshape(a.shape[0], -1)
     h = (diff.pow(2).sum(1).clamp(min=1e-30) + c * c).sqrt() - c
     return h / diff.shape[1] if normalise else h
+
+
+def huber_elementwise(a: Tensor, b: Tensor, c: float) -> Tensor:
+    """``mean(sqrt((a - b)^2 + c^2) - c)`` over each sample's elements, (B, ...) x2 -> (B,): the elementwise
+    pseudo-Huber of the TDM and SLAM official code (c = 1e-3; Luo-Yihong/TDM ``train_tdm_demo.py`` ``--use_huber``,
+    MCG-NJU/SPLAM ``train_splam_distill_sd_wds.py`` ``--loss_type huber``)."""
+    d = (a.float() - b.float()).flatten(1)
+    return ((d.square() + c * c).sqrt() - c).mean(1)

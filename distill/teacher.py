@@ -203,3 +203,28 @@ def check_student_sampler(sampler: Mapping[str, Any], solvers: Sequence[str], me
     if float((sampler.get("solver") or {}).get("s_churn", 0.0) or 0.0) > 0:
         raise ValueError(f"sampler.solver.s_churn>0 makes the sampler stochastic, which a {method} student's "
                          "deterministic coupling cannot serve; set s_churn=0")
+
+
+def start_from_teacher(module: nn.Module, teacher_net: nn.Module, what: str) -> None:
+    """Copy the teacher's weights into a student or fake-score network of the teacher's architecture.
+
+    The module may carry one thing the teacher lacks: the extra-condition slot (``aug_embedder``, zero-initialised,
+    so the copy computes exactly the teacher's function), through which a TDM-unify or SLAM student takes its K or
+    gamma. Every other name and shape must be the teacher's.
+
+    Raises:
+        TeacherError: one line naming ``what`` (the config key), what differs and the fix.
+    """
+    own, theirs = module.state_dict(), teacher_net.state_dict()
+    extra = sorted(k for k in own if k not in theirs and not k.startswith("aug_embedder."))
+    missing = sorted(k for k in theirs if k not in own)
+    shapes = sorted(k for k in theirs if k in own and own[k].shape != theirs[k].shape)
+    if extra or missing or shapes:
+        detail = (f"{shapes[0]} is {tuple(own[shapes[0]].shape)}, the teacher's {tuple(theirs[shapes[0]].shape)}"
+                  if shapes else f"names {'only it has' if extra else 'it lacks'}: {(extra or missing)[:3]}")
+        raise TeacherError(f"{what} is another network than the teacher ({type(module).__name__}; {detail}); it starts "
+                           "from the teacher's weights, so build it with the teacher's model config (its snapshot's "
+                           "'model' section; only augment_dim may differ)")
+    with torch.no_grad():
+        for k, v in theirs.items():
+            own[k].copy_(v)

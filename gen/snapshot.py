@@ -96,6 +96,9 @@ def init_from_snapshot(module: nn.Module, path: str | os.PathLike, what: str) ->
     snap = read_snapshot(path)
     own = module.state_dict()
     cast = {k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in snap.tensors.items()}
+    # A zero extra-condition slot that the file lacks (a SLAM or TDM-unify student started from its teacher,
+    # gen.models.student) keeps its zeros: the network then computes exactly the snapshot's function.
+    cast.update({k: v for k, v in own.items() if k.startswith("aug_embedder.") and k not in cast and not v.any()})
     try:
         load_state_dict_checked(module, cast, f"snapshot {path}")
     except ValueError as e:

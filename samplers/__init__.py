@@ -27,6 +27,7 @@ from samplers.heun import sample_heun
 from samplers.reflow import sample_reuse_noise
 from samplers.sde import sample_euler_maruyama
 from samplers.sharing import EncoderSharing
+from samplers.student import sample_ddim, sample_lcm
 
 __all__ = [
     "Streams",
@@ -36,6 +37,7 @@ __all__ = [
     "sample_dpmpp_2m",
     "sample_reuse_noise",
     "sample_consistency", "consistency_grid",
+    "sample_ddim", "sample_lcm",
     "EncoderSharing",
     "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid",
     "cfg",

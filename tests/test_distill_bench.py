@@ -31,3 +31,41 @@ def test_distill_plan_starts_students_from_the_teacher_and_draws_pairs_first(tmp
     assert f"out={rfpp.run.run_dir}/pairs" in prepare and not cd.run.row.prepare
     # Teacher: Euler 1-32, Heun 2-16 steps, DPM-Solver++ 4-32; 2-RF++: 1 Euler + 2 noise-reusing at 3 points; CD: 2 x 3.
     assert (teacher.evals, rfpp.evals, cd.evals) == (6 + 4 + 4, 3 * 3, 2 * 3)
+
+
+def test_tdm_and_slam_rows_start_from_the_teacher_and_are_sampled_at_1_2_and_4_nfe(tmp_path: Path) -> None:
+    args = argparse.Namespace(benches=["distill"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    by_name = {t.name: t for t in yardstick_all.plan(args)}
+    snap = by_name["distill/dit-s1"].run.run_dir / "snapshot-000096000.safetensors"
+    for method in ("tdm", "tdm_unify", "slam"):
+        for seed in (0, 1):
+            student = by_name[f"distill/{method}-s{seed}"]
+            assert student.run.init.name == snap.name and student.train_kimg == 32.0
+            assert any(a.startswith(f"experiment=yardstick_{method.split('_')[0]}") for a in student.run.train_command())
+        assert by_name[f"distill/{method}-s0"].evals == 3 * 3  # 1, 2 and 4 NFE at the 3 points
+    from yardstick_distill import BENCH
+
+    solvers = {v.name: (v.nfe, v.sampler["solver"]) for v in BENCH.variants if v.methods and v.methods[0] in
+               ("tdm", "tdm_unify", "slam")}
+    assert solvers["tdmu2"] == (2, {"_target_": "samplers.sample_ddim", "condition_steps": True})
+    assert solvers["slam4"] == (4, {"_target_": "samplers.sample_lcm"})
+
+
+def test_fid_against_nfe_and_wall_time_is_drawn_for_every_row_at_its_last_point(tmp_path: Path) -> None:
+    import tables
+
+    def rec(method: str, variant: str, kimg: float, seed: int, fid: float, sec: float) -> dict:
+        return {"kind": "eval", "method": method, "variant": variant, "kimg": kimg, "seed": seed, "fid": fid,
+                "sec_per_image": sec, "num_images": 1000}
+
+    records = {"distill": [rec("dit", "euler4", 96.0, s, 50.0 + s, 0.004) for s in (0, 1)]
+               + [rec("dit", "heun2", 96.0, 0, 40.0, 0.006), rec("slam", "slam1", 8.0, 0, 300.0, 0.001)]
+               + [rec("slam", "slam1", 32.0, s, 30.0 + s, 0.001) for s in (0, 1)]
+               + [rec("slam", "slam4", 32.0, 0, 20.0, 0.004)]}
+    series = tables.cost_series(records, "distill")
+    assert series["slam (lcm, 32k)"] == [(1, 30.0, 0.001), (1, 31.0, 0.001), (4, 20.0, 0.004)]
+    assert series["dit (heun, 96k)"] == [(3, 40.0, 0.006)] and len(series["dit (euler, 96k)"]) == 2
+    path = tables.plot_fid_vs_cost(records, "distill", tmp_path)
+    assert path == tmp_path / "distill_fid_vs_cost.png" and path.stat().st_size > 1000
+    assert "| SLAM from the quick start" in tables.few_step(records, "distill")

@@ -1,0 +1,197 @@
+"""SLAM (distill/slam.py; Xu et al. 2024, MCG-NJU/SPLAM splam/train_splam_distill_sd_wds.py).
+
+Covers: the loss against a direct computation from the documented draws (the guided teacher's DDIM step, the EMA
+target at gamma = 1, the sub-path point x_gamma and its noise level, the velocity read at that level, LCM's boundary
+scalings, the sin-cos gamma embedding written out); the student starts as its teacher; the teacher gets no gradient
+and is in no saved state; the multistep sampler; train.py then sample.py at 1 and 2 steps with no flags; a backbone
+without the gamma slot refused in one line naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.slam import SubpathLinearApproximation
+from gen.ema import EMA
+from gen.models.dit import DiT
+from gen.paths import LinearPath
+from gen.snapshot import load_network
+from gen.train.method import Progress
+from gen.utils.ckpt import load_snapshot
+from gen.utils.seed import PerImageRandom, SampleRandom
+from samplers import sample_lcm, uniform_grid
+from tests.conftest import ROOT, run_train, subprocess_env
+
+KEYS = [2, 7, 11, 40]
+LABELS = torch.tensor([0, 3, 6, 9])
+DIM = 16
+
+
+def _student(teacher: Path) -> DiT:
+    net, _ = load_network(teacher)
+    return DiT(**{**{k: v for k, v in net.config.items() if k != "_target_"}, "augment_dim": DIM}).train()
+
+
+def _method(teacher: Path, perturb: bool = True, **kw) -> SubpathLinearApproximation:  # noqa: ANN003
+    method = SubpathLinearApproximation(_student(teacher), partial(torch.optim.Adam, lr=1e-3), str(teacher),
+                                        partial(EMA, decays=[0.95]), gamma_dim=DIM, guidance=1.5,
+                                        data_name="mnist5k", image_resolution=32, image_channels=1, **kw)
+    method.attach_emas({"net": EMA(method.net, decays=[0.95])})
+    if perturb:
+        torch.manual_seed(0)
+        with torch.no_grad():  # the student moves away from its target, and gamma matters
+            for p in method.net.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+            method.net.aug_embedder.weight.normal_(0, 0.1)
+    return method
+
+
+def _emb(w: float) -> torch.Tensor:
+    """LCM's embedding of w: ``[sin(1000 w omega_i), cos(1000 w omega_i)]``, ``omega_i = 10000^(-i / (D/2))``."""
+    ang = [1000.0 * w / 10000 ** (i / (DIM / 2)) for i in range(DIM // 2)]
+    return torch.tensor([[*map(math.sin, ang), *map(math.cos, ang)]])
+
+
+def _boundary(t: float) -> tuple[float, float]:
+    s = 10_000.0 * t
+    return 0.25 / (s * s + 0.25), s / math.sqrt(s * s + 0.25)
+
+
+def _v(net: torch.nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, gamma: float | None = None) -> torch.Tensor:
+    kw = {} if gamma is None else {"augment": _emb(10 - 10 * gamma)}
+    return net(x.float(), torch.tensor([t]), y, **kw).out.double()
+
+
+@pytest.mark.parametrize("loss", ["huber", "l2"])
+def test_loss_equals_direct_computation(teacher_snapshot: Path, loss: str) -> None:
+    method = _method(teacher_snapshot, loss=loss)
+    torch.manual_seed(1)
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    got = method.loss("net", {"x0": x0, "label": LABELS}, SampleRandom(KEYS, namespace="slam"), Progress(0, 1, 0))
+    rng = SampleRandom(KEYS, namespace="slam")  # draws in the documented order: level, eps, gamma (, label drop)
+    u, eps, gammas = rng.rand(dtype=torch.float64), rng.randn(1, 32, 32), rng.rand(dtype=torch.float64)
+    want = []
+    with torch.no_grad():
+        for b in range(4):
+            y, g = LABELS[b:b + 1], float(gammas[b])
+            j = int(u[b] * 50) + 1
+            t_s, t_e = 0.936 * j / 50, 0.936 * (j - 1) / 50
+            x_s = (1 - t_s) * x0[b:b + 1].double() + t_s * eps[b:b + 1].double()
+            v_c, v_u = _v(method.teacher, x_s, t_s, y), _v(method.teacher, x_s, t_s, torch.tensor([10]))
+            v = v_c + 1.5 * (v_c - v_u)  # LCM's form of guidance
+            x_e = (1 - t_e) * (x_s - t_s * v) + t_e * (x_s + (1 - t_s) * v)  # the DDIM step
+            cs, co = _boundary(t_e)
+            target = cs * x_e + co * (x_e - t_e * _v(method.averaged("net"), x_e, t_e, y, gamma=1.0))
+            x_g = g * x_s + (1 - g) * (1 - t_s) / (1 - t_e) * x_e
+            s_a = (1 - t_s) * t_e / (1 - t_e)
+            s_tilde = math.sqrt((1 - g * g) * s_a**2 + g * g * t_s**2)
+            v_s = _v(method.net, x_g, t_s, y, gamma=g)
+            x0_hat = (x_g - s_tilde * v_s) / (1 - t_s + s_tilde)  # v = eps - x0 read at noise level s_tilde
+            cs, co = _boundary(t_s)
+            f = cs * x_g + co * x0_hat
+            d = f - target
+            want.append((((d * d + 1e-6).sqrt() - 1e-3) if loss == "huber" else d * d).mean())
+    want = torch.stack(want)
+    assert torch.allclose(got["loss"].double(), want, rtol=2e-4, atol=1e-6), (got["loss"], want)
+    assert torch.allclose(got["gamma"].double(), gammas.float().double())
+
+
+def test_student_starts_as_the_teacher_and_the_teacher_is_never_trained_or_saved(teacher_snapshot: Path) -> None:
+    method = _method(teacher_snapshot, perturb=False)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([0.3, 0.9]), LABELS[:2]
+    with torch.no_grad():
+        f = method.consistency_fn(method.net)(x, t, y).out.double()
+        v = method.teacher(x, t, y).out.double()
+    s = 10_000.0 * t.double().view(-1, 1, 1, 1)
+    x0_teacher = x.double() - t.double().view(-1, 1, 1, 1) * v
+    want = 0.25 / (s * s + 0.25) * x.double() + s / (s * s + 0.25).sqrt() * x0_teacher
+    assert torch.allclose(f, want, atol=1e-5)
+    teacher_params = {id(p) for p in method.teacher.parameters()}
+    assert teacher_params and not teacher_params & {id(p) for p in method.parameters()}
+    assert not any(k.startswith("teacher") for k in method.state_dict())
+    assert list(method.trainable_modules()) == ["net"] and "teacher" in method.frozen_modules()
+    out = method.loss("net", {"x0": torch.zeros(2, 1, 32, 32), "label": y}, SampleRandom([0, 1]), Progress(0, 1, 0))
+    out["loss"].mean().backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    grad = method.net.aug_embedder.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0  # gamma reaches the student
+
+
+def test_multistep_sampler_returns_the_consistency_output_and_renoises_per_image() -> None:
+    path = LinearPath()
+    target = torch.linspace(-1, 1, 4).view(1, 1, 2, 2)
+    seen = []
+
+    def model_fn(x, t, y):  # noqa: ANN001, ANN202  # a consistency function with the constant output `target`
+        seen.append(x.clone())
+        return path.velocity_from_x0(x, target.expand_as(x).to(x.dtype), t)
+
+    noise = PerImageRandom([0, 1]).randn((1, 2, 2))
+    for steps in (1, 3):
+        seen.clear()
+        out = sample_lcm(model_fn, noise, uniform_grid(steps, path=path), path=path,
+                         randn_like=PerImageRandom([0, 1]).randn_like)
+        assert torch.allclose(out, target.expand_as(out), atol=1e-6) and len(seen) == steps
+    # The second call's input is target re-noised to t = 2/3 with each image's own noise.
+    n1 = PerImageRandom([5]).randn_like(noise[:1])
+    sample_lcm(model_fn, noise[:1], uniform_grid(3, path=path), path=path, randn_like=PerImageRandom([5]).randn_like)
+    assert torch.allclose(seen[-2], (1 / 3) * target + (2 / 3) * n1, atol=1e-6)
+
+
+SLAM = ["experiment=yardstick_slam", "model.depth=2", "model.hidden_size=64", "model.num_heads=2", "method.gamma_dim=16",
+        "trainer.total_kimg=0.128", "trainer.checkpoint_kimg=0.064", "trainer.snapshot_kimg=0.128",
+        "trainer.status_kimg=0.064", "trainer.lr_warmup_kimg=0.064"]
+
+
+def test_a_backbone_without_the_gamma_slot_is_refused_in_one_line(tmp_path: Path, teacher_snapshot: Path) -> None:
+    with pytest.raises(ValueError, match=r"method.gamma_dim=16: the student backbone DiT .* set model.augment_dim=16"):
+        load = load_network(teacher_snapshot)[0]
+        SubpathLinearApproximation(copy.deepcopy(load), partial(torch.optim.Adam), str(teacher_snapshot),
+                                   partial(EMA, decays=[0.95]), gamma_dim=16)
+    extra = [*SLAM, f"trainer.init.net={teacher_snapshot}"]
+    proc = run_train(tmp_path, "bad", [*extra, "model.augment_dim=0"], check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("train.py: error:"), proc.stderr
+    assert "set model.augment_dim=16" in lines[0], lines[0]
+
+
+@pytest.mark.slow
+def test_train_then_sample_in_one_and_two_steps(tmp_path: Path, teacher_snapshot: Path) -> None:
+    extra = [*SLAM, f"trainer.init.net={teacher_snapshot}"]
+    run_train(tmp_path, "slam", extra)
+    run = tmp_path / "slam"
+    tensors, meta = load_snapshot(sorted(run.glob("snapshot-*.safetensors"))[-1])
+    assert meta["distill"]["method"] == "slam" and meta["prediction"]["prediction"] == "consistency"
+    assert set(tensors) == set(load_snapshot(teacher_snapshot)[0]) | {"aug_embedder.weight"}
+    for steps in (1, 2):
+        out = tmp_path / f"samples{steps}"
+        proc = subprocess.run([sys.executable, "sample.py", f"snapshot={run}", f"outdir={out}", "seeds=0-3",
+                               f"sampler=slam_{steps}step"], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with np.load(out / "samples.npz") as f:
+            assert f["arr_0"].shape == (4, 32, 32, 1) and f["arr_0"].std() > 0
+        assert "sample_lcm" in (out / "sample.json").read_text()
+
+
+def test_trainer_init_keeps_a_zero_condition_slot_the_teacher_file_lacks(teacher_snapshot: Path) -> None:
+    from gen.snapshot import init_from_snapshot
+
+    student = _student(teacher_snapshot)
+    init_from_snapshot(student, teacher_snapshot, "trainer.init.net")
+    teacher, _ = load_network(teacher_snapshot)
+    assert not student.aug_embedder.weight.detach().any()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items() if k in teacher.state_dict())
+    with torch.no_grad():
+        student.aug_embedder.weight.fill_(0.1)  # a trained slot is not silently kept: the file holds another network
+    with pytest.raises(ValueError, match="trainer.init.net: cannot start from"):
+        init_from_snapshot(student, teacher_snapshot, "trainer.init.net")
