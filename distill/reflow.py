@@ -30,7 +30,13 @@ import torch
 from torch import Tensor, nn
 
 from distill.losses import HuberRule, pseudo_huber, resolve_huber_c
-from distill.teacher import TeacherError, check_same_teacher, check_student_sampler, check_teacher, open_teacher
+from distill.teacher import (
+    TeacherError,
+    check_same_teacher,
+    check_student_sampler,
+    check_teacher,
+    open_teacher,
+)
 from gen.models.precond import EDMFlowPrecond
 from gen.objectives.base import check_label_dropout, drop_labels
 from gen.paths import LinearPath, UShapedTime
