@@ -165,6 +165,9 @@ class Row:
     kimg: tuple[float, ...] | None = None
     init_from: str | None = None
     prepare: tuple[str, ...] = ()
+    # Training s/kimg assumed by ``yardstick_all.py --estimate`` until the row has logged its own (a method several
+    # times the quick start's cost, such as TDM, would otherwise be estimated at the default); not in record keys.
+    sec_per_kimg: float | None = None
 
 
 # The protocol's samplers: Euler 20 without guidance at every point, the quick start's sampler at the last.

@@ -113,7 +113,7 @@ def estimate(tasks: Sequence[Task], args: argparse.Namespace) -> float:
         if not kimg and not t.evals:
             continue
         siblings = [t.run.run_dir, *sorted(t.run.run_dir.parent.glob(f"{t.run.row.method}-s*"))]
-        spk = measured_sec_per_kimg(siblings) or args.sec_per_kimg
+        spk = measured_sec_per_kimg(siblings) or t.run.row.sec_per_kimg or args.sec_per_kimg
         sec = kimg * spk + t.evals * args.sec_per_eval
         total += sec
         print(f"{t.name:44s} {kimg:9.1f} {spk:7.1f} {t.evals:5d} {sec / 60:8.1f}")

@@ -200,6 +200,17 @@ def test_yardstick_all_plans_what_is_left_and_never_runs_a_shared_folder_twice(t
     assert yardstick_all.pick(pending, set()) is by_name["alignment/dit-s0"]
     seconds = yardstick_all.estimate([by_name["backbones/dit-s0"], by_name["alignment/dit-s0"]], args)
     assert seconds == pytest.approx((96 * 10.0 + 8 * 60.0 + 5 * 60.0) / 2)
+    # A row's own speed hint stands in for --sec-per-kimg until one of its runs has logged a speed.
+    import dataclasses
+
+    task = by_name["alignment/dit_repa-s0"]
+    slow = dataclasses.replace(task, run=dataclasses.replace(task.run, row=dataclasses.replace(task.run.row,
+                                                                                                  sec_per_kimg=45.0)))
+    assert yardstick_all.estimate([slow], args) == pytest.approx((96 * 45.0 + task.evals * 60.0) / 2)
+    stats = task.run.run_dir / "stats.jsonl"
+    stats.parent.mkdir(parents=True, exist_ok=True)
+    stats.write_text('{"sec_per_kimg": 12.0}\n')
+    assert yardstick_all.estimate([slow], args) == pytest.approx((96 * 12.0 + task.evals * 60.0) / 2)
 
 
 def test_claim_verdicts_follow_the_seed_ranges() -> None:
