@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,3 +124,16 @@ def teacher_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("teacher")
     run_train(runs, "teacher", ["trainer.total_kimg=0.256"])
     return sorted((runs / "teacher").glob("snapshot-*.safetensors"))[-1]
+
+
+def sample_four(run: Path, out: Path) -> Any:
+    """``python sample.py snapshot=<run> outdir=<out> seeds=0-3`` with no sampler flag (the snapshot's own); asserts
+    exit 0 and returns the samples (4, H, W, C) uint8 from ``samples.npz``."""
+    import numpy as np
+
+    proc = subprocess.run([sys.executable, "sample.py", f"snapshot={run}", f"outdir={out}", "seeds=0-3"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out / "samples.npz") as f:
+        return f["arr_0"]
+

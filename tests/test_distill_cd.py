@@ -10,12 +10,9 @@ and an ODE sampler are refused with one line.
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,7 +22,7 @@ from gen.snapshot import load_network
 from gen.train.method import Progress
 from gen.utils.ckpt import file_sha256, load_snapshot
 from gen.utils.seed import SampleRandom
-from tests.conftest import ROOT, run_train, subprocess_env
+from tests.conftest import run_train, sample_four
 from tests.test_distill_pairs import edited_teacher
 from tests.test_train import _final_state
 
@@ -130,11 +127,8 @@ def test_train_sample_and_refusals(tmp_path: Path, teacher_snapshot: Path) -> No
     assert set(tensors) == set(teacher_tensors)  # the student's network alone, no teacher copy
     assert meta["distill"]["method"] == "cd" and meta["prediction"]["prediction"] == "consistency"
     out = tmp_path / "samples"
-    proc = subprocess.run([sys.executable, "sample.py", f"snapshot={run}", f"outdir={out}", "seeds=0-3"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with np.load(out / "samples.npz") as f:
-        assert f["arr_0"].shape == (4, 32, 32, 1) and f["arr_0"].std() > 0
+    samples = sample_four(run, out)
+    assert samples.shape == (4, 32, 32, 1) and samples.std() > 0
     assert "sample_consistency" in (out / "sample.json").read_text()
 
     other = edited_teacher(teacher_snapshot, tmp_path / "other.safetensors",

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -23,7 +21,13 @@ from gen.snapshot import load_network
 from gen.train.method import Progress
 from gen.utils.ckpt import load_snapshot, save_snapshot
 from gen.utils.seed import BatchRandom
-from tests.conftest import ROOT, Background, kill_mid_run, run_train, subprocess_env, train_command
+from tests.conftest import (
+    Background,
+    kill_mid_run,
+    run_train,
+    sample_four,
+    train_command,
+)
 from tests.test_train import _final_state, _max_diff
 
 ECT = ["objective=ect", "sampler=consistency", "trainer.grad_clip=null", "optim.lr=1e-4"]
@@ -154,11 +158,8 @@ def test_ect_sigkill_rerun_equals_uninterrupted_and_samples_without_flags(tmp_pa
     assert meta["prediction"]["precond"]["_target_"] == "gen.models.precond.FlowConsistencyPrecond"
     assert meta["sampler"]["solver"]["_target_"] == "samplers.sample_consistency"
     out = tmp_path / "samples"
-    proc = subprocess.run([sys.executable, "sample.py", f"snapshot={run}", f"outdir={out}", "seeds=0-3"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with np.load(out / "samples.npz") as f:
-        assert f["arr_0"].shape == (4, 32, 32, 1) and f["arr_0"].std() > 0
+    samples = sample_four(run, out)
+    assert samples.shape == (4, 32, 32, 1) and samples.std() > 0
     assert "sample_consistency" in (out / "sample.json").read_text()
 
 
