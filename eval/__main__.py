@@ -158,13 +158,12 @@ def _extractor(args: argparse.Namespace, manifest: dict[str, Any] | None, datase
         name = f"dinov2-{args.dinov2_arch}-cls"
     if name.startswith(("yardstick", "lenet-", "foundation-")):
         _say(f"loading the {name} feature network (a yardstick network is trained on first use, about 25 s on 2 cores)")
-    spec = (manifest or {}).get("spec")
-    if spec and not (args.extractor or args.resize or (dinov2 and args.dinov2_arch != DEFAULT_DINOV2)):
-        # A statistics file says how its features are rebuilt: its spec, built by the project's constructor.
-        from eval.features import extractor_from_spec
+    if manifest and not (args.extractor or args.resize or (dinov2 and args.dinov2_arch != DEFAULT_DINOV2)):
+        # A statistics file says how its features are rebuilt (the same rule as the averaging commands' --ref).
+        from eval.features import extractor_from_manifest
 
-        return extractor_from_spec(spec, weights_path=args.weights, cache_dir=args.cache_dir, download=args.download,
-                                   device=args.device)
+        return extractor_from_manifest(manifest, dataset=dataset, weights_path=args.weights, cache_dir=args.cache_dir,
+                                       download=args.download, device=args.device)
     return build_extractor(
         name, weights_path=args.weights, resize=resize if (inception or dinov2) else None,
         dataset=dataset, cache_dir=args.cache_dir, download=args.download, device=args.device,

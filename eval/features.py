@@ -625,6 +625,27 @@ def extractor_from_spec(spec: dict[str, Any], **runtime: Any) -> FeatureExtracto
     return build(spec, allow=("eval.features",), **{k: v for k, v in runtime.items() if k in params and k in RUNTIME_ARGS})
 
 
+def extractor_from_manifest(manifest: dict[str, Any], dataset: str | None = None, **runtime: Any) -> FeatureExtractor:
+    """The extractor a statistics file's manifest names: its ``spec`` when it stores one, else its ``extractor``
+    name with its ``resize`` (``build_extractor``).
+
+    ``runtime`` as in ``extractor_from_spec``. A manifest marked ``assumed`` (a file without one, e.g. ADM's
+    reference batches, taken to be of a stated extractor) gets the weights' SHA-256 in use, so the later
+    compatibility check compares like with like.
+
+    Raises:
+        ValueError: the manifest names no extractor.
+    """
+    if isinstance(manifest.get("spec"), dict):
+        return extractor_from_spec(manifest["spec"], **runtime)
+    if not manifest.get("extractor"):
+        raise ValueError("the statistics have no manifest naming their feature extractor")
+    ext = build_extractor(str(manifest["extractor"]), resize=manifest.get("resize"), dataset=dataset, **runtime)
+    if manifest.get("assumed"):
+        manifest.setdefault("weights_sha256", ext.weights_sha256)
+    return ext
+
+
 def build_extractor(
     name: str,
     *,

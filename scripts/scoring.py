@@ -128,20 +128,14 @@ def reference_statistics(args: argparse.Namespace) -> Any:
 
 def reference_extractor(ref: Any, args: argparse.Namespace) -> Any:
     """The feature extractor the manifest of ``--ref``'s statistics names, built once with ``--weights``."""
-    from eval.features import build_extractor, extractor_from_spec
+    from eval.features import extractor_from_manifest
 
-    manifest = ref.manifest or {}
-    runtime = {"weights_path": args.weights, "cache_dir": args.cache_dir, "download": args.download}
-    if isinstance(manifest.get("spec"), dict):
-        return extractor_from_spec(manifest["spec"], **runtime)
-    if not manifest.get("extractor"):
+    manifest = ref.manifest if ref.manifest is not None else {}
+    if not (isinstance(manifest.get("spec"), dict) or manifest.get("extractor")):
         raise CommandError(f"--ref {printable(args.ref)} has no manifest naming its feature extractor (an ADM or "
                            "pytorch-fid file?); say what made it with --assume-ref-extractor "
                            "(inception-v3-pool3:tf1-bilinear for ADM's) or recompute it with `python -m eval ref`")
-    ext = build_extractor(str(manifest["extractor"]), resize=manifest.get("resize"), **runtime)
-    if manifest.get("assumed"):
-        manifest.setdefault("weights_sha256", ext.weights_sha256)  # taken to match the weights in use, as eval does
-    return ext
+    return extractor_from_manifest(manifest, weights_path=args.weights, cache_dir=args.cache_dir, download=args.download)
 
 
 def yardstick_fid(snapshot: Path, args: argparse.Namespace, num_images: int, dataset: str, seed_offset: int = 0) -> float:

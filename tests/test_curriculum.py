@@ -99,6 +99,11 @@ def test_curriculum_sigkill_rerun_equals_uninterrupted_run(tmp_path: Path) -> No
         assert diff <= 1e-6, f"{k}: the resumed curriculum run differs from the uninterrupted one by {diff}"
     assert a["method"] == b["method"]
     assert a["method"]["curriculum"]["stage"] > 1, a["method"]  # the curriculum did advance
+    # The stage is on every status record, never falls, and ends where the training state does.
+    from gen.utils.log import read_stats
+
+    stages = [r["curriculum_stage"] for r in read_stats(tmp_path / "straight" / "stats.jsonl")]
+    assert stages and stages == sorted(stages) and stages[-1] == a["method"]["curriculum"]["stage"], stages
 
 
 def test_curriculum_refuses_ict() -> None:

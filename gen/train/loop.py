@@ -715,6 +715,7 @@ class _Loop:
             "sec_per_kimg": (now - tick_time) / max((self.nimg - tick_nimg) / 1000, 1e-9),
             **means,
             **{k: v for k, v in self.last.items() if k.endswith("grad_norm")},
+            **self.method.status(),
             "lr": next(iter(self.optims.values())).opt.param_groups[0]["lr"],
         }
         if self.device.type == "cuda":

@@ -252,6 +252,12 @@ class Method(nn.Module):
     def after_step(self, progress: Progress, logged: Mapping[str, float]) -> None:
         """Called after every optimizer step on every process with the step's mean logged terms."""
 
+    def status(self) -> dict[str, float]:
+        """Numbers the method reports on each status line and in ``stats.jsonl`` (e.g. a curriculum's stage).
+
+        Read on every process; they must be the same on all of them (state advanced from reduced values)."""
+        return {}
+
     def snapshot_config(self) -> dict[str, Any]:
         """JSON-able metadata stored with inference snapshots (enough to rebuild and use the snapshot module)."""
         return {}
