@@ -26,7 +26,7 @@ from yardstick import EULER20, QUICKSTART, Bench, Row, main  # noqa: E402
 
 ROWS = (
     Row("dit", ("experiment=yardstick_dit",), "DiT (the quick start's recipe)", run_group="backbones"),
-    Row("curriculum", ("experiment=yardstick_curriculum",), "the same with the difficulty curriculum (patience 25)"),
+    Row("curriculum", ("experiment=yardstick_curriculum",), "the same with the difficulty curriculum (patience 25, smoother 0.92)"),
 )
 
 BENCH = Bench(
