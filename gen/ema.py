@@ -83,6 +83,7 @@ class EMA(nn.Module):
         net: the module to average (copied at construction).
         profiles: the profiles; or give ``decays`` / ``halflife_kimg`` / ``rampup_ratio`` (``make_profiles``),
             which is how the ``ema`` config spec builds it.
+        first: the profile put first (the one snapshots, previews and FID use); default: the first listed.
 
     Example:
         ema = EMA(net, decays=[0.9999])
@@ -98,6 +99,7 @@ class EMA(nn.Module):
         decays: Sequence[float] = (),
         halflife_kimg: Sequence[float] = (),
         rampup_ratio: float | None = None,
+        first: str | None = None,
     ) -> None:
         super().__init__()
         if profiles is None:
@@ -105,6 +107,13 @@ class EMA(nn.Module):
         elif decays or halflife_kimg or rampup_ratio is not None:
             raise ValueError("EMA: give either profiles or decays/halflife_kimg/rampup_ratio, not both")
         self.profiles = list(profiles)
+        if first is not None:
+            # The first profile is the one snapshots, previews and FID use; the config lists decays before half-lives.
+            names = [p.name for p in self.profiles]
+            if first not in names:
+                raise ValueError(f"EMA first={first!r} is not one of its profiles {names}; name one of them")
+            self.profiles.sort(key=lambda p: p.name != first)
+        self.first = first
         self.copies = nn.ModuleDict()
         for p in self.profiles:
             c = copy.deepcopy(net).eval().requires_grad_(False)
@@ -119,6 +128,7 @@ class EMA(nn.Module):
             "decays": [p.decay for p in profiles if p.decay is not None],
             "halflife_kimg": [p.halflife_kimg for p in profiles if p.halflife_kimg is not None],
             "rampup_ratio": next((p.rampup_ratio for p in profiles if p.halflife_kimg is not None), None),
+            **({"first": self.first} if self.first is not None else {}),
         }
 
     @property

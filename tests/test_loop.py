@@ -149,6 +149,20 @@ def test_ema_updates_only_after_its_module_stepped_and_is_readable(tmp_path: Pat
                                                           "halflife_kimg": [], "rampup_ratio": None}
 
 
+def test_ema_first_names_the_snapshot_profile(tmp_path: Path) -> None:
+    net = micro("dit", input_size=8, in_channels=1, num_classes=10)
+    ema = EMA(net, decays=[0.5], halflife_kimg=[0.016], rampup_ratio=None, first="hl0.016k")
+    assert ema.names == ["hl0.016k", "d0.5"] and ema.spec["first"] == "hl0.016k"
+    with pytest.raises(ValueError, match=r"first='d0.9' is not one of its profiles \['d0.5'\]"):
+        EMA(net, decays=[0.5], first="d0.9")
+    # The run's snapshot is the named profile's, the other one is written beside it.
+    _train_micro(Diffusion(net, FlowMatching(), functools.partial(torch.optim.SGD, lr=1e-2)), tmp_path,
+                 functools.partial(EMA, decays=[0.5], halflife_kimg=[0.016], first="hl0.016k"))
+    main = sorted(tmp_path.glob("snapshot-?????????.safetensors"))[-1]
+    assert load_snapshot(main)[1]["ema"] == "hl0.016k"
+    assert load_snapshot(main.with_name(main.stem + "-d0.5.safetensors"))[1]["ema"] == "d0.5"
+
+
 class EMAOf(Diffusion):
     def __init__(self, net: torch.nn.Module, names: tuple[str, ...]) -> None:
         super().__init__(net, FlowMatching(), functools.partial(torch.optim.SGD, lr=1e-2))
