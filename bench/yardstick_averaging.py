@@ -17,6 +17,14 @@ fitness never sees (its fitness uses seeds 0..); EMA widths and post-hoc widths 
 
 "Images saved" is the first LCSC point whose FID reaches the best classic EMA's final FID, against the run length.
 
+The 1-step part (LCSC's headline case, consistency models): ECT (``experiment=yardstick_ect``, ``--ect-kimg``) tuned
+from the seed's classic run (its half-life-2k snapshot: the quick start's recipe, the consistency table's teacher),
+with a raw training state every 2k images, scored with its own 1-step consistency sampler:
+
+* ``ect-raw``: its last raw weights; ``ect-ema``: its EMA snapshot (half-life 2k images), 1 step;
+* ``ect-ema-2step``: the same snapshot with 2 steps (re-noised to sigma 0.821), the NFE LCSC claims to save;
+* ``ect-lcsc``: ``scripts.lcsc`` over the last ``--last`` raw states, 1-step fitness and re-score.
+
     nice -n 10 python bench/yardstick_averaging.py --seeds 0,1 --jobs 2  # about 2 x (2 runs of 96k + the searches)
     python bench/yardstick_averaging.py --estimate                       # what is left and how long; does nothing
     python bench/yardstick_averaging.py --smoke                          # minutes: a tiny model, 1k images
@@ -63,7 +71,12 @@ def _run(cmd: list[str], log: Path) -> None:
 
 KINDS = ("ema", "phema")
 SETTINGS = ("kimg", "snapshot_kimg", "sigma_rel", "lcsc_kimg", "last", "population", "generations", "fitness_images",
-            "num_images", "smoke")  # what a stored row depends on: rows stored under other values are recomputed
+            "num_images", "smoke", "ect_kimg")  # what a stored row depends on: rows stored under other values are recomputed
+ECT_STATE_KIMG = 2.0  # the ECT run's raw training states, LCSC's candidates (every 64 steps at batch 32)
+# configs/sampler/consistency_2step.yaml: f at sigma 80, re-noised to 0.821 (CIFAR-10's mid level), f again.
+CONSISTENCY_2STEP = {"solver": {"_target_": "samplers.sample_consistency", "sigma_min": 0.002}, "steps": 2,
+                     "grid": {"_target_": "samplers.consistency_grid", "sigmas": [0.821]},
+                     "guidance": {"scale": 1.0, "interval": None}, "sharing": None}
 
 
 def train_command(args: argparse.Namespace, seed: int, kind: str) -> tuple[Path, list[str]]:
@@ -78,9 +91,33 @@ def train_command(args: argparse.Namespace, seed: int, kind: str) -> tuple[Path,
     return run, cmd
 
 
+def teacher_snapshot(args: argparse.Namespace, seed: int) -> Path:
+    """ECT's start: the classic run's half-life-2k average at its end (the quick start's recipe and EMA)."""
+    run = train_command(args, seed, "ema")[0]
+    return run / f"snapshot-{int(round(args.kimg * 1000)):09d}-hl2k.safetensors"
+
+
+def ect_command(args: argparse.Namespace, seed: int) -> tuple[Path, list[str]]:
+    """The seed's ECT run folder and its train.py command (a raw training state every ``ECT_STATE_KIMG``)."""
+    run = Path(args.runs) / f"ect-s{seed}"
+    every = f"{ECT_STATE_KIMG if not args.smoke else args.ect_kimg / 4:g}"
+    stage = [] if not args.smoke else [f"objective.stage_kimg={args.ect_kimg / 4:g}"]
+    cmd = [sys.executable, "train.py", "experiment=yardstick_ect", f"seed={seed}", f"run_dir={run}",
+           f"trainer.init={{net: {teacher_snapshot(args, seed)}}}", f"trainer.total_kimg={args.ect_kimg:g}",
+           f"trainer.checkpoint_kimg={every}", "trainer.keep_states=0", f"trainer.snapshot_kimg={args.ect_kimg:g}",
+           "eval=none", *(SMOKE if args.smoke else []), *stage]
+    return run, cmd
+
+
 def train_all(args: argparse.Namespace, seeds: list[int]) -> None:
-    """Train (or resume) every unfinished (seed, kind) run, ``--jobs`` at a time, each a single-threaded process."""
-    todo = [train_command(args, s, k) for s in seeds for k in KINDS]
+    """Train (or resume) every unfinished run, ``--jobs`` at a time, each a single-threaded process: the classic and
+    phema runs of every seed, then the ECT runs that start from the classic ones."""
+    _train([train_command(args, s, k) for s in seeds for k in KINDS], args)
+    if args.ect_kimg > 0:
+        _train([ect_command(args, s) for s in seeds], args)
+
+
+def _train(todo: list[tuple[Path, list[str]]], args: argparse.Namespace) -> None:
     todo = [(run, cmd) for run, cmd in todo if not (run / "results.json").exists()]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs > 1 else None
     running: list[tuple[Path, subprocess.Popen[bytes], Any]] = []
@@ -101,12 +138,25 @@ def train_all(args: argparse.Namespace, seeds: list[int]) -> None:
         raise SystemExit(f"training failed: {'; '.join(failed)}")
 
 
-def fid(snapshot: Path, args: argparse.Namespace) -> float:
-    """Yardstick FID of a snapshot on the row seed set (Euler 20, no guidance), disjoint from LCSC's fitness seeds."""
+def fid(snapshot: Path, args: argparse.Namespace, sampler: dict[str, Any] | str = "euler20") -> float:
+    """Yardstick FID of a snapshot on the row seed set, disjoint from LCSC's fitness seeds. ``sampler``:
+    ``"euler20"`` (Euler 20, no guidance), ``"own"`` (the snapshot's sampler: 1-step consistency for ECT), or a
+    ``pipeline.SamplerSpec`` config."""
     from eval.generate import yardstick_metrics
     from eval.generator import snapshot_generate_fn
 
-    gen = snapshot_generate_fn(str(snapshot), kind="euler", steps=20, cfg=1.0)
+    if sampler == "euler20":
+        gen = snapshot_generate_fn(str(snapshot), kind="euler", steps=20, cfg=1.0)
+    elif sampler == "own":
+        gen = snapshot_generate_fn(str(snapshot))
+    else:
+        from pipeline import SamplerSpec, generator_from_snapshot
+
+        net, _ = generator_from_snapshot(str(snapshot))
+        spec = SamplerSpec.from_config(dict(sampler))  # type: ignore[arg-type]
+
+        def gen(seeds: list[int]) -> Any:
+            return net.generate(seeds, spec)
     return float(yardstick_metrics(gen, args.num_images, "mnist5k", args.cache_dir, seed_offset=ROW_SEEDS)["fid"])
 
 
@@ -114,7 +164,9 @@ def planned_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
     """(method, kimg) of every row of one seed, in the order they are computed."""
     return ([("raw", args.kimg)] + [(f"ema-hl{h:g}k", args.kimg) for h in HALFLIVES]
             + [(f"posthoc-{float(v):g}", args.kimg) for v in args.sigma_rel.split(",")]
-            + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")])
+            + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")]
+            + ([(m, args.ect_kimg) for m in ("ect-raw", "ect-ema", "ect-ema-2step", "ect-lcsc")]
+               if args.ect_kimg > 0 else []))
 
 
 def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
@@ -139,9 +191,10 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
     classic, phema = (train_command(args, seed, kind)[0] for kind in KINDS)
     rows: list[dict[str, Any]] = []
 
-    def add(method: str, kimg: float, snapshot: Callable[[], Path]) -> None:
+    def add(method: str, kimg: float, snapshot: Callable[[], Path], sampler: dict[str, Any] | str = "euler20") -> None:
         old = done.get((seed, method, float(kimg)))
-        rows.append(old if old is not None else {"method": method, "kimg": kimg, "fid": fid(snapshot(), args)})
+        rows.append(old if old is not None else
+                    {"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler)})
 
     def raw() -> Path:
         out = phema / "raw.safetensors"
@@ -166,18 +219,39 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
         if (seed, "lcsc", k) in done:
             rows.append(done[(seed, "lcsc", k)])
             continue
-        out = phema / f"lcsc-{k:g}k.safetensors"
-        t0 = time.time()
-        _run([sys.executable, "-m", "scripts.lcsc", str(phema), "--source", "states", "--last", str(args.last),
-              "--at-kimg", f"{k:g}", "--fitness-images", str(args.fitness_images), "--rescore-images",
-              str(args.num_images), "--population", str(args.population), "--generations", str(args.generations),
-              "--out", str(out), *SAMPLER, *_cache(args)], phema / "bench.log")
-        rec = json.loads(out.with_suffix(".json").read_text())
-        rows.append({"method": "lcsc", "kimg": k, "fid": rec["rescore_fid"], "fitness_fid": rec["fitness_fid"],
-                     "last_alone_fid": rec["last_rescore_fid"], "last_alone_fitness_fid": rec["last_fitness_fid"],
-                     "evaluations": rec["evaluations"],
-                     "search_seconds": rec["search_seconds"], "wall_seconds_this_call": time.time() - t0})
+        rows.append({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER)})
+    if args.ect_kimg > 0:
+        ect, k = ect_command(args, seed)[0], args.ect_kimg
+        end = list_snapshots(ect)[-1][1]
+
+        def ect_raw() -> Path:
+            out = ect / "raw.safetensors"
+            combine([list_training_states(ect)[-1][1]], [1.0], end, out, {"method": "raw"})
+            return out
+
+        add("ect-raw", k, ect_raw, "own")
+        add("ect-ema", k, lambda: end, "own")
+        add("ect-ema-2step", k, lambda: end, CONSISTENCY_2STEP)
+        if (seed, "ect-lcsc", k) in done:
+            rows.append(done[(seed, "ect-lcsc", k)])
+        else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
+            rows.append({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, [])})
     return [{"seed": seed, **r} for r in rows]
+
+
+def lcsc(run: Path, kimg: float, args: argparse.Namespace, sampler: list[str]) -> dict[str, Any]:
+    """``scripts.lcsc`` over the run's last ``--last`` raw states up to ``kimg``: the re-scored FID (the row's), the
+    fitness FID, the last state alone on both seed sets, and the search's cost."""
+    out = run / f"lcsc-{kimg:g}k.safetensors"
+    t0 = time.time()
+    _run([sys.executable, "-m", "scripts.lcsc", str(run), "--source", "states", "--last", str(args.last),
+          "--at-kimg", f"{kimg:g}", "--fitness-images", str(args.fitness_images), "--rescore-images",
+          str(args.num_images), "--population", str(args.population), "--generations", str(args.generations),
+          "--out", str(out), *sampler, *_cache(args)], run / "bench.log")
+    rec = json.loads(out.with_suffix(".json").read_text())
+    return {"fid": rec["rescore_fid"], "fitness_fid": rec["fitness_fid"], "last_alone_fid": rec["last_rescore_fid"],
+            "last_alone_fitness_fid": rec["last_fitness_fid"], "evaluations": rec["evaluations"],
+            "search_seconds": rec["search_seconds"], "wall_seconds_this_call": time.time() - t0}
 
 
 def _cache(args: argparse.Namespace) -> list[str]:
@@ -205,6 +279,17 @@ def summary(rows: list[dict[str, Any]], kimg: float) -> list[str]:
         lines.append(f"| {seed} | {raw['fid']:.2f} | {ema['fid']:.2f} ({ema['method'][4:]}) | {post['fid']:.2f} "
                      f"({post['method'][8:]}) | {final['fid']:.2f} | {_overfit(final):+.2f} | "
                      f"{saved} |")
+    ect = [r for r in rows if r["method"].startswith("ect-")]
+    if ect:
+        lines += ["", "1-step consistency model (ECT): FID at 1 step unless named",
+                  "| seed | raw | EMA | EMA, 2 steps | LCSC | LCSC overfit |", "|---|---|---|---|---|---|"]
+        for seed in sorted({r["seed"] for r in ect}):
+            by = {r["method"]: r for r in ect if r["seed"] == seed}
+            if len(by) < 4:
+                continue
+            lines.append(f"| {seed} | {by['ect-raw']['fid']:.2f} | {by['ect-ema']['fid']:.2f} | "
+                         f"{by['ect-ema-2step']['fid']:.2f} | {by['ect-lcsc']['fid']:.2f} | "
+                         f"{_overfit(by['ect-lcsc']):+.2f} |")
     return lines
 
 
@@ -219,6 +304,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshot-kimg", type=float, default=4.0)
     p.add_argument("--sigma-rel", default="0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2")
     p.add_argument("--lcsc-kimg", default="24,48,72,96", help="times at which LCSC searches (images-saved curve)")
+    p.add_argument("--ect-kimg", type=float, default=32.0,
+                   help="the 1-step part: ECT tuned this long from each seed's classic run (0 skips it)")
     p.add_argument("--last", type=int, default=6)
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--generations", type=int, default=8)
@@ -238,6 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.kimg, args.snapshot_kimg, args.lcsc_kimg, args.last = 1.024, 0.128, "0.512,1.024", 3
         args.population, args.generations, args.fitness_images, args.num_images = 4, 1, 160, 200
         args.sigma_rel, args.runs = "0.05,0.15", str(Path(args.runs) / "smoke")
+        args.ect_kimg = 0.512 if args.ect_kimg > 0 else 0.0
     return args
 
 
@@ -248,19 +336,21 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
     per_eval = args.sec_per_eval * args.num_images / 1000
     per_fitness = args.sec_per_eval * args.fitness_images / 1000
     for seed in seeds:
-        for kind in KINDS:
-            run = train_command(args, seed, kind)[0]
+        runs = [(train_command(args, seed, kind)[0], args.kimg) for kind in KINDS]
+        if args.ect_kimg > 0:
+            runs.append((ect_command(args, seed)[0], args.ect_kimg))
+        for run, kimg in runs:
             if (run / "results.json").exists():
                 continue
             states = list_training_states(run) if run.is_dir() else []
-            left = args.kimg - (states[-1][0] / 1000 if states else 0.0)
+            left = kimg - (states[-1][0] / 1000 if states else 0.0)
             stats = run / "stats.jsonl"
             speeds = [json.loads(x).get("sec_per_kimg") for x in stats.read_text().splitlines()] if stats.exists() else []
             speed = statistics.median([v for v in speeds if v]) if any(speeds) else args.sec_per_kimg
             train_s += left * speed
             print(f"{run.name:12s} {left:7.1f} kimg left at {speed:.1f} s/kimg")
         missing = [(m, k) for m, k in planned_rows(args) if (seed, m, k) not in done]
-        searches = sum(m == "lcsc" for m, _ in missing)
+        searches = sum(m in ("lcsc", "ect-lcsc") for m, _ in missing)
         eval_s += len(missing) * per_eval + searches * args.population * args.generations * per_fitness
         print(f"seed {seed}: {len(missing)} rows missing ({searches} LCSC searches)")
     return train_s / max(args.jobs, 1) + eval_s

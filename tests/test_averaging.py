@@ -490,6 +490,14 @@ def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
     assert line == "| 0 | 9.00 | 6.00 (hl2k) | 5.50 (0.05) | 4.50 | -0.50 | 50% (48 of 96 kimg) |"
     rows[-3]["fid"] = 6.5  # 48k no longer reaches the best EMA; 72k does
     assert yardstick_averaging.summary(rows, 96)[-1].endswith("| 25% (72 of 96 kimg) |")
+    # The 1-step part: raw, EMA at 1 and 2 steps, LCSC at 1 step with its overfitting gap.
+    rows += [{"seed": 0, "method": m, "kimg": 32, "fid": f} for m, f in
+             [("ect-raw", 60.0), ("ect-ema", 50.0), ("ect-ema-2step", 40.0)]]
+    rows.append({"seed": 0, "method": "ect-lcsc", "kimg": 32, "fid": 45.0, "fitness_fid": 49.0,
+                 "last_alone_fid": 60.0, "last_alone_fitness_fid": 63.0})
+    lines = yardstick_averaging.summary(rows, 96)
+    assert lines[-1] == "| 0 | 60.00 | 50.00 | 40.00 | 45.00 | +1.00 |"
+    assert lines[-6].endswith("| 25% (72 of 96 kimg) |")  # the multi-step table is unchanged
 
 
 def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -500,9 +508,10 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
     argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--jobs", "2", "--population", "4",
             "--generations", "2", "--fitness-images", "500", "--sec-per-kimg", "10", "--sec-per-eval", "60"]
     ya.main([*argv, "--estimate"])
-    rows_per_seed = 1 + len(ya.HALFLIVES) + 8 + 4  # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times
-    train_s = 2 * 2 * 96 * 10 / 2  # 2 seeds x 2 runs of 96k images at 10 s/kimg, 2 at a time
-    eval_s = 2 * (rows_per_seed * 60 + 4 * 4 * 2 * 30)  # each row one FID; each search population x generations
+    # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times; ECT raw, EMA (1 and 2 steps), LCSC
+    rows_per_seed = 1 + len(ya.HALFLIVES) + 8 + 4 + 4
+    train_s = 2 * (2 * 96 + 32) * 10 / 2  # 2 seeds x (2 runs of 96k + ECT's 32k) at 10 s/kimg, 2 at a time
+    eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30)  # each row one FID; each search population x generations
     assert f"ESTIMATE_SECONDS={train_s + eval_s:.0f}" in capsys.readouterr().out
     # A training state at 48k images halves that run's training left.
     run = tmp_path / "runs" / "phema-s1"
