@@ -2,8 +2,10 @@
 the teacher at 1 to 32 NFE with Euler, Heun and DPM-Solver++.
 
 The teacher is the quick start's DiT (``yardstick_dit``, the backbone table's run, 96k images), sampled without
-guidance with Euler at 1, 2, 4, 8, 16 and 32 steps, Heun at 2, 4, 8, 16 and 32 NFE (odd step counts: 2N - 1 NFE, so
-the NFE are 1, 3, ... rounded as the rows say) and DPM-Solver++(2M) at 4, 8, 16 and 32 steps. The students start from
+guidance with Euler at 1, 2, 4, 8, 16 and 32 steps, Heun at 2, 4, 8 and 16 steps (2N - 1 = 3, 7, 15 and 31
+NFE) and DPM-Solver++(2M) at 4, 8, 16 and 32 steps; and with the guidance
+the students learn from (CFG 2, 2 NFE per step): Euler at 2, 4, 8, 16 and 20 steps (the quick start's sampler), its
+own row in the table. "The teacher's best FID" of issue 20's aim is the best of all of these. The students start from
 the teacher's 96k snapshot of the same seed (``trainer.init.net``, read by the presets as ``method.teacher``):
 
 * 2-RF++ (``yardstick_rfpp``: Lee et al. 2024, "Improving the Training of Rectified Flows"): first 20k pairs drawn
@@ -34,11 +36,12 @@ the backbone table's, ``runs/yardstick/backbones/dit-s<seed>``).
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness beside this file
 
-from yardstick import DEFAULT_KIMG, Bench, Row, Variant, main  # noqa: E402
+from yardstick import DEFAULT_KIMG, QUICKSTART, Bench, Row, Variant, main  # noqa: E402
 from yardstick_consistency import consistency_sampler  # noqa: E402
 
 STUDENT_KIMG = (8.0, 16.0, 32.0)
@@ -79,6 +82,10 @@ VARIANTS = (
               sampler=ode_sampler("sample_heun", n)) for n in (2, 4, 8, 16)),
     *(Variant(f"dpm{n}", n, methods=TEACHER, at="last", label=f"DPM-Solver++(2M) {n}",
               sampler=ode_sampler("sample_dpmpp_2m", n)) for n in (4, 8, 16, 32)),
+    # The guided teacher the students learn from (2-RF++'s pairs, TDM's and SLAM's teacher CFG 2): 2 NFE per step.
+    *(Variant(f"euler{n}cfg2", n, scale=2.0, methods=TEACHER, at="last", label=f"Euler {n}, CFG 2 ({2 * n} NFE)")
+      for n in (2, 4, 8, 16)),
+    replace(QUICKSTART, methods=TEACHER),
     Variant("rf1", 1, methods=("rfpp",), label="Euler 1 step", sampler=ode_sampler("sample_euler", 1)),
     *(Variant(f"rfnew{n}", n, methods=("rfpp",), label=f"noise-reusing update, {n} steps",
               sampler=ode_sampler("sample_reuse_noise", n)) for n in (2, 4)),

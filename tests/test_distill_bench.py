@@ -29,8 +29,9 @@ def test_distill_plan_starts_students_from_the_teacher_and_draws_pairs_first(tmp
     prepare = [a.format(**fill) for a in rfpp.run.row.prepare]
     assert prepare[:2] == ["-m", "distill.pairs"] and f"teacher={snap}" in prepare
     assert f"out={rfpp.run.run_dir}/pairs" in prepare and not cd.run.row.prepare
-    # Teacher: Euler 1-32, Heun 2-16 steps, DPM-Solver++ 4-32; 2-RF++: 1 Euler + 2 noise-reusing at 3 points; CD: 2 x 3.
-    assert (teacher.evals, rfpp.evals, cd.evals) == (6 + 4 + 4, 3 * 3, 2 * 3)
+    # Teacher: Euler 1-32, Heun 2-16 steps, DPM-Solver++ 4-32, guided Euler 2-16 and 20 (the quick start's);
+    # 2-RF++: 1 Euler + 2 noise-reusing at 3 points; CD: 2 x 3.
+    assert (teacher.evals, rfpp.evals, cd.evals) == (6 + 4 + 4 + 5, 3 * 3, 2 * 3)
 
 
 def test_tdm_and_slam_rows_start_from_the_teacher_and_are_sampled_at_1_2_and_4_nfe(tmp_path: Path) -> None:
@@ -69,3 +70,23 @@ def test_fid_against_nfe_and_wall_time_is_drawn_for_every_row_at_its_last_point(
     path = tables.plot_fid_vs_cost(records, "distill", tmp_path)
     assert path == tmp_path / "distill_fid_vs_cost.png" and path.stat().st_size > 1000
     assert "| SLAM from the quick start" in tables.few_step(records, "distill")
+
+
+def test_guided_teacher_is_a_row_of_its_own_and_the_aim_reads_the_teachers_best() -> None:
+    import tables
+
+    def rec(method: str, variant: str, kimg: float, seed: int, fid: float) -> dict:
+        return {"kind": "eval", "method": method, "variant": variant, "kimg": kimg, "seed": seed, "fid": fid,
+                "sec_per_image": 0.01, "num_images": 1000}
+
+    records = {"distill": [rec("dit", "euler4", 96.0, s, 50.0) for s in (0, 1)]
+               + [rec("dit", "euler2cfg2", 96.0, s, 20.0 + s) for s in (0, 1)]  # NFE 4 too, guided
+               + [rec("dit", "qs", 96.0, 0, 8.0), rec("dit", "qs", 96.0, 1, 10.0)]
+               + [rec("tdm", "tdm4", 32.0, 0, 8.4), rec("tdm", "tdm4", 32.0, 1, 10.5)]}
+    text = tables.few_step(records, "distill")
+    plain = next(line for line in text.splitlines() if line.startswith("| quick start (teacher) |"))
+    guided = next(line for line in text.splitlines() if line.startswith("| quick start (teacher), CFG 2 |"))
+    assert "50.0" in plain and "20.5" not in plain and "20.5" in guided and "50.0" not in guided
+    # Per seed the teacher's best is the quick start's sampler here: 8.4 / 8 and 10.5 / 10, both within 1.1x.
+    tdm = next(line for line in tables.claims(records).splitlines() if line.startswith("| TDM |"))
+    assert "vs the teacher's best 9.0 (qs): 1.05x (1.05 / 1.05; aim <= 1.1x) | yes |" in tdm
