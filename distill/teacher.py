@@ -154,7 +154,7 @@ def open_teacher(source: str | os.PathLike) -> LoadedSnapshot:
     """
     if str(source) in ("???", "", "None"):
         raise FileNotFoundError("method.teacher is not set; give method.teacher=<teacher snapshot.safetensors>")
-    if not os.path.isfile(source):
+    if not os.path.exists(source):  # a folder goes on to the loader, which says what to give instead
         raise FileNotFoundError(f"teacher snapshot {source} does not exist; give the teacher's snapshot file "
                                 "(runs/<name>/snapshot-*.safetensors)")
     return read_snapshot(source, need=("model", "prediction", "data"))

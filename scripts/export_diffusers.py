@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from gen.models.adapters import ddpm_alphas_cumprod
-from gen.utils.ckpt import atomic_write, build_from_snapshot, load_snapshot
+from gen.utils.ckpt import atomic_write, build_from_snapshot, check_generator_snapshot, load_snapshot
 from gen.utils.cli import run_main
 
 PROG = "python -m scripts.export_diffusers"
@@ -112,6 +112,7 @@ def export(snapshot: str | Path, out: str | Path, vae: str | Path | None = None)
 
     snapshot, out = Path(snapshot), Path(out)
     tensors, config = load_snapshot(snapshot)
+    check_generator_snapshot(config, snapshot)
     kind = check_representable(config, str(snapshot))
     tok = config.get("tokenizer") or {}
     if tok.get("mean") is not None or tok.get("std") is not None:

@@ -1415,3 +1415,59 @@ def test_read_only_outputs_are_one_line(snapshot: Path, tmp_path: Path, tiny: No
     code, out, err = run_cli(main, [*argv, "--out", str(ro / "m.json")], capsys)
     assert_refused(code, err, "--out", str(ro), "read-only")
     assert not any(ro.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots of the wrong kind and paths of the wrong type, across the commands that read one (the shared loaders
+# gen.utils.ckpt.load_snapshot and gen.snapshot.read_snapshot): each names the file, what it is and what to give.
+
+
+def _tokenizer_snapshot(path: Path) -> Path:
+    """A file shaped like a tokenizer snapshot of ``train.py method=kl_autoencoder`` (its kind and tokenizer spec)."""
+    from gen.utils.ckpt import save_snapshot
+
+    spec = {"_target_": "tokenizers.kl.AutoencoderKLTokenizer", "block_out_channels": [32], "layers_per_block": 1,
+            "latent_channels": 1, "image_channels": 1, "weights": None, "seed": 0}
+    return save_snapshot(path, {"decoder.conv_in.weight": torch.zeros(2, 2)},
+                         {"tokenizer": spec, "tokenizer_weights": "snapshot", "kind": "tokenizer"})
+
+
+def _snapshot_reader(command: str, path: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run ``command`` in-process with ``path`` where it expects a generator snapshot; (exit status, stderr)."""
+    if command == "sample.py":
+        code, _, err = sample_cli([f"snapshot={path}", f"outdir={tmp / 'out'}", "seeds=0-3"], capsys)
+    elif command == "distill.pairs":
+        from distill.pairs import main as pairs_main
+
+        code, _, err = run_cli(pairs_main, [f"teacher={path}", f"out={tmp / 'out'}", "num=4", "steps=2"], capsys)
+    elif command == "export_diffusers":
+        from scripts.export_diffusers import main as export_main
+
+        code, _, err = run_cli(export_main, ["--snapshot", str(path), "--out", str(tmp / "out")], capsys)
+    else:  # train.py trainer.init
+        code, _, err = train_cli(tmp, [f"trainer.init={{net: {path}}}"], capsys)
+    return code, err
+
+
+SNAPSHOT_READERS = ["sample.py", "distill.pairs", "export_diffusers", "train.py-init"]
+
+
+@pytest.mark.parametrize("command", SNAPSHOT_READERS)
+def test_tokenizer_snapshot_where_a_generator_is_expected_is_named(command: str, snapshot: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _tokenizer_snapshot(tmp_path / "snapshot-000000032.safetensors")
+    code, err = _snapshot_reader(command, tok, tmp_path, capsys)
+    line = assert_refused(code, err, str(tok), "is a tokenizer snapshot")
+    assert "was it written by train.py" not in line  # it was: the old message sent the user the wrong way
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+@pytest.mark.parametrize("command", [c for c in SNAPSHOT_READERS if c != "sample.py"])  # sample.py takes run folders
+def test_folder_where_a_snapshot_file_is_expected_is_named(command: str, snapshot: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = snapshot.parent
+    code, err = _snapshot_reader(command, run, tmp_path, capsys)
+    line = assert_refused(code, err, str(run), "is a folder, not a snapshot file", str(snapshot))
+    assert "does not exist" not in line
+    if command == "train.py-init":
+        assert "trainer.init.net" in line

@@ -173,6 +173,10 @@ def load_snapshot_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_snapshot(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
+    if path.is_dir():  # "does not exist" would mislead: the folder is there, it is just not a file
+        newest = list_snapshots(path)
+        hint = f", e.g. its newest, {newest[-1][1]}" if newest else " (a run folder holds snapshot-<nimg>.safetensors)"
+        raise CheckpointError(f"snapshot {path} is a folder, not a snapshot file; give a snapshot file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"snapshot {path} does not exist")
     try:
@@ -191,6 +195,26 @@ def _read_snapshot(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, to
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: its 'config' metadata is not a JSON object; the file is damaged")
     return tensors, config
+
+
+def check_generator_snapshot(config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a snapshot that is not a generator's (no ``model`` section), saying what it is and what to do.
+
+    A tokenizer snapshot (``kind: tokenizer``: an autoencoder from ``method=kl_autoencoder`` or a converted VA-VAE)
+    is the most likely mix-up: both come out of ``train.py`` as ``snapshot-<nimg>.safetensors``.
+
+    Raises:
+        CheckpointError: naming the file, its kind and the fix.
+    """
+    if isinstance(config.get("model"), Mapping):
+        return
+    if config.get("kind") == "tokenizer":
+        raise CheckpointError(
+            f"snapshot {path} is a tokenizer snapshot (an autoencoder), not a generator; give a generator's snapshot "
+            "(a diffusion or distillation run's), or use this file as a tokenizer's weights (sample.py "
+            "tokenizer_weights=..., tokenizer.weights=...)")
+    raise CheckpointError(f"snapshot {path} lacks 'model' in its config metadata; it is not a generator snapshot "
+                          "written by train.py")
 
 
 def load_state_dict_checked(
