@@ -1471,3 +1471,74 @@ def test_folder_where_a_snapshot_file_is_expected_is_named(command: str, snapsho
     assert "does not exist" not in line
     if command == "train.py-init":
         assert "trainer.init.net" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged weights files behind every loader (tokenizer weights, VA-VAE checkpoints, training states, published
+# checkpoints): one line naming the file, and never torch's advice to retry with weights_only=False.
+
+
+def _bad_weights(kind: str, tmp: Path, snapshot: Path) -> Path:
+    path = tmp / f"bad-{kind}.safetensors"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(3).bytes(4000))
+    elif kind == "text":
+        path.write_text("hello, I am a text file renamed")
+    elif kind == "truncated":
+        path.write_bytes(snapshot.read_bytes()[:3000])
+    elif kind == "random-pt":
+        path = path.with_suffix(".pt")
+        path.write_bytes(np.random.default_rng(4).bytes(4000))
+    else:  # a generator's snapshot where the tokenizer's is expected
+        path = snapshot
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("empty", "not a readable weights file"), ("random", "not a readable weights file"),
+    ("text", "not a readable weights file"), ("truncated", "not a readable weights file"),
+    ("random-pt", "not a PyTorch file of tensors"), ("generator", "is a generator snapshot"),
+])
+def test_extract_latents_names_a_damaged_tokenizer_weights_file(kind: str, words: str, snapshot: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.extract_latents import main_checked
+
+    bad = _bad_weights(kind, tmp_path, snapshot)
+    cfg = _compose("extract", ["data=digits", "data.resolution=32", "tokenizer=yardstick_kl_f4d4",
+                               f"tokenizer.weights={bad}", f"out={tmp_path / 'latents'}"])
+    code = main_checked(cfg)
+    err = capsys.readouterr().err
+    line = assert_refused(code, err, str(bad), words)
+    assert "weights_only` set to `False" not in line
+    assert not list((tmp_path / "latents").glob("shard-*"))
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "truncated", "random-pt", "text"])
+def test_vavae_checkpoint_reader_names_a_damaged_file(kind: str, snapshot: Path, tmp_path: Path) -> None:
+    from tokenizers.vavae import load_checkpoint_state
+
+    bad = _bad_weights(kind, tmp_path, snapshot)
+    if kind == "text":
+        bad = bad.rename(bad.with_suffix(".pt"))  # the legacy unpickler's KeyError path
+    with pytest.raises(ValueError, match="cannot be read") as info:
+        load_checkpoint_state(bad)
+    assert str(bad) in str(info.value) and "weights_only` set to `False" not in str(info.value)
+
+
+def test_random_bytes_never_bring_torchs_weights_only_advice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's message for foreign bytes opens with 'Re-running torch.load with weights_only set to False will likely
+    succeed': running the file's code. The training-state reader and scripts.convert give the cause instead."""
+    from gen.utils.ckpt import CheckpointError, load_training_state
+    from scripts.convert import main as convert_main
+
+    junk = tmp_path / "state-000000064.pt"
+    junk.write_bytes(np.random.default_rng(5).bytes(4000))
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(junk)
+    assert "not a PyTorch file of tensors" in str(info.value) and "weights_only" not in str(info.value)
+    code, _, err = run_cli(convert_main, ["--from", "dit", "--ckpt", str(junk), "--out", str(tmp_path / "o.safetensors")],
+                           capsys)
+    line = assert_refused(code, err, str(junk), "not a PyTorch file of tensors")
+    assert "weights_only" not in line and not (tmp_path / "o.safetensors").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -87,6 +88,27 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Pa
     return atomic_write(path, write)
 
 
+def unreadable_reason(e: BaseException) -> str:
+    """Why ``torch.load`` or safetensors could not read a file, as one short clause.
+
+    torch's own text for a file of other bytes begins with advice to retry with ``weights_only=False``, i.e. to run
+    the file's code; that advice is never passed on. Its zip reader's text runs on with a paragraph of guesses.
+    """
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = m.group(1).strip() if m else "not a file of tensors"
+        if "Unsupported global" in detail:
+            return f"it holds pickled Python objects besides tensors ({detail}), which are never unpickled"
+        return f"not a PyTorch file of tensors: {detail}"
+    if isinstance(e, EOFError):
+        return "the file ends early: it is empty or cut"
+    if isinstance(e, (KeyError, IndexError)):  # the legacy unpickler meeting bytes that are no pickle at all
+        return "not a PyTorch file (its bytes are no pickle)"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first.split(" This is an internal miniz error")[0][:200]
+
+
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training state without unpickling arbitrary objects (``weights_only=True``).
 
@@ -98,7 +120,7 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     except OSError:
         raise
     except Exception as e:  # corrupt or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = unreadable_reason(e)
         raise CheckpointError(
             f"training state {path} cannot be read ({reason}); it is damaged or not a training state of this "
             "toolkit. Delete it to resume from the previous state."
