@@ -1542,3 +1542,18 @@ def test_random_bytes_never_bring_torchs_weights_only_advice(tmp_path: Path, cap
                            capsys)
     line = assert_refused(code, err, str(junk), "not a PyTorch file of tensors")
     assert "weights_only" not in line and not (tmp_path / "o.safetensors").exists()
+
+
+def test_posthoc_ema_refuses_a_foreign_file_among_the_runs_snapshots(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A file named like one of the run's power-function EMA snapshots but holding something else (here a tokenizer
+    snapshot) was skipped, and the profiles silently fitted to fewer snapshots than the run stored."""
+    from scripts.posthoc_ema import main as posthoc_main
+
+    assert train_cli(tmp_path, ["ema=phema", "trainer.snapshot_kimg=0.032"])[0] == 0
+    run = tmp_path / "runs" / "r"
+    foreign = _tokenizer_snapshot(run / "snapshot-000000032.safetensors")
+    out = tmp_path / "posthoc"
+    code, _, err = run_cli(posthoc_main, [str(run), "--sigma-rel", "0.08", "--out-dir", str(out)], capsys)
+    assert_refused(code, err, str(foreign), "is not one (a tokenizer snapshot)", "Move it out")
+    assert not list(out.glob("*.safetensors"))
