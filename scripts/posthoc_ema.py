@@ -27,8 +27,8 @@ from pathlib import Path
 from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
 from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
 from gen.utils.ckpt import atomic_write, list_snapshots
-from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
-from scripts.scoring import Scorer, add_scoring_args, make_scorer, metric_name
+from gen.utils.cli import CommandError, check_writable_dir, int_arg, printable, run_main
+from scripts.scoring import MAX_IMAGES, Scorer, add_scoring_args, make_scorer, metric_name
 
 PROG = "python -m scripts.posthoc_ema"
 # Snapshots of one time only fit profiles ending at that time with the stored widths; a fit of another width
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma-rel", required=True, help="target widths, comma-separated, e.g. 0.03,0.08")
     p.add_argument("--at-kimg", default=None, help="target times in kimg (stored snapshot times; default the latest)")
     p.add_argument("--out-dir", default=None, help="where to write the snapshots (default: the run folder)")
-    p.add_argument("--score", type=int, default=0, help="score each reconstruction by the yardstick FID of N samples")
+    p.add_argument("--score", type=int_arg(0, MAX_IMAGES), default=0, help="score each reconstruction by the yardstick FID of N samples")
     add_scoring_args(p, "--score")
     return p.parse_args(argv)
 

@@ -1557,3 +1557,32 @@ def test_posthoc_ema_refuses_a_foreign_file_among_the_runs_snapshots(tmp_path: P
     code, _, err = run_cli(posthoc_main, [str(run), "--sigma-rel", "0.08", "--out-dir", str(out)], capsys)
     assert_refused(code, err, str(foreign), "is not one (a tokenizer snapshot)", "Move it out")
     assert not list(out.glob("*.safetensors"))
+
+
+# (flags, the words of argparse's line). Each was accepted by argparse and then refused under an internal name
+# (sampler.steps, samplers.sample_bogus, 'cannot convert float NaN to integer', 'expected non-negative integer'), or,
+# for a huge image count, ran until memory ran out.
+AVERAGING_FLAG_CASES = [
+    (["--steps", "0"], ("argument --steps", "got 0")),
+    (["--kind", "bogus"], ("argument --kind", "'bogus'", "euler")),
+    (["--cfg", "nan"], ("argument --cfg", "finite")),
+    (["--batch-size", "0"], ("argument --batch-size", "at least 1")),
+    (["--at-kimg", "nan"], ("argument --at-kimg", "finite")),
+    (["--seed", "-1"], ("argument --seed", "at least 0")),
+    (["--fitness-images", "1000000000000"], ("argument --fitness-images", "100,000,000")),
+    (["--mutation-std", "inf"], ("argument --mutation-std", "finite")),
+]
+
+
+@pytest.mark.parametrize("flags, words", AVERAGING_FLAG_CASES, ids=[c[0][0] for c in AVERAGING_FLAG_CASES])
+def test_averaging_commands_name_a_bad_flag(flags: list[str], words: tuple[str, ...], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.lcsc import main as lcsc_main
+    from scripts.posthoc_ema import main as posthoc_main
+
+    code, _, err = run_cli(lcsc_main, [str(tmp_path), "--last", "2", *flags], capsys)
+    assert_refused(code, err, *words)
+    if flags[0] in ("--steps", "--kind", "--cfg", "--batch-size"):  # the scoring flags both commands share
+        code, _, err = run_cli(posthoc_main, [str(tmp_path), "--sigma-rel", "0.05", "--score", "10", *flags], capsys)
+        assert_refused(code, err, *words)
+    assert list(tmp_path.iterdir()) == []

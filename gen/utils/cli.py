@@ -9,7 +9,9 @@ A Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import sys
 import tempfile
@@ -37,6 +39,39 @@ class CommandError(Exception):
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, TypeError, OSError)
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def int_arg(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer in ``[minimum, maximum]``: argparse then names the flag in its one-line
+    error (exit status 2), instead of a later check naming an internal setting, or a huge count exhausting memory."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum:,}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def float_arg(minimum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number (at least ``minimum`` when given)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number{'' if minimum is None else f' >= {minimum:g}'}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
 
 
 def printable(path: str | os.PathLike) -> str:
