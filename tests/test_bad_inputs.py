@@ -1195,6 +1195,12 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
      {"meta": _tokenizer({"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})}),
     ("tokenizer-weights-missing", ["tokenizer_weights={tmp}/none.safetensors"], 2,
      ("tokenizer_weights=", "none.safetensors", "does not exist"), None),
+    # was "unknown argument(s) 'weights' for tokenizers.pixels.PixelTokenizer", which named no setting to drop
+    ("tokenizer-weights-for-pixels", ["tokenizer_weights={file}"], 2,
+     ("PixelTokenizer has no weights", "a-file", "drop tokenizer_weights"), None),
+    # a tokenizer snapshot's weights that are damaged (was a traceback from safetensors)
+    ("tokenizer-weights-damaged", ["tokenizer_weights={file}"], 2, ("a-file", "not a readable weights file"),
+     {"meta": _tokenizer({})}),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append(("device-cuda-missing", ["device=cuda"], 2, ("device=cuda", "CUDA"), None))

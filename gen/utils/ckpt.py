@@ -9,6 +9,7 @@ rebuilds it without trusting that config (see there). A write that fails (a full
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -442,6 +443,10 @@ def build_snapshot_tokenizer(
         spec["download"] = False  # never fetch on the word of a file; the user's own caches still work
     check_tokenizer_settings(spec, source)
     cls = resolve(str(spec["_target_"]))
+    if granted is not None and "weights" not in inspect.signature(cls).parameters:
+        # Else the class refuses an unknown argument 'weights', which does not say which setting to drop.
+        raise CheckpointError(f"{source}: its tokenizer {spec['_target_']} has no weights (e.g. pixel space), so "
+                              f"tokenizer_weights={granted} has nothing to load; drop tokenizer_weights")
     if getattr(cls, "snapshot_meta_build", False):
         estimate = cls.snapshot_numel_estimate(spec)  # cheap, so that not even the meta build is a time bomb
         if estimate > MAX_TOKENIZER_NUMEL:
