@@ -1592,3 +1592,25 @@ def test_averaging_commands_name_a_bad_flag(flags: list[str], words: tuple[str, 
         code, _, err = run_cli(posthoc_main, [str(tmp_path), "--sigma-rel", "0.05", "--score", "10", *flags], capsys)
         assert_refused(code, err, *words)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_pair_shard_is_named_and_drawn_again(snapshot: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A cut pair shard: training on the folder was a safetensors traceback, and re-running the drawing command kept
+    the shard (its name was there) and marked the folder complete."""
+    from distill.pairs import PairShards
+    from distill.pairs import main as pairs_main
+
+    out, ref = tmp_path / "pairs", tmp_path / "ref"
+    args = [f"teacher={snapshot}", "num=8", "shard_size=4", "steps=2"]
+    assert run_cli(pairs_main, [*args, f"out={out}"], capsys)[0] == 0
+    assert run_cli(pairs_main, [*args, f"out={ref}"], capsys)[0] == 0
+    shard = out / "pairs-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ValueError, match="pair shard .* cannot be read .* re-run the python -m distill.pairs") as info:
+        PairShards(str(out))
+    assert str(shard) in str(info.value)
+    code, _, err = run_cli(pairs_main, [*args, f"out={out}"], capsys)
+    assert code == 0 and f"{shard} is damaged" in err, err
+    assert shard.read_bytes() == (ref / shard.name).read_bytes()  # drawn again, the same bytes as a clean run
+    assert len(PairShards(str(out))) == 8
