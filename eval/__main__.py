@@ -377,15 +377,14 @@ def _tokenizer_source(source: str, overrides: list[str]) -> tuple[dict[str, Any]
 
     path = Path(source)
     snapshot = None
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"tokenizer spec {path} does not exist (a configs/tokenizer/*.yaml file or a snapshot)")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix == ".safetensors" or path.is_dir():
+        from gen.utils.ckpt import load_snapshot_config
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        config = json.loads(meta.get("config", "{}"))
-        spec = config.get("tokenizer") if isinstance(config, dict) else None
+        # The shared reader: a damaged file or a folder is one line naming it (safe_open's own error was a traceback).
+        config = load_snapshot_config(path)
+        spec = config.get("tokenizer")
         if not isinstance(spec, dict):
             raise ValueError(f"{path} has no tokenizer in its metadata; was it written by train.py?")
         snapshot = path

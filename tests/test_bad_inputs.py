@@ -1614,3 +1614,23 @@ def test_damaged_pair_shard_is_named_and_drawn_again(snapshot: Path, tmp_path: P
     assert code == 0 and f"{shard} is damaged" in err, err
     assert shard.read_bytes() == (ref / shard.name).read_bytes()  # drawn again, the same bytes as a clean run
     assert len(PairShards(str(out))) == 8
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp, snap: tmp / "none.safetensors", ("none.safetensors", "does not exist")),
+    (lambda tmp, snap: _bad_weights("truncated", tmp, snap), ("bad-truncated.safetensors", "not a readable safetensors")),
+    (lambda tmp, snap: _bad_weights("empty", tmp, snap), ("bad-empty.safetensors", "not a readable safetensors")),
+    (lambda tmp, snap: snap.parent, ("is a folder, not a snapshot file", "snapshot-")),
+], ids=["missing", "truncated", "empty", "folder"])
+def test_eval_recon_names_a_bad_tokenizer_snapshot(make: Callable[[Path, Path], Path], words: tuple[str, ...],
+                                                   snapshot: Path, tmp_path: Path, tiny: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m eval recon --tokenizer``: a cut snapshot was a safetensors traceback; a folder 'did not exist'."""
+    from eval.__main__ import main
+
+    bad = make(tmp_path, snapshot)
+    argv = ["recon", "--tokenizer", str(bad), "--npz", str(write_samples(tmp_path / "s.npz")), "--extractor", "tiny",
+            "--no-lpips"]
+    code, out, err = run_cli(main, argv, capsys)
+    assert_refused(code, err, *words)
+    assert out == ""
