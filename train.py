@@ -55,7 +55,14 @@ from gen.train.loop import (
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
 from gen.utils.ckpt import CheckpointError, atomic_write
-from gen.utils.cli import EXIT_PREEMPTED, CommandError, check_writable_dir, describe_os_error, run_main
+from gen.utils.cli import (
+    EXIT_PREEMPTED,
+    CommandError,
+    check_writable_dir,
+    describe_os_error,
+    run_hydra_entry,
+    run_main,
+)
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
@@ -674,4 +681,4 @@ if __name__ == "__main__":
     # functions of __main__ by value and loses their module's names (dataclass annotations then fail to resolve).
     import train
 
-    train.main()
+    run_hydra_entry(train.main)

@@ -1634,3 +1634,15 @@ def test_eval_recon_names_a_bad_tokenizer_snapshot(make: Callable[[Path, Path], 
     code, out, err = run_cli(main, argv, capsys)
     assert_refused(code, err, *words)
     assert out == ""
+
+
+def test_hydra_refusals_of_the_command_line_exit_with_the_usage_status(tmp_path: Path) -> None:
+    """An unknown key without '+' and an unknown preset: Hydra's own message (the key and the fix), exit status 2 like
+    every bad input (was 1, the status of a failed run)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for argv, words in ((["sample.py", "snapshot=x", "seedz=0-3"], "+seedz=0-3"),
+                        (["train.py", "sampler=no_such_preset"], "sampler/no_such_preset")):
+        got = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=300)
+        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+        assert words in got.stderr, got.stderr

@@ -171,6 +171,27 @@ def error_message(e: BaseException) -> str:
     return " ".join(text.split()) if "\n" not in text else text
 
 
+# Hydra's refusals of a command line: an unknown key without '+', an unknown preset, bad override syntax.
+_HYDRA_USAGE_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
+
+
+def run_hydra_entry(main: Callable[[], object]) -> None:
+    """Call a ``@hydra.main`` entry point so that Hydra's own refusals of the command line exit with status 2.
+
+    Hydra prints them in its words (the key and its fix, e.g. "To append to your config use +foo=1") and exits with
+    status 1, which scripts read as a failure of the run rather than of the command line; every other bad input
+    exits with 2. The exception Hydra reported is the ``SystemExit``'s context; only those classes are mapped.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        ctx = e.__context__
+        if e.code == 1 and ctx is not None and type(ctx).__module__ == "hydra.errors" \
+                and type(ctx).__name__ in _HYDRA_USAGE_ERRORS:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
+
+
 def run_main(main: Callable[[], int], prog: str) -> int:
     """Run ``main`` and turn expected errors into ``prog: error: ...`` lines (exit status 2; 3 for non-finite values)."""
     try:
