@@ -61,6 +61,10 @@ def _yaml(group: str, name_or_file: str) -> dict[str, Any]:
         raise ConvertError(f"{path} is not a mapping")
     if "defaults" in spec:
         raise ConvertError(f"{path} uses a Hydra defaults list; give a self-contained {group} file")
+    for key, value in spec.items():  # resolved by Hydra in train.py, never here: it would reach the constructor as text
+        if isinstance(value, str) and "${" in value:
+            raise ConvertError(f"--{group} {name_or_file}: {path} sets {key}: {value!r}, a config interpolation this "
+                               f"command does not resolve; give a {group} YAML file with the value (e.g. {key}: 3)")
     return spec
 
 

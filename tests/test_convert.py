@@ -327,3 +327,11 @@ def test_refuses_non_finite_weights_and_writes_nothing(tmp_path: Path, tokenizer
     assert code == 3 and err.count("\n") == 1, err
     assert str(ckpt) in err and name in err and "download it again" in err and "earlier snapshot" not in err, err
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_refuses_a_preset_with_interpolations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--tokenizer pixels``: its preset interpolates ${data.channels}; the text reached int() ('invalid literal for
+    int() with base 10: '${data.channels}'')."""
+    out = tmp_path / "o.safetensors"
+    code = run_cli("dit", write_checkpoint("dit", tmp_path / "dit.pt"), out, Path("pixels"))
+    _refused(capsys, code, out, "--tokenizer pixels", "channels: '${data.channels}'", "interpolation")
