@@ -1646,3 +1646,13 @@ def test_hydra_refusals_of_the_command_line_exit_with_the_usage_status(tmp_path:
                              cwd=tmp_path, timeout=300)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert words in got.stderr, got.stderr
+
+
+def test_consistency_steps_without_their_sigmas_name_the_fix() -> None:
+    """``sampler=consistency sampler.steps=4`` (train.py method=cd, sample.py): the error said what was missing but
+    not which setting gives it."""
+    from samplers import consistency_grid
+
+    with pytest.raises(ValueError, match=r"steps=4 needs 3 intermediate sigmas.*sampler.grid.sigmas with 3 descending "
+                                         r"values.*consistency_2step"):
+        consistency_grid(4, [])
