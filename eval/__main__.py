@@ -361,7 +361,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if value:
             _check_input(value, what if args.command != "ref" or key not in ("npz", "folder") else f"--{key}", folder)
     if args.out:
-        check_writable_file(args.out, "--out")
+        check_writable_file(args.out, "--out", {f"--{k.replace('_', '-')}" if k != "npz" or args.command == "ref"
+                                                else "npz file": getattr(args, k, None)
+                                                for k in ("npz", "ref", "ref_batch", "weights", "snapshot", "tokenizer")})
     if getattr(args, "png_dir", None):
         check_writable_dir(args.png_dir, "--png-dir")
 

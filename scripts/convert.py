@@ -37,7 +37,7 @@ from gen.models.convert import (
 )
 from gen.utils.build import build
 from gen.utils.ckpt import file_sha256, save_snapshot
-from gen.utils.cli import run_main
+from gen.utils.cli import check_writable_file, run_main
 from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
 PROG = "python -m scripts.convert"
@@ -156,6 +156,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConvertError(f"--out {out}: a snapshot is a .safetensors file")
+    check_writable_file(out, "--out", {"--ckpt": ckpt, "--tokenizer-weights": args.tokenizer_weights,
+                                       "--latent-stats": args.latent_stats})
     sha = file_sha256(ckpt)
     if args.source == "vavae":
         return convert_vavae(args, sha)

@@ -84,7 +84,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     if not run.is_dir():
         raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
     paths, reference = checkpoints(run, args.source, args.last, args.at_kimg)
-    out = check_writable_file(args.out or run / "lcsc.safetensors", "--out")
+    out = check_writable_file(args.out or run / "lcsc.safetensors", "--out",
+                              {**{f"checkpoint {p.name}": p for p in [*paths, reference]}, "--ref": args.ref})
     settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
                               mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
     settings.check(len(paths))

@@ -271,6 +271,10 @@ EVAL_CASES = [
     Case("device-unknown", _plain(lambda tmp: _samples_argv(tmp, "--device", "tpu"), "--device")),
     Case("out-is-a-folder", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp)), "--out", "is a folder")),
     Case("out-under-a-file", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "s.npz" / "m.json")), "--out")),
+    # The metrics JSON was written over the input (the samples, or the reference statistics): both were destroyed.
+    Case("out-is-the-samples", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "s.npz")),
+                                      "--out", "is the input npz file", "destroy")),
+    Case("out-is-the-ref", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "ref.npz")), "is the input --ref")),
     Case("weights-for-yardstick", _plain(
         lambda tmp: ["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--weights", str(write_ref(tmp / "w")),
                      "--out", str(tmp / "r.npz")], "--weights")),
@@ -1656,3 +1660,22 @@ def test_consistency_steps_without_their_sigmas_name_the_fix() -> None:
     with pytest.raises(ValueError, match=r"steps=4 needs 3 intermediate sigmas.*sampler.grid.sigmas with 3 descending "
                                          r"values.*consistency_2step"):
         consistency_grid(4, [])
+
+
+def test_output_that_is_an_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts.lcsc --out <one of the run's snapshots> replaced that source with the combination; scripts.convert
+    --out <the --ckpt file> replaced the checkpoint. Both are refused before anything is read."""
+    from gen.utils.ckpt import save_snapshot
+    from scripts.convert import main as convert_main
+    from scripts.lcsc import main as lcsc_main
+
+    run = tmp_path / "run"
+    for nimg in (128, 256):
+        save_snapshot(run / f"snapshot-{nimg:09d}.safetensors", {"w": torch.ones(2)}, {"model": {}})
+    source = run / "snapshot-000000128.safetensors"
+    before = source.read_bytes()
+    code, _, err = run_cli(lcsc_main, [str(run), "--last", "2", "--out", str(source)], capsys)
+    assert_refused(code, err, "--out", str(source), "is the input checkpoint snapshot-000000128.safetensors")
+    code, _, err = run_cli(convert_main, ["--from", "dit", "--ckpt", str(source), "--out", str(source)], capsys)
+    assert_refused(code, err, "--out", "is the input --ckpt")
+    assert source.read_bytes() == before

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gen.utils.finite import NonFiniteError
@@ -112,7 +112,15 @@ def _check_no_file_in_the_way(folder: Path, what: str, path: Path) -> None:
             return
 
 
-def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable_file(path: str | os.PathLike, what: str,
+                        inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:
     """Fail now, not after an hour of work, when ``path`` cannot be written.
 
     Creates missing parent folders and writes (then removes) a probe file beside ``path``.
@@ -120,11 +128,18 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
     Args:
         path: the output file.
         what: how the user named it (e.g. ``--out``), for the message.
+        inputs: the command's input files by the name the user gave them (``{"--ref": ...}``); an output that is one
+            of them is refused, since writing it would destroy the input (e.g. ``--out`` given the samples' ``.npz``).
 
     Raises:
-        CommandError: naming ``what`` and the reason (a folder, permission denied, read-only, full disk).
+        CommandError: naming ``what`` and the reason (a folder, one of the inputs, permission denied, read-only,
+        full disk).
     """
     path = Path(path)
+    for name, source in (inputs or {}).items():
+        if source is not None and _same_file(path, source):
+            raise CommandError(f"{what} {printable(path)} is the input {name}; writing it would destroy that file. "
+                               "Give another output file")
     if path.is_dir():
         raise CommandError(f"{what} {printable(path)} is a folder; give a file name, e.g. {printable(path / 'out')}")
     _check_no_file_in_the_way(path.parent, what, path)
