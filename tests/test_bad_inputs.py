@@ -1679,3 +1679,22 @@ def test_output_that_is_an_input_is_refused(tmp_path: Path, capsys: pytest.Captu
     code, _, err = run_cli(convert_main, ["--from", "dit", "--ckpt", str(source), "--out", str(source)], capsys)
     assert_refused(code, err, "--out", "is the input --ckpt")
     assert source.read_bytes() == before
+
+
+def test_a_few_step_student_is_refused_as_a_teacher(snapshot: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A TDM student's snapshot holds a velocity model on the linear path, so the prediction-kind check let it teach
+    (CD, TDM, SLAM, reflow); its network is trained for its 4-step sampler only. A reflow student may teach (k-reflow)."""
+    from distill.teacher import check_teacher
+
+    def student(method: str) -> Callable[[dict], None]:
+        return lambda c: c.__setitem__("distill", {"method": method, "teacher": {"path": str(snapshot), "sha256": "0"}})
+
+    tdm = _edited_snapshot(snapshot, tmp_path / "tdm-student.safetensors", meta=student("tdm"))
+    code, _, err = train_cli(tmp_path, ["method=cd", "sampler=consistency", "sampler.steps=1", "trainer.grad_clip=null",
+                                        f"method.teacher={tdm}"], capsys)
+    assert_refused(code, err, str(tdm), "is a tdm student", str(snapshot), "give its teacher")
+    from gen.utils.ckpt import load_snapshot_config
+
+    config = load_snapshot_config(_edited_snapshot(snapshot, tmp_path / "rf.safetensors", meta=student("reflow")))
+    assert check_teacher(config, "rf", data_name=None, resolution=None, channels=None, kinds=["flow"], method="cd") == "flow"
