@@ -1698,3 +1698,21 @@ def test_a_few_step_student_is_refused_as_a_teacher(snapshot: Path, tmp_path: Pa
 
     config = load_snapshot_config(_edited_snapshot(snapshot, tmp_path / "rf.safetensors", meta=student("reflow")))
     assert check_teacher(config, "rf", data_name=None, resolution=None, channels=None, kinds=["flow"], method="cd") == "flow"
+
+
+def test_posthoc_ema_never_replaces_another_runs_reconstruction(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs reconstructed into one --out-dir: the second silently replaced the first's posthoc-<nimg>-sigma<w>
+    file (the names carry no run). Now refused before anything is written; the same run's is recomputed."""
+    from scripts.posthoc_ema import main as posthoc_main
+
+    for name, seed in (("a", 0), ("b", 1)):
+        assert train_cli(tmp_path, ["ema=phema", "trainer.snapshot_kimg=0.032", f"seed={seed}"], name=name)[0] == 0
+    out = tmp_path / "posthoc"
+    argv = ["--sigma-rel", "0.08,0.05", "--out-dir", str(out)]
+    assert run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), *argv], capsys)[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(posthoc_main, [str(tmp_path / "runs" / "b"), *argv], capsys)
+    assert_refused(code, err, "--out-dir", str(out / "posthoc-000000064-sigma0.08.safetensors"), "of another run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), *argv], capsys)[0] == 0  # the same run: recomputed
