@@ -366,6 +366,12 @@ def _check_args(args: argparse.Namespace) -> None:
                                                 for k in ("npz", "ref", "ref_batch", "weights", "snapshot", "tokenizer")})
     if getattr(args, "png_dir", None):
         check_writable_dir(args.png_dir, "--png-dir")
+        # <seed>.png of this run would replace some and keep others of an earlier one: a folder of two sample sets.
+        earlier = sorted(p.name for p in Path(args.png_dir).glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.png"))
+        if earlier:
+            raise CommandError(f"--png-dir {printable(args.png_dir)} already holds {len(earlier)} <seed>.png file(s) "
+                               f"({earlier[0]}, ...); this run would mix its images with them. Give an empty or new "
+                               "folder")
 
 
 def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:

@@ -190,6 +190,14 @@ def _png_dir_is_file(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     return argv, ("--png-dir", str(tmp / "pngs"))
 
 
+def _png_dir_holds_pngs(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    """An earlier evaluation's PNGs: this run would replace some and keep the others, one folder of two sets."""
+    argv, _ = _png_dir_is_file(tmp)
+    (tmp / "pngs").unlink()
+    png(tmp / "pngs" / "000007.png")
+    return argv, ("--png-dir", str(tmp / "pngs"), "already holds 1 <seed>.png", "000007.png")
+
+
 def _corrupt_snapshot(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     snap = tmp / "snapshot-000000100.safetensors"
     snap.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
@@ -287,6 +295,7 @@ EVAL_CASES = [
     Case("generator-no-function", _generator("pipeline:no_such_fn", "has no")),
     Case("snapshot-corrupt", _corrupt_snapshot),
     Case("png-dir-is-a-file", _png_dir_is_file),
+    Case("png-dir-holds-pngs", _png_dir_holds_pngs),
 ]
 if not torch.cuda.is_available():
     EVAL_CASES.append(Case("device-cuda-missing", _plain(lambda tmp: _samples_argv(tmp, "--device", "cuda"), "--device", "cpu")))
