@@ -229,6 +229,8 @@ def _evaluate(args: argparse.Namespace, generate_fn: Any, seeds: range, what: st
     from eval.generate import evaluate, share
     from eval.stats import load_image_npz
 
+    if len(seeds) < 2:  # else the covariance refuses, naming no input
+        raise CommandError(f"{what}: {len(seeds)} image; a covariance (FID and the other statistics) needs at least 2")
     ref, ext = _reference(args)
     real = load_image_npz(args.ref_batch)[0] if args.ref_batch else None
     update, close = _progress(share(len(seeds), args.batch_size), f"features of {what}")

@@ -243,6 +243,7 @@ EVAL_CASES = [
         lambda p: np.savez(p, arr_0=np.array([{"a": 1}, None], dtype=object)), "'arr_0'", "unpickling")),
     Case("npz-labels-mismatch", _npz_case(lambda p: write_samples(p, arr_1=np.arange(7)), "arr_1", "20")),
     Case("npz-labels-float", _npz_case(lambda p: write_samples(p, arr_1=np.full(20, 0.5)), "arr_1", "integers")),
+    Case("npz-one-image", _npz_case(lambda p: write_samples(p, n=1), "1 image", "at least 2")),
     Case("npz-is-a-folder", lambda tmp: (["npz", str(tmp), "--ref", str(write_ref(tmp / "ref.npz"))],
                                          (str(tmp), "is a folder"))),
     # reference statistics
