@@ -888,6 +888,10 @@ def test_train_refuses_bad_settings_before_the_first_step(overrides: list[str], 
     runs = tmp_path / "runs"
     assert not list(runs.rglob("state-*.pt")) and not list(runs.rglob("results.json")), "trained before refusing"
     assert "kimg" not in out
+    # No empty run folder is left (it was, for every setting refused after the folder was made); the settings the
+    # training loop itself checks are refused after config.yaml is written.
+    left = sorted(p.name for p in (runs / "r").iterdir()) if (runs / "r").exists() else None
+    assert left is None or left == [".lock", "config.yaml"], left
 
 
 def test_run_that_ends_with_non_finite_weights_writes_no_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
