@@ -45,7 +45,7 @@ from gen.models.prediction import is_consistency
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, remove_stale_temp_files
 from gen.utils.ckpt import tokenizer_weights as tokenizer_weights_from
-from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
+from gen.utils.cli import CommandError, check_writable_dir, printable, run_hydra_entry, run_main
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.images import load_png, save_grid, save_png
 from gen.utils.progress import Progress
@@ -464,4 +464,4 @@ if __name__ == "__main__":
     # functions of __main__ by value and loses their module's names (dataclass annotations then fail to resolve).
     import sample
 
-    sample.main()
+    run_hydra_entry(sample.main)

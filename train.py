@@ -55,7 +55,14 @@ from gen.train.loop import (
 from gen.utils import dist
 from gen.utils.build import TRAINING_PACKAGES, BuildError, build, resolve
 from gen.utils.ckpt import CheckpointError, atomic_write
-from gen.utils.cli import EXIT_PREEMPTED, CommandError, check_writable_dir, describe_os_error, run_main
+from gen.utils.cli import (
+    EXIT_PREEMPTED,
+    CommandError,
+    check_writable_dir,
+    describe_os_error,
+    run_hydra_entry,
+    run_main,
+)
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
@@ -513,7 +520,6 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
     ema = _ema_factory(c["ema"], packages)
     sampler = SamplerSpec.from_config(c["sampler"])
     preview = from_mapping(PreviewConfig, c["preview"], "preview")
-    check_writable_dir(run_dir, "run_dir")  # not after an hour of training; on every process, so all stop together
     dataset, tokenizer, shape_args = _data(c, packages)
     # Same initial weights on every process and every re-run (DDP also broadcasts rank 0's).
     torch.manual_seed(derive_seed("init", c["seed"]))
@@ -544,6 +550,9 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
         return Generator(ema_net, prediction, tokenizer, input_shape, dataset.num_classes)
 
     hooks = _hooks(c["eval"], method, dataset, make_generator, sampler, preview, device)
+    # Not after an hour of training; on every process, so all stop together. After the checks above, so that a
+    # refused setting (a bad teacher, a model that does not fit the data) leaves no empty run folder behind.
+    check_writable_dir(run_dir, "run_dir")
 
     if dist.is_main():
         text = OmegaConf.to_yaml(OmegaConf.create(c))
@@ -674,4 +683,4 @@ if __name__ == "__main__":
     # functions of __main__ by value and loses their module's names (dataclass annotations then fail to resolve).
     import train
 
-    train.main()
+    run_hydra_entry(train.main)

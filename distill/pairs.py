@@ -46,7 +46,7 @@ from torch import Tensor
 
 from distill.teacher import Teacher, load_teacher
 from gen.utils import dist
-from gen.utils.ckpt import atomic_write, file_sha256, remove_stale_temp_files
+from gen.utils.ckpt import atomic_write, file_sha256, remove_stale_temp_files, unreadable_reason
 from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
 from gen.utils.config import ConfigError, from_mapping
 from gen.utils.progress import Progress
@@ -213,6 +213,36 @@ def _claim(out: Path, identity: dict[str, Any], key: str, overwrite: bool) -> No
     dist.barrier()
 
 
+def _shard_seeds(path: Path) -> list[int] | None:
+    """The seeds a shard file holds, or None when it cannot be read or lacks one of :data:`KEYS` (cut by a disk
+    error or a partial copy): such a shard is not done, whatever its name says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if set(f.keys()) != set(KEYS):
+                return None
+            return f.get_tensor("seed").tolist()
+    except Exception:  # safetensors signals damaged files with its own error type
+        return None
+
+
+def read_shard(path: Path) -> dict[str, Tensor]:
+    """A pair shard's tensors, or one line naming the shard and the fix when it is damaged."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors signals damaged or missing files with its own error type
+        if isinstance(e, OSError) and e.errno is not None and not isinstance(e, FileNotFoundError):
+            raise
+        reason = "it is missing" if isinstance(e, FileNotFoundError) else f"it is damaged: {unreadable_reason(e)}"
+        raise ValueError(f"pair shard {printable(path)} cannot be read ({reason}); re-run the python -m distill.pairs "
+                         "command that drew the folder (same arguments): it draws that shard again") from e
+    if set(tensors) != set(KEYS):
+        raise ValueError(f"pair shard {printable(path)} holds {sorted(tensors)}, not {list(KEYS)}; re-run the "
+                         "python -m distill.pairs command that drew the folder to draw it again")
+    return tensors
+
+
 def _write_shard(path: Path, tensors: Mapping[str, Tensor]) -> None:
     atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
@@ -238,7 +268,17 @@ def make_pairs(cfg: PairsConfig) -> dict[str, Any]:
     key = _key(identity)
     _claim(out, identity, key, cfg.overwrite)
     num_shards = (cfg.num - 1) // cfg.shard_size + 1
-    mine = [i for i in range(dist.rank(), num_shards, dist.world_size()) if not (out / shard_name(i)).is_file()]
+
+    def done(i: int) -> bool:  # a shard that is there but cut or foreign is drawn again, said on the way
+        path, lo = out / shard_name(i), cfg.seed_offset + i * cfg.shard_size
+        if not path.is_file():
+            return False
+        if _shard_seeds(path) == list(range(lo, min(lo + cfg.shard_size, cfg.seed_offset + cfg.num))):
+            return True
+        print(f"warning: {printable(path)} is damaged or not this folder's shard; drawing it again", file=sys.stderr)
+        return False
+
+    mine = [i for i in range(dist.rank(), num_shards, dist.world_size()) if not done(i)]
     todo = sum(min(cfg.shard_size, cfg.num - i * cfg.shard_size) for i in mine)
     with Progress(todo, f"drawing {cfg.num} pairs from {printable(cfg.teacher)}") as bar:
         for i in mine:
@@ -301,7 +341,7 @@ class PairShards:
         self.num_classes = int(data["num_classes"])
         self.teacher_sha256 = str(made_by["sha256"])
         num, size = int(manifest["num"]), int(manifest["shard_size"])
-        parts = [load_file(str(self.root / shard_name(i))) for i in range((num - 1) // size + 1)]
+        parts = [read_shard(self.root / shard_name(i)) for i in range((num - 1) // size + 1)]
         self._tensors = {k: torch.cat([p[k] for p in parts]) for k in ("x", "noise", "label")}
         self._tensors["label"] = self._tensors["label"].long()
         if real_root is not None:  # real-data pairs of the same teacher, appended

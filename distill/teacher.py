@@ -44,6 +44,10 @@ PREDICTION_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Students whose snapshots may teach (``distill.method`` of their metadata): reflow's, a rectified flow again.
+STUDENTS_AS_TEACHERS = ("reflow",)
+
+
 class TeacherError(ValueError):
     """A teacher snapshot that the method cannot use; the message names the file and the fix (one line)."""
 
@@ -71,6 +75,16 @@ def check_teacher(config: Mapping[str, Any], source: str, *, data_name: str | No
     Raises:
         TeacherError: one line naming the file, what differs and the fix.
     """
+    student = config.get("distill")
+    # A reflow student is itself a rectified flow (k-reflow distils the previous one); the other students' networks
+    # are trained for their few-step samplers, so their velocity at other times is no ODE to distil. A TDM student
+    # passes the prediction-kind check below (velocity on the linear path), hence this one.
+    if isinstance(student, Mapping) and student.get("method") not in STUDENTS_AS_TEACHERS:
+        made_from = (student.get("teacher") or {}).get("path")
+        raise TeacherError(f"{method}: teacher {source} is a {student.get('method')} student"
+                           + (f" (distilled from {made_from})" if made_from else "")
+                           + ": its network is trained for its few-step sampler, not as an ODE teacher; give its teacher"
+                           " or another diffusion or flow snapshot")
     data = config.get("data") or {}
     for key, want in (("name", data_name), ("resolution", resolution), ("channels", channels)):
         if want is not None and data.get(key) != want:
@@ -154,7 +168,7 @@ def open_teacher(source: str | os.PathLike) -> LoadedSnapshot:
     """
     if str(source) in ("???", "", "None"):
         raise FileNotFoundError("method.teacher is not set; give method.teacher=<teacher snapshot.safetensors>")
-    if not os.path.isfile(source):
+    if not os.path.exists(source):  # a folder goes on to the loader, which says what to give instead
         raise FileNotFoundError(f"teacher snapshot {source} does not exist; give the teacher's snapshot file "
                                 "(runs/<name>/snapshot-*.safetensors)")
     return read_snapshot(source, need=("model", "prediction", "data"))

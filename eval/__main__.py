@@ -229,6 +229,8 @@ def _evaluate(args: argparse.Namespace, generate_fn: Any, seeds: range, what: st
     from eval.generate import evaluate, share
     from eval.stats import load_image_npz
 
+    if len(seeds) < 2:  # else the covariance refuses, naming no input
+        raise CommandError(f"{what}: {len(seeds)} image; a covariance (FID and the other statistics) needs at least 2")
     ref, ext = _reference(args)
     real = load_image_npz(args.ref_batch)[0] if args.ref_batch else None
     update, close = _progress(share(len(seeds), args.batch_size), f"features of {what}")
@@ -361,9 +363,17 @@ def _check_args(args: argparse.Namespace) -> None:
         if value:
             _check_input(value, what if args.command != "ref" or key not in ("npz", "folder") else f"--{key}", folder)
     if args.out:
-        check_writable_file(args.out, "--out")
+        check_writable_file(args.out, "--out", {f"--{k.replace('_', '-')}" if k != "npz" or args.command == "ref"
+                                                else "npz file": getattr(args, k, None)
+                                                for k in ("npz", "ref", "ref_batch", "weights", "snapshot", "tokenizer")})
     if getattr(args, "png_dir", None):
         check_writable_dir(args.png_dir, "--png-dir")
+        # <seed>.png of this run would replace some and keep others of an earlier one: a folder of two sample sets.
+        earlier = sorted(p.name for p in Path(args.png_dir).glob("[0-9][0-9][0-9][0-9][0-9][0-9]*.png"))
+        if earlier:
+            raise CommandError(f"--png-dir {printable(args.png_dir)} already holds {len(earlier)} <seed>.png file(s) "
+                               f"({earlier[0]}, ...); this run would mix its images with them. Give an empty or new "
+                               "folder")
 
 
 def _tokenizer_spec(source: str, overrides: list[str]) -> dict[str, Any]:
@@ -377,15 +387,14 @@ def _tokenizer_source(source: str, overrides: list[str]) -> tuple[dict[str, Any]
 
     path = Path(source)
     snapshot = None
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"tokenizer spec {path} does not exist (a configs/tokenizer/*.yaml file or a snapshot)")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix == ".safetensors" or path.is_dir():
+        from gen.utils.ckpt import load_snapshot_config
 
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        config = json.loads(meta.get("config", "{}"))
-        spec = config.get("tokenizer") if isinstance(config, dict) else None
+        # The shared reader: a damaged file or a folder is one line naming it (safe_open's own error was a traceback).
+        config = load_snapshot_config(path)
+        spec = config.get("tokenizer")
         if not isinstance(spec, dict):
             raise ValueError(f"{path} has no tokenizer in its metadata; was it written by train.py?")
         snapshot = path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,16 +171,24 @@ class StoredAverage:
     sigma_rel: float
 
 
+# The names PowerFunctionEMA's snapshots take (gen.train.loop): the first width's plain name, the others' -phema<w>.
+_PHEMA_NAME = re.compile(r"^snapshot-\d+(-phema[0-9.e+-]+)?\.safetensors$")
+
+
 def phema_snapshots(run_dir: str | os.PathLike) -> list[StoredAverage]:
     """Every snapshot of ``run_dir`` written by a :class:`gen.ema.PowerFunctionEMA`, sorted by (step, sigma_rel).
 
     Only the metadata is read; the width comes from the profile name (``ema``) and the averaging spec (``ema_spec``).
     """
-    found = []
+    found, foreign = [], []
     for path in sorted(Path(run_dir).glob("snapshot-*.safetensors")):
         meta = snapshot_metadata(path)
         spec = meta.get("ema_spec")
         if not isinstance(spec, Mapping) or spec.get("_target_") != "gen.ema.PowerFunctionEMA":
+            # Named as a power-function profile's snapshot (the first width's plain name, or -phema<w>) but not one:
+            # skipping it would silently fit the profiles to fewer snapshots than the run stored.
+            if _PHEMA_NAME.match(path.name):
+                foreign.append((path, meta))
             continue
         widths = {phema_name(float(s)): float(s) for s in spec.get("sigma_rels", [])}
         name, nimg, step = meta.get("ema"), meta.get("nimg"), meta.get("step")
@@ -187,4 +196,11 @@ def phema_snapshots(run_dir: str | os.PathLike) -> list[StoredAverage]:
             raise CheckpointError(f"{path}: its metadata (ema={name!r}, nimg={nimg!r}, step={step!r}) does not "
                                   "describe a power-function EMA snapshot; the file is damaged or edited")
         found.append(StoredAverage(path, nimg, step, widths[name]))
+    if found and foreign:
+        path, meta = foreign[0]
+        what = "a tokenizer snapshot" if meta.get("kind") == "tokenizer" else \
+            f"averaged by {(meta.get('ema_spec') or {}).get('_target_', 'no recorded EMA')}"
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise CheckpointError(f"{path}{more} lies among the run's power-function EMA snapshots but is not one ({what}); "
+                              "it is not this run's file. Move it out of the run folder")
     return sorted(found, key=lambda s: (s.step, s.sigma_rel))

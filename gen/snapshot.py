@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from gen.utils.ckpt import (
     CheckpointError,
     build_from_snapshot,
+    check_generator_snapshot,
     file_sha256,
     load_snapshot,
     load_state_dict_checked,
@@ -55,6 +56,8 @@ def read_snapshot(path: str | os.PathLike, need: tuple[str, ...] = ()) -> Loaded
         FileNotFoundError / CheckpointError: naming the file. NonFiniteError: NaN or inf in the weights.
     """
     tensors, config = load_snapshot(path)
+    if "model" in need:
+        check_generator_snapshot(config, path)
     for key in need:
         if not isinstance(config.get(key), Mapping):
             raise CheckpointError(f"snapshot {path} lacks '{key}' in its config metadata; was it written by train.py?")
@@ -79,8 +82,7 @@ def load_network(
         (network on ``device`` with ``requires_grad=False``, the snapshot read).
     """
     snap = source if isinstance(source, LoadedSnapshot) else read_snapshot(source, need=("model",))
-    if not isinstance(snap.config.get("model"), Mapping):
-        raise CheckpointError(f"snapshot {snap.path} lacks 'model' in its config metadata; was it written by train.py?")
+    check_generator_snapshot(snap.config, snap.path)
     net = build_from_snapshot(snap.config["model"], snap.tensors, snap.path)
     return net.to(device).eval().requires_grad_(False), snap
 
@@ -102,5 +104,8 @@ def init_from_snapshot(module: nn.Module, path: str | os.PathLike, what: str) ->
     try:
         load_state_dict_checked(module, cast, f"snapshot {path}")
     except ValueError as e:
+        if snap.config.get("kind") == "tokenizer":  # the key lists below would only restate this
+            raise ValueError(f"{what}: {path} is a tokenizer snapshot (an autoencoder), not weights of this network; "
+                             "give a snapshot of the same model (e.g. the teacher's)") from e
         raise ValueError(f"{what}: cannot start from {path}, which holds another network. {e}") from e
     return snap.sha256

@@ -93,7 +93,9 @@ def consistency_grid(
         sigma_max = float(path.t_max) if isinstance(path, EDMPath) else 80.0
     mids = [float(s) for s in sigmas]
     if steps != len(mids) + 1:
-        raise ValueError(f"consistency_grid: steps={steps} needs {steps - 1} intermediate sigmas, got {mids}")
+        raise ValueError(f"consistency_grid: steps={steps} needs {steps - 1} intermediate sigmas, got {mids}; give "
+                         f"sampler.grid.sigmas with {steps - 1} descending values (e.g. sampler=consistency_2step for "
+                         "2 steps), or the steps the sigmas fit")
     g = torch.tensor([float(sigma_max), *mids, 0.0], dtype=torch.float64)
     if not bool(torch.isfinite(g).all()) or bool((g[1:] >= g[:-1]).any()):
         raise ValueError(f"consistency_grid: sigmas must descend strictly from sigma_max={sigma_max} to 0, got {mids}")

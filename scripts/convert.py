@@ -37,7 +37,8 @@ from gen.models.convert import (
 )
 from gen.utils.build import build
 from gen.utils.ckpt import file_sha256, save_snapshot
-from gen.utils.cli import run_main
+from gen.utils.cli import check_writable_file, run_main
+from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
 PROG = "python -m scripts.convert"
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,10 @@ def _yaml(group: str, name_or_file: str) -> dict[str, Any]:
         raise ConvertError(f"{path} is not a mapping")
     if "defaults" in spec:
         raise ConvertError(f"{path} uses a Hydra defaults list; give a self-contained {group} file")
+    for key, value in spec.items():  # resolved by Hydra in train.py, never here: it would reach the constructor as text
+        if isinstance(value, str) and "${" in value:
+            raise ConvertError(f"--{group} {name_or_file}: {path} sets {key}: {value!r}, a config interpolation this "
+                               f"command does not resolve; give a {group} YAML file with the value (e.g. {key}: 3)")
     return spec
 
 
@@ -101,6 +106,14 @@ def build_tokenizer(spec: dict[str, Any]) -> Any:
         raise ConvertError(f"tokenizer {spec.get('_target_')}: {' '.join(str(e).split())}") from e
 
 
+def refuse_non_finite(tensors: dict[str, torch.Tensor], ckpt: str | Path) -> None:
+    """Refuse NaN or inf weights before anything is written (a converted snapshot of them would sample NaN)."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise NonFiniteError(f"{ckpt} holds non-finite weights ({shorten(bad)}); the checkpoint is damaged: download it "
+                             "again. Nothing was written")
+
+
 def convert_vavae(args: argparse.Namespace, sha: str) -> dict[str, Any]:
     """VA-VAE: the LDM-layout autoencoder to a tokenizer snapshot (its tensors are the weights; tokenizers/vavae.py)."""
     from tokenizers.vavae import TRAINING_ONLY_PREFIXES, VAVAE, ldm_to_diffusers
@@ -119,6 +132,7 @@ def convert_vavae(args: argparse.Namespace, sha: str) -> dict[str, Any]:
     except ValueError as e:
         raise ConvertError(str(e)) from e
     out = Path(args.out)
+    refuse_non_finite(tensors, args.ckpt)
     mean, std = latent_statistics(args.latent_stats) if args.latent_stats else (None, None)
     # The tokenizer preset's settings; weights: null because the snapshot's tensors are the weights.
     spec = {**_yaml("tokenizer", "vavae_f16d32"), "weights": None, "mean": mean, "std": std}
@@ -142,6 +156,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise ConvertError(f"--out {out}: a snapshot is a .safetensors file")
+    check_writable_file(out, "--out", {"--ckpt": ckpt, "--tokenizer-weights": args.tokenizer_weights,
+                                       "--latent-stats": args.latent_stats})
     sha = file_sha256(ckpt)
     if args.source == "vavae":
         return convert_vavae(args, sha)
@@ -175,6 +191,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
         "source": source,
     }
     tensors = {k: v.float() if v.is_floating_point() else v for k, v in conv.tensors.items()}
+    refuse_non_finite(tensors, ckpt)
     save_snapshot(out, tensors, meta)
     from gen.utils.ckpt import tokenizer_weights
     from pipeline import generator_from_snapshot
@@ -185,7 +202,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     try:
         with tokenizer_weights(weights):
             generator_from_snapshot(str(out))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, NonFiniteError) as e:
         out.unlink(missing_ok=True)
         raise ConvertError(f"the written snapshot does not rebuild ({e}); nothing was kept") from e
     return source

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from gen.models.adapters import ddpm_alphas_cumprod
-from gen.utils.ckpt import atomic_write, build_from_snapshot, load_snapshot
+from gen.snapshot import read_snapshot
+from gen.utils.ckpt import atomic_write, build_from_snapshot
 from gen.utils.cli import run_main
 
 PROG = "python -m scripts.export_diffusers"
@@ -111,7 +112,9 @@ def export(snapshot: str | Path, out: str | Path, vae: str | Path | None = None)
     from diffusers import DDIMScheduler, DiTTransformer2DModel
 
     snapshot, out = Path(snapshot), Path(out)
-    tensors, config = load_snapshot(snapshot)
+    # The shared reader: a damaged file, a folder, a tokenizer snapshot and non-finite weights are refused by name.
+    snap = read_snapshot(snapshot, need=("model",))
+    tensors, config = snap.tensors, snap.config
     kind = check_representable(config, str(snapshot))
     tok = config.get("tokenizer") or {}
     if tok.get("mean") is not None or tok.get("std") is not None:

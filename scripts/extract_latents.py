@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gen.data.latents import extract_latents
 from gen.utils import dist
 from gen.utils.build import build
-from gen.utils.cli import check_writable_dir, run_main
+from gen.utils.cli import check_writable_dir, run_hydra_entry, run_main
 from gen.utils.config import ConfigError
 
 KEYS = {"paths", "data", "tokenizer", "out", "seed", "shard_size", "batch_size", "images", "workers", "device"}
@@ -82,4 +82,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra_entry(main)

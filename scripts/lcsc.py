@@ -40,9 +40,9 @@ from distill.lcsc import SearchSettings, search
 from gen.averaging import buffer_names, combine
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
-from gen.utils.cli import CommandError, check_writable_file, printable, run_main
+from gen.utils.cli import CommandError, check_writable_file, float_arg, int_arg, printable, run_main
 from gen.utils.dist import print0
-from scripts.scoring import Scorer, add_scoring_args, make_scorer, metric_name, scoring_context
+from scripts.scoring import MAX_IMAGES, Scorer, add_scoring_args, make_scorer, metric_name, scoring_context
 
 PROG = "python -m scripts.lcsc"
 RESCORE_SEED_OFFSET = 1_000_000
@@ -84,7 +84,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     if not run.is_dir():
         raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
     paths, reference = checkpoints(run, args.source, args.last, args.at_kimg)
-    out = check_writable_file(args.out or run / "lcsc.safetensors", "--out")
+    out = check_writable_file(args.out or run / "lcsc.safetensors", "--out",
+                              {**{f"checkpoint {p.name}": p for p in [*paths, reference]}, "--ref": args.ref})
     settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
                               mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
     settings.check(len(paths))
@@ -129,19 +130,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = SearchSettings()
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("run", help="the run folder")
-    p.add_argument("--last", type=int, default=6, help="how many of the last checkpoints to combine")
+    p.add_argument("--last", type=int_arg(2), default=6, help="how many of the last checkpoints to combine")
     p.add_argument("--source", choices=["snapshots", "states"], default="snapshots")
-    p.add_argument("--at-kimg", type=float, default=None, help="use the checkpoints up to this time (default: all)")
+    p.add_argument("--at-kimg", type=float_arg(0), default=None, help="use the checkpoints up to this time (default: all)")
     p.add_argument("--state-key", default="module.net", help="weights read from training states (--source states)")
     p.add_argument("--out", default=None, help="the snapshot to write (default RUN/lcsc.safetensors)")
-    p.add_argument("--fitness-images", type=int, default=500)
-    p.add_argument("--rescore-images", type=int, default=2000)
-    p.add_argument("--population", type=int, default=d.population)
-    p.add_argument("--generations", type=int, default=d.generations)
-    p.add_argument("--elite", type=int, default=d.elite)
-    p.add_argument("--mutation-std", type=float, default=d.mutation_std)
-    p.add_argument("--max-norm", type=float, default=d.max_norm)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--fitness-images", type=int_arg(2, MAX_IMAGES), default=500)
+    p.add_argument("--rescore-images", type=int_arg(2, MAX_IMAGES), default=2000)
+    p.add_argument("--population", type=int_arg(2), default=d.population)
+    p.add_argument("--generations", type=int_arg(0), default=d.generations)
+    p.add_argument("--elite", type=int_arg(1), default=d.elite)
+    p.add_argument("--mutation-std", type=float_arg(0), default=d.mutation_std)
+    p.add_argument("--max-norm", type=float_arg(0), default=d.max_norm)
+    p.add_argument("--seed", type=int_arg(0), default=d.seed)
     add_scoring_args(p, "the fitness")
     return p.parse_args(argv)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
 from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
 from gen.utils.ckpt import atomic_write, list_snapshots
-from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
-from scripts.scoring import Scorer, add_scoring_args, make_scorer, metric_name
+from gen.utils.cli import CommandError, check_writable_dir, int_arg, printable, run_main
+from scripts.scoring import MAX_IMAGES, Scorer, add_scoring_args, make_scorer, metric_name
 
 PROG = "python -m scripts.posthoc_ema"
 # Snapshots of one time only fit profiles ending at that time with the stored widths; a fit of another width
@@ -63,6 +63,23 @@ def target_inputs(stored: list[StoredAverage], kimg: float, run: Path) -> list[S
     return inputs
 
 
+def _check_no_other_result(out: Path, reference: Path) -> None:
+    """Refuse to replace a file at ``out`` that is not a reconstruction from the same stored snapshot (another run's,
+    given the same ``--out-dir``, or a file this command did not write); the same run's is recomputed identically."""
+    if not out.exists():
+        return
+    from gen.averaging import snapshot_metadata
+    from gen.utils.ckpt import CheckpointError, file_sha256
+
+    try:
+        made_from = (snapshot_metadata(out).get("averaging") or {}).get("reference") or {}
+    except CheckpointError:
+        made_from = {}
+    if made_from.get("sha256") != file_sha256(reference):
+        what = f"a reconstruction from {made_from.get('name')} of another run" if made_from else "a file this command did not write"
+        raise CommandError(f"--out-dir: {printable(out)} already holds {what}; give another --out-dir, or delete that file")
+
+
 def reconstruct(run: Path, sigmas: list[float], kimgs: list[float] | None, out_dir: Path) -> list[Path]:
     """Write one snapshot per (target time, width); returns their paths."""
     for s in sigmas:
@@ -73,6 +90,11 @@ def reconstruct(run: Path, sigmas: list[float], kimgs: list[float] | None, out_d
     stored = phema_snapshots(run)
     if not stored:
         raise CommandError(f"{printable(run)} holds no power-function EMA snapshots; train the run with ema=phema")
+    for kimg in kimgs or [stored[-1].nimg / 1000]:  # every output checked before the first is written
+        inputs = target_inputs(stored, kimg, run)
+        reference = next(s.path for s in reversed(inputs) if s.step == max(s.step for s in inputs))
+        for sigma in sigmas:
+            _check_no_other_result(out_dir / f"posthoc-{inputs[-1].nimg:09d}-sigma{sigma:g}.safetensors", reference)
     written = []
     for kimg in kimgs or [stored[-1].nimg / 1000]:
         inputs = target_inputs(stored, kimg, run)
@@ -137,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma-rel", required=True, help="target widths, comma-separated, e.g. 0.03,0.08")
     p.add_argument("--at-kimg", default=None, help="target times in kimg (stored snapshot times; default the latest)")
     p.add_argument("--out-dir", default=None, help="where to write the snapshots (default: the run folder)")
-    p.add_argument("--score", type=int, default=0, help="score each reconstruction by the yardstick FID of N samples")
+    p.add_argument("--score", type=int_arg(0, MAX_IMAGES), default=0, help="score each reconstruction by the yardstick FID of N samples")
     add_scoring_args(p, "--score")
     return p.parse_args(argv)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gen.utils.cli import CommandError, printable
+from gen.utils.cli import CommandError, float_arg, int_arg, printable
 
 # (snapshot, number of images, first seed) -> FID; seeds first_seed .. first_seed + number - 1.
 Scorer = Callable[[Path, int, int], float]
@@ -23,10 +23,11 @@ Scorer = Callable[[Path, int, int], float]
 def add_scoring_args(p: argparse.ArgumentParser, what: str = "scoring") -> None:
     """``--kind``, ``--steps``, ``--cfg`` (the snapshot's sampler unless given), ``--dataset``, ``--ref``,
     ``--weights``, ``--assume-ref-extractor``, ``--download``, ``--cache-dir``, ``--batch-size``."""
-    p.add_argument("--kind", default=None, help=f"sampler for {what} by short name (euler, heun, consistency); "
-                   "default the snapshot's")
-    p.add_argument("--steps", type=int, default=None, help=f"sampler steps for {what}; default the snapshot's")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1: none); default the snapshot's")
+    p.add_argument("--kind", type=_sampler_kind, default=None, help=f"sampler for {what} by short name (euler, heun, "
+                   "consistency); default the snapshot's")
+    p.add_argument("--steps", type=int_arg(1, MAX_STEPS), default=None,
+                   help=f"sampler steps for {what}; default the snapshot's")
+    p.add_argument("--cfg", type=float_arg(), default=None, help="guidance scale (1: none); default the snapshot's")
     p.add_argument("--dataset", default=None, help="yardstick dataset; default the snapshot's data.name")
     p.add_argument("--ref", default=None, help=f"reference statistics (.npz from `python -m eval ref`): {what} by "
                    "the FID against them, in the features their manifest names, instead of the yardstick's")
@@ -37,7 +38,23 @@ def add_scoring_args(p: argparse.ArgumentParser, what: str = "scoring") -> None:
     p.add_argument("--download", action="store_true", help="download --ref's extractor weights when missing")
     p.add_argument("--cache-dir", default=None, help="network cache (default ${GEN_CACHE}/yardstick, or the weights "
                    "cache with --ref)")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int_arg(1), default=250)
+
+
+# sampler.steps' bound (samplers.spec): refused here under the flag's own name.
+MAX_STEPS = 100_000
+# More images than sample.py takes seeds in one run: a typo, not a score (it would exhaust memory first).
+MAX_IMAGES = 100_000_000
+
+
+def _sampler_kind(text: str) -> str:
+    """``--kind``: a sampler of ``samplers`` by its short name (``heun`` -> ``samplers.sample_heun``)."""
+    import samplers
+
+    kinds = sorted(n[len("sample_"):] for n in dir(samplers) if n.startswith("sample_") and callable(getattr(samplers, n)))
+    if text not in kinds:
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}; one of {', '.join(kinds)}")
+    return text
 
 
 def scoring_dataset(snapshot: Path, args: argparse.Namespace) -> str:

@@ -190,6 +190,14 @@ def _png_dir_is_file(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     return argv, ("--png-dir", str(tmp / "pngs"))
 
 
+def _png_dir_holds_pngs(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    """An earlier evaluation's PNGs: this run would replace some and keep the others, one folder of two sets."""
+    argv, _ = _png_dir_is_file(tmp)
+    (tmp / "pngs").unlink()
+    png(tmp / "pngs" / "000007.png")
+    return argv, ("--png-dir", str(tmp / "pngs"), "already holds 1 <seed>.png", "000007.png")
+
+
 def _corrupt_snapshot(tmp: Path) -> tuple[list[str], tuple[str, ...]]:
     snap = tmp / "snapshot-000000100.safetensors"
     snap.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
@@ -235,6 +243,7 @@ EVAL_CASES = [
         lambda p: np.savez(p, arr_0=np.array([{"a": 1}, None], dtype=object)), "'arr_0'", "unpickling")),
     Case("npz-labels-mismatch", _npz_case(lambda p: write_samples(p, arr_1=np.arange(7)), "arr_1", "20")),
     Case("npz-labels-float", _npz_case(lambda p: write_samples(p, arr_1=np.full(20, 0.5)), "arr_1", "integers")),
+    Case("npz-one-image", _npz_case(lambda p: write_samples(p, n=1), "1 image", "at least 2")),
     Case("npz-is-a-folder", lambda tmp: (["npz", str(tmp), "--ref", str(write_ref(tmp / "ref.npz"))],
                                          (str(tmp), "is a folder"))),
     # reference statistics
@@ -271,6 +280,10 @@ EVAL_CASES = [
     Case("device-unknown", _plain(lambda tmp: _samples_argv(tmp, "--device", "tpu"), "--device")),
     Case("out-is-a-folder", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp)), "--out", "is a folder")),
     Case("out-under-a-file", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "s.npz" / "m.json")), "--out")),
+    # The metrics JSON was written over the input (the samples, or the reference statistics): both were destroyed.
+    Case("out-is-the-samples", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "s.npz")),
+                                      "--out", "is the input npz file", "destroy")),
+    Case("out-is-the-ref", _plain(lambda tmp: _samples_argv(tmp, "--out", str(tmp / "ref.npz")), "is the input --ref")),
     Case("weights-for-yardstick", _plain(
         lambda tmp: ["ref", "--dataset", "mnist5k", "--extractor", "yardstick", "--weights", str(write_ref(tmp / "w")),
                      "--out", str(tmp / "r.npz")], "--weights")),
@@ -283,6 +296,7 @@ EVAL_CASES = [
     Case("generator-no-function", _generator("pipeline:no_such_fn", "has no")),
     Case("snapshot-corrupt", _corrupt_snapshot),
     Case("png-dir-is-a-file", _png_dir_is_file),
+    Case("png-dir-holds-pngs", _png_dir_holds_pngs),
 ]
 if not torch.cuda.is_available():
     EVAL_CASES.append(Case("device-cuda-missing", _plain(lambda tmp: _samples_argv(tmp, "--device", "cuda"), "--device", "cpu")))
@@ -874,6 +888,10 @@ def test_train_refuses_bad_settings_before_the_first_step(overrides: list[str], 
     runs = tmp_path / "runs"
     assert not list(runs.rglob("state-*.pt")) and not list(runs.rglob("results.json")), "trained before refusing"
     assert "kimg" not in out
+    # No empty run folder is left (it was, for every setting refused after the folder was made); the settings the
+    # training loop itself checks are refused after config.yaml is written.
+    left = sorted(p.name for p in (runs / "r").iterdir()) if (runs / "r").exists() else None
+    assert left is None or left == [".lock", "config.yaml"], left
 
 
 def test_run_that_ends_with_non_finite_weights_writes_no_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1195,6 +1213,12 @@ SAMPLE_CASES: list[tuple[str, list[str], int, tuple[str, ...], dict[str, Callabl
      {"meta": _tokenizer({"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]})}),
     ("tokenizer-weights-missing", ["tokenizer_weights={tmp}/none.safetensors"], 2,
      ("tokenizer_weights=", "none.safetensors", "does not exist"), None),
+    # was "unknown argument(s) 'weights' for tokenizers.pixels.PixelTokenizer", which named no setting to drop
+    ("tokenizer-weights-for-pixels", ["tokenizer_weights={file}"], 2,
+     ("PixelTokenizer has no weights", "a-file", "drop tokenizer_weights"), None),
+    # a tokenizer snapshot's weights that are damaged (was a traceback from safetensors)
+    ("tokenizer-weights-damaged", ["tokenizer_weights={file}"], 2, ("a-file", "not a readable weights file"),
+     {"meta": _tokenizer({})}),
 ]
 if not torch.cuda.is_available():
     SAMPLE_CASES.append(("device-cuda-missing", ["device=cuda"], 2, ("device=cuda", "CUDA"), None))
@@ -1415,3 +1439,294 @@ def test_read_only_outputs_are_one_line(snapshot: Path, tmp_path: Path, tiny: No
     code, out, err = run_cli(main, [*argv, "--out", str(ro / "m.json")], capsys)
     assert_refused(code, err, "--out", str(ro), "read-only")
     assert not any(ro.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Snapshots of the wrong kind and paths of the wrong type, across the commands that read one (the shared loaders
+# gen.utils.ckpt.load_snapshot and gen.snapshot.read_snapshot): each names the file, what it is and what to give.
+
+
+def _tokenizer_snapshot(path: Path) -> Path:
+    """A file shaped like a tokenizer snapshot of ``train.py method=kl_autoencoder`` (its kind and tokenizer spec)."""
+    from gen.utils.ckpt import save_snapshot
+
+    spec = {"_target_": "tokenizers.kl.AutoencoderKLTokenizer", "block_out_channels": [32], "layers_per_block": 1,
+            "latent_channels": 1, "image_channels": 1, "weights": None, "seed": 0}
+    return save_snapshot(path, {"decoder.conv_in.weight": torch.zeros(2, 2)},
+                         {"tokenizer": spec, "tokenizer_weights": "snapshot", "kind": "tokenizer"})
+
+
+def _snapshot_reader(command: str, path: Path, tmp: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run ``command`` in-process with ``path`` where it expects a generator snapshot; (exit status, stderr)."""
+    if command == "sample.py":
+        code, _, err = sample_cli([f"snapshot={path}", f"outdir={tmp / 'out'}", "seeds=0-3"], capsys)
+    elif command == "distill.pairs":
+        from distill.pairs import main as pairs_main
+
+        code, _, err = run_cli(pairs_main, [f"teacher={path}", f"out={tmp / 'out'}", "num=4", "steps=2"], capsys)
+    elif command == "export_diffusers":
+        from scripts.export_diffusers import main as export_main
+
+        code, _, err = run_cli(export_main, ["--snapshot", str(path), "--out", str(tmp / "out")], capsys)
+    else:  # train.py trainer.init
+        code, _, err = train_cli(tmp, [f"trainer.init={{net: {path}}}"], capsys)
+    return code, err
+
+
+SNAPSHOT_READERS = ["sample.py", "distill.pairs", "export_diffusers", "train.py-init"]
+
+
+@pytest.mark.parametrize("command", SNAPSHOT_READERS)
+def test_tokenizer_snapshot_where_a_generator_is_expected_is_named(command: str, snapshot: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    tok = _tokenizer_snapshot(tmp_path / "snapshot-000000032.safetensors")
+    code, err = _snapshot_reader(command, tok, tmp_path, capsys)
+    line = assert_refused(code, err, str(tok), "is a tokenizer snapshot")
+    assert "was it written by train.py" not in line  # it was: the old message sent the user the wrong way
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
+
+
+@pytest.mark.parametrize("command", [c for c in SNAPSHOT_READERS if c != "sample.py"])  # sample.py takes run folders
+def test_folder_where_a_snapshot_file_is_expected_is_named(command: str, snapshot: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    run = snapshot.parent
+    code, err = _snapshot_reader(command, run, tmp_path, capsys)
+    line = assert_refused(code, err, str(run), "is a folder, not a snapshot file", str(snapshot))
+    assert "does not exist" not in line
+    if command == "train.py-init":
+        assert "trainer.init.net" in line
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged weights files behind every loader (tokenizer weights, VA-VAE checkpoints, training states, published
+# checkpoints): one line naming the file, and never torch's advice to retry with weights_only=False.
+
+
+def _bad_weights(kind: str, tmp: Path, snapshot: Path) -> Path:
+    path = tmp / f"bad-{kind}.safetensors"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(3).bytes(4000))
+    elif kind == "text":
+        path.write_text("hello, I am a text file renamed")
+    elif kind == "truncated":
+        path.write_bytes(snapshot.read_bytes()[:3000])
+    elif kind == "random-pt":
+        path = path.with_suffix(".pt")
+        path.write_bytes(np.random.default_rng(4).bytes(4000))
+    else:  # a generator's snapshot where the tokenizer's is expected
+        path = snapshot
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("empty", "not a readable weights file"), ("random", "not a readable weights file"),
+    ("text", "not a readable weights file"), ("truncated", "not a readable weights file"),
+    ("random-pt", "not a PyTorch file of tensors"), ("generator", "is a generator snapshot"),
+])
+def test_extract_latents_names_a_damaged_tokenizer_weights_file(kind: str, words: str, snapshot: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.extract_latents import main_checked
+
+    bad = _bad_weights(kind, tmp_path, snapshot)
+    cfg = _compose("extract", ["data=digits", "data.resolution=32", "tokenizer=yardstick_kl_f4d4",
+                               f"tokenizer.weights={bad}", f"out={tmp_path / 'latents'}"])
+    code = main_checked(cfg)
+    err = capsys.readouterr().err
+    line = assert_refused(code, err, str(bad), words)
+    assert "weights_only` set to `False" not in line
+    assert not list((tmp_path / "latents").glob("shard-*"))
+
+
+@pytest.mark.parametrize("kind", ["empty", "random", "truncated", "random-pt", "text"])
+def test_vavae_checkpoint_reader_names_a_damaged_file(kind: str, snapshot: Path, tmp_path: Path) -> None:
+    from tokenizers.vavae import load_checkpoint_state
+
+    bad = _bad_weights(kind, tmp_path, snapshot)
+    if kind == "text":
+        bad = bad.rename(bad.with_suffix(".pt"))  # the legacy unpickler's KeyError path
+    with pytest.raises(ValueError, match="cannot be read") as info:
+        load_checkpoint_state(bad)
+    assert str(bad) in str(info.value) and "weights_only` set to `False" not in str(info.value)
+
+
+def test_random_bytes_never_bring_torchs_weights_only_advice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's message for foreign bytes opens with 'Re-running torch.load with weights_only set to False will likely
+    succeed': running the file's code. The training-state reader and scripts.convert give the cause instead."""
+    from gen.utils.ckpt import CheckpointError, load_training_state
+    from scripts.convert import main as convert_main
+
+    junk = tmp_path / "state-000000064.pt"
+    junk.write_bytes(np.random.default_rng(5).bytes(4000))
+    with pytest.raises(CheckpointError) as info:
+        load_training_state(junk)
+    assert "not a PyTorch file of tensors" in str(info.value) and "weights_only" not in str(info.value)
+    code, _, err = run_cli(convert_main, ["--from", "dit", "--ckpt", str(junk), "--out", str(tmp_path / "o.safetensors")],
+                           capsys)
+    line = assert_refused(code, err, str(junk), "not a PyTorch file of tensors")
+    assert "weights_only" not in line and not (tmp_path / "o.safetensors").exists()
+
+
+def test_posthoc_ema_refuses_a_foreign_file_among_the_runs_snapshots(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A file named like one of the run's power-function EMA snapshots but holding something else (here a tokenizer
+    snapshot) was skipped, and the profiles silently fitted to fewer snapshots than the run stored."""
+    from scripts.posthoc_ema import main as posthoc_main
+
+    assert train_cli(tmp_path, ["ema=phema", "trainer.snapshot_kimg=0.032"])[0] == 0
+    run = tmp_path / "runs" / "r"
+    foreign = _tokenizer_snapshot(run / "snapshot-000000032.safetensors")
+    out = tmp_path / "posthoc"
+    code, _, err = run_cli(posthoc_main, [str(run), "--sigma-rel", "0.08", "--out-dir", str(out)], capsys)
+    assert_refused(code, err, str(foreign), "is not one (a tokenizer snapshot)", "Move it out")
+    assert not list(out.glob("*.safetensors"))
+
+
+# (flags, the words of argparse's line). Each was accepted by argparse and then refused under an internal name
+# (sampler.steps, samplers.sample_bogus, 'cannot convert float NaN to integer', 'expected non-negative integer'), or,
+# for a huge image count, ran until memory ran out.
+AVERAGING_FLAG_CASES = [
+    (["--steps", "0"], ("argument --steps", "got 0")),
+    (["--kind", "bogus"], ("argument --kind", "'bogus'", "euler")),
+    (["--cfg", "nan"], ("argument --cfg", "finite")),
+    (["--batch-size", "0"], ("argument --batch-size", "at least 1")),
+    (["--at-kimg", "nan"], ("argument --at-kimg", "finite")),
+    (["--seed", "-1"], ("argument --seed", "at least 0")),
+    (["--fitness-images", "1000000000000"], ("argument --fitness-images", "100,000,000")),
+    (["--mutation-std", "inf"], ("argument --mutation-std", "finite")),
+]
+
+
+@pytest.mark.parametrize("flags, words", AVERAGING_FLAG_CASES, ids=[c[0][0] for c in AVERAGING_FLAG_CASES])
+def test_averaging_commands_name_a_bad_flag(flags: list[str], words: tuple[str, ...], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.lcsc import main as lcsc_main
+    from scripts.posthoc_ema import main as posthoc_main
+
+    code, _, err = run_cli(lcsc_main, [str(tmp_path), "--last", "2", *flags], capsys)
+    assert_refused(code, err, *words)
+    if flags[0] in ("--steps", "--kind", "--cfg", "--batch-size"):  # the scoring flags both commands share
+        code, _, err = run_cli(posthoc_main, [str(tmp_path), "--sigma-rel", "0.05", "--score", "10", *flags], capsys)
+        assert_refused(code, err, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_damaged_pair_shard_is_named_and_drawn_again(snapshot: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A cut pair shard: training on the folder was a safetensors traceback, and re-running the drawing command kept
+    the shard (its name was there) and marked the folder complete."""
+    from distill.pairs import PairShards
+    from distill.pairs import main as pairs_main
+
+    out, ref = tmp_path / "pairs", tmp_path / "ref"
+    args = [f"teacher={snapshot}", "num=8", "shard_size=4", "steps=2"]
+    assert run_cli(pairs_main, [*args, f"out={out}"], capsys)[0] == 0
+    assert run_cli(pairs_main, [*args, f"out={ref}"], capsys)[0] == 0
+    shard = out / "pairs-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    with pytest.raises(ValueError, match="pair shard .* cannot be read .* re-run the python -m distill.pairs") as info:
+        PairShards(str(out))
+    assert str(shard) in str(info.value)
+    code, _, err = run_cli(pairs_main, [*args, f"out={out}"], capsys)
+    assert code == 0 and f"{shard} is damaged" in err, err
+    assert shard.read_bytes() == (ref / shard.name).read_bytes()  # drawn again, the same bytes as a clean run
+    assert len(PairShards(str(out))) == 8
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp, snap: tmp / "none.safetensors", ("none.safetensors", "does not exist")),
+    (lambda tmp, snap: _bad_weights("truncated", tmp, snap), ("bad-truncated.safetensors", "not a readable safetensors")),
+    (lambda tmp, snap: _bad_weights("empty", tmp, snap), ("bad-empty.safetensors", "not a readable safetensors")),
+    (lambda tmp, snap: snap.parent, ("is a folder, not a snapshot file", "snapshot-")),
+], ids=["missing", "truncated", "empty", "folder"])
+def test_eval_recon_names_a_bad_tokenizer_snapshot(make: Callable[[Path, Path], Path], words: tuple[str, ...],
+                                                   snapshot: Path, tmp_path: Path, tiny: None,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m eval recon --tokenizer``: a cut snapshot was a safetensors traceback; a folder 'did not exist'."""
+    from eval.__main__ import main
+
+    bad = make(tmp_path, snapshot)
+    argv = ["recon", "--tokenizer", str(bad), "--npz", str(write_samples(tmp_path / "s.npz")), "--extractor", "tiny",
+            "--no-lpips"]
+    code, out, err = run_cli(main, argv, capsys)
+    assert_refused(code, err, *words)
+    assert out == ""
+
+
+def test_hydra_refusals_of_the_command_line_exit_with_the_usage_status(tmp_path: Path) -> None:
+    """An unknown key without '+' and an unknown preset: Hydra's own message (the key and the fix), exit status 2 like
+    every bad input (was 1, the status of a failed run)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for argv, words in ((["sample.py", "snapshot=x", "seedz=0-3"], "+seedz=0-3"),
+                        (["train.py", "sampler=no_such_preset"], "sampler/no_such_preset")):
+        got = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=300)
+        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+        assert words in got.stderr, got.stderr
+
+
+def test_consistency_steps_without_their_sigmas_name_the_fix() -> None:
+    """``sampler=consistency sampler.steps=4`` (train.py method=cd, sample.py): the error said what was missing but
+    not which setting gives it."""
+    from samplers import consistency_grid
+
+    with pytest.raises(ValueError, match=r"steps=4 needs 3 intermediate sigmas.*sampler.grid.sigmas with 3 descending "
+                                         r"values.*consistency_2step"):
+        consistency_grid(4, [])
+
+
+def test_output_that_is_an_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts.lcsc --out <one of the run's snapshots> replaced that source with the combination; scripts.convert
+    --out <the --ckpt file> replaced the checkpoint. Both are refused before anything is read."""
+    from gen.utils.ckpt import save_snapshot
+    from scripts.convert import main as convert_main
+    from scripts.lcsc import main as lcsc_main
+
+    run = tmp_path / "run"
+    for nimg in (128, 256):
+        save_snapshot(run / f"snapshot-{nimg:09d}.safetensors", {"w": torch.ones(2)}, {"model": {}})
+    source = run / "snapshot-000000128.safetensors"
+    before = source.read_bytes()
+    code, _, err = run_cli(lcsc_main, [str(run), "--last", "2", "--out", str(source)], capsys)
+    assert_refused(code, err, "--out", str(source), "is the input checkpoint snapshot-000000128.safetensors")
+    code, _, err = run_cli(convert_main, ["--from", "dit", "--ckpt", str(source), "--out", str(source)], capsys)
+    assert_refused(code, err, "--out", "is the input --ckpt")
+    assert source.read_bytes() == before
+
+
+def test_a_few_step_student_is_refused_as_a_teacher(snapshot: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A TDM student's snapshot holds a velocity model on the linear path, so the prediction-kind check let it teach
+    (CD, TDM, SLAM, reflow); its network is trained for its 4-step sampler only. A reflow student may teach (k-reflow)."""
+    from distill.teacher import check_teacher
+
+    def student(method: str) -> Callable[[dict], None]:
+        return lambda c: c.__setitem__("distill", {"method": method, "teacher": {"path": str(snapshot), "sha256": "0"}})
+
+    tdm = _edited_snapshot(snapshot, tmp_path / "tdm-student.safetensors", meta=student("tdm"))
+    code, _, err = train_cli(tmp_path, ["method=cd", "sampler=consistency", "sampler.steps=1", "trainer.grad_clip=null",
+                                        f"method.teacher={tdm}"], capsys)
+    assert_refused(code, err, str(tdm), "is a tdm student", str(snapshot), "give its teacher")
+    from gen.utils.ckpt import load_snapshot_config
+
+    config = load_snapshot_config(_edited_snapshot(snapshot, tmp_path / "rf.safetensors", meta=student("reflow")))
+    assert check_teacher(config, "rf", data_name=None, resolution=None, channels=None, kinds=["flow"], method="cd") == "flow"
+
+
+def test_posthoc_ema_never_replaces_another_runs_reconstruction(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs reconstructed into one --out-dir: the second silently replaced the first's posthoc-<nimg>-sigma<w>
+    file (the names carry no run). Now refused before anything is written; the same run's is recomputed."""
+    from scripts.posthoc_ema import main as posthoc_main
+
+    for name, seed in (("a", 0), ("b", 1)):
+        assert train_cli(tmp_path, ["ema=phema", "trainer.snapshot_kimg=0.032", f"seed={seed}"], name=name)[0] == 0
+    out = tmp_path / "posthoc"
+    argv = ["--sigma-rel", "0.08,0.05", "--out-dir", str(out)]
+    assert run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), *argv], capsys)[0] == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(posthoc_main, [str(tmp_path / "runs" / "b"), *argv], capsys)
+    assert_refused(code, err, "--out-dir", str(out / "posthoc-000000064-sigma0.08.safetensors"), "of another run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    assert run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), *argv], capsys)[0] == 0  # the same run: recomputed

@@ -310,3 +310,28 @@ def test_refuses_a_missing_tokenizer_file(tmp_path: Path, tokenizer_file: Path, 
     code = cli.main(["--from", "lightningdit", "--ckpt", str(ldit), "--out", str(out), "--tokenizer",
                      str(tokenizer_file), *HEADS])
     _refused(capsys, code, out, "give --latent-stats")
+
+
+def test_refuses_non_finite_weights_and_writes_nothing(tmp_path: Path, tokenizer_file: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint with a NaN weight was converted and written, then refused by the rebuild check ('Use an earlier
+    snapshot of the run'), leaving the non-finite snapshot behind."""
+    state = random_state("dit")
+    name = next(k for k, v in state.items() if k.endswith("weight") and v.ndim == 2)
+    state[name][0, 0] = float("nan")
+    ckpt = tmp_path / "nan.pt"
+    torch.save(state, ckpt)
+    out = tmp_path / "o.safetensors"
+    code = run_cli("dit", ckpt, out, tokenizer_file)
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1, err
+    assert str(ckpt) in err and name in err and "download it again" in err and "earlier snapshot" not in err, err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_refuses_a_preset_with_interpolations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--tokenizer pixels``: its preset interpolates ${data.channels}; the text reached int() ('invalid literal for
+    int() with base 10: '${data.channels}'')."""
+    out = tmp_path / "o.safetensors"
+    code = run_cli("dit", write_checkpoint("dit", tmp_path / "dit.pt"), out, Path("pixels"))
+    _refused(capsys, code, out, "--tokenizer pixels", "channels: '${data.channels}'", "interpolation")

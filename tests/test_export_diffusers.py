@@ -125,3 +125,15 @@ def test_refuses_models_diffusers_cannot_represent(tmp_path: Path, capsys: pytes
         err = capsys.readouterr().err
         assert err.startswith("python -m scripts.export_diffusers: error: ") and message in err, err
         assert err.count("\n") == 1 and not out.exists()
+
+
+def test_refuses_non_finite_weights(folders: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A snapshot with a NaN weight was exported as it is (the exporter read it without the finiteness check of the
+    shared snapshot reader); now it is refused with the tensor's name, exit status 3, and nothing is written."""
+    tensors, config = load_snapshot(folders["snapshot"])
+    tensors["final_layer.linear.weight"][0, 0] = float("nan")
+    bad = save_snapshot(tmp_path / "nan.safetensors", tensors, config)
+    assert cli.main(["--snapshot", str(bad), "--out", str(tmp_path / "out")]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite weights" in err and "final_layer.linear.weight" in err and str(bad) in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))

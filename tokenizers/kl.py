@@ -89,6 +89,22 @@ def build_autoencoder_kl(kwargs: Mapping[str, Any], seed: int | None = 0, meta: 
         return AutoencoderKL(**kwargs)
 
 
+def _refuse_generator_snapshot(path: Path) -> None:
+    """A generator's snapshot given as tokenizer weights: say so, instead of listing every key that does not fit."""
+    if path.suffix != ".safetensors":
+        return
+    from gen.utils.ckpt import CheckpointError, load_snapshot_config
+
+    try:
+        config = load_snapshot_config(path)
+    except CheckpointError:
+        return  # not a snapshot of this toolkit (a plain state dict): the loader decides
+    if isinstance(config.get("model"), Mapping) and config.get("kind") != "tokenizer":
+        raise ValueError(f"tokenizer weights file {path} is a generator snapshot (model "
+                         f"{config['model'].get('_target_')}), not a tokenizer's; give the tokenizer's snapshot "
+                         "(train.py method=kl_autoencoder) or its weights file")
+
+
 def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict ``load_state_dict`` whose error names the file and the first missing / unexpected / misshaped keys."""
     own = module.state_dict()
@@ -178,13 +194,16 @@ class AutoencoderKLTokenizer(Tokenizer):
         if weights is None:
             vae = build_autoencoder_kl(kwargs, seed)
         else:
-            from safetensors.torch import load_file
+            from gen.utils.weights import load_weights_file
 
             path = Path(weights).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer weights file {path} does not exist (a .safetensors state dict of AutoencoderKL)")
+            _refuse_generator_snapshot(path)
+            state = load_weights_file(path, "an AutoencoderKL state dict (a tokenizer snapshot of train.py "
+                                            "method=kl_autoencoder)")
             vae = build_autoencoder_kl(kwargs, meta=True)
-            load_state_dict_checked(vae, load_file(str(path)), str(path))
+            load_state_dict_checked(vae, state, str(path))
         self._init_kl(vae, image_channels, latent_channels, downsample, posterior, scaling_factor, mean, std)
 
     # Shared by the subclasses, which build their network differently.

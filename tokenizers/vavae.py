@@ -24,7 +24,6 @@ VF-loss projection) that inference does not use. ``ldm_to_diffusers`` maps every
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from gen.utils.build import capture_config
+from gen.utils.ckpt import unreadable_reason
 from gen.utils.weights import WeightsNotFoundError, weights_cache_dir
 from tokenizers.kl import (
     AutoencoderKLTokenizer,
@@ -215,18 +215,23 @@ def load_checkpoint_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ValueError: the torch file holds pickled objects besides tensors (never unpickled here).
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
     try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
         state: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds pickled Python objects besides tensors, which this toolkit does not load (torch.load "
-            f"with weights_only=True: {str(e).splitlines()[0]}). If you trust the file, save its 'state_dict' as "
-            f"safetensors once (safetensors.torch.save_file) and point tokenizer.weights at that file."
-        ) from e
+    except Exception as e:  # torch and safetensors signal damaged or foreign bytes with many exception types
+        if isinstance(e, OSError) and e.errno is not None:  # unreadable (permissions, I/O), not damaged
+            raise
+        reason = unreadable_reason(e)
+        if "pickled Python objects" in reason:
+            raise ValueError(
+                f"{path}: {reason} (torch.load with weights_only=True). If you trust the file, save its 'state_dict' "
+                "as safetensors once (safetensors.torch.save_file) and point tokenizer.weights at that file."
+            ) from e
+        raise ValueError(f"VA-VAE weights file {path} cannot be read ({reason}); it is damaged or not a checkpoint: "
+                         "download it again") from e
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper), Mapping):
             state = state[wrapper]

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from gen.models.adapters import ddpm_alphas_cumprod
 from gen.nn import rope_2d_axial
+from gen.utils.ckpt import unreadable_reason
 
 Source = Literal["dit", "sit", "repa", "reg", "lightningdit", "ddt"]
 SOURCES: tuple[str, ...] = ("dit", "sit", "repa", "reg", "lightningdit", "ddt")
@@ -121,8 +122,7 @@ def _not_a_checkpoint(path: Path, head: bytes, e: BaseException) -> ConvertError
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return unreadable_reason(e)
 
 
 def _is_state_dict(obj: Any) -> bool:

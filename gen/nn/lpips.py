@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gen.utils.weights import file_sha256, resolve_weights
+from gen.utils.weights import file_sha256, load_weights_file, resolve_weights
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_SHA256_PREFIX = "397923af"  # torch.hub names files by the first digits of their SHA-256
@@ -74,7 +74,7 @@ class LPIPS(nn.Module):
         # non-persistent buffers made on the CPU either way.
         with torch.device("meta"):
             net = _LPIPS(pretrained=False, net="vgg", pnet_rand=True)
-        vgg = torch.load(path, map_location="cpu", weights_only=True)
+        vgg = load_weights_file(path, f"torchvision's VGG16 weights ({VGG16_FILE})")
         heads_path = _lin_heads_path()
         heads = torch.load(heads_path, map_location="cpu", weights_only=True)
         state = net.state_dict()

@@ -322,6 +322,8 @@ def _init_modules(init: Mapping[str, str], trainable: Mapping[str, nn.Module], f
             sha = init_from_snapshot(trainable[name], path, f"trainer.init.{name}")
         except FileNotFoundError as e:
             raise ConfigError(f"trainer.init.{name}: {e}; give an existing snapshot file") from e
+        except ckpt.CheckpointError as e:  # a damaged file, a folder, another kind of snapshot: say which key named it
+            raise ConfigError(f"trainer.init.{name}: {e}") from e
         sources[name] = {"path": str(path), "sha256": sha}
         print0(f"{name} starts from {path} (sha256 {sha[:12]})")
     return sources

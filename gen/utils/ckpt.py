@@ -9,9 +9,11 @@ rebuilds it without trusting that config (see there). A write that fails (a full
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -87,6 +89,27 @@ def save_training_state(path: str | os.PathLike, state: Mapping[str, Any]) -> Pa
     return atomic_write(path, write)
 
 
+def unreadable_reason(e: BaseException) -> str:
+    """Why ``torch.load`` or safetensors could not read a file, as one short clause.
+
+    torch's own text for a file of other bytes begins with advice to retry with ``weights_only=False``, i.e. to run
+    the file's code; that advice is never passed on. Its zip reader's text runs on with a paragraph of guesses.
+    """
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) and "weights_only" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+        detail = m.group(1).strip() if m else "not a file of tensors"
+        if "Unsupported global" in detail:
+            return f"it holds pickled Python objects besides tensors ({detail}), which are never unpickled"
+        return f"not a PyTorch file of tensors: {detail}"
+    if isinstance(e, EOFError):
+        return "the file ends early: it is empty or cut"
+    if isinstance(e, (KeyError, IndexError)):  # the legacy unpickler meeting bytes that are no pickle at all
+        return "not a PyTorch file (its bytes are no pickle)"
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first.split(" This is an internal miniz error")[0][:200]
+
+
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     """Load a training state without unpickling arbitrary objects (``weights_only=True``).
 
@@ -98,7 +121,7 @@ def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     except OSError:
         raise
     except Exception as e:  # corrupt or foreign file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = unreadable_reason(e)
         raise CheckpointError(
             f"training state {path} cannot be read ({reason}); it is damaged or not a training state of this "
             "toolkit. Delete it to resume from the previous state."
@@ -173,6 +196,10 @@ def load_snapshot_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_snapshot(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     path = Path(path)
+    if path.is_dir():  # "does not exist" would mislead: the folder is there, it is just not a file
+        newest = list_snapshots(path)
+        hint = f", e.g. its newest, {newest[-1][1]}" if newest else " (a run folder holds snapshot-<nimg>.safetensors)"
+        raise CheckpointError(f"snapshot {path} is a folder, not a snapshot file; give a snapshot file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"snapshot {path} does not exist")
     try:
@@ -191,6 +218,26 @@ def _read_snapshot(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, to
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: its 'config' metadata is not a JSON object; the file is damaged")
     return tensors, config
+
+
+def check_generator_snapshot(config: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse a snapshot that is not a generator's (no ``model`` section), saying what it is and what to do.
+
+    A tokenizer snapshot (``kind: tokenizer``: an autoencoder from ``method=kl_autoencoder`` or a converted VA-VAE)
+    is the most likely mix-up: both come out of ``train.py`` as ``snapshot-<nimg>.safetensors``.
+
+    Raises:
+        CheckpointError: naming the file, its kind and the fix.
+    """
+    if isinstance(config.get("model"), Mapping):
+        return
+    if config.get("kind") == "tokenizer":
+        raise CheckpointError(
+            f"snapshot {path} is a tokenizer snapshot (an autoencoder), not a generator; give a generator's snapshot "
+            "(a diffusion or distillation run's), or use this file as a tokenizer's weights (sample.py "
+            "tokenizer_weights=..., tokenizer.weights=...)")
+    raise CheckpointError(f"snapshot {path} lacks 'model' in its config metadata; it is not a generator snapshot "
+                          "written by train.py")
 
 
 def load_state_dict_checked(
@@ -396,6 +443,10 @@ def build_snapshot_tokenizer(
         spec["download"] = False  # never fetch on the word of a file; the user's own caches still work
     check_tokenizer_settings(spec, source)
     cls = resolve(str(spec["_target_"]))
+    if granted is not None and "weights" not in inspect.signature(cls).parameters:
+        # Else the class refuses an unknown argument 'weights', which does not say which setting to drop.
+        raise CheckpointError(f"{source}: its tokenizer {spec['_target_']} has no weights (e.g. pixel space), so "
+                              f"tokenizer_weights={granted} has nothing to load; drop tokenizer_weights")
     if getattr(cls, "snapshot_meta_build", False):
         estimate = cls.snapshot_numel_estimate(spec)  # cheap, so that not even the meta build is a time bomb
         if estimate > MAX_TOKENIZER_NUMEL:

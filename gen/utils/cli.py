@@ -9,12 +9,14 @@ A Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of
 
 from __future__ import annotations
 
+import argparse
 import errno
+import math
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gen.utils.finite import NonFiniteError
@@ -37,6 +39,39 @@ class CommandError(Exception):
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (CommandError, ValueError, TypeError, OSError)
 
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def int_arg(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer in ``[minimum, maximum]``: argparse then names the flag in its one-line
+    error (exit status 2), instead of a later check naming an internal setting, or a huge count exhausting memory."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"at least {minimum}" if maximum is None else f"in [{minimum}, {maximum:,}]"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def float_arg(minimum: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number (at least ``minimum`` when given)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number{'' if minimum is None else f' >= {minimum:g}'}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
 
 
 def printable(path: str | os.PathLike) -> str:
@@ -77,7 +112,15 @@ def _check_no_file_in_the_way(folder: Path, what: str, path: Path) -> None:
             return
 
 
-def check_writable_file(path: str | os.PathLike, what: str) -> Path:
+def _same_file(a: Path, b: str | os.PathLike) -> bool:
+    try:
+        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable_file(path: str | os.PathLike, what: str,
+                        inputs: Mapping[str, str | os.PathLike | None] | None = None) -> Path:
     """Fail now, not after an hour of work, when ``path`` cannot be written.
 
     Creates missing parent folders and writes (then removes) a probe file beside ``path``.
@@ -85,11 +128,18 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
     Args:
         path: the output file.
         what: how the user named it (e.g. ``--out``), for the message.
+        inputs: the command's input files by the name the user gave them (``{"--ref": ...}``); an output that is one
+            of them is refused, since writing it would destroy the input (e.g. ``--out`` given the samples' ``.npz``).
 
     Raises:
-        CommandError: naming ``what`` and the reason (a folder, permission denied, read-only, full disk).
+        CommandError: naming ``what`` and the reason (a folder, one of the inputs, permission denied, read-only,
+        full disk).
     """
     path = Path(path)
+    for name, source in (inputs or {}).items():
+        if source is not None and _same_file(path, source):
+            raise CommandError(f"{what} {printable(path)} is the input {name}; writing it would destroy that file. "
+                               "Give another output file")
     if path.is_dir():
         raise CommandError(f"{what} {printable(path)} is a folder; give a file name, e.g. {printable(path / 'out')}")
     _check_no_file_in_the_way(path.parent, what, path)
@@ -134,6 +184,27 @@ def error_message(e: BaseException) -> str:
         return describe_os_error(e, e.filename, "write" if e.errno in (*_DISK_FULL, errno.EROFS) else "open")
     text = str(e).strip() or type(e).__name__
     return " ".join(text.split()) if "\n" not in text else text
+
+
+# Hydra's refusals of a command line: an unknown key without '+', an unknown preset, bad override syntax.
+_HYDRA_USAGE_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
+
+
+def run_hydra_entry(main: Callable[[], object]) -> None:
+    """Call a ``@hydra.main`` entry point so that Hydra's own refusals of the command line exit with status 2.
+
+    Hydra prints them in its words (the key and its fix, e.g. "To append to your config use +foo=1") and exits with
+    status 1, which scripts read as a failure of the run rather than of the command line; every other bad input
+    exits with 2. The exception Hydra reported is the ``SystemExit``'s context; only those classes are mapped.
+    """
+    try:
+        main()
+    except SystemExit as e:
+        ctx = e.__context__
+        if e.code == 1 and ctx is not None and type(ctx).__module__ == "hydra.errors" \
+                and type(ctx).__name__ in _HYDRA_USAGE_ERRORS:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gen.utils.ckpt import file_sha256  # one file hash for snapshots and pretrained weights
+from gen.utils.ckpt import file_sha256, unreadable_reason  # one file hash and one read-error clause
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -118,7 +118,7 @@ def load_weights_file(path: str | os.PathLike, what: str) -> dict[str, torch.Ten
         if isinstance(e, OSError) and e.errno is not None:  # unreadable (permissions, I/O), not damaged
             raise
         # torch's own message suggests weights_only=False, i.e. running the file's code; it is not repeated here.
-        reason = "damaged, or not a state dict of tensors (other objects are never unpickled, for safety)"
+        reason = f"damaged, or not a state dict of tensors (other objects are never unpickled, for safety): {unreadable_reason(e)}"
         if path.suffix == ".safetensors":
             reason = f"not a valid safetensors file: {first_line(e)}"
         raise ValueError(f"weights file {path} is not a readable weights file ({reason}); expected {what}") from e
