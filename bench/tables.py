@@ -591,6 +591,38 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 
+def cost(records: Records) -> str:
+    """What the harness benches' stored records cost on this machine, in single-thread process-hours: training (each
+    run once, however many benches share it: its last point's images at its median s/kimg) and evaluation (every
+    stored FID's ``eval_seconds``). The yardstick runs two such processes at a time (``--jobs 2``), so its wall time on
+    2 cores is about half the total. Pair drawing (2-RF++) and the own-driver benches (tokenizers, averaging) are
+    not in the records and not counted."""
+    seen: set[str] = set()
+    rows, totals = [], [0, 0.0, 0.0, 0, 0.0]
+    for bench in BENCH_MODULES:
+        recs = evals(records.get(bench, []))
+        if not recs:
+            continue
+        runs: dict[str, dict[str, Any]] = {}
+        for r in recs:
+            run = str(Path(r["snapshot"]).parent)
+            if run not in seen and (run not in runs or r["kimg"] > runs[run]["kimg"]):
+                runs[run] = r
+        seen.update(runs)
+        kimg = sum(r["kimg"] for r in runs.values())
+        train_h = sum(r["kimg"] * r.get("train", {}).get("sec_per_kimg", 0.0) for r in runs.values()) / 3600
+        eval_h = sum(float(r.get("eval_seconds", 0.0)) for r in recs) / 3600
+        for i, v in enumerate((len(runs), kimg, train_h, len(recs), eval_h)):
+            totals[i] += v
+        rows.append([bench, str(len(runs)), f"{kimg:,.0f}k", f"{train_h:.1f}", str(len(recs)), f"{eval_h:.1f}",
+                     f"{train_h + eval_h:.1f}"])
+    n, kimg, train_h, fids, eval_h = totals
+    rows.append(["**all**", str(n), f"{kimg:,.0f}k", f"{train_h:.1f}", str(fids), f"{eval_h:.1f}",
+                 f"**{train_h + eval_h:.1f}** (wall at 2 jobs: about {(train_h + eval_h) / 2:.1f})"])
+    return table(["bench", "training runs (new)", "training images", "training, process-hours", "FIDs stored",
+                  "evaluation, process-hours", "total, process-hours"], rows)
+
+
 def claims(records: Records) -> str:
     """The claim table at the top of bench/README.md."""
     rows = []
@@ -603,6 +635,7 @@ def claims(records: Records) -> str:
 
 TABLES: dict[str, Callable[[Records], str]] = {
     "claims": claims,
+    "cost": cost,
     "backbones/fid_vs_kimg": lambda r: fid_vs_kimg(r, "backbones"),
     "backbones/fid_vs_nfe": lambda r: fid_vs_nfe(r, "backbones"),
     "backbones/quickstart": lambda r: at_last_point(r, "backbones", "qs"),

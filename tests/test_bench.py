@@ -274,3 +274,18 @@ def test_a_row_starting_from_an_unknown_row_is_refused(tmp_path: Path) -> None:
     bench = yardstick.Bench("b", "", (yardstick.Row("s", (), init_from="nope"),), (yardstick.EULER20,))
     with pytest.raises(ValueError, match="'nope', which is not a row of b"):
         yardstick.make_run(bench, bench.rows[0], 0, "96", tmp_path)
+
+
+def test_cost_counts_each_training_run_once_at_its_last_point_and_every_evaluation() -> None:
+    def rec(method: str, seed: int, kimg: float, run: str, eval_s: float) -> dict:
+        return {**_record(method, seed, kimg, 10.0), "snapshot": f"runs/yardstick/{run}/snapshot-{kimg:g}.safetensors",
+                "eval_seconds": eval_s}
+
+    dit = [rec("dit", 0, k, "backbones/dit-s0", 360.0) for k in (16, 64, 96)]  # 96k images at 30 s/kimg: 0.8 h
+    records = {"backbones": dit,
+               # the curriculum table reads the same plain run (not trained again) and trains its own row
+               "curriculum": [rec("dit", 0, 96, "backbones/dit-s0", 360.0), rec("curriculum", 0, 96, "curriculum/c-s0", 0)]}
+    lines = tables.cost(records).splitlines()
+    assert lines[2] == "| backbones | 1 | 96k | 0.8 | 3 | 0.3 | 1.1 |"
+    assert lines[3] == "| curriculum | 1 | 96k | 0.8 | 2 | 0.1 | 0.9 |"
+    assert lines[4].startswith("| **all** | 2 | 192k | 1.6 | 5 | 0.4 | **2.0** (wall at 2 jobs: about 1.0)")
