@@ -68,6 +68,7 @@ from gen.utils.finite import NonFiniteError, finite_number, nan_settings
 from gen.utils.images import save_grid
 from gen.utils.preempt import DEFAULT_SIGNALS, PreemptionSignals, signal_number
 from gen.utils.progress import Progress
+from gen.utils.runlock import LOCK_NAME
 from gen.utils.seed import derive_seed
 from samplers.spec import SamplerSpec, check_sampler
 
@@ -552,16 +553,24 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
     hooks = _hooks(c["eval"], method, dataset, make_generator, sampler, preview, device)
     # Not after an hour of training; on every process, so all stop together. After the checks above, so that a
     # refused setting (a bad teacher, a model that does not fit the data) leaves no empty run folder behind.
+    fresh = not run_dir.exists()
     check_writable_dir(run_dir, "run_dir")
 
     if dist.is_main():
         text = OmegaConf.to_yaml(OmegaConf.create(c))
         atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(text))
     try:
-        result = train(
-            method=method, dataset=dataset, tokenizer=tokenizer, ema=ema, cfg=trainer,
-            run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks, should_stop=should_stop,
-        )
+        try:
+            result = train(
+                method=method, dataset=dataset, tokenizer=tokenizer, ema=ema, cfg=trainer,
+                run_dir=run_dir, config=c, snapshot_meta=snapshot_meta, hooks=hooks, should_stop=should_stop,
+            )
+        except BaseException:
+            # The loop refuses some settings itself before the first step (trainer.init, optimizer settings): a
+            # folder this command made that holds only what it wrote before then goes again.
+            if fresh and dist.is_main():
+                _remove_untouched_run_dir(run_dir)
+            raise
     except OSError as e:
         # Every file the loop writes is in the run folder; writers that do not name their file (a plot, TensorBoard)
         # write there too. A named file elsewhere was being read (an image of the data, a snapshot of trainer.init).
@@ -585,6 +594,18 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
         atomic_write(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
         dist.print0("\n" + "\n".join(f"{k:>28}: {v}" for k, v in summary.items()))
     return summary
+
+
+def _remove_untouched_run_dir(run_dir: Path) -> None:
+    """Remove a run folder that holds nothing but this command's ``config.yaml`` and the folder lock."""
+    try:
+        names = set(os.listdir(run_dir))
+        if names <= {"config.yaml", LOCK_NAME}:
+            for name in names:
+                (run_dir / name).unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass  # best effort: the refusal itself is what the user needs to see
 
 
 def _bind_latents(tokenizer: Any, dataset: Any) -> None:

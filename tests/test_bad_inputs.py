@@ -888,10 +888,20 @@ def test_train_refuses_bad_settings_before_the_first_step(overrides: list[str], 
     runs = tmp_path / "runs"
     assert not list(runs.rglob("state-*.pt")) and not list(runs.rglob("results.json")), "trained before refusing"
     assert "kimg" not in out
-    # No empty run folder is left (it was, for every setting refused after the folder was made); the settings the
-    # training loop itself checks are refused after config.yaml is written.
-    left = sorted(p.name for p in (runs / "r").iterdir()) if (runs / "r").exists() else None
-    assert left is None or left == [".lock", "config.yaml"], left
+    # No run folder is left: the settings train.py checks are refused before it is made; the ones the training loop
+    # checks, after config.yaml and the lock are written, and the folder this command made goes again.
+    assert not (runs / "r").exists(), sorted(p.name for p in (runs / "r").iterdir())
+
+
+def test_a_refusal_never_removes_a_run_folder_that_was_there_before(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("an earlier run's\n")
+    null_labels = next(c for c in TRAIN_CASES if c[0] == "null-class-labels")
+    code, _, err = train_cli(tmp_path, null_labels[1], capsys)  # refused by the training loop, after config.yaml
+    assert_refused_by(code, err, 2, *null_labels[2])
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "config.yaml"]
 
 
 def test_run_that_ends_with_non_finite_weights_writes_no_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
