@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,22 +58,28 @@ class SearchSettings:
     ema_decays: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
     seed: int = 0
 
-    def check(self, n: int) -> None:
-        """Refuse settings that cannot run on ``n`` checkpoints (a ValueError naming the setting)."""
+    def check(self, n: int, names: Mapping[str, str] | None = None) -> None:
+        """Refuse settings that cannot run on ``n`` checkpoints (a ValueError naming the setting, by ``names`` where
+        given: a command passes its flags, e.g. ``{"population": "--population"}``)."""
+
+        def nm(key: str) -> str:
+            return (names or {}).get(key, key)
+
         if n < 2:
             raise ValueError(f"LCSC needs at least 2 checkpoints to combine, got {n}")
         if self.population < 2 or not 1 <= self.elite < self.population:
-            raise ValueError(f"population={self.population}, elite={self.elite}: need population >= 2 and "
-                             "1 <= elite < population")
+            raise ValueError(f"{nm('population')} {self.population}, {nm('elite')} {self.elite}: need "
+                             f"{nm('population')} >= 2 and 1 <= {nm('elite')} < {nm('population')}")
         if self.generations < 0 or not 0 < self.parents <= 1 or not 0 <= self.crossover <= 1:
-            raise ValueError("generations must be >= 0, parents in (0, 1] and crossover in [0, 1]")
+            raise ValueError(f"{nm('generations')} must be >= 0, {nm('parents')} in (0, 1] and {nm('crossover')} in "
+                             "[0, 1]")
         if not self.mutation_std >= 0 or not math.isfinite(self.mutation_std):
-            raise ValueError(f"mutation_std={self.mutation_std} must be a finite number >= 0")
+            raise ValueError(f"{nm('mutation_std')} {self.mutation_std} must be a finite number >= 0")
         if not self.max_norm >= 1.0 / math.sqrt(n) or not math.isfinite(self.max_norm):
-            raise ValueError(f"max_norm={self.max_norm} must be finite and at least 1/sqrt(n) = {1 / math.sqrt(n):.3g} "
-                             "(the norm of the uniform average)")
+            raise ValueError(f"{nm('max_norm')} {self.max_norm} must be finite and at least 1/sqrt(n) = "
+                             f"{1 / math.sqrt(n):.3g} for n = {n} checkpoints (the norm of their uniform average)")
         if any(not 0 < d < 1 for d in self.ema_decays):
-            raise ValueError(f"ema_decays={list(self.ema_decays)} must lie in (0, 1)")
+            raise ValueError(f"{nm('ema_decays')} {list(self.ema_decays)} must lie in (0, 1)")
 
 
 @dataclass

@@ -88,7 +88,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                               {**{f"checkpoint {p.name}": p for p in [*paths, reference]}, "--ref": args.ref})
     settings = SearchSettings(population=args.population, generations=args.generations, elite=args.elite,
                               mutation_std=args.mutation_std, max_norm=args.max_norm, seed=args.seed)
-    settings.check(len(paths))
+    settings.check(len(paths), {k: "--" + k.replace("_", "-") for k in
+                                ("population", "generations", "elite", "mutation_std", "max_norm")})
     score = make_scorer(reference, args, {"--fitness-images": args.fitness_images,
                                           "--rescore-images": args.rescore_images})
     t0 = time.perf_counter()

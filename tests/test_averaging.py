@@ -272,7 +272,7 @@ def test_constraints_and_ema_vectors() -> None:
         assert abs(a.sum() - 1) < 1e-12 and np.linalg.norm(a) <= 2.0 + 1e-12
     inside = constrain(TARGET, 5.0)
     assert np.array_equal(inside, TARGET + (1 - TARGET.sum()) / 5)  # only the float64 sum correction
-    with pytest.raises(ValueError, match=r"max_norm=0.1 must be finite and at least 1/sqrt\(n\)"):
+    with pytest.raises(ValueError, match=r"max_norm 0.1 must be finite and at least 1/sqrt\(n\)"):
         search(5, _quadratic(), SearchSettings(max_norm=0.1))
     with pytest.raises(ValueError, match="at least 2 checkpoints"):
         search(1, _quadratic())
@@ -335,7 +335,10 @@ def test_lcsc_command_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert lcsc_main([str(tmp_path), "--last", "2"]) == 2
     assert "holds no snapshot-<nimg>.safetensors" in capsys.readouterr().err
     assert lcsc_main([str(four_snapshots), "--last", "4", "--max-norm", "0.1", "--out", str(tmp_path / "x.safetensors")]) == 2
-    assert "max_norm=0.1 must be finite and at least 1/sqrt(n)" in capsys.readouterr().err
+    assert "--max-norm 0.1 must be finite and at least 1/sqrt(n) = 0.5 for n = 4" in capsys.readouterr().err
+    assert lcsc_main([str(four_snapshots), "--last", "4", "--population", "4", "--elite", "4", "--out",
+                      str(tmp_path / "x.safetensors")]) == 2
+    assert "--population 4, --elite 4: need --population >= 2 and 1 <= --elite < --population" in capsys.readouterr().err
     assert not list(tmp_path.glob("x*"))
 
 
