@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gen.data.latents import extract_latents
 from gen.utils import dist
 from gen.utils.build import build
-from gen.utils.cli import check_writable_dir, run_hydra_entry, run_main
+from gen.utils.cli import output_dir, run_hydra_entry, run_main
 from gen.utils.config import ConfigError
 
 KEYS = {"paths", "data", "tokenizer", "out", "seed", "shard_size", "batch_size", "images", "workers", "device"}
@@ -41,21 +41,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         c = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config does not resolve: {e}") from e
-    # A file, a read-only folder or a full disk fails now, on every process (no one waits on a failed one).
-    check_writable_dir(c["out"], "out=")
-    dataset = build(c["data"]["dataset"])
-    tokenizer = build(c["tokenizer"])
-    device = None if c["device"] == "auto" else c["device"]
-
     def progress(done: int, total: int) -> None:
         if done % 10 == 0 or done == total:
             dist.print0(f"[extract] rank 0: {done}/{total} of its shards done")
 
-    start = time.perf_counter()
-    out = extract_latents(
-        dataset, tokenizer, c["out"], shard_size=c["shard_size"], batch_size=c["batch_size"], seed=c["seed"],
-        store_images=c["images"], workers=c["workers"], device=device, on_shard=progress,
-    )
+    # A file, a read-only folder or a full disk fails now, on every process (no one waits on a failed one); a
+    # folder made here goes again when the data or tokenizer is refused before anything is written into it.
+    with output_dir(c["out"], "out="):
+        dataset = build(c["data"]["dataset"])
+        tokenizer = build(c["tokenizer"])
+        device = None if c["device"] == "auto" else c["device"]
+        start = time.perf_counter()
+        out = extract_latents(
+            dataset, tokenizer, c["out"], shard_size=c["shard_size"], batch_size=c["batch_size"], seed=c["seed"],
+            store_images=c["images"], workers=c["workers"], device=device, on_shard=progress,
+        )
     seconds = time.perf_counter() - start
     summary = {"out": str(out), "images": len(dataset), "seconds": round(seconds, 2),
                "images_per_s": round(len(dataset) / max(seconds, 1e-9), 2)}

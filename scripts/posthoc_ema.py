@@ -27,7 +27,7 @@ from pathlib import Path
 from gen.averaging import StoredAverage, buffer_names, combine, phema_snapshots
 from gen.ema import posthoc_coefficients, sigma_rel_to_gamma
 from gen.utils.ckpt import atomic_write, list_snapshots
-from gen.utils.cli import CommandError, check_writable_dir, int_arg, printable, run_main
+from gen.utils.cli import CommandError, int_arg, output_dir, printable, run_main
 from scripts.scoring import MAX_IMAGES, Scorer, add_scoring_args, make_scorer, metric_name
 
 PROG = "python -m scripts.posthoc_ema"
@@ -173,15 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             raise CommandError(f"{printable(run)} is not a run folder; give the folder train.py wrote")
         sigmas = _numbers(args.sigma_rel, "--sigma-rel")
         kimgs = _numbers(args.at_kimg, "--at-kimg") if args.at_kimg is not None else None
-        out_dir = check_writable_dir(args.out_dir or run, "--out-dir")
-        if args.score < 0:
-            raise CommandError(f"--score {args.score}: give a number of images (0: no scoring)")
-        snaps = list_snapshots(run)
-        # The scoring flags are checked before anything is written (the run's newest snapshot names its data set).
-        score = make_scorer(snaps[-1][1], args, {"--score": args.score}) if args.score and snaps else None
-        written = reconstruct(run, sigmas, kimgs, out_dir)
-        if args.score:
-            sweep(written, args, out_dir, score)
+        with output_dir(args.out_dir or run, "--out-dir") as out_dir:
+            if args.score < 0:
+                raise CommandError(f"--score {args.score}: give a number of images (0: no scoring)")
+            snaps = list_snapshots(run)
+            # The scoring flags are checked before anything is written (the run's newest snapshot names its data).
+            score = make_scorer(snaps[-1][1], args, {"--score": args.score}) if args.score and snaps else None
+            written = reconstruct(run, sigmas, kimgs, out_dir)
+            if args.score:
+                sweep(written, args, out_dir, score)
         return 0
 
     return run_main(go, PROG)

@@ -1546,7 +1546,7 @@ def test_extract_latents_names_a_damaged_tokenizer_weights_file(kind: str, words
     err = capsys.readouterr().err
     line = assert_refused(code, err, str(bad), words)
     assert "weights_only` set to `False" not in line
-    assert not list((tmp_path / "latents").glob("shard-*"))
+    assert not (tmp_path / "latents").exists()  # the folder this command made goes again
 
 
 @pytest.mark.parametrize("kind", ["empty", "random", "truncated", "random-pt", "text"])
@@ -1740,3 +1740,7 @@ def test_posthoc_ema_never_replaces_another_runs_reconstruction(tmp_path: Path,
     assert_refused(code, err, "--out-dir", str(out / "posthoc-000000064-sigma0.08.safetensors"), "of another run")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first
     assert run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), *argv], capsys)[0] == 0  # the same run: recomputed
+    # Refused after --out-dir was made (no snapshot at that time): the new folder goes again.
+    code, _, err = run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), "--sigma-rel", "0.08", "--at-kimg", "5",
+                                          "--out-dir", str(tmp_path / "fresh")], capsys)
+    assert code == 2 and not (tmp_path / "fresh").exists(), err

@@ -10,13 +10,14 @@ A Python traceback is kept for real bugs. ``GEN_DEBUG=1`` shows the traceback of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from gen.utils.finite import NonFiniteError
@@ -167,6 +168,21 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     except OSError as e:
         raise CommandError(f"{what}: " + describe_os_error(e, path, "write into")) from e
     return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str | os.PathLike, what: str) -> Iterator[Path]:
+    """:func:`check_writable_dir`, and a folder this call made that is still empty when the block fails (a later
+    check refused the command) is removed again, so a refusal leaves nothing behind."""
+    made = not Path(path).exists()
+    out = check_writable_dir(path, what)
+    try:
+        yield out
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only when empty
+        raise
 
 
 def write_output(path: str | os.PathLike, what: str, write: Callable[[], object]) -> None:
