@@ -44,7 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from distill.teacher import Teacher, load_teacher
+from distill.teacher import Teacher, check_not_student, load_teacher
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, remove_stale_temp_files, unreadable_reason
 from gen.utils.cli import CommandError, check_writable_dir, printable, run_main
@@ -259,6 +259,8 @@ def make_pairs(cfg: PairsConfig) -> dict[str, Any]:
         sampler = {**(stored or {"solver": {"_target_": "samplers.sample_euler"},
                                  "grid": {"_target_": "samplers.grids.uniform_grid"}}), "steps": cfg.steps}
     teacher = load_teacher(cfg.teacher, sampler, device)
+    # Pairs are reflow's data: a student's couplings would be refused by reflow after an hour of drawing, so now.
+    check_not_student(teacher.config, str(cfg.teacher), "distill.pairs")
     real = real_images(cfg.real, teacher) if cfg.real else None
     if real is not None and cfg.seed_offset + cfg.num > len(real[1]):
         raise ValueError(f"real={cfg.real} has {len(real[1])} training images; seed_offset + num = "

@@ -58,6 +58,24 @@ def prediction_kind(prediction: Mapping[str, Any]) -> str | None:
     return next((k for k, v in PREDICTION_KINDS.items() if v == got), None)
 
 
+def check_not_student(config: Mapping[str, Any], source: str, method: str) -> None:
+    """Refuse a few-step student's snapshot as a teacher (a reflow student is accepted: k-reflow distils it again).
+
+    The other students' networks are trained for their few-step samplers, so their velocity at other times is no ODE
+    to distil. A TDM student passes the prediction-kind check (velocity on the linear path), hence this one.
+
+    Raises:
+        TeacherError: naming the file, its method and its own teacher.
+    """
+    student = config.get("distill")
+    if isinstance(student, Mapping) and student.get("method") not in STUDENTS_AS_TEACHERS:
+        made_from = (student.get("teacher") or {}).get("path")
+        raise TeacherError(f"{method}: teacher {source} is a {student.get('method')} student"
+                           + (f" (distilled from {made_from})" if made_from else "")
+                           + ": its network is trained for its few-step sampler, not as an ODE teacher; give its teacher"
+                           " or another diffusion or flow snapshot")
+
+
 def check_teacher(config: Mapping[str, Any], source: str, *, data_name: str | None, resolution: int | None,
                   channels: int | None, kinds: Sequence[str], method: str) -> str:
     """Refuse a teacher snapshot of another data set or image size, or of a prediction kind ``method`` cannot use.
@@ -75,16 +93,7 @@ def check_teacher(config: Mapping[str, Any], source: str, *, data_name: str | No
     Raises:
         TeacherError: one line naming the file, what differs and the fix.
     """
-    student = config.get("distill")
-    # A reflow student is itself a rectified flow (k-reflow distils the previous one); the other students' networks
-    # are trained for their few-step samplers, so their velocity at other times is no ODE to distil. A TDM student
-    # passes the prediction-kind check below (velocity on the linear path), hence this one.
-    if isinstance(student, Mapping) and student.get("method") not in STUDENTS_AS_TEACHERS:
-        made_from = (student.get("teacher") or {}).get("path")
-        raise TeacherError(f"{method}: teacher {source} is a {student.get('method')} student"
-                           + (f" (distilled from {made_from})" if made_from else "")
-                           + ": its network is trained for its few-step sampler, not as an ODE teacher; give its teacher"
-                           " or another diffusion or flow snapshot")
+    check_not_student(config, source, method)
     data = config.get("data") or {}
     for key, want in (("name", data_name), ("resolution", resolution), ("channels", channels)):
         if want is not None and data.get(key) != want:

@@ -1718,6 +1718,12 @@ def test_a_few_step_student_is_refused_as_a_teacher(snapshot: Path, tmp_path: Pa
     code, _, err = train_cli(tmp_path, ["method=cd", "sampler=consistency", "sampler.steps=1", "trainer.grad_clip=null",
                                         f"method.teacher={tdm}"], capsys)
     assert_refused(code, err, str(tdm), "is a tdm student", str(snapshot), "give its teacher")
+    # Pairs are reflow's data: refused when drawing starts, not by reflow after the drawing.
+    from distill.pairs import main as pairs_main
+
+    code, _, err = run_cli(pairs_main, [f"teacher={tdm}", f"out={tmp_path / 'pairs'}", "num=4", "steps=2"], capsys)
+    assert_refused(code, err, str(tdm), "distill.pairs", "is a tdm student", "give its teacher")
+    assert not list((tmp_path / "pairs").glob("pairs-*"))
     from gen.utils.ckpt import load_snapshot_config
 
     config = load_snapshot_config(_edited_snapshot(snapshot, tmp_path / "rf.safetensors", meta=student("reflow")))
