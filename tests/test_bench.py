@@ -289,3 +289,17 @@ def test_cost_counts_each_training_run_once_at_its_last_point_and_every_evaluati
     assert lines[2] == "| backbones | 1 | 96k | 0.8 | 3 | 0.3 | 1.1 |"
     assert lines[3] == "| curriculum | 1 | 96k | 0.8 | 2 | 0.1 | 0.9 |"
     assert lines[4].startswith("| **all** | 2 | 192k | 1.6 | 5 | 0.4 | **2.0** (wall at 2 jobs: about 1.0)")
+
+
+def test_faster_claim_reads_every_seed_against_its_own_target() -> None:
+    # DiT reaches 20 / 24 at 96k (seeds 0 / 1). The method reaches 20 at 48k on seed 0 and 24 at 80k on seed 1
+    # (linear between its points): 0.50x and 0.83x; its mean curve reaches the mean target (22) at 59.7k: 0.62x.
+    recs = [_record("dit", s, k, f) for s, curve in ((0, (60, 40, 30, 20)), (1, (64, 44, 34, 24)))
+            for k, f in zip((16, 32, 64, 96), curve)]
+    recs += [_record("curriculum", s, k, f) for s, curve in ((0, (50, 30, 10, 8)), (1, (50, 40, 30, 18)))
+             for k, f in zip((16, 32, 64, 96), curve)]
+    records = {"curriculum": recs}
+    assert tables.seed_reach_ratios(records, "curriculum", "curriculum", "dit") == pytest.approx([0.5, 80 / 96])
+    line = next(x for x in tables.claims(records).splitlines() if x.startswith("| Curriculum |"))
+    assert "0.62x the images of dit" in line and "per seed, to its own target: 0.50 / 0.83" in line
+    assert "| yes on the mean, not every seed |" in line
