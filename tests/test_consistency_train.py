@@ -33,8 +33,14 @@ def test_ict_sigkill_rerun_equals_uninterrupted_and_samples_without_flags(tmp_pa
     for k in ("module.net", "ema.net"):
         diff = _max_diff(a[k], b[k])
         assert diff <= 1e-6, f"{k}: the resumed iCT run differs from the uninterrupted one by {diff}"
-    losses = [r["loss"] for r in read_stats(tmp_path / "straight" / "stats.jsonl") if "loss" in r]
+    records = [r for r in read_stats(tmp_path / "straight" / "stats.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in records]
     assert len(losses) == 16 and all(np.isfinite(losses))
+    # N(k) is on every record: the next step's, as ict_num_levels gives it for the record's images.
+    from gen.objectives.consistency import ict_num_levels
+
+    total = int(round(1000 * max(r["kimg"] for r in records)))
+    assert [r["ict_levels"] for r in records] == [ict_num_levels(r["nimg"], total, 10, 1280) for r in records]
 
     snaps = sorted(run.glob("snapshot-*.safetensors"))
     _, meta = load_snapshot(snaps[-1])

@@ -151,6 +151,11 @@ def test_ect_sigkill_rerun_equals_uninterrupted_and_samples_without_flags(tmp_pa
     a, b = _final_state(tmp_path / "straight")["registry"], _final_state(run)["registry"]
     for k in ("module.net", "ema.net"):
         assert _max_diff(a[k], b[k]) <= 1e-6, k
+    # The stage of r(t) is on every status record (the next step's: images // 128).
+    from gen.utils.log import read_stats
+
+    records = [r for r in read_stats(tmp_path / "straight" / "stats.jsonl") if "loss" in r]
+    assert [r["ect_stage"] for r in records] == [r["nimg"] // 128 for r in records] and records[-1]["ect_stage"] == 4
 
     snap = sorted(run.glob("snapshot-*.safetensors"))[-1]
     _, meta = load_snapshot(snap)

@@ -143,6 +143,10 @@ class ImprovedConsistencyTraining(Objective):
         # What the levels follow in the limit N -> infinity (informational; the draw is discrete, see level_index).
         self.time_sampler = LogNormalSigma(p_mean, p_std)
 
+    def status(self, progress: Any) -> dict[str, float]:
+        """The training log's view of the schedule: N(k), the discretisation's number of levels, at ``progress``."""
+        return {"ict_levels": float(self.num_levels(progress))}
+
     def num_levels(self, progress: Any) -> int:
         """N(k) at this progress (images); the first stage when ``progress`` is None."""
         if progress is None:

@@ -120,6 +120,10 @@ class EasyConsistencyTuning(Objective):
         self.path = EDMPath(sigma_max)
         self.time_sampler = LogNormalSigma(p_mean, p_std)
 
+    def status(self, progress: Any) -> dict[str, float]:
+        """The training log's view of the schedule: the stage of r(t) at ``progress``."""
+        return {"ect_stage": float(self.stage(progress))}
+
     def stage(self, progress: Any) -> int:
         """The stage at this progress (0 when ``progress`` is None)."""
         return 0 if progress is None else ect_stage(progress.nimg, self.stage_nimg)

@@ -39,9 +39,9 @@ class CurriculumDiffusion(Diffusion):
     def after_step(self, progress: Progress, logged: Mapping[str, float]) -> None:
         self.curriculum.observe(float(logged["loss"]))
 
-    def status(self) -> dict[str, float]:
+    def status(self, progress: Progress) -> dict[str, float]:
         # N + 1 once the curriculum is over (ordinary training).
-        return {"curriculum_stage": float(self.curriculum.stage)}
+        return {**super().status(progress), "curriculum_stage": float(self.curriculum.stage)}
 
     def extra_state(self) -> dict[str, Any]:
         return {"curriculum": self.curriculum.state_dict()}

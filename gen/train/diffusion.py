@@ -47,5 +47,10 @@ class Diffusion(Method):
     def loss(self, phase: str, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
         return self.objective(self.net, batch, rng, progress)
 
+    def status(self, progress: Progress) -> dict[str, float]:
+        # An objective with a schedule (iCT's N(k), ECT's stages) says where it stands.
+        report = getattr(self.objective, "status", None)
+        return dict(report(progress)) if callable(report) else {}
+
     def snapshot_config(self) -> dict[str, Any]:
         return {"model": dict(self.net.config), "prediction": self.objective.prediction_spec()}

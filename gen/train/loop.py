@@ -509,7 +509,7 @@ class _Loop:
         """Train to ``total_kimg``, then write the final state, snapshot, loss curve and hook results."""
         cfg = self.cfg
         self.config, self.snapshot_meta = config, snapshot_meta
-        total_nimg = int(round(cfg.total_kimg * 1000))
+        total_nimg = self.total_nimg = int(round(cfg.total_kimg * 1000))
         start_nimg = self.nimg
         self.stats = StatsLog(self.run_dir, tensorboard=cfg.tensorboard, resume_nimg=self.nimg) if dist.is_main() else None
         self.batches = Batches(self.dataset, self.batch_per_gpu, self.rank, self.world, cfg.seed, self.nimg,
@@ -717,7 +717,7 @@ class _Loop:
             "sec_per_kimg": (now - tick_time) / max((self.nimg - tick_nimg) / 1000, 1e-9),
             **means,
             **{k: v for k, v in self.last.items() if k.endswith("grad_norm")},
-            **self.method.status(),
+            **self.method.status(Progress(self.nimg, self.total_nimg, self.step)),
             "lr": next(iter(self.optims.values())).opt.param_groups[0]["lr"],
         }
         if self.device.type == "cuda":

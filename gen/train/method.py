@@ -252,8 +252,9 @@ class Method(nn.Module):
     def after_step(self, progress: Progress, logged: Mapping[str, float]) -> None:
         """Called after every optimizer step on every process with the step's mean logged terms."""
 
-    def status(self) -> dict[str, float]:
-        """Numbers the method reports on each status line and in ``stats.jsonl`` (e.g. a curriculum's stage).
+    def status(self, progress: Progress) -> dict[str, float]:
+        """Numbers the method reports on each status line and in ``stats.jsonl`` (a curriculum's stage, iCT's
+        number of levels, ECT's stage), for ``progress``: where the record stands, i.e. the next step's values.
 
         Read on every process; they must be the same on all of them (state advanced from reduced values)."""
         return {}

@@ -88,7 +88,8 @@ def status_line(record: Mapping[str, Any]) -> str:
     for k, v in record.items():
         if k.split("/")[-1] == "grad_norm":
             parts.append(f"{k} {v:.3f}")
-    for k, fmt in (("skipped_steps", "{:.0f}"), ("curriculum_stage", "{:.0f}"), ("lr", "{:.2e}"), ("mem_gb", "{:.2f}")):
+    method_numbers = (("curriculum_stage", "{:.0f}"), ("ict_levels", "{:.0f}"), ("ect_stage", "{:.0f}"))
+    for k, fmt in (("skipped_steps", "{:.0f}"), *method_numbers, ("lr", "{:.2e}"), ("mem_gb", "{:.2f}")):
         if k in record:
             parts.append(f"{k} " + fmt.format(record[k]))
     return "  ".join(parts)
