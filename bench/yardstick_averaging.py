@@ -73,10 +73,6 @@ KINDS = ("ema", "phema")
 SETTINGS = ("kimg", "snapshot_kimg", "sigma_rel", "lcsc_kimg", "last", "population", "generations", "fitness_images",
             "num_images", "smoke", "ect_kimg")  # what a stored row depends on: rows stored under other values are recomputed
 ECT_STATE_KIMG = 2.0  # the ECT run's raw training states, LCSC's candidates (every 64 steps at batch 32)
-# configs/sampler/consistency_2step.yaml: f at sigma 80, re-noised to 0.821 (CIFAR-10's mid level), f again.
-CONSISTENCY_2STEP = {"solver": {"_target_": "samplers.sample_consistency", "sigma_min": 0.002}, "steps": 2,
-                     "grid": {"_target_": "samplers.consistency_grid", "sigmas": [0.821]},
-                     "guidance": {"scale": 1.0, "interval": None}, "sharing": None}
 
 
 def train_command(args: argparse.Namespace, seed: int, kind: str) -> tuple[Path, list[str]]:
@@ -186,7 +182,6 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
     done = done or {}
     if all((seed, m, k) in done for m, k in planned_rows(args)):
         return [done[(seed, m, k)] for m, k in planned_rows(args)]
-    from gen.averaging import combine
 
     classic, phema = (train_command(args, seed, kind)[0] for kind in KINDS)
     rows: list[dict[str, Any]] = []
@@ -196,12 +191,7 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
         rows.append(old if old is not None else
                     {"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler)})
 
-    def raw() -> Path:
-        out = phema / "raw.safetensors"
-        combine([list_training_states(phema)[-1][1]], [1.0], list_snapshots(phema)[-1][1], out, {"method": "raw"})
-        return out
-
-    add("raw", args.kimg, raw)
+    add("raw", args.kimg, lambda: raw_weights(phema))
     end = list_snapshots(classic)[-1][0]
     for h in HALFLIVES:
         name = f"hl{h:g}k"
@@ -221,22 +211,27 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
             continue
         rows.append({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER)})
     if args.ect_kimg > 0:
+        from yardstick_consistency import consistency_sampler  # the consistency table's samplers
+
         ect, k = ect_command(args, seed)[0], args.ect_kimg
         end = list_snapshots(ect)[-1][1]
-
-        def ect_raw() -> Path:
-            out = ect / "raw.safetensors"
-            combine([list_training_states(ect)[-1][1]], [1.0], end, out, {"method": "raw"})
-            return out
-
-        add("ect-raw", k, ect_raw, "own")
+        add("ect-raw", k, lambda: raw_weights(ect), "own")
         add("ect-ema", k, lambda: end, "own")
-        add("ect-ema-2step", k, lambda: end, CONSISTENCY_2STEP)
+        add("ect-ema-2step", k, lambda: end, consistency_sampler((0.821,)))
         if (seed, "ect-lcsc", k) in done:
             rows.append(done[(seed, "ect-lcsc", k)])
         else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
             rows.append({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, [])})
     return [{"seed": seed, **r} for r in rows]
+
+
+def raw_weights(run: Path) -> Path:
+    """The run's last raw training weights as a snapshot (the combiner with coefficient 1), ``<run>/raw.safetensors``."""
+    from gen.averaging import combine
+
+    out = run / "raw.safetensors"
+    combine([list_training_states(run)[-1][1]], [1.0], list_snapshots(run)[-1][1], out, {"method": "raw"})
+    return out
 
 
 def lcsc(run: Path, kimg: float, args: argparse.Namespace, sampler: list[str]) -> dict[str, Any]:
