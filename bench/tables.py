@@ -603,6 +603,9 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("2-RF++", "Lee et al. 2024", "a 2-rectified flow samples in 1 step better than its teacher does in 8 "
           "(issue 19's aim: 1-NFE FID below the teacher's 8-NFE Euler)",
           lambda r: _better_variants(r, "distill", ("rfpp", "rf1"), ("dit", "euler8"))),
+    Claim("2-RF++, guided", "Lee et al. 2024", "the same against the teacher the student learns from: its pairs' "
+          "guidance (CFG 2) at the same 8 NFE (Euler 4 steps, 2 evaluations each)",
+          lambda r: _better_variants(r, "distill", ("rfpp", "rf1"), ("dit", "euler4cfg2"))),
     Claim("CD", "Song et al. 2023", "consistency distillation samples in 2 steps near its teacher's best "
           "(aim as issue 20's: within 1.1x)", _near_best("distill", "cd", "cm2", "dit", 1.1)),
     Claim("TDM", "Luo et al. 2025", "a 4-step student matches (or beats) its teacher's many-step quality "
