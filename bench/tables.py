@@ -1,5 +1,6 @@
 """Rebuild every table of ``bench/README.md`` from ``bench/results/*.json``, and plot FID against training images and
-against NFE (``bench/results/<bench>_fid_vs_kimg.png``, ``<bench>_fid_vs_nfe.png``).
+against NFE (``bench/results/<bench>_fid_vs_kimg.png``, ``<bench>_fid_vs_nfe.png``; the distillation bench, whose rows
+use several solvers, has ``distill_fid_vs_cost.png`` instead: FID against NFE and wall time per image).
 
 A table sits in the README between ``<!-- tables.py: <name> -->`` and ``<!-- /tables.py -->``; this script replaces
 what is between the markers and nothing else. ``--check`` only reports whether the README is up to date (exit 1 if
@@ -702,7 +703,8 @@ def render(text: str, records: Records) -> str:
 def cost_series(records: Records, bench: str) -> dict[str, list[tuple[int, float, float]]]:
     """Per row and solver, at the row's last evaluated point: ``(NFE, FID, seconds per image)`` of each record.
 
-    A row's series are split by solver (the teacher's Euler, Heun and DPM-Solver++ are three curves); every row of
+    A row's series are split by solver and guidance (the teacher's Euler, Heun, DPM-Solver++ and guided Euler are
+    four curves); every row of
     a bench counts, whatever its training length (the distilled students stop earlier than their teacher)."""
     spec = bench_spec(bench)
     variants = {v.name: v for v in spec.variants} if spec is not None else {}
@@ -718,7 +720,8 @@ def cost_series(records: Records, bench: str) -> dict[str, list[tuple[int, float
                 continue
             v = variants[r["variant"]]
             solver = ((v.sampler or {}).get("solver") or {}).get("_target_", "samplers.sample_euler")
-            key = f"{row.method} ({solver.rsplit('.', 1)[-1].removeprefix('sample_')}, {last:g}k)"
+            guided = f", CFG {v.scale:g}" if v.scale != 1.0 else ""  # guided and unguided are separate curves
+            key = f"{row.method} ({solver.rsplit('.', 1)[-1].removeprefix('sample_')}{guided}, {last:g}k)"
             out.setdefault(key, []).append((v.nfe, float(r["fid"]), float(r["sec_per_image"])))
     return out
 
@@ -740,9 +743,10 @@ def plot_fid_vs_cost(records: Records, bench: str, out_dir: Path) -> Path | None
             mean = [statistics.mean(p[1] for p in pts if p[col] == x) for x in xs] if col == 0 else None
             if col == 0:
                 ax.plot(xs, mean, "-o", color=f"C{i % 10}", label=name, ms=4)
-            else:  # wall times differ between seeds: one point per record, the mean per NFE joined
+            else:  # one point per record; the line joins the fastest record per NFE (the one least slowed by
+                # other jobs on the shared CPU: timing noise only ever adds) at the mean FID
                 by_nfe = sorted({p[0] for p in pts})
-                ax.plot([1000 * statistics.mean(p[2] for p in pts if p[0] == n) for n in by_nfe],
+                ax.plot([1000 * min(p[2] for p in pts if p[0] == n) for n in by_nfe],
                         [statistics.mean(p[1] for p in pts if p[0] == n) for n in by_nfe], "-o", color=f"C{i % 10}",
                         ms=4)
             ax.scatter([p[col] * (1000 if col == 2 else 1) for p in pts], [p[1] for p in pts], s=8,
@@ -780,7 +784,8 @@ def plot(records: Records, out_dir: Path) -> list[Path]:
         recs = evals(records[bench])
         main = next((v for v in spec.variants if v.at == "all"), None)
         plain = {v.name: v for v in spec.variants if v.sharing is None and v.scale == 1.0}
-        for kind in ("kimg", "nfe"):
+        # a bench with a cost plot has rows of several solvers: its NFE axis is drawn there, one curve per solver
+        for kind in ("kimg",) if bench in COST_PLOTS else ("kimg", "nfe"):
             fig, ax = plt.subplots(figsize=(5.5, 4))
             drawn = False
             for i, row in enumerate(spec.rows):

@@ -63,10 +63,11 @@ def test_fid_against_nfe_and_wall_time_is_drawn_for_every_row_at_its_last_point(
     records = {"distill": [rec("dit", "euler4", 96.0, s, 50.0 + s, 0.004) for s in (0, 1)]
                + [rec("dit", "heun2", 96.0, 0, 40.0, 0.006), rec("slam", "slam1", 8.0, 0, 300.0, 0.001)]
                + [rec("slam", "slam1", 32.0, s, 30.0 + s, 0.001) for s in (0, 1)]
-               + [rec("slam", "slam4", 32.0, 0, 20.0, 0.004)]}
+               + [rec("slam", "slam4", 32.0, 0, 20.0, 0.004), rec("dit", "euler4cfg2", 96.0, 0, 12.0, 0.008)]}
     series = tables.cost_series(records, "distill")
     assert series["slam (lcm, 32k)"] == [(1, 30.0, 0.001), (1, 31.0, 0.001), (4, 20.0, 0.004)]
     assert series["dit (heun, 96k)"] == [(3, 40.0, 0.006)] and len(series["dit (euler, 96k)"]) == 2
+    assert series["dit (euler, CFG 2, 96k)"] == [(8, 12.0, 0.008)]  # never averaged with the unguided Euler
     path = tables.plot_fid_vs_cost(records, "distill", tmp_path)
     assert path == tmp_path / "distill_fid_vs_cost.png" and path.stat().st_size > 1000
     assert "| SLAM from the quick start" in tables.few_step(records, "distill")
