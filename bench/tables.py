@@ -1,6 +1,7 @@
 """Rebuild every table of ``bench/README.md`` from ``bench/results/*.json``, and plot FID against training images and
-against NFE (``bench/results/<bench>_fid_vs_kimg.png``, ``<bench>_fid_vs_nfe.png``; the distillation bench, whose rows
-use several solvers, has ``distill_fid_vs_cost.png`` instead: FID against NFE and wall time per image).
+against NFE (``bench/results/<bench>_fid_vs_kimg.png``, ``<bench>_fid_vs_nfe.png``; the consistency and distillation
+benches, whose rows stop at different points and use several solvers, have ``<bench>_fid_vs_cost.png`` instead: FID
+against NFE and wall time per image, each row at its last point).
 
 A table sits in the README between ``<!-- tables.py: <name> -->`` and ``<!-- /tables.py -->``; this script replaces
 what is between the markers and nothing else. ``--check`` only reports whether the README is up to date (exit 1 if
@@ -766,7 +767,7 @@ def plot_fid_vs_cost(records: Records, bench: str, out_dir: Path) -> Path | None
     return path
 
 
-COST_PLOTS = ("distill",)  # benches whose rows stop at different points (students after their teacher)
+COST_PLOTS = ("consistency", "distill")  # benches whose rows stop at different points (students after their teacher)
 
 
 def plot(records: Records, out_dir: Path) -> list[Path]:
