@@ -23,6 +23,15 @@ Two networks alternate as two phases of one step (``Method.phases``: ``"fake_sco
   pseudo-Huber, c = 1e-3 as the official code) or the squared error, with the DMD-style normaliser
   ``eta = mean|x0_hat - x0_cfg|`` (detached; floored at 1e-8).
   Only the student's last step carries gradient.
+* **Against the official code** (bench/README.md, "Distillation losses against the official code": the losses agree
+  to 1e-7 given the same draws). Kept differences, all from running the demo's DDPM-index recipe on a continuous
+  linear path: (1) the student starts at t = 1, pure noise, where the demo starts at DDPM step ``total_steps - 1``
+  (899 with its README's 900: alpha-bar 2.8e-4, not the top); (2) its integer segments are
+  ``[(i - 1) L, i L - 1]`` with tau in ``[max(20, (i - 1) L), i L - 12]``: ours are ``[(i - 1) / K, i / K]`` with tau's
+  index up to ``i L - 11`` (one grid step); (3) tau is uniform in our time, not in the DDPM index, so its SNR
+  distribution is the linear path's; (4) one segment per step serves both phases (the rollout stops at it, ``K - i``
+  student calls), where the demo rolls out all K steps and draws a new segment for the generator phase: each
+  phase's segment is uniform either way, only their coupling within a step differs.
 * **TDM-unify** (the sampling-steps-aware objective, ``unify_steps``): K is drawn per sample from a set, and the
   student and the fake score are conditioned on it through the backbone's extra-condition slot
   (``gen.models.student.StepConditioned``).

@@ -356,6 +356,12 @@ class UShapedTime(TimeSampler):
     Draw ``u`` from the truncated exponential ``a e^{a u} / (e^a - 1)`` on [0, 1] by inverting its CDF,
     mirror each draw with probability 1/2 (the mixture gives the symmetric density), then rescale to
     ``[eps, 1 - eps]`` (Lee et al. 2024, "Improving the Training of Rectified Flows", sangyun884/rfpp).
+
+    sangyun884/rfpp ``t_dist.py`` ``sample_t`` mirrors differently: it concatenates the n draws with their mirrors and
+    keeps n of the 2n after a shuffle. Each time has the same density as here, but a batch then holds about n/4 draws
+    together with their own mirror (20 of 64 in bench/distill_equivalence.py); we draw every time independently, which
+    is the density the paper states (Sec. 4.1) without the within-batch coupling, and keeps a sample's time a
+    function of its own random stream.
     """
 
     def __init__(self, a: float = 4.0, eps: float = 1e-5, shift: float = 1.0) -> None:

@@ -23,6 +23,7 @@ import torch
 from distill.slam import SubpathLinearApproximation
 from gen.ema import EMA
 from gen.models.dit import DiT
+from gen.models.student import condition_embedding
 from gen.paths import LinearPath
 from gen.snapshot import load_network
 from gen.train.method import Progress
@@ -56,9 +57,23 @@ def _method(teacher: Path, perturb: bool = True, **kw) -> SubpathLinearApproxima
 
 
 def _emb(w: float) -> torch.Tensor:
-    """LCM's embedding of w: ``[sin(1000 w omega_i), cos(1000 w omega_i)]``, ``omega_i = 10000^(-i / (D/2))``."""
-    ang = [1000.0 * w / 10000 ** (i / (DIM / 2)) for i in range(DIM // 2)]
+    """LCM's embedding of w: ``[sin(1000 w omega_i), cos(1000 w omega_i)]``, ``omega_i = 10000^(-i / (D/2 - 1))``."""
+    ang = [1000.0 * w / 10000 ** (i / (DIM / 2 - 1)) for i in range(DIM // 2)]
     return torch.tensor([[*map(math.sin, ang), *map(math.cos, ang)]])
+
+
+def test_gamma_embedding_is_lcms_guidance_scale_embedding() -> None:
+    """The frequencies of LCM's ``guidance_scale_embedding`` (MCG-NJU/SPLAM feeds gamma through it) run from 1 to
+    exactly 1e-4: ``10000^(-i / (D/2 - 1))``, not the position tables' ``10000^(-i / (D/2))`` (the old code's)."""
+    w = torch.tensor([0.0, 0.37, 4.2, 10.0], dtype=torch.float64)
+    omega = torch.tensor([1.0, 10 ** (-4 / 3), 10 ** (-8 / 3), 1e-4], dtype=torch.float64)  # D = 8
+    ang = 1000.0 * w[:, None] * omega
+    want = torch.cat([ang.sin(), ang.cos()], 1)
+    got = condition_embedding(w, 8)
+    assert got.dtype == torch.float32 and got.shape == (4, 8)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="even width >= 4"):
+        condition_embedding(w, 2)
 
 
 def _boundary(t: float) -> tuple[float, float]:

@@ -22,18 +22,29 @@ Time convention: ``gen.paths.LinearPath`` (data at t = 0, ``x_t = (1 - t) x0 + t
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gen.models.common import ModelOutput
-from gen.nn.pos_embed import sincos_1d
 
 
 def condition_embedding(value: Tensor, dim: int) -> Tensor:
-    """LCM's scalar embedding ``[sin(1000 w omega_i), cos(1000 w omega_i)]``: (B,) -> (B, dim) float32."""
-    return sincos_1d(int(dim), 1000.0 * value.double()).float().to(value.device)
+    """LCM's scalar embedding ``[sin(1000 w omega_i), cos(1000 w omega_i)]``: (B,) -> (B, dim) float32.
+
+    ``omega_i = 10000^(-i / (dim/2 - 1))``, i = 0 .. dim/2 - 1, so the frequencies run from 1 to exactly 1e-4 (VDM's
+    and LCM's ``guidance_scale_embedding``, copied by MCG-NJU/SPLAM ``train_splam_distill_sd_wds.py`` for gamma), not
+    the ``10000^(-i / (dim/2))`` of the position tables (``gen.nn.pos_embed.sincos_1d``). Computed in float64: the
+    angles reach 1000 * 10 rad, where float32 (the official code's dtype) keeps only about 3 decimals.
+    """
+    half = int(dim) // 2
+    if int(dim) % 2 or half < 2:
+        raise ValueError(f"the condition embedding needs an even width >= 4, got {dim}")
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))  # (dim/2,)
+    ang = 1000.0 * value.double().reshape(-1, 1).cpu() * omega  # (B, dim/2)
+    return torch.cat([ang.sin(), ang.cos()], -1).float().to(value.device)
 
 
 def takes_condition(net: nn.Module) -> int:
