@@ -31,8 +31,10 @@ with a raw training state every 2k images, scored with its own 1-step consistenc
     python bench/yardstick_all.py --benches averaging                    # the same through the one command
 
 Records: ``bench/results/averaging.json`` (``--smoke``: ``averaging_smoke.json``); runs in ``runs/yardstick/averaging``.
-Re-running resumes the training runs and the searches; rows stored with the same settings are read back, not
-recomputed (the records file is rewritten after every seed).
+With ``--jobs 2`` the runs train two at a time and then the seeds' rows are computed in parallel processes (one
+thread each; their logs ``<runs>/rows-s<seed>.log``). Re-running resumes the training runs and the searches; rows
+stored with the same settings are read back, not recomputed (each row is written to its seed's part file
+``averaging.s<seed>.part.json`` as soon as it is known, and the parts are merged into the records file at the end).
 """
 
 from __future__ import annotations
@@ -177,8 +179,10 @@ def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, flo
 
 
 def rows_for_seed(args: argparse.Namespace, seed: int,
-                  done: dict[tuple[int, str, float], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Every row of one training seed (both runs trained); rows in ``done`` are read back, not recomputed."""
+                  done: dict[tuple[int, str, float], dict[str, Any]] | None = None,
+                  on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Every row of one training seed (both runs trained); rows in ``done`` are read back, not recomputed, and each
+    newly computed row is passed to ``on_row`` (with its seed) as soon as it is known."""
     done = done or {}
     if all((seed, m, k) in done for m, k in planned_rows(args)):
         return [done[(seed, m, k)] for m, k in planned_rows(args)]
@@ -186,10 +190,17 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
     classic, phema = (train_command(args, seed, kind)[0] for kind in KINDS)
     rows: list[dict[str, Any]] = []
 
+    def new(row: dict[str, Any]) -> None:
+        rows.append(row)
+        if on_row is not None:
+            on_row({"seed": seed, **row})
+
     def add(method: str, kimg: float, snapshot: Callable[[], Path], sampler: dict[str, Any] | str = "euler20") -> None:
         old = done.get((seed, method, float(kimg)))
-        rows.append(old if old is not None else
-                    {"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler)})
+        if old is not None:
+            rows.append(old)
+        else:
+            new({"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler)})
 
     add("raw", args.kimg, lambda: raw_weights(phema))
     end = list_snapshots(classic)[-1][0]
@@ -209,7 +220,7 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
         if (seed, "lcsc", k) in done:
             rows.append(done[(seed, "lcsc", k)])
             continue
-        rows.append({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER)})
+        new({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER)})
     if args.ect_kimg > 0:
         from yardstick_consistency import consistency_sampler  # the consistency table's samplers
 
@@ -221,7 +232,7 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
         if (seed, "ect-lcsc", k) in done:
             rows.append(done[(seed, "ect-lcsc", k)])
         else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
-            rows.append({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, [])})
+            new({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, [])})
     return [{"seed": seed, **r} for r in rows]
 
 
@@ -315,6 +326,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sec-per-kimg", type=float, default=10.0, help="estimate: training speed where none is measured")
     p.add_argument("--sec-per-eval", type=float, default=60.0, help="estimate: seconds per 1,000-sample FID")
     p.add_argument("--smoke", action="store_true", help="a tiny model for 1.024k images: checks the pipeline only")
+    p.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # one seed's rows, for compute_parallel
     args = p.parse_args(argv)
     if args.smoke:
         args.kimg, args.snapshot_kimg, args.lcsc_kimg, args.last = 1.024, 0.128, "0.512,1.024", 3
@@ -326,7 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, str, float], dict[str, Any]]) -> float:
     """Seconds left: training images left per run at its measured s/kimg (else ``--sec-per-kimg``) over the jobs,
-    plus the missing rows' FIDs and LCSC searches at ``--sec-per-eval`` per 1,000 samples."""
+    plus the missing rows' FIDs and LCSC searches at ``--sec-per-eval`` per 1,000 samples (seeds ``--jobs`` at a
+    time)."""
     train_s, eval_s = 0.0, 0.0
     per_eval = args.sec_per_eval * args.num_images / 1000
     per_fitness = args.sec_per_eval * args.fitness_images / 1000
@@ -348,26 +361,91 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
         searches = sum(m in ("lcsc", "ect-lcsc") for m, _ in missing)
         eval_s += len(missing) * per_eval + searches * args.population * args.generations * per_fitness
         print(f"seed {seed}: {len(missing)} rows missing ({searches} LCSC searches)")
-    return train_s / max(args.jobs, 1) + eval_s
+    return train_s / max(args.jobs, 1) + eval_s / max(min(args.jobs, len(seeds)), 1)  # seeds evaluate in parallel
+
+
+def part_file(out: Path, seed: int) -> Path:
+    """One seed's rows as they are computed (``<out stem>.s<seed>.part.json``), merged into ``out`` at the end: a
+    stopped run keeps every row it finished, and seeds computed in parallel never write the same file."""
+    return out.with_name(f"{out.stem}.s{seed}.part.json")
+
+
+def load_done(out: Path, args: argparse.Namespace, seeds: list[int]) -> dict[tuple[int, str, float], dict[str, Any]]:
+    """Rows stored with the same settings: the records file, then the seeds' part files (newer) over it."""
+    done = stored_rows(out, args)
+    for seed in seeds:
+        done.update(stored_rows(part_file(out, seed), args))
+    return done
+
+
+def _write(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    text = json.dumps({"records": rows, "settings": settings}, indent=1)  # "records" as every results file
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def compute_seed(args: argparse.Namespace, seed: int, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """One seed's rows, each written to its part file as soon as it is known."""
+    done = load_done(out, args, [seed])
+    mine = {key: r for key, r in done.items() if key[0] == seed}
+
+    def save(row: dict[str, Any]) -> None:
+        mine[(seed, row["method"], float(row["kimg"]))] = row
+        _write(part_file(out, seed), list(mine.values()), settings)
+
+    return [{"seed": seed, **r} for r in rows_for_seed(args, seed, done, save)]
+
+
+def compute_parallel(argv: list[str], seeds: list[int], jobs: int, out: Path, runs: Path) -> list[str]:
+    """Every seed's rows in its own single-threaded process, ``jobs`` at a time (this script with ``--part``); the
+    evaluations are most of this bench's time, and two 1-thread processes are the yardstick's fastest layout on 2
+    cores. Returns the seeds whose process failed."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    todo, running, failed = list(seeds), [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            seed = todo.pop(0)
+            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--seeds", str(seed), "--jobs", "1", "--part",
+                   "--out", str(out)]
+            log = open(runs / f"rows-s{seed}.log", "a")
+            running.append((seed, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            running.remove(item)
+            item[2].close()
+            if item[1].returncode != 0:
+                failed.append(f"seed {item[0]} (exit {item[1].returncode}; see {item[2].name})")
+    return failed
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) if args.out else Path(args.results) / ("averaging_smoke.json" if args.smoke else
                                                                  "averaging.json")
-    done = stored_rows(out, args)
     if args.estimate:
-        print(f"ESTIMATE_SECONDS={estimate(args, seeds, done):.0f}")
+        print(f"ESTIMATE_SECONDS={estimate(args, seeds, load_done(out, args, seeds)):.0f}")
+        return
+    settings = {k: v for k, v in vars(args).items() if k not in ("estimate", "jobs", "part", "out", "seeds")}
+    if args.part:  # one seed's rows for compute_parallel: the training is done, the parent merges
+        compute_seed(args, seeds[0], out, settings)
         return
     train_all(args, seeds)
-    rows: list[dict[str, Any]] = []
-    settings = {k: v for k, v in vars(args).items() if k not in ("estimate", "jobs")}
-    for i, seed in enumerate(seeds):  # the records file is rewritten after every seed: a stopped run keeps those done
-        rows += rows_for_seed(args, seed, done)
-        kept = [r for (s, _, _), r in done.items() if s not in seeds[: i + 1]]
-        text = json.dumps({"records": rows + kept, "settings": settings}, indent=1)  # "records" as every results file
-        atomic_write(out, lambda tmp, text=text: Path(tmp).write_text(text))
+    failed: list[str] = []
+    if args.jobs > 1 and len(seeds) > 1:
+        Path(args.runs).mkdir(parents=True, exist_ok=True)
+        failed = compute_parallel(argv, seeds, args.jobs, out, Path(args.runs))
+    else:
+        for seed in seeds:
+            compute_seed(args, seed, out, settings)
+    done = load_done(out, args, seeds)
+    rows = [done[(s, m, k)] for s in seeds for m, k in planned_rows(args) if (s, m, k) in done]
+    kept = [r for (s, _, _), r in stored_rows(out, args).items() if s not in seeds]
+    _write(out, rows + kept, settings)
+    for seed in seeds:  # merged: the part files are no longer needed
+        part_file(out, seed).unlink(missing_ok=True)
+    if failed:
+        raise SystemExit(f"rows failed: {'; '.join(failed)}; re-run the same command to resume")
     print("\n".join(summary(rows, args.kimg)))
 
 

@@ -514,7 +514,8 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
     # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times; ECT raw, EMA (1 and 2 steps), LCSC
     rows_per_seed = 1 + len(ya.HALFLIVES) + 8 + 4 + 4
     train_s = 2 * (2 * 96 + 32) * 10 / 2  # 2 seeds x (2 runs of 96k + ECT's 32k) at 10 s/kimg, 2 at a time
-    eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30)  # each row one FID; each search population x generations
+    eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30) / 2  # each row one FID; each search population x
+    # generations; the 2 seeds evaluate in parallel (--jobs 2)
     assert f"ESTIMATE_SECONDS={train_s + eval_s:.0f}" in capsys.readouterr().out
     # A training state at 48k images halves that run's training left.
     run = tmp_path / "runs" / "phema-s1"
@@ -550,3 +551,38 @@ def test_lcsc_fitness_spread_over_two_processes_finds_the_same_alpha(four_snapsh
     assert a["alpha"] == b["alpha"] and a["evaluations"] == b["evaluations"]
     for key in ("fitness_fid", "rescore_fid", "last_rescore_fid"):
         assert abs(a[key] - b[key]) <= 1e-6 * a[key], key
+
+
+def test_bench_rows_are_kept_as_they_come_and_merged_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yardstick_averaging as ya
+
+    out = tmp_path / "averaging.json"
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--jobs", "1", "--seeds", "0,1"]
+    monkeypatch.setattr(ya, "train_all", lambda args, seeds: None)
+    monkeypatch.setattr(ya, "summary", lambda rows, kimg: [])  # the table needs every row kind
+    calls: list[tuple[int, list[str]]] = []
+
+    def rows(args, seed, done, on_row):  # two rows of each seed; seed 1 stops after its first, as a killed run
+        calls.append((seed, sorted(m for s, m, _ in done if s == seed)))
+        got = []
+        for method in ("raw", "ema-hl2k"):
+            row = done.get((seed, method, 96.0)) or {"method": method, "kimg": 96.0, "fid": 10.0 + seed}
+            if (seed, method, 96.0) not in done:
+                if seed == 1 and method == "ema-hl2k" and len(calls) == 2:
+                    raise RuntimeError("killed")
+                on_row({"seed": seed, **row})
+            got.append(row)
+        return got
+
+    monkeypatch.setattr(ya, "rows_for_seed", rows)
+    with pytest.raises(RuntimeError, match="killed"):
+        ya.main(argv)
+    assert not out.exists()  # nothing merged yet, but every finished row is on disk
+    assert [r["method"] for r in json.loads(ya.part_file(out, 0).read_text())["records"]] == ["raw", "ema-hl2k"]
+    assert [r["method"] for r in json.loads(ya.part_file(out, 1).read_text())["records"]] == ["raw"]
+    ya.main(argv)  # the re-run reads the parts back and computes only what is missing
+    assert calls[2:] == [(0, ["ema-hl2k", "raw"]), (1, ["raw"])]
+    merged = json.loads(out.read_text())["records"]
+    assert sorted((r["seed"], r["method"]) for r in merged) == [(0, "ema-hl2k"), (0, "raw"), (1, "ema-hl2k"), (1, "raw")]
+    assert not ya.part_file(out, 0).exists() and not ya.part_file(out, 1).exists()
