@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
