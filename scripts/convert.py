@@ -5,10 +5,13 @@
     python -m scripts.convert --from lightningdit --ckpt lightningdit-xl-imagenet256-800ep.pt --out ldit.safetensors \\
         --tokenizer-weights vavae.safetensors --latent-stats latents_stats.pt
     python -m scripts.convert --from vavae --ckpt vavae-imagenet256-f16d32-dinov2.pt --out vavae.safetensors
+    python -m scripts.convert --from edm2 --ckpt edm2-img64-s-1073741-0.075.pkl --out edm2_img64_s.safetensors
     python sample.py snapshot=in256_dit_xl2.safetensors sampler=heun_dit_xl2
 
-Sources: dit, sit, repa, reg, lightningdit, ddt (``gen/models/convert.py`` maps their keys) and vavae (the
-tokenizer; ``tokenizers/vavae.py`` maps its keys). The file is read safely (safetensors, or ``torch.load`` with
+Sources: dit, sit, repa, reg, lightningdit, ddt (``gen/models/convert.py`` maps their keys), edm2 (EDM2's
+ImageNet-64 pixel networks, pickles of persistent classes read by the restricted unpickler of
+``gen/models/convert_edm2.py``, which never runs their embedded code) and vavae (the tokenizer;
+``tokenizers/vavae.py`` maps its keys). The file is read safely (safetensors, or ``torch.load`` with
 ``weights_only=True``; a pickle that would import objects is refused), the EMA weights are taken where the file
 holds both, training-only parts are dropped and listed, the size is inferred from the shapes (``--size`` refuses
 another one), and the snapshot's metadata holds the model spec, the prediction spec with the time adapter, the
@@ -35,6 +38,7 @@ from gen.models.convert import (
     read_checkpoint,
     select_weights,
 )
+from gen.models.convert_edm2 import EDM2PickleError, edm2_state, read_edm2_pickle
 from gen.utils.build import build
 from gen.utils.ckpt import file_sha256, save_snapshot
 from gen.utils.cli import check_writable_file, run_main
@@ -47,7 +51,10 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TOKENIZER = {"dit": "sd_vae_ema", "sit": "sd_vae_ema", "repa": "sd_vae_ema", "reg": "sd_vae_ema",
                      "ddt": "sd_vae_ema", "lightningdit": "vavae_f16d32"}
 DEFAULT_SAMPLER = {"dit": "heun_dit_xl2", "sit": "sde_sit_xl2", "repa": "sde_repa_sit_xl2",
-                   "reg": "sde_reg_sit_xl2", "lightningdit": "euler_lightningdit_800ep", "ddt": "euler_ddt_xl"}
+                   "reg": "sde_reg_sit_xl2", "lightningdit": "euler_lightningdit_800ep", "ddt": "euler_ddt_xl",
+                   "edm2": "heun_edm2_img64"}
+# The data name each source's snapshot records (ECT's check_start compares it with the tuning run's data.name).
+DEFAULT_DATASET = {"edm2": "imagenet64"}
 
 
 def _yaml(group: str, name_or_file: str) -> dict[str, Any]:
@@ -148,6 +155,44 @@ def convert_vavae(args: argparse.Namespace, sha: str) -> dict[str, Any]:
     return source
 
 
+def convert_edm2(args: argparse.Namespace, sha: str) -> dict[str, Any]:
+    """EDM2 (ImageNet-64 pixels): the ``ema`` Precond of the pickle to an EDM-preconditioned x0 snapshot."""
+    from gen.objectives.edm import EDMLoss
+
+    try:
+        conv = edm2_state(read_edm2_pickle(args.ckpt), args.ckpt, expect_size=args.size)
+    except EDM2PickleError as e:
+        raise ConvertError(str(e)) from e
+    channels = int(conv.model["in_channels"])
+    tok = build_tokenizer({"_target_": "tokenizers.pixels.PixelTokenizer", "channels": channels,
+                           "latent_channels": channels, "downsample": 1})
+    source = {"from": "edm2", "file": Path(args.ckpt).name, "sha256": sha, "preset": conv.preset,
+              "dropped": conv.dropped, "checked": conv.checked}
+    meta = {
+        "model": conv.model,
+        # EDM2's Precond is EDM's (c_in, c_skip, c_out, c_noise = ln(sigma) / 4 with its sigma_data): an x0 model on
+        # the EDM path, exactly what objective=edm records (and what ECT's teacher=edm expects).
+        "prediction": EDMLoss(sigma_data=conv.sigma_data).prediction_spec(),
+        "data": {"name": args.dataset or DEFAULT_DATASET["edm2"], "channels": channels,
+                 "resolution": int(conv.model["input_size"]), "num_classes": int(conv.model["num_classes"])},
+        "tokenizer": tok.config,
+        "sampler": _yaml("sampler", args.sampler or DEFAULT_SAMPLER["edm2"]),
+        "source": source,
+    }
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in conv.tensors.items()}  # the file is fp16
+    refuse_non_finite(tensors, args.ckpt)
+    out = Path(args.out)
+    save_snapshot(out, tensors, meta)
+    from pipeline import generator_from_snapshot
+
+    try:
+        generator_from_snapshot(str(out))
+    except (OSError, ValueError, NonFiniteError) as e:
+        out.unlink(missing_ok=True)
+        raise ConvertError(f"the written snapshot does not rebuild ({e}); nothing was kept") from e
+    return source
+
+
 def convert(args: argparse.Namespace) -> dict[str, Any]:
     """Convert ``args.ckpt`` into ``args.out``; returns the ``source`` record of the snapshot's metadata."""
     ckpt = Path(args.ckpt)
@@ -161,6 +206,8 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     sha = file_sha256(ckpt)
     if args.source == "vavae":
         return convert_vavae(args, sha)
+    if args.source == "edm2":
+        return convert_edm2(args, sha)
     spec = tokenizer_spec(args)  # before the (large) checkpoint is read: a missing file fails fast
     obj = read_checkpoint(ckpt)
     state, dropped = select_weights(obj, args.source, ckpt)
@@ -183,7 +230,7 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "model": conv.model,
         "prediction": conv.prediction,
-        "data": {"name": args.dataset, "channels": tok.image_channels,
+        "data": {"name": args.dataset or "imagenet", "channels": tok.image_channels,
                  "resolution": int(conv.model["input_size"]) * tok.downsample,
                  "num_classes": int(conv.model["num_classes"])},
         "tokenizer": tok.config,
@@ -210,10 +257,10 @@ def convert(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--from", dest="source", required=True, choices=[*SOURCES, "vavae"], help="the checkpoint's code base")
+    p.add_argument("--from", dest="source", required=True, choices=[*SOURCES, "edm2", "vavae"], help="the checkpoint's code base")
     p.add_argument("--ckpt", required=True, help="the published (or trained) checkpoint file")
     p.add_argument("--out", required=True, help="the snapshot to write (.safetensors)")
-    p.add_argument("--size", default=None, help="refuse another size: XL, L, B, S, 1p0B, ... or DiT-XL/2")
+    p.add_argument("--size", default=None, help="refuse another size: XL, L, B, S, 1p0B, ... or DiT-XL/2 (edm2: XS..XXL)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads of a custom (unpublished) size")
     p.add_argument("--encoder-blocks", type=int, default=None, help="DDT encoder blocks of a custom size")
     p.add_argument("--tokenizer", default=None, help="configs/tokenizer preset or YAML file (default: the source's)")
@@ -221,7 +268,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latent-stats", default=None, help="per-channel latent mean/std (LightningDiT latents_stats.pt)")
     p.add_argument("--resolution", type=int, default=None, help="image size (DDT files do not record it; default 256)")
     p.add_argument("--sampler", default=None, help="configs/sampler preset stored as the snapshot's sampler")
-    p.add_argument("--dataset", default="imagenet", help="data name recorded in the snapshot")
+    p.add_argument("--dataset", default=None, help="data name recorded in the snapshot (default imagenet; edm2: imagenet64)")
     return p.parse_args(argv)
 
 
