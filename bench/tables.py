@@ -407,6 +407,128 @@ def final_fids(records: Records, bench: str, method: str, variant: str = "euler2
     return by_seed([r for r in recs if r["kimg"] == common[-1]], "fid")
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint averaging (bench/yardstick_averaging.py: its own records, one per seed, method and kimg; every FID on
+# the row seed set, which LCSC's fitness never sees)
+
+
+def _averaging_rows(records: Records, method: str, kimg: float | None = None) -> dict[int, dict[str, Any]]:
+    """The averaging bench's rows of ``method`` at ``kimg`` (default: its last), by seed."""
+    rs = [r for r in records.get("averaging", []) if r.get("method") == method]
+    if kimg is None and rs:
+        kimg = max(float(r["kimg"]) for r in rs)
+    return {int(r["seed"]): r for r in rs if float(r["kimg"]) == kimg}
+
+
+def _averaging_best(records: Records, prefix: str) -> dict[int, dict[str, Any]]:
+    """Per seed, the row of lowest FID among the methods named ``prefix...`` (picked per seed, as a user would pick
+    the EMA length on their own run)."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in records.get("averaging", []):
+        s = int(r["seed"])
+        if r["method"].startswith(prefix) and (s not in out or r["fid"] < out[s]["fid"]):
+            out[s] = r
+    return out
+
+
+def lcsc_saved(records: Records) -> dict[int, float | None]:
+    """Per seed, the share of the run's images LCSC saves: ``1 - k / K`` for the first LCSC point k whose FID reaches
+    the seed's best classic EMA at the run's end K (None where no point reaches it)."""
+    out: dict[int, float | None] = {}
+    for s, ema in sorted(_averaging_best(records, "ema-").items()):
+        pts = sorted((float(r["kimg"]), float(r["fid"])) for r in records.get("averaging", [])
+                     if r["method"] == "lcsc" and int(r["seed"]) == s)
+        if pts:
+            k = next((k for k, f in pts if f <= ema["fid"]), None)
+            out[s] = None if k is None else 1 - k / float(ema["kimg"])
+    return out
+
+
+def _fitness_gap(r: dict[str, Any]) -> float:
+    """How much better the winner scores on LCSC's fitness seeds than on the row seeds, beyond the same gap of the
+    last checkpoint alone (FID's small-sample bias cancels): negative = the search fitted its own seed set."""
+    return (r["fitness_fid"] - r["fid"]) - (r["last_alone_fitness_fid"] - r["last_alone_fid"])
+
+
+def averaging(records: Records) -> str:
+    """``bench/yardstick_averaging.py``: FID of each averaging at the run's end (the classic EMAs and post-hoc widths
+    one row each, then the best per seed), LCSC at each search time with its search cost and fitness gap, and the
+    1-step consistency part (ECT)."""
+    recs = records.get("averaging", [])
+    if not recs:
+        return "Not measured yet (`python bench/yardstick_all.py --benches averaging`).\n"
+    rows: list[list[str]] = []
+
+    def fids(by_seed: dict[int, dict[str, Any]]) -> str:
+        return fmt_seeds({s: float(r["fid"]) for s, r in by_seed.items()}, 2)
+
+    def add(label: str, method: str, note: str = "", kimg: float | None = None) -> None:
+        got = _averaging_rows(records, method, kimg)
+        if got:
+            rows.append([label, f"{max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
+
+    methods = sorted({r["method"] for r in recs})
+    add("raw weights (last training state)", "raw")
+    for m in sorted((m for m in methods if m.startswith("ema-")), key=lambda m: float(m[6:-1])):
+        add(f"classic EMA, half-life {m[6:-1]}k images", m)
+    best = _averaging_best(records, "ema-")
+    if best:
+        rows.append(["best classic EMA, per seed", f"{max(float(r['kimg']) for r in best.values()):g}k", fids(best),
+                     " / ".join(r["method"][4:] for _, r in sorted(best.items()))])
+    for m in sorted((m for m in methods if m.startswith("posthoc-")), key=lambda m: float(m[8:])):
+        add(f"post-hoc EMA, sigma_rel {m[8:]}", m)
+    best = _averaging_best(records, "posthoc-")
+    if best:
+        rows.append(["best post-hoc EMA, per seed", f"{max(float(r['kimg']) for r in best.values()):g}k", fids(best),
+                     " / ".join(f"sigma_rel {r['method'][8:]}" for _, r in sorted(best.items()))])
+    for k in sorted({float(r["kimg"]) for r in recs if r["method"] == "lcsc"}):
+        got = _averaging_rows(records, "lcsc", k)
+        note = (f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
+                f"{' / '.join(f'{_fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
+                f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
+                f"{statistics.mean(r['search_seconds'] for r in got.values()) / 60:.0f} min")
+        add("LCSC over the last raw states", "lcsc", note, k)
+    saved = lcsc_saved(records)
+    if saved:
+        rows.append(["images LCSC saves to the best EMA's final FID", "", " / ".join(
+            "not reached" if v is None else f"{v:.0%}" for _, v in sorted(saved.items())), "per seed; aim: 50%"])
+    start = max((float(r["kimg"]) for r in recs if r["method"] == "raw"), default=0.0)  # ECT tunes the run's end
+    ect = [("ECT raw weights, 1 step", "ect-raw"), ("ECT EMA (half-life 2k), 1 step", "ect-ema"),
+           ("ECT EMA, 2 steps", "ect-ema-2step"), ("ECT LCSC, 1 step", "ect-lcsc")]
+    for label, m in ect:
+        got = _averaging_rows(records, m)
+        note = "" if m != "ect-lcsc" or not got else (
+            f"fitness gap {' / '.join(f'{_fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}")
+        if got:
+            rows.append([label, f"{start:g}k + {max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
+    return table(["averaging", "training images", "FID (seeds)", "notes"], rows)
+
+
+def _posthoc_vs_ema(records: Records) -> tuple[str, str] | None:
+    out = compare({s: r["fid"] for s, r in _averaging_best(records, "posthoc-").items()},
+                  {s: r["fid"] for s, r in _averaging_best(records, "ema-").items()})
+    return None if out is None else (f"FID {out[0]} (best post-hoc vs best classic EMA, per seed)",
+                                     "yes" if out[1] != "no" else "no")
+
+
+def _lcsc_saves(records: Records) -> tuple[str, str] | None:
+    saved = lcsc_saved(records)
+    if not saved:
+        return None
+    vals = [v for v in saved.values() if v is not None]
+    verdict = ("yes" if len(vals) == len(saved) and min(vals) >= 0.5 else
+               "direction only" if vals and max(vals) > 0 else "no")
+    text = (f"saves {' / '.join('none (not reached)' if v is None else f'{v:.0%}' for _, v in sorted(saved.items()))} "
+            "of the images to the best classic EMA's final FID (aim: 50%)")
+    return text, verdict
+
+
+def _lcsc_one_step(records: Records) -> tuple[str, str] | None:
+    out = compare({s: r["fid"] for s, r in _averaging_rows(records, "ect-lcsc").items()},
+                  {s: r["fid"] for s, r in _averaging_rows(records, "ect-ema-2step").items()})
+    return None if out is None else (f"FID {out[0]} (LCSC at 1 step vs the EMA at 2 steps)", out[1])
+
+
 def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str] | None:
     """``a`` against ``b`` (lower FID is better): the difference of the means with both seed ranges, and whether
     ``a`` is better ("yes": every seed of ``a`` below every seed of ``b``; "no": the reverse; "within seed spread")."""
@@ -616,6 +738,12 @@ CLAIMS: tuple[Claim, ...] = (
           _near_best("distill", "tdm_unify", "tdmu4", "dit", 1.1)),
     Claim("SLAM", "Xu et al. 2024", "a 4-step student near its teacher's quality (aim as issue 20's: within 1.1x of "
           "the teacher's best)", _near_best("distill", "slam", "slam4", "dit", 1.1)),
+    Claim("Post-hoc EMA", "Karras et al. 2024", "the EMA length can be chosen after training: the best post-hoc "
+          "reconstruction is as good as the best of the EMAs tracked during training", _posthoc_vs_ema),
+    Claim("LCSC", "Liu et al. 2024", "a searched combination of saved checkpoints reaches the best EMA's quality with "
+          "far less training (issue 21's aim: half the images)", _lcsc_saves),
+    Claim("LCSC, 1 step", "Liu et al. 2024", "on a consistency model, LCSC at 1 NFE beats the EMA at 2 NFE",
+          _lcsc_one_step),
 )
 
 
@@ -682,6 +810,7 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "curriculum/fid_vs_kimg": lambda r: fid_vs_kimg(r, "curriculum"),
     "curriculum/reach": lambda r: reach(r, "curriculum", "dit"),
     "curriculum/quickstart": lambda r: at_last_point(r, "curriculum", "qs"),
+    "averaging": averaging,
 }
 
 

@@ -34,7 +34,8 @@ Records: ``bench/results/averaging.json`` (``--smoke``: ``averaging_smoke.json``
 With ``--jobs 2`` the runs train two at a time and then the seeds' rows are computed in parallel processes (one
 thread each; their logs ``<runs>/rows-s<seed>.log``). Re-running resumes the training runs and the searches; rows
 stored with the same settings are read back, not recomputed (each row is written to its seed's part file
-``averaging.s<seed>.part.json`` as soon as it is known, and the parts are merged into the records file at the end).
+``<runs>/averaging.s<seed>.part.json`` as soon as it is known, and the parts are merged into the records file at the
+end).
 """
 
 from __future__ import annotations
@@ -364,17 +365,18 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
     return train_s / max(args.jobs, 1) + eval_s / max(min(args.jobs, len(seeds)), 1)  # seeds evaluate in parallel
 
 
-def part_file(out: Path, seed: int) -> Path:
-    """One seed's rows as they are computed (``<out stem>.s<seed>.part.json``), merged into ``out`` at the end: a
-    stopped run keeps every row it finished, and seeds computed in parallel never write the same file."""
-    return out.with_name(f"{out.stem}.s{seed}.part.json")
+def part_file(out: Path, seed: int, runs: str | Path) -> Path:
+    """One seed's rows as they are computed (``<runs>/<out stem>.s<seed>.part.json``, beside the runs: not in the
+    results folder, whose every file is a table's records), merged into ``out`` at the end: a stopped run keeps
+    every row it finished, and seeds computed in parallel never write the same file."""
+    return Path(runs) / f"{out.stem}.s{seed}.part.json"
 
 
 def load_done(out: Path, args: argparse.Namespace, seeds: list[int]) -> dict[tuple[int, str, float], dict[str, Any]]:
     """Rows stored with the same settings: the records file, then the seeds' part files (newer) over it."""
     done = stored_rows(out, args)
     for seed in seeds:
-        done.update(stored_rows(part_file(out, seed), args))
+        done.update(stored_rows(part_file(out, seed, args.runs), args))
     return done
 
 
@@ -390,7 +392,7 @@ def compute_seed(args: argparse.Namespace, seed: int, out: Path, settings: dict[
 
     def save(row: dict[str, Any]) -> None:
         mine[(seed, row["method"], float(row["kimg"]))] = row
-        _write(part_file(out, seed), list(mine.values()), settings)
+        _write(part_file(out, seed, args.runs), list(mine.values()), settings)
 
     return [{"seed": seed, **r} for r in rows_for_seed(args, seed, done, save)]
 
@@ -443,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     kept = [r for (s, _, _), r in stored_rows(out, args).items() if s not in seeds]
     _write(out, rows + kept, settings)
     for seed in seeds:  # merged: the part files are no longer needed
-        part_file(out, seed).unlink(missing_ok=True)
+        part_file(out, seed, args.runs).unlink(missing_ok=True)
     if failed:
         raise SystemExit(f"rows failed: {'; '.join(failed)}; re-run the same command to resume")
     print("\n".join(summary(rows, args.kimg)))

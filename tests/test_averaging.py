@@ -579,10 +579,10 @@ def test_bench_rows_are_kept_as_they_come_and_merged_at_the_end(tmp_path: Path, 
     with pytest.raises(RuntimeError, match="killed"):
         ya.main(argv)
     assert not out.exists()  # nothing merged yet, but every finished row is on disk
-    assert [r["method"] for r in json.loads(ya.part_file(out, 0).read_text())["records"]] == ["raw", "ema-hl2k"]
-    assert [r["method"] for r in json.loads(ya.part_file(out, 1).read_text())["records"]] == ["raw"]
+    assert [r["method"] for r in json.loads(ya.part_file(out, 0, tmp_path / "runs").read_text())["records"]] == ["raw", "ema-hl2k"]
+    assert [r["method"] for r in json.loads(ya.part_file(out, 1, tmp_path / "runs").read_text())["records"]] == ["raw"]
     ya.main(argv)  # the re-run reads the parts back and computes only what is missing
     assert calls[2:] == [(0, ["ema-hl2k", "raw"]), (1, ["raw"])]
     merged = json.loads(out.read_text())["records"]
     assert sorted((r["seed"], r["method"]) for r in merged) == [(0, "ema-hl2k"), (0, "raw"), (1, "ema-hl2k"), (1, "raw")]
-    assert not ya.part_file(out, 0).exists() and not ya.part_file(out, 1).exists()
+    assert not ya.part_file(out, 0, tmp_path / "runs").exists() and not ya.part_file(out, 1, tmp_path / "runs").exists()

@@ -303,3 +303,35 @@ def test_faster_claim_reads_every_seed_against_its_own_target() -> None:
     line = next(x for x in tables.claims(records).splitlines() if x.startswith("| Curriculum |"))
     assert "0.62x the images of dit" in line and "per seed, to its own target: 0.50 / 0.83" in line
     assert "| yes on the mean, not every seed |" in line
+
+
+def test_averaging_table_and_claims_read_the_averaging_records() -> None:
+    def row(seed: int, method: str, kimg: float, fid: float, **extra: float) -> dict:
+        return {"seed": seed, "method": method, "kimg": kimg, "fid": fid, **extra}
+
+    def search(seed: int, method: str, kimg: float, fid: float, fitness: float) -> dict:
+        return row(seed, method, kimg, fid, fitness_fid=fitness, last_alone_fid=fid + 2, last_alone_fitness_fid=fid + 1,
+                   evaluations=60, search_seconds=600)
+
+    recs = []
+    for s in (0, 1):
+        recs += [row(s, "raw", 96, 30 + s), row(s, "ema-hl0.5k", 96, 25 + s), row(s, "ema-hl2k", 96, 20 - s),
+                 row(s, "posthoc-0.05", 96, 21), row(s, "posthoc-0.1", 96, 19 + s)]
+        # seed 0 reaches its best EMA (20) at 48k: 50% saved; seed 1 (best EMA 19) only at 96k: 0%
+        recs += [search(s, "lcsc", k, f, f - 1) for k, f in ((24, 40), (48, 20 if s == 0 else 30), (72, 19.5), (96, 18.5))]
+        recs += [row(s, "ect-raw", 32, 70), row(s, "ect-ema", 32, 65), row(s, "ect-ema-2step", 32, 40),
+                 search(s, "ect-lcsc", 32, 50 + s, 48)]  # fitness 48: 2 / 3 better than its row FID
+    records = {"averaging": recs}
+    assert tables.lcsc_saved(records) == {0: 0.5, 1: 0.0}
+    text = tables.averaging(records)
+    assert "| best classic EMA, per seed | 96k | **19.50** (20.00 / 19.00) | hl2k / hl2k |" in text
+    assert "| best post-hoc EMA, per seed | 96k | **19.50** (19.00 / 20.00) | sigma_rel 0.1 / sigma_rel 0.1 |" in text
+    assert "| images LCSC saves to the best EMA's final FID |  | 50% / 0% | per seed; aim: 50% |" in text
+    # winner: fitness - row = -1; last alone: -1 -> gap 0 on every search
+    assert "| 96k | **18.50** (18.50 / 18.50) | fitness FID 17.50; fitness gap +0.00 / +0.00; 60 evaluations, 10 min" in text
+    # ECT's winner is 2 / 3 better on its fitness seeds where the last state alone is 1 better: it fitted them
+    assert "| ECT LCSC, 1 step | 96k + 32k | **50.50** (50.00 / 51.00) | fitness gap -1.00 / -2.00 |" in text
+    claims = {line.split(" | ")[0][2:]: line for line in tables.claims(records).splitlines() if line.startswith("| ")}
+    assert claims["Post-hoc EMA"].endswith("| yes |  |")  # level within the seeds: as good as
+    assert "saves 50% / 0% of the images" in claims["LCSC"] and claims["LCSC"].endswith("| direction only |  |")
+    assert claims["LCSC, 1 step"].endswith("| no |  |")  # 50.5 at 1 step against 40 at 2 steps
