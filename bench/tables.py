@@ -124,6 +124,21 @@ def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20") -> str:
     return table(header, rows)
 
 
+def memorisation(records: Records, bench: str, variant: str = "euler20") -> str:
+    """The memorisation rate (``eval.memorisation``: share of samples nearer to a training image than the median
+    held-out image is; ~0.5 for samples like fresh data, towards 1 for copies) at every kimg point, mean and seeds."""
+    spec = bench_spec(bench)
+    recs = [r for r in evals(records.get(bench, []), variant=variant) if "memorisation_rate" in r]
+    points = sorted({r["kimg"] for r in recs})
+    rows = []
+    for row in spec.rows:
+        mine = [r for r in recs if r["method"] == row.method]
+        if mine:
+            rows.append([_label(row), *[fmt_seeds(by_seed([r for r in mine if r["kimg"] == k], "memorisation_rate"), 3)
+                                        for k in points]])
+    return table(["row", *[f"memorisation @ {k:g} kimg" for k in points]], rows)
+
+
 def at_last_point(records: Records, bench: str, variant: str) -> str:
     """FID and class accuracy of one sampler variant at its (last) point, every row with records."""
     spec = bench_spec(bench)
@@ -504,6 +519,26 @@ def averaging(records: Records) -> str:
     return table(["averaging", "training images", "FID (seeds)", "notes"], rows)
 
 
+def _scoreaug(records: Records) -> tuple[str, str] | None:
+    """ScoreAug against the plain run at the last point: memorisation rate (lower is better) and FID."""
+    recs = evals(records.get("scoreaug", []), variant="euler20")
+    if not recs:
+        return None
+    last = max(r["kimg"] for r in recs)
+    rate = {m: by_seed([r for r in recs if r["method"] == m and r["kimg"] == last], "memorisation_rate")
+            for m in ("scoreaug", "dit")}
+    fid = compare(final_fids(records, "scoreaug", "scoreaug"), final_fids(records, "scoreaug", "dit"))
+    mem = compare(rate["scoreaug"], rate["dit"])
+    if fid is None or mem is None:
+        return None
+    a, b = rate["scoreaug"], rate["dit"]
+    mem_text = (f"{statistics.mean(a.values()):.3f} ({min(a.values()):.3f}-{max(a.values()):.3f}) vs "
+                f"{statistics.mean(b.values()):.3f} ({min(b.values()):.3f}-{max(b.values()):.3f})")
+    verdict = ("yes" if mem[1] == "yes" and fid[1] != "no" else "no" if mem[1] == "no" or fid[1] == "no" else
+               "within seed spread")
+    return f"at {last:g}k: memorisation {mem_text}; FID {fid[0]}", verdict
+
+
 def _posthoc_vs_ema(records: Records) -> tuple[str, str] | None:
     out = compare({s: r["fid"] for s, r in _averaging_best(records, "posthoc-").items()},
                   {s: r["fid"] for s, r in _averaging_best(records, "ema-").items()})
@@ -738,6 +773,8 @@ CLAIMS: tuple[Claim, ...] = (
           _near_best("distill", "tdm_unify", "tdmu4", "dit", 1.1)),
     Claim("SLAM", "Xu et al. 2024", "a 4-step student near its teacher's quality (aim as issue 20's: within 1.1x of "
           "the teacher's best)", _near_best("distill", "slam", "slam4", "dit", 1.1)),
+    Claim("ScoreAug", "Hou et al. 2025", "augmenting the noisy input and the target together (the network told the "
+          "transform) keeps a small data set from being memorised, at equal or better FID", _scoreaug),
     Claim("Post-hoc EMA", "Karras et al. 2024", "the EMA length can be chosen after training: the best post-hoc "
           "reconstruction is as good as the best of the EMAs tracked during training", _posthoc_vs_ema),
     Claim("LCSC", "Liu et al. 2024", "a searched combination of saved checkpoints reaches the best EMA's quality with "
@@ -811,6 +848,9 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "curriculum/reach": lambda r: reach(r, "curriculum", "dit"),
     "curriculum/quickstart": lambda r: at_last_point(r, "curriculum", "qs"),
     "averaging": averaging,
+    "scoreaug/fid_vs_kimg": lambda r: fid_vs_kimg(r, "scoreaug"),
+    "scoreaug/memorisation": lambda r: memorisation(r, "scoreaug"),
+    "scoreaug/quickstart": lambda r: at_last_point(r, "scoreaug", "qs"),
 }
 
 

@@ -335,3 +335,20 @@ def test_averaging_table_and_claims_read_the_averaging_records() -> None:
     assert claims["Post-hoc EMA"].endswith("| yes |  |")  # level within the seeds: as good as
     assert "saves 50% / 0% of the images" in claims["LCSC"] and claims["LCSC"].endswith("| direction only |  |")
     assert claims["LCSC, 1 step"].endswith("| no |  |")  # 50.5 at 1 step against 40 at 2 steps
+
+
+def test_scoreaug_memorisation_table_and_claim() -> None:
+    def rec(method: str, seed: int, kimg: float, fid: float, rate: float) -> dict:
+        return {"kind": "eval", "method": method, "variant": "euler20", "seed": seed, "kimg": kimg, "fid": fid,
+                "memorisation_rate": rate, "num_images": 1000, "class_accuracy": 0.9, "train": {}}
+
+    records = {"scoreaug": [rec("dit", s, k, 20.0 + k / 100 + s, 0.5 + k / 1000) for s in (0, 1) for k in (96, 384)]
+               + [rec("scoreaug", s, k, 18.0 + s, 0.52 + s / 100) for s in (0, 1) for k in (96, 384)]}
+    text = tables.memorisation(records, "scoreaug")
+    assert "memorisation @ 384 kimg" in text and "**0.884** (0.884 / 0.884)" in text and "**0.525** (0.520 / 0.530)" in text
+    line = next(x for x in tables.claims(records).splitlines() if x.startswith("| ScoreAug |"))
+    assert "at 384k: memorisation 0.525 (0.520-0.530) vs 0.884 (0.884-0.884)" in line and line.endswith("| yes |  |")
+    # the same memorisation at a worse FID is not a "yes"
+    worse = {"scoreaug": [r if r["method"] == "dit" else {**r, "fid": 30.0} for r in records["scoreaug"]]}
+    line = next(x for x in tables.claims(worse).splitlines() if x.startswith("| ScoreAug |"))
+    assert line.endswith("| no |  |")
