@@ -155,7 +155,8 @@ class Row:
     from (``trainer.init.net``; ECT tunes the quick start's snapshot): that row is trained first. ``prepare`` is a
     command of this repository (arguments after the interpreter, with ``{init}`` and ``{run_dir}`` filled in) run
     before training, logged with it: a distillation student's pairs drawn from its teacher (``python -m distill.pairs``,
-    itself resumable).
+    itself resumable). ``seeds`` gives the row its own training seeds (default: the bench's): protocol v2 asks for a
+    third seed where two rows' seed ranges overlap.
     """
 
     method: str
@@ -168,6 +169,7 @@ class Row:
     # Training s/kimg assumed by ``yardstick_all.py --estimate`` until the row has logged its own (a method several
     # times the quick start's cost, such as TDM, would otherwise be estimated at the default); not in record keys.
     sec_per_kimg: float | None = None
+    seeds: tuple[int, ...] | None = None
 
 
 # The protocol's samplers: Euler 20 without guidance at every point, the quick start's sampler at the last.
@@ -517,7 +519,8 @@ def _split(text: str) -> list[str]:
 def parser(bench: Bench) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=bench.description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", default=",".join(r.method for r in bench.rows), help="rows to run (comma list)")
-    ap.add_argument("--seeds", default=",".join(map(str, bench.seeds)), help="training seeds (comma list)")
+    ap.add_argument("--seeds", default=None, help="training seeds (comma list; default: the bench's, and each row's "
+                    "own where it has more)")
     ap.add_argument("--kimg", default=",".join(map(_kimg_str, bench.kimg)), help="evaluation points (comma list)")
     ap.add_argument("--variants", default=",".join(v.name for v in bench.variants), help="sampler variants")
     ap.add_argument("--timing", default=",".join(t.name for t in bench.timing), help="timing groups ('' = none)")
@@ -710,14 +713,17 @@ def main(bench: Bench, argv: Sequence[str] | None = None) -> None:
         bench.extra_args(ap)
     args = ap.parse_args(argv)
     rows = {r.method: r for r in bench.rows}
-    methods, seeds = _split(args.methods), [int(s) for s in _split(args.seeds)]
+    methods = _split(args.methods)
+    seeds = [int(s) for s in _split(args.seeds)] if args.seeds is not None else sorted(
+        set(bench.seeds).union(*(r.seeds or () for r in bench.rows)))
     bad = [m for m in methods if m not in rows] + [v for v in _split(args.variants) if v not in
                                                     {x.name for x in bench.variants}]
     bad += [t for t in _split(args.timing) if t not in {g.name for g in bench.timing}]
     if bad:
         ap.error(f"unknown rows, variants or timing groups {bad}")
     torch.set_num_threads(args.threads)
-    pairs = [(rows[m], s) for s in seeds for m in methods]  # seed-major: a stopped run leaves whole seeds
+    pairs = [(rows[m], s) for s in seeds for m in methods  # seed-major: a stopped run leaves whole seeds
+             if args.seeds is not None or s in (rows[m].seeds or bench.seeds)]  # by default, each row its seeds
     if args.jobs <= 1 or len(pairs) == 1:
         for row, seed in pairs:
             run_worker(bench, args, row, seed)

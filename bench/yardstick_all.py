@@ -95,8 +95,9 @@ def plan(args: argparse.Namespace) -> list[Task]:
     for name in [b for b in args.benches if b in HARNESS_BENCHES]:
         bench = importlib.import_module(HARNESS_BENCHES[name]).BENCH
         store = yardstick.Store(args.results / f"{bench.name}.json")
-        for seed in bench.seeds:
-            for row in bench.rows:
+        seeds = sorted(set(bench.seeds).union(*(r.seeds or () for r in bench.rows)))
+        for seed in seeds:  # seed-major; a row with its own seeds (a third where ranges overlap) is planned at those
+            for row in [r for r in bench.rows if seed in (r.seeds or bench.seeds)]:
                 run = yardstick.make_run(bench, row, seed, bench.kimg, args.runs.resolve())
                 tasks.append(Task(bench, run, run.remaining_kimg(), missing_evals(bench, run, args.num_images, store)))
     return tasks

@@ -187,6 +187,12 @@ def test_yardstick_all_plans_what_is_left_and_never_runs_a_shared_folder_twice(t
     assert all(t.train_kimg == 96.0 for t in tasks)
     assert by_name["backbones/dit-s0"].evals == 4 + 1 + 3  # Euler 20 at 4 points, quick-start sampler, 3 NFE rows
     assert by_name["alignment/dit_repa-s1"].evals == 4 + 1
+    # A third seed only for the rows whose seed ranges overlapped (protocol v2); it comes after both seeds' rows.
+    third = [t.name for t in tasks if t.name.endswith("-s2")]
+    assert third == [f"alignment/{m}-s2" for m in ("dit", "dit_repa", "dit_repa_enc1", "dit_reg", "lightningdit",
+                                                      "lightningdit_reg")]
+    assert [t.name for t in tasks].index(third[0]) > [t.name for t in tasks].index("alignment/lightningdit_reg-s1")
+    assert by_name["alignment/dit-s2"].run.run_dir == tmp_path / "runs" / "backbones" / "dit-s2"
     # A training state at 32k images leaves 64k to train.
     run_dir = by_name["backbones/ddt-s1"].run.run_dir
     run_dir.mkdir(parents=True)
