@@ -116,23 +116,31 @@ def train_all(args: argparse.Namespace, seeds: list[int]) -> None:
         _train([ect_command(args, s) for s in seeds], args)
 
 
-def _train(todo: list[tuple[Path, list[str]]], args: argparse.Namespace) -> None:
-    todo = [(run, cmd) for run, cmd in todo if not (run / "results.json").exists()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs > 1 else None
-    running: list[tuple[Path, subprocess.Popen[bytes], Any]] = []
+def run_processes(todo: list[tuple[str, list[str], Path]], jobs: int, env: dict[str, str] | None) -> list[str]:
+    """Run commands of this repository ``(name, command, log file)``, ``jobs`` at a time, each logging to its file;
+    returns ``"<name> (exit <code>; see <log>)"`` for each that failed."""
+    running: list[tuple[str, subprocess.Popen[bytes], Any]] = []
     failed = []
+    todo = list(todo)
     while todo or running:
-        while todo and len(running) < max(args.jobs, 1):
-            run, cmd = todo.pop(0)
-            run.mkdir(parents=True, exist_ok=True)
-            log = open(run / "bench.log", "a")
-            running.append((run, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        while todo and len(running) < max(jobs, 1):
+            name, cmd, log_file = todo.pop(0)
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_file, "a")
+            running.append((name, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(2)
         for item in [r for r in running if r[1].poll() is not None]:
             running.remove(item)
             item[2].close()
             if item[1].returncode != 0:
-                failed.append(f"{item[0]} (exit {item[1].returncode}; see {item[0] / 'bench.log'})")
+                failed.append(f"{item[0]} (exit {item[1].returncode}; see {item[2].name})")
+    return failed
+
+
+def _train(todo: list[tuple[Path, list[str]]], args: argparse.Namespace) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1") if args.jobs > 1 else None
+    failed = run_processes([(str(run), cmd, run / "bench.log") for run, cmd in todo
+                            if not (run / "results.json").exists()], args.jobs, env)
     if failed:
         raise SystemExit(f"training failed: {'; '.join(failed)}")
 
@@ -402,21 +410,10 @@ def compute_parallel(argv: list[str], seeds: list[int], jobs: int, out: Path, ru
     evaluations are most of this bench's time, and two 1-thread processes are the yardstick's fastest layout on 2
     cores. Returns the seeds whose process failed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    todo, running, failed = list(seeds), [], []
-    while todo or running:
-        while todo and len(running) < jobs:
-            seed = todo.pop(0)
-            cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--seeds", str(seed), "--jobs", "1", "--part",
-                   "--out", str(out)]
-            log = open(runs / f"rows-s{seed}.log", "a")
-            running.append((seed, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(2)
-        for item in [r for r in running if r[1].poll() is not None]:
-            running.remove(item)
-            item[2].close()
-            if item[1].returncode != 0:
-                failed.append(f"seed {item[0]} (exit {item[1].returncode}; see {item[2].name})")
-    return failed
+    script = str(Path(__file__).resolve())
+    return run_processes([(f"seed {seed}", [sys.executable, script, *argv, "--seeds", str(seed), "--jobs", "1",
+                                            "--part", "--out", str(out)], runs / f"rows-s{seed}.log")
+                          for seed in seeds], jobs, env)
 
 
 def main(argv: list[str] | None = None) -> None:
