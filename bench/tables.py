@@ -338,6 +338,18 @@ def reach(records: Records, bench: str, baseline: str, variant: str = "euler20")
     return table(header, rows)
 
 
+SOLVERS = {"sample_euler": "Euler", "sample_heun": "Heun", "sample_dpmpp_2m": "DPM-Solver++(2M)",
+           "sample_reuse_noise": "noise-reusing update", "sample_ddim": "DDIM", "sample_lcm": "LCM multistep",
+           "sample_consistency": "consistency"}
+
+
+def solver_name(variant: Any) -> str:
+    """The solver a variant samples with, as the tables name it (Euler where the variant names none)."""
+    target = ((variant.sampler or {}).get("solver") or {}).get("_target_", "samplers.sample_euler")
+    short = target.rsplit(".", 1)[-1]
+    return SOLVERS.get(short, short.removeprefix("sample_"))
+
+
 def few_step(records: Records, bench: str = "consistency") -> str:
     """``bench/yardstick_consistency.py``: FID by network evaluations per image. The teacher (Euler at 1-20 steps,
     its last point) and, at each of their points, the consistency students at 1 and 2 steps; the training images
@@ -353,12 +365,15 @@ def few_step(records: Records, bench: str = "consistency") -> str:
         if row.init_from is not None:
             start = [r for r in recs if r["method"] == row.init_from]
             base = max((r["kimg"] for r in start), default=0.0)
-        # Guided and unguided sampling of one network are rows of their own (the same NFE means other samplers).
-        for scale in sorted({variants[r["variant"]].scale for r in recs if r["method"] == row.method
-                             and r["variant"] in variants}):
+        # Guided and unguided sampling, and each solver, of one network are rows of their own (at one NFE they are
+        # other samplers: the teacher's Euler 8 and DPM-Solver++ 8 are two numbers, never one cell).
+        groups = sorted({(variants[r["variant"]].scale, solver_name(variants[r["variant"]])) for r in recs
+                         if r["method"] == row.method and r["variant"] in variants})
+        several = len({g[1] for g in groups}) > 1
+        for scale, solver in groups:
             mine = [r for r in recs if r["method"] == row.method and r["variant"] in variants
-                    and variants[r["variant"]].scale == scale]
-            label = _label(row) if scale == 1.0 else f"{_label(row)}, CFG {scale:g}"
+                    and (variants[r["variant"]].scale, solver_name(variants[r["variant"]])) == (scale, solver)]
+            label = _label(row) + (f", {solver}" if several else "") + (f", CFG {scale:g}" if scale != 1.0 else "")
             for k in sorted({r["kimg"] for r in mine}):
                 at = [r for r in mine if r["kimg"] == k]
                 cells = [fmt_seeds(by_seed([r for r in at if variants[r["variant"]].nfe == n], "fid")) for n in nfes]

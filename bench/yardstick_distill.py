@@ -73,9 +73,16 @@ ROWS = (
         init_from="dit", sec_per_kimg=45.0),
     Row("slam", ("experiment=yardstick_slam",), "SLAM from the quick start (+ images trained, 2 teacher NFE each)",
         kimg=STUDENT_KIMG, init_from="dit", sec_per_kimg=20.0),
+    # Sensitivity, not the paper's setting: 2-RF++ on the same seed's pairs (the rfpp row draws them) at 5x the
+    # paper's ImageNet lr, to tell whether a shortfall at 1e-4 is the 1,000-step budget or the method.
+    Row("rfpp_lr5e-4", ("experiment=yardstick_rfpp", "data.dataset.root=${run_dir}/../rfpp-s${seed}/pairs",
+                        "optim.lr=5e-4"),
+        "2-RF++ at lr 5e-4 (the same pairs; sensitivity, the paper's lr is 1e-4)", kimg=STUDENT_KIMG, init_from="dit",
+        sec_per_kimg=18.0),
 )
 
 TEACHER = ("dit",)
+REFLOW = ("rfpp", "rfpp_lr5e-4")
 VARIANTS = (
     *(Variant(f"euler{n}", n, methods=TEACHER, at="last", label=f"Euler {n}") for n in (1, 2, 4, 8, 16, 32)),
     *(Variant(f"heun{n}", 2 * n - 1, methods=TEACHER, at="last", label=f"Heun {n} steps ({2 * n - 1} NFE)",
@@ -86,8 +93,8 @@ VARIANTS = (
     *(Variant(f"euler{n}cfg2", n, scale=2.0, methods=TEACHER, at="last", label=f"Euler {n}, CFG 2 ({2 * n} NFE)")
       for n in (2, 4, 8, 16)),
     replace(QUICKSTART, methods=TEACHER),
-    Variant("rf1", 1, methods=("rfpp",), label="Euler 1 step", sampler=ode_sampler("sample_euler", 1)),
-    *(Variant(f"rfnew{n}", n, methods=("rfpp",), label=f"noise-reusing update, {n} steps",
+    Variant("rf1", 1, methods=REFLOW, label="Euler 1 step", sampler=ode_sampler("sample_euler", 1)),
+    *(Variant(f"rfnew{n}", n, methods=REFLOW, label=f"noise-reusing update, {n} steps",
               sampler=ode_sampler("sample_reuse_noise", n)) for n in (2, 4)),
     Variant("cm1", 1, methods=("cd",), label="consistency, 1 step", sampler=consistency_sampler(())),
     Variant("cm2", 2, methods=("cd",), label="consistency, 2 steps (sigma 0.821)", sampler=consistency_sampler((0.821,))),

@@ -88,6 +88,12 @@ def test_guided_teacher_is_a_row_of_its_own_and_the_aim_reads_the_teachers_best(
     plain = next(line for line in text.splitlines() if line.startswith("| quick start (teacher) |"))
     guided = next(line for line in text.splitlines() if line.startswith("| quick start (teacher), CFG 2 |"))
     assert "50.0" in plain and "20.5" not in plain and "20.5" in guided and "50.0" not in guided
+    # Two solvers at one NFE are two rows, never one cell (DPM-Solver++ 4 beside Euler 4).
+    text = tables.few_step({"distill": records["distill"] + [rec("dit", "dpm4", 96.0, s, 45.0) for s in (0, 1)]},
+                           "distill")
+    euler = next(line for line in text.splitlines() if line.startswith("| quick start (teacher), Euler |"))
+    dpm = next(line for line in text.splitlines() if line.startswith("| quick start (teacher), DPM-Solver++(2M) |"))
+    assert "50.0" in euler and "45.0" not in euler and "45.0" in dpm and "50.0" not in dpm
     # Per seed the teacher's best is the quick start's sampler here: 8.4 / 8 and 10.5 / 10, both within 1.1x.
     tdm = next(line for line in tables.claims(records).splitlines() if line.startswith("| TDM |"))
     assert "vs the teacher's best 9.0 (qs): 1.05x (1.05 / 1.05; aim <= 1.1x) | yes |" in tdm
