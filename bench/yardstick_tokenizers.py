@@ -471,7 +471,8 @@ def run_jobs(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     ap = parser(make_bench(argparse.Namespace()))  # the harness's options (--seeds, --kimg, --jobs, --runs, ...)
     ap.description = __doc__.split("\n\n")[0]
-    ap.set_defaults(methods=",".join(row_names()), runs=DEFAULT_RUNS, timing="")
+    bench_seeds = ",".join(map(str, make_bench(argparse.Namespace()).seeds))  # every row has the bench's seeds
+    ap.set_defaults(methods=",".join(row_names()), runs=DEFAULT_RUNS, timing="", seeds=bench_seeds)
     ap.add_argument("--tokenizer-kimg", type=float, default=DEFAULT_TOKENIZER_KIMG,
                     help="tokenizer training images (kimg; reconstruction has settled by then, bench/README.md)")
     ap.add_argument("--recon-images", type=int, default=DEFAULT_RECON_IMAGES, help="training digits for rFID/PSNR/SSIM")
