@@ -165,8 +165,10 @@ class LPIPS(nn.Module):
                 for name, child in block.named_children():
                     if isinstance(child, nn.MaxPool2d):
                         setattr(block, name, nn.AvgPool2d(kernel_size=2, stride=2, padding=0))
-            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+            # Persistent, so that the state-dict hash of a frozen LPIPS (gen.utils.frozen, checked on resume) tells
+            # the variants apart: their weights are the same files.
+            self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.net = net.eval().requires_grad_(False)
         self.weights_sha256 = sha
         self.heads_sha256 = file_sha256(heads_path)
