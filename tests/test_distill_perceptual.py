@@ -2,7 +2,7 @@
 random weights of the foundation encoder, gradients reaching the student's image only; the 224 px resize; LPIPS'
 clear error when its VGG16 file is missing; piq's LPIPS (``gen.nn.lpips.LPIPS(variant="piq")``, 2-rectified flow++'s)
 against a direct computation on random VGG16 and head weights, both heads layouts, its refusals, and the 2-RF++
-presets building it.
+and CD presets building it.
 """
 
 from __future__ import annotations
@@ -145,8 +145,9 @@ def test_lpips_refuses_bad_variants_and_heads(vgg: Path, tmp_path: Path) -> None
     assert "variant must be one of" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("experiment", ["rfpp_cifar10", "rfpp_in64"])
-def test_rfpp_presets_use_piq_lpips(experiment: str, vgg: Path) -> None:
+@pytest.mark.parametrize("experiment", ["rfpp_cifar10", "rfpp_in64", "cd_in64"])
+def test_distillation_presets_use_piq_lpips(experiment: str, vgg: Path) -> None:
+    # sangyun884/rfpp train.py and openai/consistency_models cm/karras_diffusion.py both use piq's LPIPS.
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={experiment}", f"method.teacher={vgg}"])
     spec = OmegaConf.to_container(cfg.method.perceptual, resolve=True)
