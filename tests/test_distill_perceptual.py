@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
