@@ -6,16 +6,18 @@ Metric" (Zhang et al., 2018; richzhang/PerceptualSimilarity, lpips/lpips.py, ver
   relu5_3 (max pooling), unit-normalised over channels (``f / sqrt(|f|^2 + 1e-8)``, torchmetrics' form), squared
   differences weighted by the learned 1x1 "linear" heads, averaged over space and summed over layers.
 * ``variant="piq"``: ``piq.LPIPS(replace_pooling=True)`` (photosynthesis-team/piq, piq/perceptual.py, ``LPIPS`` and its
-  base ``ContentLoss``; piq 0.8.0), the distance that 2-rectified flow++ trains with (sangyun884/rfpp, train.py,
-  ``loss_lpips(x * 0.5 + 0.5, y * 0.5 + 0.5)``). Against the reference: VGG16's max-pooling layers become 2x2 average
+  base ``ContentLoss``; piq 0.8.0), the distance that 2-rectified flow++ (sangyun884/rfpp, train.py,
+  ``loss_lpips(x * 0.5 + 0.5, y * 0.5 + 0.5)``) and consistency distillation (openai/consistency_models,
+  cm/karras_diffusion.py) train with. Against the reference: VGG16's max-pooling layers become 2x2 average
   pooling; images mapped to [0, 1] are standardised with ImageNet's mean and std (the same affine map as the
   ScalingLayer on [-1, 1]: its constants are ``2 mean - 1`` and ``2 std``, so only rounding differs); features are
   normalised as ``f / (|f| + 1e-10)``; the heads multiply the squared differences channel by channel, and all
   layers' and channels' spatial means are summed at once (the same sum as the 1x1 convolutions, in another order).
 
 The linear heads are richzhang's v0.1 VGG heads, shipped inside the torchmetrics package (``lpips_models/vgg.pth``);
-piq downloads its own copy of the heads (``lpips_weights.pt``, a list of five (1, C, 1, 1) tensors, from its
-photosynthesis.metrics v0.4.0 release), which ``heads=<path>`` loads instead. The VGG16 backbone is torchvision's
+piq downloads its own heads file (``lpips_weights.pt`` of its photosynthesis.metrics v0.4.0 release: a list of five
+per-channel weight tensors, which its code multiplies into (B, C, h, w) maps), which ``heads=<path>`` loads instead;
+that it holds the same v0.1 values is likely (piq reports the reference's correlations) but was not checked offline. The VGG16 backbone is torchvision's
 ImageNet file ``vgg16-397923af.pth`` for both (piq: ``vgg16(pretrained=True)``); it is never downloaded silently
 (``gen.utils.weights.resolve_weights``), and every file is read with ``weights_only=True``.
 
@@ -108,7 +110,7 @@ class LPIPS(nn.Module):
         cache_dir: weights folder instead of the default.
         download: fetch the VGG16 file from download.pytorch.org when missing.
         variant: ``"lpips"``: the reference LPIPS; ``"piq"``: piq's ``LPIPS(replace_pooling=True)``, as 2-rectified
-            flow++ uses it (module docstring: the differences).
+            flow++ and consistency distillation use it (module docstring: the differences).
         heads: the linear heads' file (richzhang's ``vgg.pth`` or piq's ``lpips_weights.pt``); None: the v0.1 heads
             that torchmetrics ships.
 
