@@ -4,8 +4,11 @@ in ``a`` (the student's estimate), the network frozen.
 * LPIPS-VGG is ``gen.nn.lpips.LPIPS`` (Zhang et al. 2018; local torchvision VGG16 weights, a clear error naming the
   file when they are missing). 2-rectified flow++ (sangyun884/rfpp ``train.py``) and consistency distillation
   (openai/consistency_models ``cm/karras_diffusion.py``) both upsample images below 224 px bilinearly to 224 before
-  LPIPS: :class:`Resized` does that around any distance. rfpp uses ``piq``'s LPIPS with average pooling
-  (``replace_pooling=True``); ``gen.nn.lpips`` keeps the reference's max pooling (a documented deviation).
+  LPIPS, and both compute it with ``piq.LPIPS(replace_pooling=True, reduction="none")`` on images mapped to [0, 1]
+  (photosynthesis-team/piq ``piq/perceptual.py``: VGG16 with average pooling, ImageNet standardisation), not with the
+  reference LPIPS: that is ``gen.nn.lpips.LPIPS(variant="piq")``, equal to piq 0.8.0 to float32 rounding on random
+  weights (bench/README.md, "piq's LPIPS against the official code"). :class:`Resized` does the upsampling around
+  any distance.
 * :class:`TokenDistance` is the yardstick's stand-in, since LPIPS' VGG weights cannot be fetched on this machine: the
   LPIPS recipe (features unit-normalised over channels, squared differences averaged over positions) on the patch
   tokens of the yardstick's *foundation* encoder (``eval.encoders.AlignmentEncoder``, ``foundation2-<data>``). That
