@@ -97,3 +97,7 @@ def test_guided_teacher_is_a_row_of_its_own_and_the_aim_reads_the_teachers_best(
     # Per seed the teacher's best is the quick start's sampler here: 8.4 / 8 and 10.5 / 10, both within 1.1x.
     tdm = next(line for line in tables.claims(records).splitlines() if line.startswith("| TDM |"))
     assert "vs the teacher's best 9.0 (qs): 1.05x (1.05 / 1.05; aim <= 1.1x) | yes |" in tdm
+    # CD distils the unguided teacher: its aim reads the unguided samplers only (Euler 4 at 50 here, not qs at 9).
+    cd = {"distill": records["distill"] + [rec("cd", "cm2", 32.0, s, 52.0) for s in (0, 1)]}
+    line = next(x for x in tables.claims(cd).splitlines() if x.startswith("| CD |"))
+    assert "vs the teacher's best unguided 50.0 (euler4): 1.04x (1.04 / 1.04; aim <= 1.1x) | yes |" in line
