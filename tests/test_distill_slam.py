@@ -23,15 +23,15 @@ import yaml
 
 from distill.slam import SubpathLinearApproximation
 from gen.ema import EMA
+from gen.models.common import ModelOutput
 from gen.models.dit import DiT
+from gen.models.prediction import velocity_model
 from gen.models.student import condition_embedding
 from gen.paths import LinearPath
 from gen.snapshot import load_network
 from gen.train.method import Progress
 from gen.utils.ckpt import load_snapshot
 from gen.utils.seed import PerImageRandom, SampleRandom
-from gen.models.common import ModelOutput
-from gen.models.prediction import velocity_model
 from samplers import lcm_grid, sample_lcm, uniform_grid
 from samplers.spec import SamplerSpec
 from tests.conftest import ROOT, run_train, subprocess_env
