@@ -104,8 +104,8 @@ VARIANTS = (
               sampler={**ode_sampler("sample_ddim", n), "solver": {"_target_": "samplers.sample_ddim",
                                                                    "condition_steps": True}}) for n in (1, 2, 4)),
     *(Variant(f"slam{n}", n, methods=("slam",), label=f"LCM multistep, {n} steps from t = 0.936",
-              sampler={**ode_sampler("sample_lcm", n), "grid": {"_target_": "samplers.grids.uniform_grid",
-                                                                "t_max": 0.936}}) for n in (1, 2, 4)),
+              sampler={**ode_sampler("sample_lcm", n), "grid": {"_target_": "samplers.grids.lcm_grid",  # LCM's levels
+                                                                "t_max": 0.936, "num_levels": 50}}) for n in (1, 2, 4)),
 )
 
 BENCH = Bench(

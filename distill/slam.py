@@ -30,7 +30,9 @@ integer step (``c_skip`` < 1e-5 at every level but t = 0 either way); ``sigma~``
 
 The student is the teacher's backbone with the extra-condition slot added (``model.augment_dim = gamma_dim``), started
 from the teacher's weights (``distill.teacher.start_from_teacher``; the slot is zero, so it starts as the teacher).
-Its snapshot is a consistency function on ``LinearPath`` sampled in 1-4 steps by ``samplers.sample_lcm``.
+Its snapshot is a consistency function on ``LinearPath`` sampled in 1-4 steps by ``samplers.sample_lcm`` at LCM's
+times on these levels (``samplers.grids.lcm_grid``, ``configs/sampler/slam_*``; ``check_sampler`` refuses an
+``lcm_grid`` on another number of levels).
 """
 
 from __future__ import annotations
@@ -176,9 +178,17 @@ class SubpathLinearApproximation(Method):
                 "distill": {"method": "slam", "teacher": dict(self.teacher_ref), "solvers": list(SLAM_SOLVERS)}}
 
     def check_sampler(self, sampler: Mapping[str, Any]) -> None:
-        """Refuse another solver, and a grid that starts above the student's top level (it never trained there)."""
+        """Refuse another solver, a grid that starts above the student's top level (it never trained there), and an
+        ``lcm_grid`` on another number of levels."""
         check_student_sampler(sampler, SLAM_SOLVERS, "SLAM", "slam_4step")
-        top = (sampler.get("grid") or {}).get("t_max")
+        grid = sampler.get("grid") or {}
+        if str(grid.get("_target_", "")).endswith("lcm_grid"):
+            n = int(grid.get("num_levels", 50))
+            if n != len(self.levels) - 1:
+                raise ValueError(f"sampler.grid.num_levels={n} differs from the SLAM student's method.num_levels="
+                                 f"{len(self.levels) - 1}, so LCM's times miss its levels; set sampler.grid.num_levels="
+                                 f"{len(self.levels) - 1}")
+        top = grid.get("t_max")
         top = self.path.t_max if top is None else float(top)
         if top > float(self.levels[-1]) + 1e-9:
             raise ValueError(f"sampler.grid.t_max={top:g} starts above the SLAM student's top level method.t_max="

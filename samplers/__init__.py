@@ -21,7 +21,7 @@ from samplers._common import Streams
 from samplers.consistency import consistency_grid, sample_consistency
 from samplers.dpm_solver import sample_dpmpp_2m
 from samplers.euler import sample_euler
-from samplers.grids import karras_grid, log_snr_grid, shifted_grid, uniform_grid
+from samplers.grids import karras_grid, lcm_grid, log_snr_grid, shifted_grid, uniform_grid
 from samplers.guidance import cfg
 from samplers.heun import sample_heun
 from samplers.reflow import sample_reuse_noise
@@ -39,6 +39,6 @@ __all__ = [
     "sample_consistency", "consistency_grid",
     "sample_ddim", "sample_lcm",
     "EncoderSharing",
-    "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid",
+    "uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid", "lcm_grid",
     "cfg",
 ]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from gen.paths import EDMPath, Path, shift_time
 
-__all__ = ["uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid", "check_grid"]
+__all__ = ["uniform_grid", "shifted_grid", "karras_grid", "log_snr_grid", "lcm_grid", "check_grid"]
 
 
 def _finish(ts: Tensor) -> Tensor:
@@ -61,6 +61,27 @@ def uniform_grid(
     if t_min is None:
         return _finish(torch.linspace(t_max, 0.0, steps + 1, dtype=torch.float64)[:-1])
     return _finish(torch.linspace(t_max, t_min, steps, dtype=torch.float64))
+
+
+def lcm_grid(
+    steps: int, t_max: float | None = None, *, num_levels: int = 50, path: Path | None = None
+) -> Tensor:
+    """LCM's multistep times on a consistency student's own levels ``t_j = j t_max / N``, then 0. ``(steps + 1,)``.
+
+    The student was trained at the N levels only (SLAM, ``distill/slam.py``: N = 50, the top ``t_max`` = 0.936). The
+    LCM scheduler that SLAM samples with (Luo et al. 2023, "Latent Consistency Models"; diffusers ``LCMScheduler.
+    set_timesteps``, ``original_inference_steps`` = N) lists the training steps from the top and takes those at
+    positions ``floor(i N / K)``, i = 0 .. K - 1: levels ``j_i = N - floor(i N / K)``. For K = 4 of 50 that is levels
+    50, 38, 25, 13 (SD's DDPM steps 999, 759, 499, 259), where a uniform grid would ask for the untrained levels 37.5
+    and 12.5. Equals ``uniform_grid(K, t_max)`` whenever K divides N.
+    """
+    t_max = _t_max(t_max, path)
+    _validate(steps, t_max, None)
+    n = int(num_levels)
+    if not 1 <= steps <= n:
+        raise ValueError(f"lcm_grid: need 1 <= steps <= num_levels, got steps={steps}, num_levels={num_levels}")
+    levels = torch.linspace(0.0, t_max, n + 1, dtype=torch.float64)  # the student's levels, as distill/slam.py
+    return _finish(levels[[n - (i * n) // steps for i in range(steps)]])
 
 
 def shifted_grid(

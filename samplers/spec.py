@@ -5,7 +5,7 @@ Sampler config (``configs/sampler/*.yaml``); ``solver`` and ``grid`` are ``_targ
 
     solver: {_target_: samplers.sample_euler}       # + the solver's options (e.g. S_churn, diffusion, last_step)
     steps: 30
-    grid: {_target_: samplers.grids.uniform_grid}   # grid(steps, path=path): uniform, shifted, karras, log_snr
+    grid: {_target_: samplers.grids.uniform_grid}   # grid(steps, path=path): uniform, shifted, karras, log_snr, lcm
     guidance: {scale: 1.0, interval: null | [t_lo, t_hi], dit_legacy_channels: null}
     sharing: null | {rate: k} | {schedule: file.json}   # DDT encoder sharing (samplers/sharing.py)
 

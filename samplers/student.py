@@ -8,7 +8,12 @@
 * ``sample_lcm``: ``x0 = f(x, t)``, then re-noise to the next time with fresh per-image noise,
   ``x = alpha(t') x0 + sigma(t') n`` (Luo et al. 2023, "Latent Consistency Models", multistep sampling; the LCM scheduler
   that SLAM samples with, Xu et al. 2024, MCG-NJU/SPLAM README). The model must be a consistency function exposed as
-  an x0 prediction (``"prediction": "consistency"``); NFE = ``len(ts) - 1``.
+  an x0 prediction (``"prediction": "consistency"``); NFE = ``len(ts) - 1``. LCM samples at its training levels
+  (``samplers.grids.lcm_grid``; the ``slam_*`` presets).
+
+Both match the official update rules to rounding under the exact VP <-> linear correspondence (TDM's demo loop
+``generate_new``; diffusers' ``LCMScheduler`` with SD-v1.5's schedule): bench/README.md, "Few-step student samplers
+against the official code".
 """
 
 from __future__ import annotations

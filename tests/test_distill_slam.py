@@ -19,17 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from distill.slam import SubpathLinearApproximation
 from gen.ema import EMA
+from gen.models.common import ModelOutput
 from gen.models.dit import DiT
+from gen.models.prediction import velocity_model
 from gen.models.student import condition_embedding
 from gen.paths import LinearPath
 from gen.snapshot import load_network
 from gen.train.method import Progress
 from gen.utils.ckpt import load_snapshot
 from gen.utils.seed import PerImageRandom, SampleRandom
-from samplers import sample_lcm, uniform_grid
+from samplers import lcm_grid, sample_lcm, uniform_grid
+from samplers.spec import SamplerSpec
 from tests.conftest import ROOT, run_train, subprocess_env
 
 KEYS = [2, 7, 11, 40]
@@ -210,3 +214,66 @@ def test_trainer_init_keeps_a_zero_condition_slot_the_teacher_file_lacks(teacher
         student.aug_embedder.weight.fill_(0.1)  # a trained slot is not silently kept: the file holds another network
     with pytest.raises(ValueError, match="trainer.init.net: cannot start from"):
         init_from_snapshot(student, teacher_snapshot, "trainer.init.net")
+
+
+def _lcm_scheduler_levels(steps: int, num_levels: int) -> list[int]:
+    """The levels j (DDPM step ``j 1000 / N - 1``) that diffusers' ``LCMScheduler`` samples at for ``steps`` steps."""
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(num_train_timesteps=1000, original_inference_steps=num_levels)
+    sched.set_timesteps(steps)
+    return [(int(k) + 1) // (1000 // num_levels) for k in sched.timesteps]
+
+
+@pytest.mark.parametrize("num_levels", [50, 8])
+def test_lcm_grid_is_lcm_schedulers_times_on_the_students_levels(num_levels: int) -> None:
+    levels = torch.linspace(0.0, 0.936, num_levels + 1, dtype=torch.float64)  # SubpathLinearApproximation.levels
+    for steps in range(1, num_levels + 1):
+        want = levels[_lcm_scheduler_levels(steps, num_levels) + [0]]
+        assert torch.equal(lcm_grid(steps, 0.936, num_levels=num_levels), want), steps
+
+
+def test_slam_presets_sample_at_the_students_levels() -> None:
+    # The 4-step preset once used uniform_grid: levels 37.5 and 12.5, which the student never trained at.
+    levels = torch.linspace(0.0, 0.936, 51, dtype=torch.float64)
+    for steps in (1, 2, 4):
+        cfg = yaml.safe_load((ROOT / "configs" / "sampler" / f"slam_{steps}step.yaml").read_text())
+        ts = SamplerSpec.from_config(cfg).time_grid(LinearPath())
+        torch.testing.assert_close(ts, levels[_lcm_scheduler_levels(steps, 50) + [0]], rtol=0, atol=1e-15)
+    assert _lcm_scheduler_levels(4, 50) == [50, 38, 25, 13]
+
+
+class _Slot(torch.nn.Module):
+    """A closed-form velocity backbone with a 4-wide condition slot."""
+
+    augment_dim = 4
+
+    def forward(self, x, t, y=None, augment=None):  # noqa: ANN001, ANN201
+        v = torch.tanh(1.3 * x + 0.5) * (1 + t.view(-1, 1, 1, 1)) - 0.7 * x + augment[:, :1].view(-1, 1, 1, 1)
+        return ModelOutput(out=v)
+
+
+def test_lcm_sampler_steps_are_lcms_update_rule() -> None:
+    """sample_lcm on a SLAM student: f = c_skip x + c_out (x - t v) at gamma = 1, then (1 - t') f + t' n, f at the end."""
+    path = LinearPath()
+    spec = {"path": {"_target_": "gen.paths.LinearPath"}, "prediction": "consistency",
+            "precond": {"_target_": "gen.models.student.SubpathConsistency", "gamma_dim": 4}}
+    model_fn = velocity_model(_Slot(), spec)
+    noise = PerImageRandom([3, 4]).randn((1, 4, 4)).double()
+    ts = lcm_grid(4, 0.936)
+    out = sample_lcm(model_fn, noise, ts, path=path, randn_like=PerImageRandom([7, 8]).randn_like)
+    draws, x = PerImageRandom([7, 8]), ts[0] * noise
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        v = _Slot()(x, torch.full((2,), t, dtype=torch.float64), augment=torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)).out  # emb(0): sin 0, cos 0
+        scaled = 10_000.0 * t
+        f = 0.25 / (scaled**2 + 0.25) * x + scaled / math.sqrt(scaled**2 + 0.25) * (x - t * v)
+        x = (1 - t_next) * f + t_next * draws.randn_like(f) if t_next > 0 else f
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-12)
+
+
+def test_an_lcm_grid_on_other_levels_is_refused(teacher_snapshot: Path) -> None:
+    method = _method(teacher_snapshot, perturb=False)
+    grid = {"_target_": "samplers.grids.lcm_grid", "t_max": 0.936}
+    method.check_sampler({"solver": {"_target_": "samplers.sample_lcm"}, "grid": grid})
+    with pytest.raises(ValueError, match=r"sampler.grid.num_levels=20 differs .* set sampler.grid.num_levels=50"):
+        method.check_sampler({"solver": {"_target_": "samplers.sample_lcm"}, "grid": {**grid, "num_levels": 20}})

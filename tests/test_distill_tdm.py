@@ -11,6 +11,7 @@ another shape, a unify student without the condition slot), each one line naming
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 from functools import partial
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from distill.tdm import TrajectoryDistributionMatching
 from distill.teacher import TeacherError
 from gen.models.dit import DiT
-from gen.paths import LinearPath
+from gen.paths import CosinePath, LinearPath
 from gen.snapshot import load_network
 from gen.train.method import Progress
 from gen.utils.ckpt import load_snapshot
@@ -235,3 +236,25 @@ def _tensor_dicts(state: object) -> list[dict[str, torch.Tensor]]:
     if isinstance(state, (list, tuple)):
         return [d for v in state for d in _tensor_dicts(v)]
     return []
+
+
+def test_ddim_steps_are_the_eta0_update_written_out_on_a_variance_preserving_path() -> None:
+    """x0 and eps from the velocity at (x, t), then ``alpha(t') x0 + sigma(t') eps``; the last step returns x0
+    (Song et al. 2021, Eq. 12 with eta = 0; TDM's ``generate_new``). On the cosine path DDIM is not Euler."""
+    torch.manual_seed(1)
+    w = torch.randn(1, 2, 3, 3, dtype=torch.float64)
+
+    def model_fn(x, t, y):  # noqa: ANN001, ANN202
+        return torch.tanh(x * w) * (1 + t.view(-1, 1, 1, 1)) - 0.5 * x
+
+    noise = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    ts = torch.tensor([1.0, 0.7, 0.35, 0.0], dtype=torch.float64)
+    out = sample_ddim(model_fn, noise, ts, path=CosinePath())
+    h = math.pi / 2
+    x = math.sin(h * 1.0) * noise
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        v = model_fn(x, torch.full((2,), t, dtype=torch.float64), None)
+        a, s, da, ds = math.cos(h * t), math.sin(h * t), -h * math.sin(h * t), h * math.cos(h * t)
+        x0, eps = (ds * x - s * v) / (a * ds - s * da), (a * v - da * x) / (a * ds - s * da)
+        x = math.cos(h * t_next) * x0 + math.sin(h * t_next) * eps if t_next > 0 else x0
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-12)
