@@ -30,6 +30,7 @@ from gen.models.convert_edm2 import EDM2PickleError, edm2_state, read_edm2_pickl
 from gen.models.edm2 import EDM2UNet
 from gen.utils.ckpt import file_sha256
 from scripts import convert as cli
+from tests.test_convert import _refused as refused  # one line, exit status 2, nothing written
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_channels=32, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], channels_per_head=16)
@@ -133,16 +134,6 @@ def write_pickle(path: Path, fake: types.SimpleNamespace, marker: Path, *, width
 
 def convert(ckpt: Path, out: Path, *extra: str) -> int:
     return cli.main(["--from", "edm2", "--ckpt", str(ckpt), "--out", str(out), *extra])
-
-
-def refused(capsys: pytest.CaptureFixture[str], code: int, out: Path, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert err.startswith("python -m scripts.convert: error: ") and err.count("\n") == 1, err
-    for n in needles:
-        assert n in err, err
-    assert not out.exists()
-    return err
 
 
 def test_the_pickle_is_read_without_running_its_source(tmp_path: Path, fake_modules: types.SimpleNamespace) -> None:
