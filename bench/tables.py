@@ -475,9 +475,12 @@ def lcsc_saved(records: Records) -> dict[int, float | None]:
 
 
 def _fitness_gap(r: dict[str, Any]) -> float:
-    """How much better the winner scores on LCSC's fitness seeds than on the row seeds, beyond the same gap of the
-    last checkpoint alone (FID's small-sample bias cancels): negative = the search fitted its own seed set."""
-    return (r["fitness_fid"] - r["fid"]) - (r["last_alone_fitness_fid"] - r["last_alone_fid"])
+    """The averaging bench's own measure of LCSC's overfitting to its fitness seeds (``fitness_gap``)."""
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    from yardstick_averaging import fitness_gap
+
+    return fitness_gap(r)
 
 
 def averaging(records: Records) -> str:

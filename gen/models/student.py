@@ -42,8 +42,10 @@ def condition_embedding(value: Tensor, dim: int) -> Tensor:
     half = int(dim) // 2
     if int(dim) % 2 or half < 2:
         raise ValueError(f"the condition embedding needs an even width >= 4, got {dim}")
-    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64) / (half - 1))  # (dim/2,)
-    ang = 1000.0 * value.double().reshape(-1, 1).cpu() * omega  # (B, dim/2)
+    # float64 where the device has it (every step of a student calls this: no round trip to the host); MPS has none
+    device = value.device if value.device.type != "mps" else torch.device("cpu")
+    omega = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=device) / (half - 1))
+    ang = 1000.0 * value.to(device=device, dtype=torch.float64).reshape(-1, 1) * omega  # (B, dim/2)
     return torch.cat([ang.sin(), ang.cos()], -1).float().to(value.device)
 
 
