@@ -142,8 +142,14 @@ def folders(task: Task) -> set[Path]:
 
 
 def pick(pending: Sequence[Task], busy: set[Path]) -> Task | None:
-    """The first pending worker none of whose run folders a running worker holds (None: wait)."""
-    return next((t for t in pending if not folders(t) & busy), None)
+    """The first pending worker none of whose run folders a running worker holds (None: wait).
+
+    A worker whose run folder another pending worker starts from (a teacher still to train) goes before the rest:
+    its dependants wait on it, so starting it late leaves a slot idle at the end.
+    """
+    free = [t for t in pending if not folders(t) & busy]
+    needed = {t.run.init.parent for t in pending if t.run.init is not None}
+    return next((t for t in free if t.run.run_dir in needed), free[0] if free else None)
 
 
 def run_tasks(tasks: Sequence[Task], args: argparse.Namespace) -> list[str]:

@@ -219,6 +219,23 @@ def test_yardstick_all_plans_what_is_left_and_never_runs_a_shared_folder_twice(t
     assert yardstick_all.estimate([slow], args) == pytest.approx((96 * 12.0 + task.evals * 60.0) / 2)
 
 
+
+def test_yardstick_all_starts_a_pending_teacher_before_independent_workers(tmp_path: Path) -> None:
+    import argparse
+
+    import yardstick_all
+
+    args = argparse.Namespace(benches=["distill"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    by_name = {t.name: t for t in yardstick_all.plan(args)}
+    teacher, student = by_name["distill/dit-s2"], by_name["distill/tdm-s2"]
+    assert student.run.init is not None and student.run.init.parent == teacher.run.run_dir
+    lr_row = by_name["distill/rfpp_lr5e-4-s1"]  # planned before the third seed (seed-major) and independent of it
+    pending = [lr_row, teacher, student]
+    assert yardstick_all.pick(pending, set()) is teacher
+    assert yardstick_all.pick(pending, {teacher.run.run_dir}) is lr_row  # the student waits on its teacher
+    assert yardstick_all.pick([lr_row, student], set()) is lr_row  # nobody waits on either: plan order
+
 def test_claim_verdicts_follow_the_seed_ranges() -> None:
     recs = [_record("dit", s, k, f) for s, curve in ((0, (100, 50, 30, 20)), (1, (110, 52, 32, 22)))
             for k, f in zip((16, 32, 64, 96), curve)]
