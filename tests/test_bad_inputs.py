@@ -1665,15 +1665,31 @@ def test_eval_recon_names_a_bad_tokenizer_snapshot(make: Callable[[Path, Path], 
 
 
 def test_hydra_refusals_of_the_command_line_exit_with_the_usage_status(tmp_path: Path) -> None:
-    """An unknown key without '+' and an unknown preset: Hydra's own message (the key and the fix), exit status 2 like
-    every bad input (was 1, the status of a failed run)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for argv, words in ((["sample.py", "snapshot=x", "seedz=0-3"], "+seedz=0-3"),
-                        (["train.py", "sampler=no_such_preset"], "sampler/no_such_preset")):
+    """Hydra's refusals of a command line (an unknown key without '+', an unknown preset, bad override syntax) end as
+    every bad input does: one ``prog: error:`` line naming the key and the fix, exit status 2 (was Hydra's status 1,
+    a failed run, and its advice "use +seedz=0-3", which the command then refuses as an unknown key too)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "GEN_DEBUG")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cases = ((["sample.py", "snapshot=x", "seedz=0-3"], "sample.py: error: unknown config key 'seedz' (did you mean "
+              "'seeds'?). Known keys: batch_size, "),
+             (["sample.py", "snapshot=x", "sampler.stepz=3"], "sample.py: error: unknown config key 'sampler.stepz' "
+              "(did you mean 'sampler.steps'?). Known keys of 'sampler': "),
+             (["sample.py", "snapshot=x", "trainer.total_kimg=3"], "sample.py: error: unknown config key "
+              "'trainer.total_kimg': the config has no 'trainer'"),
+             (["train.py", "sampler=no_such_preset"], "train.py: error: unknown preset sampler=no_such_preset. Known "
+              "presets of 'sampler': consistency, "),
+             (["train.py", "experiment=yardstick_dt"], "(did you mean experiment=yardstick_dit?)"),
+             (["sample.py", "seeds=[1"], "sample.py: error: no viable alternative at input '[1'"))
+    for argv, words in cases:
         got = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True, env=env,
                              cwd=tmp_path, timeout=300)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
-        assert words in got.stderr, got.stderr
+        assert words in got.stderr and "+seedz" not in got.stderr and "search path" not in got.stderr, got.stderr
+        assert got.stderr.startswith(argv[0] + ": error: "), got.stderr
+    # HYDRA_FULL_ERROR=1, Hydra's own switch, still gives Hydra's exception with its traceback.
+    got = subprocess.run([sys.executable, str(ROOT / "sample.py"), "seedz=0-3"], capture_output=True, text=True,
+                         env={**env, "HYDRA_FULL_ERROR": "1"}, cwd=tmp_path, timeout=300)
+    assert got.returncode == 1 and "ConfigCompositionException" in got.stderr, got.stderr
 
 
 def test_consistency_steps_without_their_sigmas_name_the_fix() -> None:

@@ -206,21 +206,70 @@ def error_message(e: BaseException) -> str:
 _HYDRA_USAGE_ERRORS = ("ConfigCompositionException", "MissingConfigException", "OverrideParseException")
 
 
-def run_hydra_entry(main: Callable[[], object]) -> None:
-    """Call a ``@hydra.main`` entry point so that Hydra's own refusals of the command line exit with status 2.
+def _is_hydra_usage_error(e: BaseException | None) -> bool:
+    return e is not None and type(e).__module__ == "hydra.errors" and type(e).__name__ in _HYDRA_USAGE_ERRORS
 
-    Hydra prints them in its words (the key and its fix, e.g. "To append to your config use +foo=1") and exits with
-    status 1, which scripts read as a failure of the run rather than of the command line; every other bad input
-    exits with 2. The exception Hydra reported is the ``SystemExit``'s context; only those classes are mapped.
+
+def hydra_error_message(e: BaseException) -> str:
+    """The one-line (or option-list) text of Hydra's refusal of a command line, in the toolkit's words.
+
+    An unknown key given without '+' is the common case: Hydra answers "To append to your config use +key=value",
+    which every entry point then refuses too (unknown keys are errors), so that advice is replaced by the keys the
+    config does have at that level, with the closest one.
     """
+    import difflib
+
+    cause = e.__cause__
+    full_key = getattr(cause, "full_key", None)
+    parent = getattr(cause, "parent_node", None)
+    text = str(e)
+    if full_key and parent is not None and "not in struct" in str(cause) and text.startswith("Could not override"):
+        given = text.split("'")[1] if text.count("'") >= 2 else full_key
+        section, _, missing = full_key.rpartition(".")
+        keys = sorted(str(k) for k in parent.keys() if section or k != "hydra")
+        close = difflib.get_close_matches(missing, keys, n=1)
+        where = f" of '{section}'" if section else ""
+        return (f"unknown config key '{given}'" + (f": the config has no '{full_key}'" if full_key != given else "")
+                + (f" (did you mean '{(section + '.') if section else ''}{close[0]}'?)" if close else "")
+                + f". Known keys{where}: {', '.join(keys)}")
+    missing_file, options = getattr(e, "missing_cfg_file", None), getattr(e, "options", None)
+    if missing_file and options:  # an unknown preset of a config group: its options, without Hydra's search path
+        group, _, name = str(missing_file).rpartition("/")
+        close = difflib.get_close_matches(name, list(options), n=1)
+        return (f"unknown preset {group}={name}" + (f" (did you mean {group}={close[0]}?)" if close else "")
+                + f". Known presets of '{group}': {', '.join(options)}")
+    if isinstance(cause, Exception) and str(cause).strip():
+        text = f"{text.strip()} ({' '.join(str(cause).split())})"
+    return error_message(Exception(text.strip()))
+
+
+def run_hydra_entry(main: Callable[[], object], prog: str | None = None) -> None:
+    """Call a ``@hydra.main`` entry point so that Hydra's refusals of the command line end as the toolkit's.
+
+    Hydra prints them in its words and exits with status 1, which scripts read as a failure of the run rather than
+    of the command line. Here they are one ``prog: error: ...`` line naming the key and the fix, with status 2 like
+    every other bad input (:func:`hydra_error_message`). ``HYDRA_FULL_ERROR=1`` (Hydra's own switch, also set only for
+    the duration of the call so that Hydra hands the exception over) or ``GEN_DEBUG=1`` set by the user keeps
+    Hydra's behaviour and traceback.
+    """
+    prog = prog or Path(sys.argv[0]).name
+    user_full = bool(os.environ.get("HYDRA_FULL_ERROR")) or bool(os.environ.get("GEN_DEBUG"))
+    if not user_full:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except SystemExit as e:
-        ctx = e.__context__
-        if e.code == 1 and ctx is not None and type(ctx).__module__ == "hydra.errors" \
-                and type(ctx).__name__ in _HYDRA_USAGE_ERRORS:
+        if e.code == 1 and _is_hydra_usage_error(e.__context__):  # printed by Hydra itself (a debugger attached)
             raise SystemExit(EXIT_USAGE) from None
         raise
+    except Exception as e:
+        if user_full or not _is_hydra_usage_error(e):
+            raise
+        print(f"{prog}: error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USAGE) from None
+    finally:
+        if not user_full:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:
