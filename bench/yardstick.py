@@ -248,7 +248,9 @@ class Run:
         """
         if self.trained():
             return
-        self.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        # The folder itself too: an override may name a sibling through it (``${run_dir}/../<row>-s<seed>/pairs``),
+        # which the system resolves only where the run folder exists (train.py makes it after building the data).
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir.with_suffix(".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -317,6 +318,12 @@ class PairShards:
     def __init__(self, root: str, teacher: str | None = None, data_name: str | None = None,
                  real_root: str | None = None) -> None:
         self.root = Path(root)
+        if not self.root.is_dir():
+            lexical = Path(os.path.normpath(root))
+            hint = (f"; a path through '..' needs every folder before the '..' to exist, so give {lexical} itself"
+                    if ".." in self.root.parts and lexical.is_dir() else
+                    "; draw pairs there with python -m distill.pairs teacher=<snapshot> out=<folder> num=<pairs>")
+            raise FileNotFoundError(f"data.dataset.root={root}: no such folder{hint}")
         manifest = read_manifest(self.root)
         if not manifest or manifest.get("format") != FORMAT:
             raise FileNotFoundError(f"data.dataset.root={root} holds no pairs ({MANIFEST} missing or unreadable); draw "

@@ -236,6 +236,25 @@ def test_yardstick_all_starts_a_pending_teacher_before_independent_workers(tmp_p
     assert yardstick_all.pick(pending, {teacher.run.run_dir}) is lr_row  # the student waits on its teacher
     assert yardstick_all.pick([lr_row, student], set()) is lr_row  # nobody waits on either: plan order
 
+
+def test_a_run_folder_exists_before_its_prepare_and_train_commands(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distill bench's lr row reads its pairs at ``${run_dir}/../rfpp-s<seed>/pairs``; the system resolves that
+    only through an existing run folder, and train.py made it after building its data: both seeds failed."""
+    import argparse
+
+    import yardstick_all
+
+    args = argparse.Namespace(benches=["distill"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    run = next(t for t in yardstick_all.plan(args) if t.name == "distill/rfpp_lr5e-4-s0").run
+    assert any("${run_dir}/../rfpp-s${seed}/pairs" in o for o in run.row.overrides)
+    seen = []
+    monkeypatch.setattr(yardstick, "run_logged",
+                        lambda cmd, log, threads, what: seen.append((what, run.run_dir.is_dir())))
+    run.train(threads=1)
+    assert seen == [("train", True)]
+
 def test_claim_verdicts_follow_the_seed_ranges() -> None:
     recs = [_record("dit", s, k, f) for s, curve in ((0, (100, 50, 30, 20)), (1, (110, 52, 32, 22)))
             for k, f in zip((16, 32, 64, 96), curve)]

@@ -141,8 +141,18 @@ def test_dataset_refuses_pairs_of_another_teacher(tmp_path: Path, teacher_snapsh
         PairShards(str(out), teacher=str(other))
     with pytest.raises(ValueError, match="data.name='shapes'"):
         PairShards(str(out), teacher=str(teacher_snapshot), data_name="shapes")
-    with pytest.raises(FileNotFoundError, match="holds no pairs"):
+    with pytest.raises(FileNotFoundError, match="nothing: no such folder; draw pairs there with python -m distill"):
         PairShards(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no pairs"):
+        PairShards(str(tmp_path / "empty"))
+    # A sibling named through a run folder not made yet (the distill bench's lr row did this): the system cannot
+    # resolve 'missing/..', so the error says so and gives the plain path, which loads.
+    through = tmp_path / "missing" / ".." / "pairs"
+    with pytest.raises(FileNotFoundError, match=f"needs every folder before the '..' to exist, so give {out}"):
+        PairShards(str(through), teacher=str(teacher_snapshot))
+    (tmp_path / "missing").mkdir()
+    assert len(PairShards(str(through), teacher=str(teacher_snapshot))) == 20
 
 
 def test_pairs_command_errors_are_one_line(tmp_path: Path, teacher_snapshot: Path) -> None:

@@ -277,3 +277,25 @@ def test_an_lcm_grid_on_other_levels_is_refused(teacher_snapshot: Path) -> None:
     method.check_sampler({"solver": {"_target_": "samplers.sample_lcm"}, "grid": grid})
     with pytest.raises(ValueError, match=r"sampler.grid.num_levels=20 differs .* set sampler.grid.num_levels=50"):
         method.check_sampler({"solver": {"_target_": "samplers.sample_lcm"}, "grid": {**grid, "num_levels": 20}})
+
+
+def test_level_diagnosis_follows_the_methods_trajectory_and_start(teacher_snapshot: Path) -> None:
+    """bench/slam_levels.py: its trajectory is the method's own guided DDIM steps down the grid, and its "student at
+    the start" is the unperturbed student (teacher weights, zero gamma slot) at gamma = 1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import slam_levels
+
+    method = _method(teacher_snapshot, perturb=False, num_levels=4)
+    levels, points, y = slam_levels.trajectory(str(teacher_snapshot), 3, 4, 0.936, 1.5, seed=5)
+    assert torch.equal(levels, method.levels) and points.shape == (5, 3, 1, 32, 32) and y.tolist() == [0, 1, 2]
+    for j in (4, 1):  # each point is one teacher step from the one above it
+        want = method.teacher_step(points[j], levels[j].expand(3), levels[j - 1].expand(3), y)
+        torch.testing.assert_close(points[j - 1], want, rtol=0, atol=0)
+    start = slam_levels.student_at_start(str(teacher_snapshot), 0.5, 10_000.0)
+    student = method.consistency_fn(method.net.eval())
+    for j in (1, 3, 4):
+        t = levels[j].expand(3).float()
+        torch.testing.assert_close(start(points[j].float(), t, y).float(), student(points[j].float(), t, y).out,
+                                   rtol=1e-5, atol=1e-5)
+    err = slam_levels.level_errors(start, levels, points, y)
+    assert err.shape == (4,) and bool((err[1:] > 0).all())
