@@ -79,6 +79,9 @@ class SubpathLinearApproximation(Method):
         sigma_data, time_scale: LCM's boundary scalings (0.5; 10 x 1000 in continuous time).
         loss: ``"huber"`` (elementwise, ``huber_c``) or ``"l2"``.
         label_dropout: null-label rate of the student's labels (0).
+        subpath: False trains at the sub-path start only (gamma = 1: ``x_gamma = x_s`` at ``sigma_s``), which is
+            LCM's consistency distillation on the same grid, teacher and target: SLAM's own baseline (the paper
+            compares with LCM). The draws are the same, so both see the same levels, noise and labels.
         data_name, image_resolution, image_channels: the run's data (set by train.py; checked against the teacher's).
     """
 
@@ -86,7 +89,7 @@ class SubpathLinearApproximation(Method):
                  target_profile: str | None = None, gamma_dim: int = 64, num_levels: int = 50, t_max: float = 0.936,
                  guidance: float = 8.0, sigma_data: float = 0.5, time_scale: float = 10_000.0,
                  loss: Literal["huber", "l2"] = "huber", huber_c: float = 1e-3, label_dropout: float = 0.0,
-                 data_name: str | None = None, image_resolution: int | None = None,
+                 subpath: bool = True, data_name: str | None = None, image_resolution: int | None = None,
                  image_channels: int | None = None) -> None:
         super().__init__()
         if loss not in ("huber", "l2"):
@@ -114,6 +117,9 @@ class SubpathLinearApproximation(Method):
         self.sigma_data, self.time_scale = float(sigma_data), float(time_scale)
         self.loss_kind, self.huber_c = loss, float(huber_c)
         self.label_dropout = check_label_dropout(label_dropout)
+        if not isinstance(subpath, bool):
+            raise ValueError(f"method.subpath must be true or false, got {subpath!r}")
+        self.subpath = subpath
 
     def ema_specs(self, default: EMAFactory) -> dict[str, EMAFactory]:
         return {"net": self._target_ema}
@@ -143,6 +149,8 @@ class SubpathLinearApproximation(Method):
         j = (rng.rand(dtype=torch.float64).to(dev) * n_levels).long().clamp(max=n_levels - 1) + 1  # 1..N
         eps = rng.randn(*x0.shape[1:]).to(dev).double()
         gamma = rng.rand(dtype=torch.float64).to(dev)
+        if not self.subpath:  # LCM: the sub-path's start only (drawn all the same, so the streams stay aligned)
+            gamma = torch.ones_like(gamma)
         y = drop_labels(batch["label"], self.label_dropout, self.net.num_classes, rng)
         levels = self.levels.to(dev)
         t_s, t_e = levels[j], levels[j - 1]

@@ -90,14 +90,17 @@ def _v(net: torch.nn.Module, x: torch.Tensor, t: float, y: torch.Tensor, gamma: 
     return net(x.float(), torch.tensor([t]), y, **kw).out.double()
 
 
-@pytest.mark.parametrize("loss", ["huber", "l2"])
-def test_loss_equals_direct_computation(teacher_snapshot: Path, loss: str) -> None:
-    method = _method(teacher_snapshot, loss=loss)
+@pytest.mark.parametrize("loss,subpath", [("huber", True), ("l2", True), ("huber", False)])
+def test_loss_equals_direct_computation(teacher_snapshot: Path, loss: str, subpath: bool) -> None:
+    """SLAM, and with ``subpath=False`` LCM's consistency distillation (gamma = 1: the student at x_s, sigma_s)."""
+    method = _method(teacher_snapshot, loss=loss, subpath=subpath)
     torch.manual_seed(1)
     x0 = torch.rand(4, 1, 32, 32) * 2 - 1
     got = method.loss("net", {"x0": x0, "label": LABELS}, SampleRandom(KEYS, namespace="slam"), Progress(0, 1, 0))
     rng = SampleRandom(KEYS, namespace="slam")  # draws in the documented order: level, eps, gamma (, label drop)
     u, eps, gammas = rng.rand(dtype=torch.float64), rng.randn(1, 32, 32), rng.rand(dtype=torch.float64)
+    if not subpath:
+        gammas = torch.ones_like(gammas)
     want = []
     with torch.no_grad():
         for b in range(4):
