@@ -802,7 +802,20 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("TDM-unify", "Luo et al. 2025", "one student for any step count, as good at 4 steps",
           _near_best("distill", "tdm_unify", "tdmu4", "dit", 1.1)),
     Claim("SLAM", "Xu et al. 2024", "a 4-step student near its teacher's quality (aim as issue 20's: within 1.1x of "
-          "the teacher's best)", _near_best("distill", "slam", "slam4", "dit", 1.1)),
+          "the teacher's best)", _near_best("distill", "slam", "slam4", "dit", 1.1),
+          "the sub-path part, measured: LCM, the same run with gamma = 1 only, reaches 47.5 / 16.3 / 10.8 at 1 / 2 / 4 "
+          "steps where SLAM has 213 / 85 / 44 (seed 0, 16k; the 'SLAM vs LCM' row has both seeds at 32k). Along "
+          "the trajectory it distils SLAM's student ends farther from the trajectory's end than it started at every "
+          "level (RMS per pixel 0.023 vs 0.006 at the five lowest, 0.43 vs 0.35 at the top; bench/slam_levels.py, "
+          "seed 0, 32k), and its 4-step FID rises from 16k to 32k on both seeds (44 -> 89, 45 -> 66); 18 levels "
+          "instead of 50 do worse (seed 0, 16k: 264 / 126 / 75), so it is not the grid. Likely: the points "
+          "x_gamma, shown at time t_s with noise between the two ends' levels, ask the 1.9M-parameter student for a "
+          "gamma-indexed family of functions that 1,000 steps do not fit (the paper: ~6 A100-days from SD), and a "
+          "velocity network reads them differently from the official epsilon network (4.6e-2 relative, "
+          "'Distillation losses against the official code')"),
+    Claim("SLAM vs LCM", "Xu et al. 2024", "consistency along sub-path linear ODEs (gamma embedded) beats LCM's "
+          "endpoint-only consistency distillation at few steps (4 steps; LCM is the same run with gamma = 1 only)",
+          lambda r: _better_variants(r, "distill", ("slam", "slam4"), ("lcm", "slam4"))),
     Claim("ScoreAug", "Hou et al. 2025", "augmenting the noisy input and the target together (the network told the "
           "transform) keeps a small data set from being memorised, at equal or better FID", _scoreaug),
     Claim("Post-hoc EMA", "Karras et al. 2024", "the EMA length can be chosen after training: the best post-hoc "

@@ -21,7 +21,8 @@ the teacher's 96k snapshot of the same seed (``trainer.init.net``, read by the p
   same with K drawn from {1, 2, 4} and told to the student, sampled at the K it is told.
 * SLAM (``yardstick_slam``: Xu et al. 2024, "Accelerating Image Generation with Sub-path Linear Approximation
   Model"): 32k images, 2 teacher NFE each (its guided DDIM step, CFG 2); sampled with LCM's multistep sampler at 1, 2
-  and 4 steps.
+  and 4 steps. LCM, its baseline (the paper compares with it): the same run with gamma = 1 only
+  (``method.subpath=false``), sampled the same way.
 
 1,000 samples, seeds 0 and 1, wall time per image in every record; ``bench/tables.py`` plots FID against NFE and
 against wall time per image for every row (``distill_fid_vs_cost.png``). The aim (issue 19): the 1-NFE 2-RF++ student
@@ -76,6 +77,10 @@ ROWS = (
         init_from="dit", sec_per_kimg=45.0),
     Row("slam", ("experiment=yardstick_slam",), "SLAM from the quick start (+ images trained, 2 teacher NFE each)",
         kimg=STUDENT_KIMG, init_from="dit", sec_per_kimg=20.0),
+    # SLAM's own baseline, as the paper compares: LCM's consistency distillation, the same run with gamma = 1 only.
+    Row("lcm", ("experiment=yardstick_slam", "method.subpath=false"),
+        "LCM from the quick start (SLAM with gamma = 1 only: its baseline; + images trained, 2 teacher NFE each)",
+        kimg=STUDENT_KIMG, init_from="dit", sec_per_kimg=20.0),
     # Sensitivity, not the paper's setting: 2-RF++ on the same seed's pairs (the rfpp row draws them) at 5x the
     # paper's ImageNet lr, to tell whether a shortfall at 1e-4 is the 1,000-step budget or the method.
     Row("rfpp_lr5e-4", ("experiment=yardstick_rfpp", "data.dataset.root=${run_dir}/../rfpp-s${seed}/pairs",
@@ -106,7 +111,7 @@ VARIANTS = (
     *(Variant(f"tdmu{n}", n, methods=("tdm_unify",), label=f"DDIM {n} steps, told K = {n}",
               sampler={**ode_sampler("sample_ddim", n), "solver": {"_target_": "samplers.sample_ddim",
                                                                    "condition_steps": True}}) for n in (1, 2, 4)),
-    *(Variant(f"slam{n}", n, methods=("slam",), label=f"LCM multistep, {n} steps from t = 0.936",
+    *(Variant(f"slam{n}", n, methods=("slam", "lcm"), label=f"LCM multistep, {n} steps from t = 0.936",
               sampler={**ode_sampler("sample_lcm", n), "grid": {"_target_": "samplers.grids.lcm_grid",  # LCM's levels
                                                                 "t_max": 0.936, "num_levels": 50}}) for n in (1, 2, 4)),
 )
