@@ -788,6 +788,9 @@ CLAIMS: tuple[Claim, ...] = (
           "more steps), and the 1-step FID still falls steeply (seed 0: 140, 90, 57 at 8, 16, 32k); at 2 NFE the "
           "noise-reusing update (19.3) is already below the teacher's 8-NFE Euler (34.5). The lr 5e-4 row on the same "
           "pairs tests the budget reading"),
+    Claim("2-RF++, lr 5e-4", "Lee et al. 2024", "the same aim at 5x the paper's ImageNet lr on the same pairs "
+          "(a sensitivity row: does the shortfall at lr 1e-4 come from the 1,000-step budget?)",
+          lambda r: _better_variants(r, "distill", ("rfpp_lr5e-4", "rf1"), ("dit", "euler8"))),
     Claim("2-RF++, guided", "Lee et al. 2024", "the same against the teacher the student learns from: its pairs' "
           "guidance (CFG 2) at the same 8 NFE (Euler 4 steps, 2 evaluations each)",
           lambda r: _better_variants(r, "distill", ("rfpp", "rf1"), ("dit", "euler4cfg2"))),
@@ -815,7 +818,10 @@ CLAIMS: tuple[Claim, ...] = (
           "'Distillation losses against the official code')"),
     Claim("SLAM vs LCM", "Xu et al. 2024", "consistency along sub-path linear ODEs (gamma embedded) beats LCM's "
           "endpoint-only consistency distillation at few steps (4 steps; LCM is the same run with gamma = 1 only)",
-          lambda r: _better_variants(r, "distill", ("slam", "slam4"), ("lcm", "slam4"))),
+          lambda r: _better_variants(r, "distill", ("slam", "slam4"), ("lcm", "slam4")),
+          "the SLAM row's reason: at this size and budget the sub-path points (gamma < 1) move the sampled gamma = 1 "
+          "function away from the trajectory's end at every level, where LCM moves it towards it (bench/README.md, "
+          "'Why SLAM falls short here'); the paper's comparison is SD-v1.5 after days of A100 training"),
     Claim("ScoreAug", "Hou et al. 2025", "augmenting the noisy input and the target together (the network told the "
           "transform) keeps a small data set from being memorised, at equal or better FID", _scoreaug),
     Claim("Post-hoc EMA", "Karras et al. 2024", "the EMA length can be chosen after training: the best post-hoc "
