@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import re
 import statistics
 import sys
@@ -353,12 +354,14 @@ def solver_name(variant: Any) -> str:
 def few_step(records: Records, bench: str = "consistency") -> str:
     """``bench/yardstick_consistency.py``: FID by network evaluations per image. The teacher (Euler at 1-20 steps,
     its last point) and, at each of their points, the consistency students at 1 and 2 steps; the training images
-    of ECT count on top of the teacher's. Wall time per image at the fewest steps."""
+    of ECT count on top of the teacher's. The samples' class accuracy at each NFE of the row (mean of the seeds), and
+    wall time per image at the fewest steps."""
     spec = bench_spec(bench)
     recs = evals(records.get(bench, []))
     variants = {v.name: v for v in spec.variants}
     nfes = sorted({variants[r["variant"]].nfe for r in recs if r["variant"] in variants})
-    header = ["row", "training images", *[f"FID, NFE {n}" for n in nfes], "ms / image at the fewest NFE (wall)"]
+    header = ["row", "training images", *[f"FID, NFE {n}" for n in nfes], "class accuracy, by NFE",
+              "ms / image at the fewest NFE (wall)"]
     rows = []
     for row in spec.rows:
         base = 0.0
@@ -380,7 +383,10 @@ def few_step(records: Records, bench: str = "consistency") -> str:
                 fewest = min(variants[r["variant"]].nfe for r in at)
                 ms = mean_or_blank((r["sec_per_image"] for r in at if variants[r["variant"]].nfe == fewest), 2, 1000)
                 images = f"{base:g}k + {k:g}k" if base else f"{k:g}k"
-                rows.append([label, images, *cells, ms])
+                acc = " / ".join(mean_or_blank(r.get("class_accuracy", math.nan) for r in at
+                                               if variants[r["variant"]].nfe == n) or "-"
+                                 for n in sorted({variants[r["variant"]].nfe for r in at}))
+                rows.append([label, images, *cells, acc, ms])
     return table(header, rows)
 
 

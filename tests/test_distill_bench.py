@@ -74,6 +74,14 @@ def test_fid_against_nfe_and_wall_time_is_drawn_for_every_row_at_its_last_point(
     path = tables.plot_fid_vs_cost(records, "distill", tmp_path)
     assert path == tmp_path / "distill_fid_vs_cost.png" and path.stat().st_size > 1000
     assert "| SLAM from the quick start" in tables.few_step(records, "distill")
+    # The samples' class accuracy per NFE of a row (issue 19's table), mean of the seeds; "-" where none was stored.
+    for r, acc in zip([r for r in records["distill"] if r["method"] == "slam" and r["kimg"] == 32.0], (0.9, 0.8, 0.5)):
+        r["class_accuracy"] = acc
+    text = tables.few_step(records, "distill")
+    assert "class accuracy, by NFE" in text.splitlines()[0]
+    slam = next(line for line in text.splitlines() if line.startswith("| SLAM") and "+ 32k" in line)
+    assert "| 0.850 / 0.500 |" in slam
+    assert "| - |" in next(line for line in text.splitlines() if line.startswith("| SLAM") and "+ 8k" in line)
 
 
 def test_guided_teacher_is_a_row_of_its_own_and_the_aim_reads_the_teachers_best() -> None:
