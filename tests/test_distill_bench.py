@@ -38,8 +38,9 @@ def test_tdm_and_slam_rows_start_from_the_teacher_and_are_sampled_at_1_2_and_4_n
     args = argparse.Namespace(benches=["distill"], runs=tmp_path / "runs", results=tmp_path / "res",
                               num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
     by_name = {t.name: t for t in yardstick_all.plan(args)}
-    # the third seed only for the teacher and TDM (their seed ranges overlap around TDM's aim), TDM from its teacher
-    assert sorted(n for n in by_name if n.endswith("-s2")) == ["distill/dit-s2", "distill/tdm-s2"]
+    # the third seed only for the teacher, TDM and TDM-unify (their seed ranges overlap around the aim), from its teacher
+    assert sorted(n for n in by_name if n.endswith("-s2")) == ["distill/dit-s2", "distill/tdm-s2",
+                                                                   "distill/tdm_unify-s2"]
     assert by_name["distill/tdm-s2"].run.init == by_name["distill/dit-s2"].run.run_dir / "snapshot-000096000.safetensors"
     snap = by_name["distill/dit-s1"].run.run_dir / "snapshot-000096000.safetensors"
     for method in ("tdm", "tdm_unify", "slam"):
