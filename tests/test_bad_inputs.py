@@ -17,6 +17,7 @@ settings were already refused, and a non-finite end and fp16 on CPU were already
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -1680,12 +1681,32 @@ def test_hydra_refusals_of_the_command_line_exit_with_the_usage_status(tmp_path:
               "presets of 'sampler': consistency, "),
              (["train.py", "experiment=yardstick_dt"], "(did you mean experiment=yardstick_dit?)"),
              (["sample.py", "seeds=[1"], "sample.py: error: no viable alternative at input '[1'"))
-    for argv, words in cases:
-        got = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True, env=env,
-                             cwd=tmp_path, timeout=300)
-        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
-        assert words in got.stderr and "+seedz" not in got.stderr and "search path" not in got.stderr, got.stderr
-        assert got.stderr.startswith(argv[0] + ": error: "), got.stderr
+    import sample
+    import train
+    from gen.utils.cli import run_hydra_entry
+
+    for i, (argv, words) in enumerate(cases):
+        if i in (0, 3):  # the real commands, in their own process
+            got = subprocess.run([sys.executable, str(ROOT / argv[0]), *argv[1:]], capture_output=True, text=True,
+                                 env=env, cwd=tmp_path, timeout=300)
+            code, err = got.returncode, got.stderr
+        else:  # the same entry (Hydra's wrapper included) in this process: a subprocess costs ~5 s of imports
+            old_argv, old_env = sys.argv, {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", "GEN_DEBUG")}
+            sys.argv = [argv[0], *argv[1:], f"hydra.run.dir={tmp_path / 'hydra'}"]
+            for k in old_env:
+                os.environ.pop(k, None)
+            buf = io.StringIO()
+            try:
+                with contextlib.redirect_stderr(buf), pytest.raises(SystemExit) as exc:
+                    run_hydra_entry({"sample.py": sample.main, "train.py": train.main}[argv[0]])
+            finally:
+                sys.argv = old_argv
+                os.environ.update({k: v for k, v in old_env.items() if v is not None})
+            code, err = exc.value.code, buf.getvalue()
+            assert "HYDRA_FULL_ERROR" not in os.environ or old_env["HYDRA_FULL_ERROR"]  # restored
+        assert code == 2 and "Traceback" not in err, err
+        assert words in err and "+seedz" not in err and "search path" not in err, err
+        assert err.startswith(argv[0] + ": error: "), err
     # HYDRA_FULL_ERROR=1, Hydra's own switch, still gives Hydra's exception with its traceback.
     got = subprocess.run([sys.executable, str(ROOT / "sample.py"), "seedz=0-3"], capture_output=True, text=True,
                          env={**env, "HYDRA_FULL_ERROR": "1"}, cwd=tmp_path, timeout=300)
