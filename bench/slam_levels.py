@@ -31,23 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill.slam import SubpathLinearApproximation  # noqa: E402
-from distill.teacher import load_teacher  # noqa: E402
-from gen.models.student import SubpathConsistency, lcm_boundary  # noqa: E402
+from distill.slam import guided_ddim_step  # noqa: E402
+from distill.teacher import Teacher, load_teacher  # noqa: E402
+from gen.models.student import lcm_boundary  # noqa: E402
 from gen.paths import LinearPath  # noqa: E402
 from gen.snapshot import load_network  # noqa: E402
+from gen.utils.build import build  # noqa: E402
 from gen.utils.cli import CommandError, run_main  # noqa: E402
 
 
-def trajectory(teacher_path: str, num: int, num_levels: int, t_max: float, guidance: float, seed: int
+def trajectory(teacher: str | Teacher, num: int, num_levels: int, t_max: float, guidance: float, seed: int
                ) -> tuple[Tensor, Tensor, Tensor]:
     """The guided teacher's DDIM trajectory on SLAM's grid: (levels (N+1,), points (N+1, B, C, H, W), labels (B,)).
 
-    ``points[j]`` is the trajectory at ``levels[j]``; ``points[0]`` its end.
+    ``points[j]`` is the trajectory at ``levels[j]``; ``points[0]`` its end. ``teacher``: its snapshot or loaded.
     """
-    teacher = load_teacher(teacher_path)
-    step = SubpathLinearApproximation.teacher_step  # the method's own step, bound to a light stand-in below
-    stand_in = argparse.Namespace(_teacher=teacher, guidance=guidance, path=LinearPath())
+    teacher = teacher if isinstance(teacher, Teacher) else load_teacher(teacher)
     levels = torch.linspace(0.0, t_max, num_levels + 1, dtype=torch.float64)
     res, ch = int(teacher.config["data"]["resolution"]), int(teacher.config["data"]["channels"])
     gen = torch.Generator().manual_seed(seed)
@@ -57,7 +56,7 @@ def trajectory(teacher_path: str, num: int, num_levels: int, t_max: float, guida
     points = [x]
     for j in range(num_levels, 0, -1):
         t_s, t_e = levels[j].expand(num), levels[j - 1].expand(num)
-        x = step(stand_in, x, t_s, t_e, y)  # type: ignore[arg-type]
+        x = guided_ddim_step(teacher, guidance, x, t_s, t_e, y)  # the method's own teacher step
         points.append(x)
     return levels, torch.stack(points[::-1]), y
 
@@ -82,14 +81,14 @@ def student(snapshot: Path) -> ConsistencyFn:
     pc = dict((snap.config.get("prediction") or {}).get("precond") or {})
     if not str(pc.get("_target_", "")).endswith("SubpathConsistency"):
         raise CommandError(f"{snapshot} is not a SLAM student snapshot (its precond is {pc.get('_target_')!r})")
-    f = SubpathConsistency(net, int(pc["gamma_dim"]), float(pc["sigma_data"]), float(pc["time_scale"])).eval()
+    f = build(pc, net=net).eval()  # the snapshot's own wrapper, as sampling builds it
     return lambda x, t, y: f(x, t, y).out
 
 
-def student_at_start(teacher_path: str, sigma_data: float, time_scale: float) -> ConsistencyFn:
+def student_at_start(teacher: str | Teacher, sigma_data: float, time_scale: float) -> ConsistencyFn:
     """The student before training: the teacher's weights with a zero gamma slot (``start_from_teacher``), i.e.
     the boundary scalings around the teacher's unguided clean-image estimate ``x - t v``."""
-    teacher = load_teacher(teacher_path)
+    teacher = teacher if isinstance(teacher, Teacher) else load_teacher(teacher)
 
     def f(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         c_skip, c_out = lcm_boundary(t.double(), sigma_data, time_scale)
@@ -113,8 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     method = yaml.safe_load((args.run / "config.yaml").read_text())["method"]
     n, t_max, w = int(method["num_levels"]), float(method["t_max"]), float(method["guidance"])
-    levels, points, y = trajectory(args.teacher, args.num, n, t_max, w, args.seed)
-    students.insert(0, ("0k (start)", student_at_start(args.teacher, float(method.get("sigma_data", 0.5)),
+    teacher = load_teacher(args.teacher)
+    levels, points, y = trajectory(teacher, args.num, n, t_max, w, args.seed)
+    students.insert(0, ("0k (start)", student_at_start(teacher, float(method.get("sigma_data", 0.5)),
                                                        float(method.get("time_scale", 10_000.0)))))
     bands = [(1, 5), (6, 12), (13, 13), (14, 24), (25, 25), (26, 37), (38, 38), (39, 49), (50, 50)]
     print(f"RMS per pixel of f(x_t_j, t_j) - x_0 along the guided teacher's DDIM trajectory ({args.num} images, "

@@ -52,11 +52,14 @@ def load(results: Path = RESULTS_DIR) -> Records:
 def bench_spec(name: str) -> Any:
     """The ``yardstick.Bench`` a bench script declares (None for benches without a module)."""
     module = BENCH_MODULES.get(name)
-    if module is None:
-        return None
+    return None if module is None else bench_module(module).BENCH
+
+
+def bench_module(module: str) -> Any:
+    """A bench script of this folder, imported as a module."""
     if str(BENCH_DIR) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR))
-    return importlib.import_module(module).BENCH
+    return importlib.import_module(module)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -480,15 +483,6 @@ def lcsc_saved(records: Records) -> dict[int, float | None]:
     return out
 
 
-def _fitness_gap(r: dict[str, Any]) -> float:
-    """The averaging bench's own measure of LCSC's overfitting to its fitness seeds (``fitness_gap``)."""
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    from yardstick_averaging import fitness_gap
-
-    return fitness_gap(r)
-
-
 def averaging(records: Records) -> str:
     """``bench/yardstick_averaging.py``: FID of each averaging at the run's end (the classic EMAs and post-hoc widths
     one row each, then the best per seed), LCSC at each search time with its search cost and fitness gap, and the
@@ -496,6 +490,7 @@ def averaging(records: Records) -> str:
     recs = records.get("averaging", [])
     if not recs:
         return "Not measured yet (`python bench/yardstick_all.py --benches averaging`).\n"
+    fitness_gap = bench_module("yardstick_averaging").fitness_gap  # LCSC's overfitting, as the bench defines it
     rows: list[list[str]] = []
 
     def fids(by_seed: dict[int, dict[str, Any]]) -> str:
@@ -523,7 +518,7 @@ def averaging(records: Records) -> str:
     for k in sorted({float(r["kimg"]) for r in recs if r["method"] == "lcsc"}):
         got = _averaging_rows(records, "lcsc", k)
         note = (f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
-                f"{' / '.join(f'{_fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
+                f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
                 f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
                 f"{statistics.mean(r['search_seconds'] for r in got.values()) / 60:.0f} min")
         add("LCSC over the last raw states", "lcsc", note, k)
@@ -537,7 +532,7 @@ def averaging(records: Records) -> str:
     for label, m in ect:
         got = _averaging_rows(records, m)
         note = "" if m != "ect-lcsc" or not got else (
-            f"fitness gap {' / '.join(f'{_fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}")
+            f"fitness gap {' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}")
         if got:
             rows.append([label, f"{start:g}k + {max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
     return table(["averaging", "training images", "FID (seeds)", "notes"], rows)

@@ -63,6 +63,20 @@ from gen.utils.seed import Randomness
 SLAM_SOLVERS = ("samplers.sample_lcm",)
 
 
+@torch.no_grad()
+def guided_ddim_step(teacher: Teacher, guidance: float, x_s: Tensor, t_s: Tensor, t_e: Tensor, y: Tensor) -> Tensor:
+    """One DDIM step on ``LinearPath`` from ``t_s`` to ``t_e`` (B,) of the teacher guided in LCM's form
+    ``v = v_c + w (v_c - v_u)``: (B, C, H, W) float64."""
+    vel = teacher.velocity_fn(pad=False)
+    v = vel(x_s.float(), t_s.float(), y).double()
+    if guidance != 0.0:
+        v_u = vel(x_s.float(), t_s.float(), torch.full_like(y, teacher.num_classes)).double()
+        v = v + guidance * (v - v_u)
+    path = LinearPath()
+    x0, eps = path.x0_eps_from_velocity(x_s.double(), v, t_s)
+    return path.sample(x0, eps, t_e)
+
+
 class SubpathLinearApproximation(Method):
     """SLAM from a frozen flow-matching teacher (module docstring); trainable ``net``, EMA profiles from ``target_ema``.
 
@@ -130,16 +144,9 @@ class SubpathLinearApproximation(Method):
     def consistency_fn(self, net: nn.Module) -> SubpathConsistency:
         return SubpathConsistency(net, self.gamma_dim, self.sigma_data, self.time_scale)
 
-    @torch.no_grad()
     def teacher_step(self, x_s: Tensor, t_s: Tensor, t_e: Tensor, y: Tensor) -> Tensor:
         """One DDIM step of the guided teacher from ``t_s`` to ``t_e`` (B,): (B, C, H, W) float64."""
-        vel = self._teacher.velocity_fn(pad=False)
-        v = vel(x_s.float(), t_s.float(), y).double()
-        if self.guidance != 0.0:
-            v_u = vel(x_s.float(), t_s.float(), torch.full_like(y, self._teacher.num_classes)).double()
-            v = v + self.guidance * (v - v_u)
-        x0, eps = self.path.x0_eps_from_velocity(x_s.double(), v, t_s)
-        return self.path.sample(x0, eps, t_e)
+        return guided_ddim_step(self._teacher, self.guidance, x_s, t_s, t_e, y)
 
     def loss(self, phase: str, batch: Batch, rng: Randomness, progress: Progress) -> dict[str, Tensor]:
         """Per-sample ``{"loss", "t", "gamma"}``. Draws per sample, in order: the level, eps, gamma, the label drop."""

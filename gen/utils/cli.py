@@ -219,6 +219,8 @@ def hydra_error_message(e: BaseException) -> str:
     """
     import difflib
 
+    from gen.utils.config import did_you_mean
+
     cause = e.__cause__
     full_key = getattr(cause, "full_key", None)
     parent = getattr(cause, "parent_node", None)
@@ -227,10 +229,9 @@ def hydra_error_message(e: BaseException) -> str:
         given = text.split("'")[1] if text.count("'") >= 2 else full_key
         section, _, missing = full_key.rpartition(".")
         keys = sorted(str(k) for k in parent.keys() if section or k != "hydra")
-        close = difflib.get_close_matches(missing, keys, n=1)
         where = f" of '{section}'" if section else ""
         return (f"unknown config key '{given}'" + (f": the config has no '{full_key}'" if full_key != given else "")
-                + (f" (did you mean '{(section + '.') if section else ''}{close[0]}'?)" if close else "")
+                + did_you_mean(missing, keys, f"{section}." if section else "")
                 + f". Known keys{where}: {', '.join(keys)}")
     missing_file, options = getattr(e, "missing_cfg_file", None), getattr(e, "options", None)
     if missing_file and options:  # an unknown preset of a config group: its options, without Hydra's search path

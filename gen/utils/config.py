@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -60,6 +60,12 @@ def type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def did_you_mean(key: str, known: Sequence[str], prefix: str = "") -> str:
+    """`` (did you mean '<prefix><closest>'?)`` for the known key closest to ``key``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def from_mapping(cls: type[T], data: Mapping[str, Any], section: str) -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and ill-typed values raise ConfigError.
 
@@ -79,8 +85,7 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], section: str) -> T:
     if unknown:
         hints_txt = []
         for k in unknown:
-            close = difflib.get_close_matches(k, sorted(fields), n=1)
-            hints_txt.append(f"'{name(k)}'" + (f" (did you mean '{name(close[0])}'?)" if close else ""))
+            hints_txt.append(f"'{name(k)}'" + did_you_mean(k, sorted(fields), f"{section}." if section else ""))
         raise ConfigError(
             f"unknown config key(s) {', '.join(hints_txt)}. Known keys{f' of {section!r}' if section else ''}: "
             f"{', '.join(sorted(fields))}"
