@@ -103,6 +103,28 @@ def plan(args: argparse.Namespace) -> list[Task]:
     return tasks
 
 
+def needed(tasks: Sequence[Task]) -> list[Task]:
+    """The workers that still owe a record, and those whose run folder such a worker starts from (transitively).
+
+    A worker whose records are all stored has nothing to do even where its training state is gone (a new checkout
+    keeps the records, not ``runs/``): it trains again only when a worker that owes records starts from its snapshot.
+    """
+    keep = {id(t) for t in tasks if t.evals}
+    by_dir: dict[Path, list[Task]] = {}
+    for t in tasks:
+        by_dir.setdefault(t.run.run_dir, []).append(t)
+    todo = [t for t in tasks if id(t) in keep]
+    while todo:
+        t = todo.pop()
+        if t.run.init is None:
+            continue
+        for src in by_dir.get(t.run.init.parent, []):
+            if id(src) not in keep:
+                keep.add(id(src))
+                todo.append(src)
+    return [t for t in tasks if id(t) in keep]
+
+
 def estimate(tasks: Sequence[Task], args: argparse.Namespace) -> float:
     """Estimated seconds of the harness part; prints one line per worker with work left."""
     total, seen = 0.0, set()
@@ -205,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [b for b in args.benches if b not in HARNESS_BENCHES and b not in DRIVER_BENCHES]
     if unknown:
         ap.error(f"unknown benches {unknown}; known: {[*HARNESS_BENCHES, *DRIVER_BENCHES]}")
-    tasks = plan(args)
+    tasks = needed(plan(args))
     seconds = estimate(tasks, args)
     print(f"[estimate] harness benches: {seconds / 3600:.1f} h with {args.jobs} jobs")
     drivers = [b for b in args.benches if b in DRIVER_BENCHES]

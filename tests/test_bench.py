@@ -237,6 +237,24 @@ def test_yardstick_all_starts_a_pending_teacher_before_independent_workers(tmp_p
     assert yardstick_all.pick([lr_row, student], set()) is lr_row  # nobody waits on either: plan order
 
 
+def test_yardstick_all_retrains_only_what_a_missing_record_needs(tmp_path: Path) -> None:
+    """A new checkout keeps the records but not ``runs/``: a worker whose records are all stored is not retrained
+    unless a worker that owes records starts from its snapshot."""
+    import argparse
+    import dataclasses
+
+    import yardstick_all
+
+    args = argparse.Namespace(benches=["distill", "scoreaug"], runs=tmp_path / "runs", results=tmp_path / "res",
+                              num_images=1000, jobs=2, sec_per_kimg=10.0, sec_per_eval=60.0)
+    owed = {"distill/tdm_unify-s2", "scoreaug/scoreaug-s1"}
+    tasks = [t if t.name in owed else dataclasses.replace(t, evals=0) for t in yardstick_all.plan(args)]
+    assert all(t.train_kimg > 0 for t in tasks)  # nothing trained yet: every worker would train again
+    kept = [t.name for t in yardstick_all.needed(tasks)]
+    assert kept == ["distill/dit-s2", "distill/tdm_unify-s2", "scoreaug/scoreaug-s1"]  # plan order kept
+    assert yardstick_all.needed([dataclasses.replace(t, evals=0) for t in tasks]) == []
+
+
 def test_a_run_folder_exists_before_its_prepare_and_train_commands(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """The distill bench's lr row reads its pairs at ``${run_dir}/../rfpp-s<seed>/pairs``; the system resolves that
