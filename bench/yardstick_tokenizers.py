@@ -365,9 +365,35 @@ def missing_evals(args: argparse.Namespace, method: str, seed: int, keys: set[st
                for k in (args.kimg if v.at == "all" else (max(args.kimg),)))
 
 
+def backbone_records(args: argparse.Namespace, store: Store) -> list[dict[str, Any]]:
+    """The pixels row's evaluations that the backbone table already holds, as records of this table.
+
+    The pixels row is the backbone table's LightningDiT run (same overrides, snapshots, samplers, seeds and sample
+    count, so the same record digest): a record stored there is this table's measurement too. Adopting it spares a
+    checkout that kept ``bench/results`` but not ``runs/`` from training the run again only to measure it again.
+    Each copy keeps its snapshot's SHA-256 and names its source in ``adopted_from``. None with ``--refresh``, or
+    where the pixels row has its own folder (points outside the protocol's).
+    """
+    if args.refresh or "pixels" not in args.methods or generator_row(args, "pixels") is not PIXEL_ROW:
+        return []
+    source = Store(args.results / "backbones.json")
+    out = []
+    for seed in args.seeds:
+        for v in make_bench(args).variants:
+            if v.name not in args.variants:
+                continue
+            for k in args.kimg if v.at == "all" else (max(args.kimg),):
+                key = _eval_key(BENCH, PIXEL_ROW, seed, k, v, args.num_images)
+                rec = source.get(_eval_key("backbones", PIXEL_ROW, seed, k, v, args.num_images))
+                if rec is not None and store.get(key) is None:
+                    out.append({**rec, "key": key, "bench": BENCH, "adopted_from": rec["key"],
+                                "command": record_command(args, "pixels", seed, k, v.name)})
+    return out
+
+
 def plan(args: argparse.Namespace, store: Store) -> list[Task]:
     """Every worker with work left, tokenizers first, then the generators seed-major, with its estimated seconds."""
-    keys = {r.get("key") for r in store.records()}
+    keys = {r.get("key") for r in store.records()} | {r["key"] for r in backbone_records(args, store)}
     per_eval = _sec_per_eval(store)
     tasks = []
     for m in args.methods:
@@ -522,6 +548,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{seconds / 3600:.2f} h with {args.jobs} jobs")
         print(f"ESTIMATE_SECONDS={int(round(seconds))}", flush=True)
         return 0
+    for rec in backbone_records(args, store):
+        store.put(rec)
+        print(f"[adopt] {rec['key']} from the backbone table's {rec['adopted_from']}", flush=True)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -214,3 +214,36 @@ def test_record_commands_rerun_one_record_with_the_bench_settings(tmp_path: Path
     # A single protocol point still names the backbone table's run, so the command re-evaluates that run.
     args.kimg = (96.0,)
     assert yt.generator_run(args, "pixels", 0).run_dir == yt.DEFAULT_RUNS.parent / "backbones" / "lightningdit-s0"
+
+
+def test_pixel_records_of_the_backbone_table_are_adopted_not_remeasured(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The pixels row is the backbone table's LightningDiT run: its stored evaluations (same digest) are copied, so a
+    checkout that kept the records but not the runs does not train that run again."""
+    args = _parsed(tmp_path)
+    backbones = yardstick.Store(args.results / "backbones.json")
+    for k in args.kimg:
+        for v in (yardstick.EULER20, yardstick.QUICKSTART):
+            if v.at == "last" and k != max(args.kimg):
+                continue
+            key = yardstick._eval_key("backbones", yt.PIXEL_ROW, 0, k, v, args.num_images)
+            backbones.put({"kind": "eval", "key": key, "bench": "backbones", "method": "lightningdit", "seed": 0,
+                           "kimg": k, "variant": v.name, "fid": 100.0 / k, "num_images": args.num_images,
+                           "eval_seconds": 40.0, "snapshot_sha256": "ab" * 32})
+    backbones.put({"kind": "eval", "key": "backbones|lightningdit|s0|k96|euler20|n1000|000000000000", "fid": 1.0})
+    seconds = _estimate(capsys, _args(tmp_path, "--estimate", "--methods=pixels", "--sec-per-kimg=7"))
+    assert seconds == round(96 * 7 + 5 * yt.SEC_PER_EVAL)  # seed 1 only: seed 0's five records are the backbone's
+    assert not (tmp_path / "results" / f"{yt.BENCH}.json").exists()  # the estimate writes nothing
+    assert yt.main(_args(tmp_path, "--methods=pixels", "--seeds=0", "--no-table")) == 0
+    out = capsys.readouterr().out
+    assert out.count("[adopt]") == 5 and "[skip] yardstick_tokenizers/lightningdit-s0: every record is stored" in out
+    assert "[train]" not in out and not (tmp_path / "runs").exists()
+    recs = {r["key"]: r for r in yardstick.Store(args.results / f"{yt.BENCH}.json").records()}
+    assert len(recs) == 5
+    for k in args.kimg:
+        rec = recs[yardstick._eval_key(yt.BENCH, yt.PIXEL_ROW, 0, k, yardstick.EULER20, args.num_images)]
+        assert rec["fid"] == 100.0 / k and rec["adopted_from"].startswith("backbones|lightningdit|s0|")
+        assert rec["bench"] == yt.BENCH and rec["command"] == yt.record_command(args, "pixels", 0, k, "euler20")
+    # --refresh measures again instead of adopting; points outside the protocol's are the row's own run.
+    assert yt.backbone_records(_parsed(tmp_path, "--refresh"), yardstick.Store(tmp_path / "empty.json")) == []
+    assert yt.backbone_records(_parsed(tmp_path, "--kimg=0.5"), yardstick.Store(tmp_path / "empty.json")) == []
