@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gen.utils import dist
-from gen.utils.ckpt import atomic_write
+from gen.utils.ckpt import atomic_write, build_lock
 
 Kind = Literal["lenet", "foundation", "foundation2"]
 
@@ -452,11 +452,13 @@ def load_or_train_classifier(
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{name}-{recipe.hash(data_sha)}.safetensors"
     if not path.exists() and dist.rank() == 0:
-        net = train_classifier(images, labels, recipe)
-        tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
-        meta = {"name": name, "recipe": json.dumps(asdict(recipe)), "config": json.dumps(net.config)}
-        meta["data_sha256"] = data_sha
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        with build_lock(path):  # another process building the same file: wait for it, then load it
+            if not path.exists():
+                net = train_classifier(images, labels, recipe)
+                tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+                meta = {"name": name, "recipe": json.dumps(asdict(recipe)), "config": json.dumps(net.config)}
+                meta["data_sha256"] = data_sha
+                atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     dist.barrier()
     try:
         with safe_open(str(path), framework="pt") as f:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,12 +26,49 @@ from eval.generate import image_stats, yardstick_metrics, yardstick_reference
 from gen.utils.seed import PerImageRandom
 from tests.conftest import free_port
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
+    """A private cache folder holding the trained network: trained (about 20-40 s on 2 cores) once in the cache the
+    suite shares, under its build lock, and copied here, so each test worker of this module does not train it."""
     path = tmp_path_factory.mktemp("yardstick")
-    load_or_train_classifier("mnist5k", path)  # trains once for the module (about 20-40 s on 2 cores)
+    shutil.copy(load_or_train_classifier("mnist5k", ROOT / ".cache" / "yardstick").path, path)
     return path
+
+
+_BUILD = """
+import sys, time
+from pathlib import Path
+import torch
+import eval.classifier as c
+
+real = c.train_classifier
+def counted(*args, **kwargs):
+    with open(sys.argv[2], "a") as f:
+        f.write("trained\\n")
+    time.sleep(1.0)  # long enough for the other process to find no file and wait on the lock
+    return real(*args, **kwargs)
+c.train_classifier = counted
+g = torch.Generator().manual_seed(0)
+few = lambda name, split: (torch.randint(0, 256, (20, 1, 32, 32), generator=g, dtype=torch.uint8), torch.arange(20) % 10)
+print(c.load_or_train_classifier("mnist5k", sys.argv[1], data_fn=few).weights_sha256)
+"""
+
+
+def test_two_processes_building_the_same_network_train_it_once(tmp_path) -> None:
+    """Two processes that find no cached network at once: one trains it, the other waits on the build lock and loads
+    the file (before the lock, both trained it: two bench workers or test workers started together)."""
+    log = tmp_path / "trained.log"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD, str(tmp_path / "cache"), str(log)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert log.read_text() == "trained\n"
+    assert outs[0][0] == outs[1][0]  # the same weights in both
+    assert len(list((tmp_path / "cache").glob("lenet-mnist5k-v1-*.safetensors"))) == 1
 
 
 def test_classifier_accuracy_on_heldout_digits(cache) -> None:

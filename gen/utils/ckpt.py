@@ -66,6 +66,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+@contextmanager
+def build_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) on ``<path>.lock`` while ``path`` is built.
+
+    Processes that derive the same cached file (the yardstick networks, first used by two bench workers or two
+    test workers at once) take turns: the one that waited re-checks ``path`` and loads the file instead of building
+    it a second time. The lock is released when its holder exits, killed or not; the empty ``.lock`` file stays.
+    Never take it around collective work of several ranks of one job (rank 0 alone, others at a barrier).
+    """
+    import fcntl  # POSIX; the platforms this toolkit runs on
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file's bytes (the identity of a snapshot or a pretrained weights file)."""
     import hashlib
