@@ -33,9 +33,9 @@ with a raw training state every 2k images, scored with its own 1-step consistenc
 Records: ``bench/results/averaging.json`` (``--smoke``: ``averaging_smoke.json``); runs in ``runs/yardstick/averaging``.
 With ``--jobs 2`` the runs train two at a time and then the seeds' rows are computed in parallel processes (one
 thread each; their logs ``<runs>/rows-s<seed>.log``). Re-running resumes the training runs and the searches; rows
-stored with the same settings are read back, not recomputed (each row is written to its seed's part file
-``<runs>/averaging.s<seed>.part.json`` as soon as it is known, and the parts are merged into the records file at the
-end).
+stored with the same settings are read back, not recomputed. Each row is added to the records file as soon as it is
+known (under the file's lock: the seeds' processes add in turn), so a stopped run, or a checkout that kept
+``bench/results`` but not ``runs/``, keeps every finished row.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import atomic_write, list_snapshots, list_training_states  # noqa: E402
+from gen.utils.ckpt import atomic_write, build_lock, list_snapshots, list_training_states  # noqa: E402
 
 SMOKE = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "trainer.batch_size=32",
          "trainer.lr_warmup_kimg=0.064", "trainer.status_kimg=0.128", "trainer.progress=false", "preview.images=0"]
@@ -375,19 +375,9 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
     return train_s / max(args.jobs, 1) + eval_s / max(min(args.jobs, len(seeds)), 1)  # seeds evaluate in parallel
 
 
-def part_file(out: Path, seed: int, runs: str | Path) -> Path:
-    """One seed's rows as they are computed (``<runs>/<out stem>.s<seed>.part.json``, beside the runs: not in the
-    results folder, whose every file is a table's records), merged into ``out`` at the end: a stopped run keeps
-    every row it finished, and seeds computed in parallel never write the same file."""
-    return Path(runs) / f"{out.stem}.s{seed}.part.json"
-
-
-def load_done(out: Path, args: argparse.Namespace, seeds: list[int]) -> dict[tuple[int, str, float], dict[str, Any]]:
-    """Rows stored with the same settings: the records file, then the seeds' part files (newer) over it."""
-    done = stored_rows(out, args)
-    for seed in seeds:
-        done.update(stored_rows(part_file(out, seed, args.runs), args))
-    return done
+def load_done(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
+    """Rows stored with the same settings in the records file."""
+    return stored_rows(out, args)
 
 
 def _write(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
@@ -395,16 +385,22 @@ def _write(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def save_row(out: Path, row: dict[str, Any], args: argparse.Namespace, settings: dict[str, Any]) -> None:
+    """Add one row (with its seed) to the records file as soon as it is known, under the file's build lock.
+
+    The records file is the only copy that outlives ``runs/`` (a new checkout keeps ``bench/results``), and seeds
+    computed in parallel processes add their rows to it in turn. Rows stored under other settings are dropped.
+    """
+    with build_lock(out):
+        rows = stored_rows(out, args)
+        rows[(int(row["seed"]), row["method"], float(row["kimg"]))] = row
+        _write(out, list(rows.values()), settings)
+
+
 def compute_seed(args: argparse.Namespace, seed: int, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
-    """One seed's rows, each written to its part file as soon as it is known."""
-    done = load_done(out, args, [seed])
-    mine = {key: r for key, r in done.items() if key[0] == seed}
-
-    def save(row: dict[str, Any]) -> None:
-        mine[(seed, row["method"], float(row["kimg"]))] = row
-        _write(part_file(out, seed, args.runs), list(mine.values()), settings)
-
-    return [{"seed": seed, **r} for r in rows_for_seed(args, seed, done, save)]
+    """One seed's rows, each added to the records file as soon as it is known."""
+    rows = rows_for_seed(args, seed, load_done(out, args), lambda row: save_row(out, row, args, settings))
+    return [{"seed": seed, **r} for r in rows]
 
 
 def compute_parallel(argv: list[str], seeds: list[int], jobs: int, out: Path, runs: Path) -> list[str]:
@@ -425,10 +421,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(args.results) / ("averaging_smoke.json" if args.smoke else
                                                                  "averaging.json")
     if args.estimate:
-        print(f"ESTIMATE_SECONDS={estimate(args, seeds, load_done(out, args, seeds)):.0f}")
+        print(f"ESTIMATE_SECONDS={estimate(args, seeds, load_done(out, args)):.0f}")
         return
     settings = {k: v for k, v in vars(args).items() if k not in ("estimate", "jobs", "part", "out", "seeds")}
-    if args.part:  # one seed's rows for compute_parallel: the training is done, the parent merges
+    if args.part:  # one seed's rows for compute_parallel: the training is done, each row is saved as it comes
         compute_seed(args, seeds[0], out, settings)
         return
     train_all(args, seeds)
@@ -439,12 +435,11 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for seed in seeds:
             compute_seed(args, seed, out, settings)
-    done = load_done(out, args, seeds)
+    done = load_done(out, args)
     rows = [done[(s, m, k)] for s in seeds for m, k in planned_rows(args) if (s, m, k) in done]
-    kept = [r for (s, _, _), r in stored_rows(out, args).items() if s not in seeds]
-    _write(out, rows + kept, settings)
-    for seed in seeds:  # merged: the part files are no longer needed
-        part_file(out, seed, args.runs).unlink(missing_ok=True)
+    kept = [r for (s, _, _), r in done.items() if s not in seeds]
+    with build_lock(out):
+        _write(out, rows + kept, settings)  # the rows in table order, other seeds' rows after them
     if failed:
         raise SystemExit(f"rows failed: {'; '.join(failed)}; re-run the same command to resume")
     print("\n".join(summary(rows, args.kimg)))

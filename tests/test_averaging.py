@@ -553,7 +553,7 @@ def test_lcsc_fitness_spread_over_two_processes_finds_the_same_alpha(four_snapsh
         assert abs(a[key] - b[key]) <= 1e-6 * a[key], key
 
 
-def test_bench_rows_are_kept_as_they_come_and_merged_at_the_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_rows_are_stored_as_they_come_and_a_rerun_computes_only_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import yardstick_averaging as ya
 
@@ -578,11 +578,15 @@ def test_bench_rows_are_kept_as_they_come_and_merged_at_the_end(tmp_path: Path, 
     monkeypatch.setattr(ya, "rows_for_seed", rows)
     with pytest.raises(RuntimeError, match="killed"):
         ya.main(argv)
-    assert not out.exists()  # nothing merged yet, but every finished row is on disk
-    assert [r["method"] for r in json.loads(ya.part_file(out, 0, tmp_path / "runs").read_text())["records"]] == ["raw", "ema-hl2k"]
-    assert [r["method"] for r in json.loads(ya.part_file(out, 1, tmp_path / "runs").read_text())["records"]] == ["raw"]
-    ya.main(argv)  # the re-run reads the parts back and computes only what is missing
+    # Every finished row is in the records file (the copy a checkout keeps), seed 1's killed row is not.
+    stored = json.loads(out.read_text())["records"]
+    assert [(r["seed"], r["method"]) for r in stored] == [(0, "raw"), (0, "ema-hl2k"), (1, "raw")]
+    assert list((tmp_path / "runs").glob("*.json")) == []
+    ya.main(argv)  # the re-run reads the rows back and computes only what is missing
     assert calls[2:] == [(0, ["ema-hl2k", "raw"]), (1, ["raw"])]
     merged = json.loads(out.read_text())["records"]
     assert sorted((r["seed"], r["method"]) for r in merged) == [(0, "ema-hl2k"), (0, "raw"), (1, "ema-hl2k"), (1, "raw")]
-    assert not ya.part_file(out, 0, tmp_path / "runs").exists() and not ya.part_file(out, 1, tmp_path / "runs").exists()
+    # Rows stored under other settings are stale: the next row replaces them.
+    ya.save_row(out, {"seed": 0, "method": "raw", "kimg": 96.0, "fid": 1.0}, ya.parse_args(argv + ["--kimg", "48"]),
+                {"kimg": 48.0})
+    assert json.loads(out.read_text())["records"] == [{"seed": 0, "method": "raw", "kimg": 96.0, "fid": 1.0}]
