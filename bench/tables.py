@@ -459,22 +459,41 @@ def _averaging_rows(records: Records, method: str, kimg: float | None = None) ->
     return {int(r["seed"]): r for r in rs if float(r["kimg"]) == kimg}
 
 
+def _averaging_complete(records: Records, prefix: str) -> set[int]:
+    """Seeds that hold every row the bench plans (its default settings) whose method starts with ``prefix``.
+
+    The bench stores each row as it comes, so a best-of or a first-to-reach over a seed's partial set would be
+    drawn from the rows that happened to finish first.
+    """
+    ya = bench_module("yardstick_averaging")
+    planned = {(m, float(k)) for m, k in ya.planned_rows(ya.parse_args([])) if m.startswith(prefix)}
+    have: dict[int, set[tuple[str, float]]] = {}
+    for r in records.get("averaging", []):
+        have.setdefault(int(r["seed"]), set()).add((r["method"], float(r["kimg"])))
+    return {s for s, got in have.items() if planned <= got}
+
+
 def _averaging_best(records: Records, prefix: str) -> dict[int, dict[str, Any]]:
     """Per seed, the row of lowest FID among the methods named ``prefix...`` (picked per seed, as a user would pick
-    the EMA length on their own run)."""
+    the EMA length on their own run), for the seeds that hold all of them."""
     out: dict[int, dict[str, Any]] = {}
+    complete = _averaging_complete(records, prefix)
     for r in records.get("averaging", []):
         s = int(r["seed"])
-        if r["method"].startswith(prefix) and (s not in out or r["fid"] < out[s]["fid"]):
+        if s in complete and r["method"].startswith(prefix) and (s not in out or r["fid"] < out[s]["fid"]):
             out[s] = r
     return out
 
 
 def lcsc_saved(records: Records) -> dict[int, float | None]:
     """Per seed, the share of the run's images LCSC saves: ``1 - k / K`` for the first LCSC point k whose FID reaches
-    the seed's best classic EMA at the run's end K (None where no point reaches it)."""
+    the seed's best classic EMA at the run's end K (None where no point reaches it); seeds with every planned EMA and
+    LCSC row only."""
     out: dict[int, float | None] = {}
+    searched = _averaging_complete(records, "lcsc")  # every search time, or "not reached" could be premature
     for s, ema in sorted(_averaging_best(records, "ema-").items()):
+        if s not in searched:
+            continue
         pts = sorted((float(r["kimg"]), float(r["fid"])) for r in records.get("averaging", [])
                      if r["method"] == "lcsc" and int(r["seed"]) == s)
         if pts:
@@ -553,7 +572,8 @@ def _scoreaug(records: Records) -> tuple[str, str] | None:
     a, b = rate["scoreaug"], rate["dit"]
     mem_text = (f"{statistics.mean(a.values()):.3f} ({min(a.values()):.3f}-{max(a.values()):.3f}) vs "
                 f"{statistics.mean(b.values()):.3f} ({min(b.values()):.3f}-{max(b.values()):.3f})")
-    verdict = ("yes" if mem[1] == "yes" and fid[1] != "no" else "no" if mem[1] == "no" or fid[1] == "no" else
+    verdict = (PENDING if PENDING in (mem[1], fid[1]) else
+               "yes" if mem[1] == "yes" and fid[1] != "no" else "no" if mem[1] == "no" or fid[1] == "no" else
                "within seed spread")
     return f"at {last:g}k: memorisation {mem_text}; FID {fid[0]}", verdict
 
@@ -562,7 +582,7 @@ def _posthoc_vs_ema(records: Records) -> tuple[str, str] | None:
     out = compare({s: r["fid"] for s, r in _averaging_best(records, "posthoc-").items()},
                   {s: r["fid"] for s, r in _averaging_best(records, "ema-").items()})
     return None if out is None else (f"FID {out[0]} (best post-hoc vs best classic EMA, per seed)",
-                                     "yes" if out[1] != "no" else "no")
+                                     out[1] if out[1] == PENDING else "yes" if out[1] != "no" else "no")
 
 
 def _lcsc_saves(records: Records) -> tuple[str, str] | None:
@@ -572,6 +592,7 @@ def _lcsc_saves(records: Records) -> tuple[str, str] | None:
     vals = [v for v in saved.values() if v is not None]
     verdict = ("yes" if len(vals) == len(saved) and min(vals) >= 0.5 else
                "direction only" if vals and max(vals) > 0 else "no")
+    verdict = PENDING if len(saved) < MIN_SEEDS else verdict
     text = (f"saves {' / '.join('none (not reached)' if v is None else f'{v:.0%}' for _, v in sorted(saved.items()))} "
             "of the images to the best classic EMA's final FID (aim: 50%)")
     return text, verdict
@@ -583,9 +604,17 @@ def _lcsc_one_step(records: Records) -> tuple[str, str] | None:
     return None if out is None else (f"FID {out[0]} (LCSC at 1 step vs the EMA at 2 steps)", out[1])
 
 
+# Protocol v2 decides with 2 seeds (3 where the rows' ranges overlap). Records land one (row, seed, point) at a time
+# and are committed as they come, so a claim whose either side has fewer seeds shows its numbers with this verdict
+# instead of one drawn from a single seed.
+MIN_SEEDS = 2
+PENDING = "pending (fewer than 2 seeds)"
+
+
 def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str] | None:
     """``a`` against ``b`` (lower FID is better): the difference of the means with both seed ranges, and whether
-    ``a`` is better ("yes": every seed of ``a`` below every seed of ``b``; "no": the reverse; "within seed spread")."""
+    ``a`` is better ("yes": every seed of ``a`` below every seed of ``b``; "no": the reverse; "within seed spread";
+    ``PENDING`` while either side has fewer than ``MIN_SEEDS`` seeds)."""
     if not a or not b:
         return None
     d = statistics.mean(a.values()) - statistics.mean(b.values())
@@ -593,7 +622,7 @@ def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str] | None:
             f"{statistics.mean(b.values()):.1f} ({min(b.values()):.1f}-{max(b.values()):.1f}), {d:+.1f}")
     verdict = "yes" if max(a.values()) < min(b.values()) else "no" if min(a.values()) > max(b.values()) else (
         "within seed spread")
-    return text, verdict
+    return text, PENDING if min(len(a), len(b)) < MIN_SEEDS else verdict
 
 
 def reach_ratio(records: Records, bench: str, method: str, baseline: str, variant: str = "euler20") -> float | None:
@@ -647,11 +676,14 @@ def _faster(bench: str, method: str, baseline: str, aim: float) -> Callable[[Rec
         r = reach_ratio(records, bench, method, baseline)
         if r is None:
             fids = compare(final_fids(records, bench, method), final_fids(records, bench, baseline))
-            return None if fids is None else (f"does not reach {baseline}'s final FID; FID {fids[0]}", "no")
+            return None if fids is None else (f"does not reach {baseline}'s final FID; FID {fids[0]}",
+                                              PENDING if fids[1] == PENDING else "no")
         per = seed_reach_ratios(records, bench, method, baseline)
         verdict = "yes" if r <= aim else "direction only" if r < 1 else "no"
         if verdict == "yes" and any(x is None or x > aim for x in per):
             verdict = "yes on the mean, not every seed"
+        if min(len(final_fids(records, bench, m)) for m in (method, baseline)) < MIN_SEEDS:
+            verdict = PENDING
         seeds = f"; per seed, to its own target: {' / '.join('-' if x is None else f'{x:.2f}' for x in per)}" if per else ""
         return f"{r:.2f}x the images of {baseline} to its final FID (aim <= {aim:g}x{seeds})", verdict
 
@@ -676,7 +708,8 @@ def _sharing(records: Records) -> tuple[str, str] | None:
                             for x in t)
     out = compare(shared, base)
     assert out is not None
-    return f"{speed:.2f}x faster at 10 of 20 encoder passes; FID {out[0]}", "yes" if out[1] != "no" else "no"
+    verdict = out[1] if out[1] == PENDING else "yes" if out[1] != "no" else "no"
+    return f"{speed:.2f}x faster at 10 of 20 encoder passes; FID {out[0]}", verdict
 
 
 def _within(bench: str, method: str, variant: str, baseline: str, base_variant: str,
@@ -691,6 +724,7 @@ def _within(bench: str, method: str, variant: str, baseline: str, base_variant: 
             return None
         ratios = [a[s] / b[s] for s in seeds]
         verdict = "yes" if max(ratios) <= factor else "no" if min(ratios) > factor else "within seed spread"
+        verdict = PENDING if len(seeds) < MIN_SEEDS else verdict
         text = (f"FID {statistics.mean(a[s] for s in seeds):.1f} vs {statistics.mean(b[s] for s in seeds):.1f}: "
                 f"{statistics.mean(ratios):.2f}x ({' / '.join(f'{x:.2f}' for x in ratios)}; aim <= {factor:g}x)")
         return text, verdict
@@ -717,6 +751,7 @@ def _near_best(bench: str, method: str, variant: str, teacher: str, factor: floa
         best = {s: min((p[s], v) for p, v in zip(per, sorted(names))) for s in seeds}
         ratios = [a[s] / best[s][0] for s in seeds]
         verdict = "yes" if max(ratios) <= factor else "no" if min(ratios) > factor else "within seed spread"
+        verdict = PENDING if len(seeds) < MIN_SEEDS else verdict
         used = sorted({best[s][1] for s in seeds})
         text = (f"FID {statistics.mean(a[s] for s in seeds):.1f} vs the teacher's best{' unguided' if unguided else ''} "
                 f"{statistics.mean(best[s][0] for s in seeds):.1f} ({', '.join(used)}): {statistics.mean(ratios):.2f}x "
