@@ -426,3 +426,31 @@ def test_scoreaug_memorisation_table_and_claim() -> None:
     worse = {"scoreaug": [r if r["method"] == "dit" else {**r, "fid": 30.0} for r in records["scoreaug"]]}
     line = next(x for x in tables.claims(worse).splitlines() if x.startswith("| ScoreAug |"))
     assert line.endswith("| no |  |")
+
+
+def test_tokenizer_dilemma_claim_reads_reconstruction_and_generation() -> None:
+    """The VA-VAE dilemma needs both halves: rFID better with 64 channels than with 4, generation FID worse."""
+    def recon(method: str, channels: int, rfid: float) -> dict:
+        return {"kind": "recon", "method": method, "channels": channels, "vf": False, "rfid": rfid}
+
+    def gen(method: str, seed: int, fid: float) -> dict:
+        return {"kind": "eval", "method": method, "variant": "euler20", "seed": seed, "kimg": 96.0, "fid": fid,
+                "num_images": 1000, "class_accuracy": 0.9, "train": {}}
+
+    recs = [recon("kl_f4d4", 4, 30.0), recon("kl_f4d16", 16, 12.0), recon("kl_f4d64", 64, 3.0)]
+    recs += [gen("kl_f4d4", s, 10.0 + s) for s in (0, 1)] + [gen("kl_f4d16", s, 14.0 + s) for s in (0, 1)]
+    recs += [gen("kl_f4d64", s, 20.0 + s) for s in (0, 1)]
+
+    def claim(rs: list[dict]) -> str:
+        return next(x for x in tables.claims({"yardstick_tokenizers": rs}).splitlines()
+                    if x.startswith("| VA-VAE, dilemma |"))
+
+    line = claim(recs)
+    assert "rFID 30.0 / 12.0 / 3.0, generation FID 10.5 / 14.5 / 20.5 at 4 / 16 / 64 channels" in line
+    assert line.endswith("| yes |  |")
+    # Generation worse but reconstruction not better: the dilemma is not shown.
+    assert claim([recon("kl_f4d64", 64, 40.0) if r.get("method") == "kl_f4d64" and r["kind"] == "recon" else r
+                  for r in recs]).endswith("| no |  |")
+    # One generator seed of a row: numbers, no verdict.
+    assert claim([r for r in recs if not (r["kind"] == "eval" and r["seed"] == 1)]).endswith(f"| {tables.PENDING} |  |")
+    assert "not measured yet" in claim([r for r in recs if r["method"] != "kl_f4d64"])
