@@ -422,6 +422,11 @@ def tokenizers(records: Records, bench: str = "yardstick_tokenizers") -> str:
         else:
             vf = f"yes ({rec['vf_encoder']})" if rec["vf"] else "no"
             cells = [m, str(rec["channels"]), vf, f"{rec['rfid']:.2f}", f"{rec['psnr']:.2f}", f"{rec['ssim']:.3f}"]
+            # Every generator record of the row decoded with the tokenizer the rFID measured (one training of it).
+            shas = {r["tokenizer_sha256"] for r in mine if "tokenizer_sha256" in r} | (
+                {rec["snapshot_sha256"]} if "snapshot_sha256" in rec else set())
+            if len(shas) > 1:
+                cells[0] += f" (records from {len(shas)} tokenizer trainings)"
         rows.append([*cells, *fids, fmt_seeds(by_seed(at_last["qs"], "fid")), acc])
     kimg = sorted({r["kimg"] for r in recon.values()})
     samples = sorted({r["num_images"] for r in ev})

@@ -82,7 +82,7 @@ from yardstick import (  # noqa: E402
     utc_now,
 )
 
-from gen.utils.ckpt import tokenizer_weights  # noqa: E402
+from gen.utils.ckpt import file_sha256, tokenizer_weights  # noqa: E402
 
 BENCH = "yardstick_tokenizers"
 SCRIPT = "bench/yardstick_tokenizers.py"
@@ -234,11 +234,26 @@ def recon_command(args: argparse.Namespace, tok: Tokenizer) -> str:
                        "--no-lpips"])
 
 
+def stored_recon(args: argparse.Namespace, tok: Tokenizer, store: Store) -> dict[str, Any] | None:
+    """The stored reconstruction record of the tokenizer, if it measured the snapshot on disk (its SHA-256; with no
+    snapshot on disk yet, the record stands): a tokenizer trained again, in a checkout without ``runs/``, that came
+    out different is measured again."""
+    rec = store.get(recon_key(args, tok))
+    if rec is None or args.refresh:
+        return None
+    snap = tokenizer_run(args, tok).snapshot_at(args.tokenizer_kimg)
+    if snap is not None and rec.get("snapshot_sha256") != file_sha256(snap):
+        print(f"[recon] {tok.method}: the stored record measured another snapshot than {rel_path(snap)}; measuring "
+              "again", flush=True)
+        return None
+    return rec
+
+
 def recon_record(args: argparse.Namespace, tok: Tokenizer, store: Store) -> dict[str, Any]:
     """rFID/PSNR/SSIM of the tokenizer's final EMA snapshot on the first ``--recon-images`` training digits."""
     key = recon_key(args, tok)
-    rec = store.get(key)
-    if rec is not None and not args.refresh:
+    rec = stored_recon(args, tok, store)
+    if rec is not None:
         return rec
     from eval.__main__ import _tokenizer_spec
     from eval.classifier import load_dataset_tensors
@@ -259,7 +274,7 @@ def recon_record(args: argparse.Namespace, tok: Tokenizer, store: Store) -> dict
         "kind": "recon", "key": key, "bench": BENCH, "method": tok.method, "label": tok.label, "seed": 0,
         "kimg": args.tokenizer_kimg, "channels": tok.channels, "vf": tok.vf, "vf_encoder": tok.encoder if tok.vf else None,
         "rfid": m["rfid"], "psnr": m["psnr"], "ssim": m["ssim"], "num_images": m["num_images"],
-        "snapshot": rel_path(snap), "seconds": time.time() - t0, "train": run.train_summary(args.tokenizer_kimg),
+        "snapshot": rel_path(snap), "snapshot_sha256": file_sha256(snap), "seconds": time.time() - t0, "train": run.train_summary(args.tokenizer_kimg),
         "command": recon_command(args, tok), "train_command": shlex.join(run.train_command()).replace(str(ROOT) + "/", ""),
         "machine": machine(), "code": code_version(), "date": utc_now(),
     }
@@ -294,16 +309,21 @@ def generate(args: argparse.Namespace, method: str, seed: int, store: Store) -> 
     # A snapshot's tokenizer weights path is never followed (gen.utils.ckpt.build_snapshot_tokenizer): the bench names
     # the tokenizer snapshot it trained, as a user does with sample.py tokenizer_weights=.
     tok_snap = None if method == "pixels" else tokenizer_run(args, _tok(args, method)).snapshot_at(args.tokenizer_kimg)
+    before = {r.get("key"): r for r in store.records()}
     with tokenizer_weights(tok_snap):
         run_worker(make_bench(args), hargs, row, seed)
     # The harness writes the command of its own command line; a record here is recomputed by this script with the
-    # tokenizer's settings and this bench's --runs.
+    # tokenizer's settings and this bench's --runs. Records made now also name the tokenizer snapshot they decoded
+    # with (a row's seeds must share one tokenizer: the table flags a row whose records name several).
+    tok_sha = None if tok_snap is None else file_sha256(tok_snap)
     for rec in store.records():
         if (rec.get("kind", "eval") == "eval" and rec.get("method") == row.method and rec.get("seed") == seed
                 and rec.get("key", "").startswith(f"{BENCH}|")):
-            cmd = record_command(args, method, seed, rec["kimg"], rec["variant"])
-            if rec.get("command") != cmd:
-                store.put({**rec, "command": cmd})
+            new = {**rec, "command": record_command(args, method, seed, rec["kimg"], rec["variant"])}
+            if tok_sha is not None and before.get(rec["key"]) != rec:  # measured by this call
+                new["tokenizer_sha256"] = tok_sha
+            if new != rec:
+                store.put(new)
 
 
 def record_command(args: argparse.Namespace, method: str, seed: int, kimg: float, variant: str) -> str:
@@ -403,7 +423,7 @@ def plan(args: argparse.Namespace, store: Store) -> list[Task]:
         run = tokenizer_run(args, tok)
         sec = run.remaining_kimg() * (_measured_sec_per_kimg(run) or TOKENIZER_SEC_PER_KIMG[(tok.channels, tok.vf)])
         cmds = [shlex.join(run.train_command()).replace(str(ROOT) + "/", "")] if run.remaining_kimg() else []
-        if args.refresh or recon_key(args, tok) not in keys:
+        if stored_recon(args, tok, store) is None:
             sec += SEC_PER_RECON
             cmds.append(recon_command(args, tok))
         if not (latents_dir(args, tok) / "stats.json").is_file():

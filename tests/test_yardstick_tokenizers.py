@@ -107,7 +107,8 @@ def _fake_done(tmp_path: Path, method: str, seed: int, kimg: float = 0.5) -> Non
         yt.latents_dir(args, tok).mkdir(parents=True)
         (yt.latents_dir(args, tok) / "stats.json").write_text("{}")
         store.put({"kind": "recon", "key": yt.recon_key(args, tok), "method": method, "rfid": 1.0, "psnr": 2.0,
-                   "ssim": 0.5, "kimg": kimg, "channels": tok.channels, "vf": tok.vf, "vf_encoder": tok.encoder})
+                   "ssim": 0.5, "kimg": kimg, "channels": tok.channels, "vf": tok.vf, "vf_encoder": tok.encoder,
+                   "snapshot_sha256": yt.file_sha256(snap)})
     row = yt.generator_row(args, method)
     for v in (yardstick.EULER20, yardstick.QUICKSTART):
         store.put({"kind": "eval", "key": yardstick._eval_key(yt.BENCH, row, seed, kimg, v, args.num_images),
@@ -247,3 +248,25 @@ def test_pixel_records_of_the_backbone_table_are_adopted_not_remeasured(tmp_path
     # --refresh measures again instead of adopting; points outside the protocol's are the row's own run.
     assert yt.backbone_records(_parsed(tmp_path, "--refresh"), yardstick.Store(tmp_path / "empty.json")) == []
     assert yt.backbone_records(_parsed(tmp_path, "--kimg=0.5"), yardstick.Store(tmp_path / "empty.json")) == []
+
+
+def test_a_tokenizer_trained_again_differently_is_measured_again_and_flagged(tmp_path: Path) -> None:
+    """A checkout without runs/ trains a tokenizer again: if its snapshot differs from the one the stored rFID
+    measured, the reconstruction is measured again, and the table flags a row whose records name two tokenizers."""
+    _fake_done(tmp_path, "kl_f4d16", 0)
+    args = _parsed(tmp_path, "--kimg=0.5", "--tokenizer-kimg=0.5", "--methods=kl_f4d16", "--seeds=0")
+    store = yardstick.Store(args.results / f"{yt.BENCH}.json")
+    tok = yt._tok(args, "kl_f4d16")
+    assert yt.stored_recon(args, tok, store) is not None and yt.plan(args, store) == []
+    yt.tokenizer_snapshot(args, tok).write_bytes(b"another training")
+    assert yt.stored_recon(args, tok, store) is None
+    (task,) = yt.plan(args, store)
+    assert task.kind == "tokenizer" and any("python -m eval recon" in c for c in task.commands)
+    # The table: the recon record measured one snapshot, a generator record decoded with another.
+    recs = store.records()
+    recon = next(r for r in recs if r["kind"] == "recon")
+    ev = [r for r in recs if r["kind"] == "eval"]
+    mixed = [recon, *[{**r, "tokenizer_sha256": "cd" * 32} for r in ev]]
+    assert "kl_f4d16 (records from 2 tokenizer trainings)" in tables.tokenizers({yt.BENCH: mixed})
+    same = [recon, *[{**r, "tokenizer_sha256": recon["snapshot_sha256"]} for r in ev]]
+    assert "tokenizer trainings" not in tables.tokenizers({yt.BENCH: same})
