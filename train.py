@@ -58,6 +58,7 @@ from gen.utils.ckpt import CheckpointError, atomic_write
 from gen.utils.cli import (
     EXIT_PREEMPTED,
     CommandError,
+    check_dir_can_be_made,
     check_writable_dir,
     describe_os_error,
     run_hydra_entry,
@@ -514,6 +515,7 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
     ``TrainingPreempted`` and nothing after training (final evaluation, ``results.json``) happens.
     """
     c, run_dir, packages = _checked(cfg)
+    check_dir_can_be_made(run_dir, "run_dir")  # before the data, the networks and the evaluator are loaded
     trainer = from_mapping(TrainConfig, c["trainer"], "trainer")
     dist.init_distributed()
     device = resolve_device(trainer.device)

@@ -1379,8 +1379,11 @@ def test_sampling_reports_progress_and_keeps_grey_as_one_channel(snapshot: Path,
 
 
 def test_entry_points_print_one_line_without_traceback(tmp_path: Path) -> None:
-    """The real commands (Hydra wrapper included): a missing argument and a run folder that cannot be created."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    """The real commands (Hydra wrapper included): a missing argument and a run folder that cannot be created. The
+    run folder is refused before any work: the quick start's evaluation network (trained on first use, ~25 s) is not
+    built for a run that cannot be written."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GEN_CACHE": str(cache)}
     blocker = _file(tmp_path)
     for argv, words in (
         (["sample.py"], ("sample.py: error: snapshot is not set",)),
@@ -1389,6 +1392,7 @@ def test_entry_points_print_one_line_without_traceback(tmp_path: Path) -> None:
         got = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert all(w in got.stderr.strip().splitlines()[-1] for w in words), got.stderr
+        assert "loading the yardstick" not in got.stdout + got.stderr and not cache.exists()
 
 
 def test_eval_reads_sample_py_rgb_npz_of_grey_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -1787,3 +1791,22 @@ def test_posthoc_ema_never_replaces_another_runs_reconstruction(tmp_path: Path,
     code, _, err = run_cli(posthoc_main, [str(tmp_path / "runs" / "a"), "--sigma-rel", "0.08", "--at-kimg", "5",
                                           "--out-dir", str(tmp_path / "fresh")], capsys)
     assert code == 2 and not (tmp_path / "fresh").exists(), err
+
+
+def test_a_run_folder_that_cannot_be_made_is_refused_without_touching_the_disk(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """gen.utils.cli.check_dir_can_be_made: the early half of check_writable_dir, which creates nothing."""
+    from gen.utils.cli import CommandError, check_dir_can_be_made
+
+    blocker = _file(tmp_path)
+    with pytest.raises(CommandError, match="a-file is a file, not a folder; check the path"):
+        check_dir_can_be_made(blocker / "runs" / "x", "run_dir")
+    with pytest.raises(CommandError, match="run_dir .*a-file is a file, not a folder; give a folder"):
+        check_dir_can_be_made(blocker, "run_dir")
+    deep = tmp_path / "runs" / "a" / "b"
+    check_dir_can_be_made(deep, "run_dir")  # writable: passes, and makes nothing
+    assert not (tmp_path / "runs").exists()
+    # An unwritable nearest parent (tests run as root, which ignores permissions: os.access answers as for a user).
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path)
+    with pytest.raises(CommandError, match="run_dir: cannot write into .*permission denied"):
+        check_dir_can_be_made(deep, "run_dir")
