@@ -31,10 +31,8 @@ Command line (single evaluations, nothing stored)::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import json
 import math
@@ -45,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -57,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import file_sha256, list_snapshots, load_snapshot_config  # noqa: E402
+from gen.utils.ckpt import file_sha256, list_snapshots, load_snapshot_config, path_lock  # noqa: E402
 
 RESULTS_DIR = ROOT / "bench" / "results"
 # Protocol v2 (bench/README.md): FID at 16, 32, 64 and 96k images (the quick start's length), 1,000 samples.
@@ -243,7 +241,7 @@ class Run:
     def train(self, threads: int) -> None:
         """Run (or resume) the training; the output goes to ``<run_dir>.log``.
 
-        A lock beside the folder (``<run_dir>.lock``, released by the kernel when a process dies) makes a second
+        A lock beside the folder (``gen.utils.ckpt.path_lock``, released when a process dies) makes a second
         bench that shares the run wait for the first instead of training the same folder at the same time.
         """
         if self.trained():
@@ -251,17 +249,13 @@ class Run:
         # The folder itself too: an override may name a sibling through it (``${run_dir}/../<row>-s<seed>/pairs``),
         # which the system resolves only where the run folder exists (train.py makes it after building the data).
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if not self.trained():  # another bench may have finished it while this one waited
-                    if self.row.prepare:
-                        fill = {"init": self.init, "run_dir": self.run_dir}
-                        cmd = [sys.executable, *(a.format(**fill) for a in self.row.prepare)]
-                        run_logged(cmd, self.run_dir.with_suffix(".log"), threads, "prepare")
-                    run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with path_lock(self.run_dir):
+            if not self.trained():  # another bench may have finished it while this one waited
+                if self.row.prepare:
+                    fill = {"init": self.init, "run_dir": self.run_dir}
+                    cmd = [sys.executable, *(a.format(**fill) for a in self.row.prepare)]
+                    run_logged(cmd, self.run_dir.with_suffix(".log"), threads, "prepare")
+                run_logged(self.train_command(sys.executable), self.run_dir.with_suffix(".log"), threads, "train")
 
     def train_summary(self, kimg: float) -> dict[str, Any]:
         """Training numbers up to ``kimg``: median s/kimg (load-dependent), last logged loss, batch, parameters."""
@@ -300,16 +294,6 @@ class Store:
     def __init__(self, file: Path) -> None:
         self.file = Path(file)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.file.with_name(f".{self.file.name}.lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
     def records(self) -> list[dict[str, Any]]:
         if not self.file.exists():
             return []
@@ -320,7 +304,7 @@ class Store:
 
     def put(self, record: dict[str, Any]) -> None:
         """Add ``record``, replacing the one with the same key; records stay sorted for readable diffs."""
-        with self._locked():
+        with path_lock(self.file):
             recs = [r for r in self.records() if r.get("key") != record["key"]] + [record]
             recs.sort(key=lambda r: (r.get("kind", "eval"), r.get("method", ""), r.get("variant", ""),
                                      r.get("kimg", 0), r.get("seed", 0)))

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import atomic_write, build_lock, list_snapshots, list_training_states  # noqa: E402
+from gen.utils.ckpt import atomic_write, list_snapshots, list_training_states, path_lock  # noqa: E402
 
 SMOKE = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "trainer.batch_size=32",
          "trainer.lr_warmup_kimg=0.064", "trainer.status_kimg=0.128", "trainer.progress=false", "preview.images=0"]
@@ -375,11 +375,6 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
     return train_s / max(args.jobs, 1) + eval_s / max(min(args.jobs, len(seeds)), 1)  # seeds evaluate in parallel
 
 
-def load_done(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
-    """Rows stored with the same settings in the records file."""
-    return stored_rows(out, args)
-
-
 def _write(path: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     text = json.dumps({"records": rows, "settings": settings}, indent=1)  # "records" as every results file
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -391,7 +386,7 @@ def save_row(out: Path, row: dict[str, Any], args: argparse.Namespace, settings:
     The records file is the only copy that outlives ``runs/`` (a new checkout keeps ``bench/results``), and seeds
     computed in parallel processes add their rows to it in turn. Rows stored under other settings are dropped.
     """
-    with build_lock(out):
+    with path_lock(out):
         rows = stored_rows(out, args)
         rows[(int(row["seed"]), row["method"], float(row["kimg"]))] = row
         _write(out, list(rows.values()), settings)
@@ -399,7 +394,7 @@ def save_row(out: Path, row: dict[str, Any], args: argparse.Namespace, settings:
 
 def compute_seed(args: argparse.Namespace, seed: int, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """One seed's rows, each added to the records file as soon as it is known."""
-    rows = rows_for_seed(args, seed, load_done(out, args), lambda row: save_row(out, row, args, settings))
+    rows = rows_for_seed(args, seed, stored_rows(out, args), lambda row: save_row(out, row, args, settings))
     return [{"seed": seed, **r} for r in rows]
 
 
@@ -421,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out) if args.out else Path(args.results) / ("averaging_smoke.json" if args.smoke else
                                                                  "averaging.json")
     if args.estimate:
-        print(f"ESTIMATE_SECONDS={estimate(args, seeds, load_done(out, args)):.0f}")
+        print(f"ESTIMATE_SECONDS={estimate(args, seeds, stored_rows(out, args)):.0f}")
         return
     settings = {k: v for k, v in vars(args).items() if k not in ("estimate", "jobs", "part", "out", "seeds")}
     if args.part:  # one seed's rows for compute_parallel: the training is done, each row is saved as it comes
@@ -435,10 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for seed in seeds:
             compute_seed(args, seed, out, settings)
-    done = load_done(out, args)
+    done = stored_rows(out, args)
     rows = [done[(s, m, k)] for s in seeds for m, k in planned_rows(args) if (s, m, k) in done]
     kept = [r for (s, _, _), r in done.items() if s not in seeds]
-    with build_lock(out):
+    with path_lock(out):
         _write(out, rows + kept, settings)  # the rows in table order, other seeds' rows after them
     if failed:
         raise SystemExit(f"rows failed: {'; '.join(failed)}; re-run the same command to resume")

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gen.utils import dist
-from gen.utils.ckpt import atomic_write, build_lock
+from gen.utils.ckpt import atomic_write, path_lock
 
 Kind = Literal["lenet", "foundation", "foundation2"]
 
@@ -452,7 +452,7 @@ def load_or_train_classifier(
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"{name}-{recipe.hash(data_sha)}.safetensors"
     if not path.exists() and dist.rank() == 0:
-        with build_lock(path):  # another process building the same file: wait for it, then load it
+        with path_lock(path):  # another process building the same file: wait for it, then load it
             if not path.exists():
                 net = train_classifier(images, labels, recipe)
                 tensors = {k: v.contiguous() for k, v in net.state_dict().items()}

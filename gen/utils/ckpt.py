@@ -67,19 +67,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 @contextmanager
-def build_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock (``fcntl.flock``) on ``<path>.lock`` while ``path`` is built.
+def path_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock (``fcntl.flock``) tied to ``path`` (the file ``.<name>.lock`` beside it).
 
-    Processes that derive the same cached file (the yardstick networks, first used by two bench workers or two
-    test workers at once) take turns: the one that waited re-checks ``path`` and loads the file instead of building
-    it a second time. The lock is released when its holder exits, killed or not; the empty ``.lock`` file stays.
-    Never take it around collective work of several ranks of one job (rank 0 alone, others at a barrier).
+    For processes that build, write or train the same thing: a cached network first used by two bench workers or
+    two test workers at once (the one that waited re-checks ``path`` and loads the file instead of building it
+    again), a records file several processes add to (read, merge, atomic replace), a run folder two benches share.
+    The lock is released when its holder exits, killed or not; the empty lock file stays (hidden). Never take it
+    around collective work of several ranks of one job (rank 0 alone, the others at a barrier).
     """
     import fcntl  # POSIX; the platforms this toolkit runs on
 
-    lock = Path(f"{path}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as fh:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
             yield
