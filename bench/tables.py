@@ -562,6 +562,33 @@ def averaging(records: Records) -> str:
     return table(["averaging", "training images", "FID (seeds)", "notes"], rows)
 
 
+def rate_at_fid(curve: Sequence[tuple[float, float]], fid: float) -> float | None:
+    """The memorisation rate a run had when its FID was ``fid``: linear in FID between the two points of ``curve``
+    ((FID, rate) in training order) where the FID first falls through ``fid``; None where it never gets there."""
+    for (f0, r0), (f1, r1) in zip(curve, curve[1:]):
+        if f1 <= fid <= f0 and f0 > f1:
+            return r0 + (r1 - r0) * (f0 - fid) / (f0 - f1)
+    return None
+
+
+def _scoreaug_matched(recs: Sequence[dict[str, Any]]) -> str:
+    """Memorisation at matched FID, per seed: ScoreAug's at its last point against the plain run's when the plain run
+    had the same FID (interpolated between its points), which separates holding memorisation down from learning
+    slower; empty where a seed's plain run never had that FID."""
+    out = []
+    for s in sorted({int(r["seed"]) for r in recs}):
+        mine = {m: sorted((r for r in recs if r["method"] == m and int(r["seed"]) == s), key=lambda r: r["kimg"])
+                for m in ("scoreaug", "dit")}
+        if not mine["scoreaug"] or not mine["dit"]:
+            continue
+        end = mine["scoreaug"][-1]
+        plain = rate_at_fid([(r["fid"], r["memorisation_rate"]) for r in mine["dit"]], end["fid"])
+        if plain is not None:
+            out.append(f"{end['memorisation_rate']:.3f} vs {plain:.3f}")
+    return (f"; memorisation at matched FID (ScoreAug's final FID, the plain run interpolated to it): {' / '.join(out)}"
+            if out else "")
+
+
 def _scoreaug(records: Records) -> tuple[str, str] | None:
     """ScoreAug against the plain run at the last point: memorisation rate (lower is better) and FID."""
     recs = evals(records.get("scoreaug", []), variant="euler20")
@@ -580,7 +607,8 @@ def _scoreaug(records: Records) -> tuple[str, str] | None:
     verdict = (PENDING if PENDING in (mem[1], fid[1]) else
                "yes" if mem[1] == "yes" and fid[1] != "no" else "no" if mem[1] == "no" or fid[1] == "no" else
                "within seed spread")
-    return f"at {last:g}k: memorisation {mem_text}; FID {fid[0]}", verdict
+    matched = _scoreaug_matched([r for r in recs if "memorisation_rate" in r])
+    return f"at {last:g}k: memorisation {mem_text}; FID {fid[0]}{matched}", verdict
 
 
 def _posthoc_vs_ema(records: Records) -> tuple[str, str] | None:

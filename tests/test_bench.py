@@ -426,6 +426,17 @@ def test_scoreaug_memorisation_table_and_claim() -> None:
     worse = {"scoreaug": [r if r["method"] == "dit" else {**r, "fid": 30.0} for r in records["scoreaug"]]}
     line = next(x for x in tables.claims(worse).splitlines() if x.startswith("| ScoreAug |"))
     assert line.endswith("| no |  |")
+    # ...but the text says what the plain run's memorisation was when it had that FID (here it never had 30: none).
+    assert "matched FID" not in line
+    # A ScoreAug run that learns slower: its final FID 20 is where the plain run was between 96k (30, rate 0.2)
+    # and 384k (10, rate 0.4): the plain run's memorisation there, 0.3, beside ScoreAug's 0.25.
+    slower = {"scoreaug": [rec("dit", s, 96, 30.0, 0.2) for s in (0, 1)] + [rec("dit", s, 384, 10.0, 0.4) for s in (0, 1)]
+              + [rec("scoreaug", s, k, 20.0, 0.25) for s in (0, 1) for k in (96, 384)]}
+    line = next(x for x in tables.claims(slower).splitlines() if x.startswith("| ScoreAug |"))
+    assert "memorisation at matched FID (ScoreAug's final FID, the plain run interpolated to it): 0.250 vs 0.300 / " \
+           "0.250 vs 0.300" in line and line.endswith("| no |  |")  # lower memorisation, worse FID at 384k
+    assert tables.rate_at_fid([(30.0, 0.1), (20.0, 0.3), (10.0, 0.5)], 15.0) == pytest.approx(0.4)
+    assert tables.rate_at_fid([(30.0, 0.1), (20.0, 0.3)], 15.0) is None
 
 
 def test_tokenizer_dilemma_claim_reads_reconstruction_and_generation() -> None:
