@@ -35,7 +35,9 @@ With ``--jobs 2`` the runs train two at a time and then the seeds' rows are comp
 thread each; their logs ``<runs>/rows-s<seed>.log``). Re-running resumes the training runs and the searches; rows
 stored with the same settings are read back, not recomputed. Each row is added to the records file as soon as it is
 known (under the file's lock: the seeds' processes add in turn), so a stopped run, or a checkout that kept
-``bench/results`` but not ``runs/``, keeps every finished row.
+``bench/results`` but not ``runs/``, keeps every finished row. Only seeds with rows left are trained (again), and a
+row is read back only for the training it was made from (``run_sha256``, the run's last snapshot): a seed trained
+again on another host differs in float rounding, and one seed's rows must come from one training.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 
-from gen.utils.ckpt import atomic_write, list_snapshots, list_training_states, path_lock  # noqa: E402
+from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states, path_lock  # noqa: E402
 
 SMOKE = ["model.depth=2", "model.hidden_size=64", "model.num_heads=2", "trainer.batch_size=32",
          "trainer.lr_warmup_kimg=0.064", "trainer.status_kimg=0.128", "trainer.progress=false", "preview.images=0"]
@@ -190,59 +192,82 @@ def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, flo
 def rows_for_seed(args: argparse.Namespace, seed: int,
                   done: dict[tuple[int, str, float], dict[str, Any]] | None = None,
                   on_row: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Every row of one training seed (both runs trained); rows in ``done`` are read back, not recomputed, and each
-    newly computed row is passed to ``on_row`` (with its seed) as soon as it is known."""
+    """Every row of one training seed (both runs trained); rows in ``done`` made from these trainings of the runs
+    (``run_sha256``) are read back, not recomputed, and each newly computed row is passed to ``on_row`` (with its
+    seed) as soon as it is known."""
     done = done or {}
     if all((seed, m, k) in done for m, k in planned_rows(args)):
         return [done[(seed, m, k)] for m, k in planned_rows(args)]
 
     classic, phema = (train_command(args, seed, kind)[0] for kind in KINDS)
     rows: list[dict[str, Any]] = []
+    identities: dict[Path, str] = {}
+
+    def identity(run: Path) -> str:
+        if run not in identities:
+            identities[run] = run_identity(run)
+        return identities[run]
+
+    def stored(method: str, kimg: float, run: Path) -> dict[str, Any] | None:
+        """A stored row, if it was made from this training of ``run`` (else it is made again)."""
+        old = done.get((seed, method, float(kimg)))
+        return old if old is not None and old.get("run_sha256") == identity(run) else None
 
     def new(row: dict[str, Any]) -> None:
         rows.append(row)
         if on_row is not None:
             on_row({"seed": seed, **row})
 
-    def add(method: str, kimg: float, snapshot: Callable[[], Path], sampler: dict[str, Any] | str = "euler20") -> None:
-        old = done.get((seed, method, float(kimg)))
+    def add(method: str, kimg: float, run: Path, snapshot: Callable[[], Path],
+            sampler: dict[str, Any] | str = "euler20") -> None:
+        old = stored(method, kimg, run)
         if old is not None:
             rows.append(old)
         else:
-            new({"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler)})
+            new({"method": method, "kimg": kimg, "fid": fid(snapshot(), args, sampler), "run_sha256": identity(run)})
 
-    add("raw", args.kimg, lambda: raw_weights(phema))
+    add("raw", args.kimg, phema, lambda: raw_weights(phema))
     end = list_snapshots(classic)[-1][0]
     for h in HALFLIVES:
         name = f"hl{h:g}k"
         snap = classic / (f"snapshot-{end:09d}.safetensors" if h == HALFLIVES[0] else
                           f"snapshot-{end:09d}-{name}.safetensors")
-        add(f"ema-{name}", args.kimg, lambda snap=snap: snap)
+        add(f"ema-{name}", args.kimg, classic, lambda snap=snap: snap)
     sigmas = [float(v) for v in args.sigma_rel.split(",")]
-    if any((seed, f"posthoc-{s:g}", float(args.kimg)) not in done for s in sigmas):
+    if any(stored(f"posthoc-{s:g}", args.kimg, phema) is None for s in sigmas):
         _run([sys.executable, "-m", "scripts.posthoc_ema", str(phema), "--sigma-rel", args.sigma_rel],
              phema / "bench.log")
     last = list_snapshots(phema)[-1][0]
     for sigma in sigmas:
-        add(f"posthoc-{sigma:g}", args.kimg, lambda sigma=sigma: phema / f"posthoc-{last:09d}-sigma{sigma:g}.safetensors")
+        add(f"posthoc-{sigma:g}", args.kimg, phema,
+            lambda sigma=sigma: phema / f"posthoc-{last:09d}-sigma{sigma:g}.safetensors")
     for k in [float(v) for v in args.lcsc_kimg.split(",")]:
-        if (seed, "lcsc", k) in done:
-            rows.append(done[(seed, "lcsc", k)])
+        old = stored("lcsc", k, phema)
+        if old is not None:
+            rows.append(old)
             continue
-        new({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER)})
+        new({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER), "run_sha256": identity(phema)})
     if args.ect_kimg > 0:
         from yardstick_consistency import consistency_sampler  # the consistency table's samplers
 
         ect, k = ect_command(args, seed)[0], args.ect_kimg
         end = list_snapshots(ect)[-1][1]
-        add("ect-raw", k, lambda: raw_weights(ect), "own")
-        add("ect-ema", k, lambda: end, "own")
-        add("ect-ema-2step", k, lambda: end, consistency_sampler((0.821,)))
-        if (seed, "ect-lcsc", k) in done:
-            rows.append(done[(seed, "ect-lcsc", k)])
+        add("ect-raw", k, ect, lambda: raw_weights(ect), "own")
+        add("ect-ema", k, ect, lambda: end, "own")
+        add("ect-ema-2step", k, ect, lambda: end, consistency_sampler((0.821,)))
+        old = stored("ect-lcsc", k, ect)
+        if old is not None:
+            rows.append(old)
         else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
-            new({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, [])})
+            new({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, []), "run_sha256": identity(ect)})
     return [{"seed": seed, **r} for r in rows]
+
+
+def run_identity(run: Path) -> str:
+    """SHA-256 of the run's last snapshot. Two trainings of one seed differ in float rounding from host to host (the
+    quick start: FID 8.0 on one, 8.1 on another), so a row made from one training is not read back for another: a
+    checkout without ``runs/`` trains the seed again, and the rows of one seed must come from one training."""
+    return file_sha256(list_snapshots(run)[-1][1])
 
 
 def raw_weights(run: Path) -> Path:
@@ -347,6 +372,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def seeds_left(args: argparse.Namespace, seeds: list[int],
+               done: dict[tuple[int, str, float], dict[str, Any]]) -> list[int]:
+    """The seeds with a planned row not stored: only their runs are trained (again, in a checkout without runs/)."""
+    return [s for s in seeds if any((s, m, k) not in done for m, k in planned_rows(args))]
+
+
 def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, str, float], dict[str, Any]]) -> float:
     """Seconds left: training images left per run at its measured s/kimg (else ``--sec-per-kimg``) over the jobs,
     plus the missing rows' FIDs and LCSC searches at ``--sec-per-eval`` per 1,000 samples (seeds ``--jobs`` at a
@@ -354,7 +385,7 @@ def estimate(args: argparse.Namespace, seeds: list[int], done: dict[tuple[int, s
     train_s, eval_s = 0.0, 0.0
     per_eval = args.sec_per_eval * args.num_images / 1000
     per_fitness = args.sec_per_eval * args.fitness_images / 1000
-    for seed in seeds:
+    for seed in seeds_left(args, seeds, done):
         runs = [(train_command(args, seed, kind)[0], args.kimg) for kind in KINDS]
         if args.ect_kimg > 0:
             runs.append((ect_command(args, seed)[0], args.ect_kimg))
@@ -422,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.part:  # one seed's rows for compute_parallel: the training is done, each row is saved as it comes
         compute_seed(args, seeds[0], out, settings)
         return
-    train_all(args, seeds)
+    train_all(args, seeds_left(args, seeds, stored_rows(out, args)))
     failed: list[str] = []
     if args.jobs > 1 and len(seeds) > 1:
         Path(args.runs).mkdir(parents=True, exist_ok=True)

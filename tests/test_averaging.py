@@ -590,3 +590,41 @@ def test_bench_rows_are_stored_as_they_come_and_a_rerun_computes_only_the_rest(t
     ya.save_row(out, {"seed": 0, "method": "raw", "kimg": 96.0, "fid": 1.0}, ya.parse_args(argv + ["--kimg", "48"]),
                 {"kimg": 48.0})
     assert json.loads(out.read_text())["records"] == [{"seed": 0, "method": "raw", "kimg": 96.0, "fid": 1.0}]
+
+
+def test_bench_rows_are_read_back_only_for_the_training_they_were_made_from(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout without runs/ trains a seed again, and on another host the training differs in float rounding: a
+    stored row is read back only when its run's last snapshot is the one on disk (``run_sha256``); rows of the other
+    run of the seed stay. Seeds whose rows are all stored are not trained at all."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yardstick_averaging as ya
+
+    args = ya.parse_args(["--runs", str(tmp_path / "runs"), "--sigma-rel", "0.05", "--lcsc-kimg", "96",
+                          "--ect-kimg", "0"])
+    classic, phema = (ya.train_command(args, 0, kind)[0] for kind in ya.KINDS)
+    for run in (classic, phema):
+        run.mkdir(parents=True)
+        (run / "snapshot-000096000.safetensors").write_bytes(b"first training of " + run.name.encode())
+    made: list[str] = []
+    monkeypatch.setattr(ya, "fid", lambda snap, args, sampler="euler20": made.append(Path(snap).name) or 10.0)
+    monkeypatch.setattr(ya, "lcsc", lambda run, k, args, sampler: made.append(f"lcsc-{run.name}") or {"fid": 9.0})
+    monkeypatch.setattr(ya, "raw_weights", lambda run: run / "raw.safetensors")
+    monkeypatch.setattr(ya, "_run", lambda cmd, log: None)  # the post-hoc reconstruction command
+
+    first = ya.rows_for_seed(args, 0, {})
+    assert len(first) == len(ya.planned_rows(args)) == 8 and len(made) == 8
+    sha = {r["method"]: r["run_sha256"] for r in first}
+    assert sha["ema-hl2k"] == ya.run_identity(classic) != sha["raw"] == sha["posthoc-0.05"] == sha["lcsc"]
+    done = {(0, r["method"], float(r["kimg"])): r for r in first}
+
+    made.clear()  # one row missing: the rest are read back
+    ya.rows_for_seed(args, 0, {k: v for k, v in done.items() if k[1] != "raw"})
+    assert made == ["raw.safetensors"]
+    made.clear()  # the phema run trained again, differently: its rows are made again, the classic run's are kept
+    (phema / "snapshot-000096000.safetensors").write_bytes(b"second training")
+    again = ya.rows_for_seed(args, 0, {k: v for k, v in done.items() if k[1] != "raw"})
+    assert sorted(made) == sorted(["raw.safetensors", "posthoc-000096000-sigma0.05.safetensors", "lcsc-phema-s0"])
+    assert {r["run_sha256"] for r in again if not r["method"].startswith("ema-")} == {ya.run_identity(phema)}
+    # Seeds whose rows are all stored need no training.
+    assert ya.seeds_left(args, [0, 1], done) == [1]
