@@ -768,6 +768,22 @@ def _sharing(records: Records) -> tuple[str, str] | None:
     return f"{speed:.2f}x faster at 10 of 20 encoder passes; FID {out[0]}", _as_good(out[1])
 
 
+def other_teacher(records: Records, bench: str, student: str, teacher: str) -> str:
+    """A note naming the seeds whose student started from another training of its teacher than the one the
+    teacher's records measured (its ``init_sha256`` is none of their ``snapshot_sha256``): a teacher trained again,
+    in a checkout without ``runs/`` and on another host, differs in float rounding. Empty when all match, or for
+    records from before students named their start."""
+    recs = records.get(bench, [])
+    started = {int(r["seed"]): r["init_sha256"] for r in evals(recs, method=student) if "init_sha256" in r}
+    measured: dict[int, set[str]] = {}
+    for r in evals(recs, method=teacher):
+        if "snapshot_sha256" in r:
+            measured.setdefault(int(r["seed"]), set()).add(r["snapshot_sha256"])
+    odd = sorted(s for s, sha in started.items() if s in measured and sha not in measured[s])
+    return (f"; seed {', '.join(map(str, odd))}: the student started from another training of the teacher than its "
+            "records measured" if odd else "")
+
+
 def _within(bench: str, method: str, variant: str, baseline: str, base_variant: str,
             factor: float) -> Callable[[Records], tuple[str, str] | None]:
     """``method``'s final FID with ``variant`` within ``factor`` times ``baseline``'s with ``base_variant`` (per seed)."""
@@ -783,7 +799,7 @@ def _within(bench: str, method: str, variant: str, baseline: str, base_variant: 
         verdict = PENDING if len(seeds) < MIN_SEEDS else verdict
         text = (f"FID {statistics.mean(a[s] for s in seeds):.1f} vs {statistics.mean(b[s] for s in seeds):.1f}: "
                 f"{statistics.mean(ratios):.2f}x ({' / '.join(f'{x:.2f}' for x in ratios)}; aim <= {factor:g}x)")
-        return text, verdict
+        return text + other_teacher(records, bench, method, baseline), verdict
 
     return measure
 
@@ -812,14 +828,15 @@ def _near_best(bench: str, method: str, variant: str, teacher: str, factor: floa
         text = (f"FID {statistics.mean(a[s] for s in seeds):.1f} vs the teacher's best{' unguided' if unguided else ''} "
                 f"{statistics.mean(best[s][0] for s in seeds):.1f} ({', '.join(used)}): {statistics.mean(ratios):.2f}x "
                 f"({' / '.join(f'{x:.2f}' for x in ratios)}; aim <= {factor:g}x)")
-        return text, verdict
+        return text + other_teacher(records, bench, method, teacher), verdict
 
     return measure
 
 
 def _better_variants(records: Records, bench: str, a: tuple[str, str], b: tuple[str, str]) -> tuple[str, str] | None:
     out = compare(final_fids(records, bench, *a), final_fids(records, bench, *b))
-    return None if out is None else (f"FID {out[0]} ({a[0]} {a[1]} vs {b[0]} {b[1]}, final point)", out[1])
+    return None if out is None else (f"FID {out[0]} ({a[0]} {a[1]} vs {b[0]} {b[1]}, final point)"
+                                     + other_teacher(records, bench, a[0], b[0]), out[1])
 
 
 CLAIMS: tuple[Claim, ...] = (

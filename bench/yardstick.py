@@ -630,6 +630,9 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
             # Trained parameters (the fixed sin-cos table is a parameter without gradient in the DiT family).
             "params": sum(p.numel() for n, p in gen.net.named_parameters() if n != "pos_embed"),
             "snapshot_sha256": file_sha256(snap), "train": run.train_summary(nimg / 1000),
+            # The snapshot a student or tuned run started from (its teacher's): the tables check it is the snapshot
+            # the teacher's records measured (a teacher trained again on another host differs in float rounding).
+            **({"init_sha256": file_sha256(run.init)} if run.init is not None and run.init.is_file() else {}),
             "command": record_command(bench, args, row.method, seed, k, v.name),
             "train_command": shlex.join(run.train_command()).replace(str(ROOT) + "/", ""),
             "eval_command": eval_command(snap, sampler, args.num_images),

@@ -465,3 +465,23 @@ def test_tokenizer_dilemma_claim_reads_reconstruction_and_generation() -> None:
     # One generator seed of a row: numbers, no verdict.
     assert claim([r for r in recs if not (r["kind"] == "eval" and r["seed"] == 1)]).endswith(f"| {tables.PENDING} |  |")
     assert "not measured yet" in claim([r for r in recs if r["method"] != "kl_f4d64"])
+
+
+def test_a_student_of_another_training_of_its_teacher_is_named_in_its_claim() -> None:
+    """A student's records name the snapshot it started from (``init_sha256``); where that is not a snapshot the
+    teacher's records measured (the teacher trained again, on another host), the claim text says which seeds."""
+    def rec(method: str, seed: int, variant: str, fid: float, **extra: str) -> dict:
+        return {"kind": "eval", "method": method, "variant": variant, "seed": seed, "kimg": 96.0 if method == "dit"
+                else 32.0, "fid": fid, "num_images": 1000, "class_accuracy": 0.9, "train": {}, **extra}
+
+    teacher = [rec("dit", s, v, f, snapshot_sha256=f"t{s}") for s in (0, 1)
+               for v, f in (("euler20", 20.0), ("qs", 8.0))]
+    students = [rec("tdm", s, "tdm4", 8.5, init_sha256=f"t{s}") for s in (0, 1)]
+
+    def line(recs: list[dict]) -> str:
+        return next(x for x in tables.claims({"distill": recs}).splitlines() if x.startswith("| TDM |"))
+
+    assert "another training" not in line(teacher + students)
+    moved = teacher + [students[0], {**students[1], "init_sha256": "retrained"}]
+    assert "; seed 1: the student started from another training of the teacher than its records measured" in line(moved)
+    assert "another training" not in line(teacher + [{k: v for k, v in r.items() if k != "init_sha256"} for r in students])
