@@ -154,6 +154,13 @@ def check_writable_file(path: str | os.PathLike, what: str,
     return path
 
 
+def _check_folder_path(path: Path, what: str) -> None:
+    """An output folder's path: neither the folder nor one of its parents is a file."""
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{what} {printable(path)} is a file, not a folder; give a folder")
+    _check_no_file_in_the_way(path, what, path)
+
+
 def check_dir_can_be_made(path: str | os.PathLike, what: str) -> None:
     """The part of :func:`check_writable_dir` that changes nothing on disk: no file where the folder or one of its
     parents should be, and the folder (else its nearest existing parent) writable.
@@ -162,9 +169,7 @@ def check_dir_can_be_made(path: str | os.PathLike, what: str) -> None:
     refusal leaves no empty folder): it runs this first, before loading or training anything.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CommandError(f"{what} {printable(path)} is a file, not a folder; give a folder")
-    _check_no_file_in_the_way(path, what, path)
+    _check_folder_path(path, what)
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         e = PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(existing))
@@ -174,10 +179,8 @@ def check_dir_can_be_made(path: str | os.PathLike, what: str) -> None:
 def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Like :func:`check_writable_file` for an output folder (created when missing)."""
     path = Path(path)
-    _check_no_file_in_the_way(path, what, path)
+    _check_folder_path(path, what)
     try:
-        if path.exists() and not path.is_dir():
-            raise CommandError(f"{what} {printable(path)} is a file, not a folder; give a folder")
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".tmp-probe.", dir=path)
         os.close(fd)
