@@ -72,6 +72,7 @@ from yardstick import (  # noqa: E402
     Row,
     Run,
     Store,
+    Variant,
     _eval_key,
     code_version,
     machine,
@@ -378,11 +379,15 @@ def _sec_per_eval(store: Store) -> float:
     return float(statistics.median(done)) if done else SEC_PER_EVAL
 
 
+def eval_points(args: argparse.Namespace) -> list[tuple[float, Variant]]:
+    """(kimg, sampler variant) of every evaluation a generator row gets: each chosen variant at its points."""
+    return [(k, v) for v in make_bench(args).variants if v.name in args.variants
+            for k in (args.kimg if v.at == "all" else (max(args.kimg),))]
+
+
 def missing_evals(args: argparse.Namespace, method: str, seed: int, keys: set[str]) -> int:
     row = generator_row(args, method)
-    return sum(_eval_key(BENCH, row, seed, k, v, args.num_images) not in keys
-               for v in make_bench(args).variants if v.name in args.variants
-               for k in (args.kimg if v.at == "all" else (max(args.kimg),)))
+    return sum(_eval_key(BENCH, row, seed, k, v, args.num_images) not in keys for k, v in eval_points(args))
 
 
 def backbone_records(args: argparse.Namespace, store: Store) -> list[dict[str, Any]]:
@@ -399,15 +404,12 @@ def backbone_records(args: argparse.Namespace, store: Store) -> list[dict[str, A
     source = Store(args.results / "backbones.json")
     out = []
     for seed in args.seeds:
-        for v in make_bench(args).variants:
-            if v.name not in args.variants:
-                continue
-            for k in args.kimg if v.at == "all" else (max(args.kimg),):
-                key = _eval_key(BENCH, PIXEL_ROW, seed, k, v, args.num_images)
-                rec = source.get(_eval_key("backbones", PIXEL_ROW, seed, k, v, args.num_images))
-                if rec is not None and store.get(key) is None:
-                    out.append({**rec, "key": key, "bench": BENCH, "adopted_from": rec["key"],
-                                "command": record_command(args, "pixels", seed, k, v.name)})
+        for k, v in eval_points(args):
+            key = _eval_key(BENCH, PIXEL_ROW, seed, k, v, args.num_images)
+            rec = source.get(_eval_key("backbones", PIXEL_ROW, seed, k, v, args.num_images))
+            if rec is not None and store.get(key) is None:
+                out.append({**rec, "key": key, "bench": BENCH, "adopted_from": rec["key"],
+                            "command": record_command(args, "pixels", seed, k, v.name)})
     return out
 
 
