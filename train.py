@@ -540,7 +540,8 @@ def run(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[
 
     _check_method(method, trainer, c)
     snapshot_meta = {
-        "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes")},
+        # With the dataset's spec, so evaluation can rebuild the images the run trained on (a subset's memorisation).
+        "data": {k: c["data"][k] for k in ("name", "channels", "resolution", "num_classes", "dataset")},
         "tokenizer": tokenizer.config,
         "sampler": c["sampler"],
     }

@@ -444,15 +444,15 @@ def sharing_statistics(gen: Any, sampler: dict[str, Any], run_dir: Path, snapsho
 
 def evaluate(
     generate_fn: GenerateFn, num_images: int, dataset: str, cache_dir: str | None, batch_size: int, seed_offset: int = 0,
-    memorisation: bool = False,
+    memorisation: bool = False, trained_on: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Yardstick FID and class accuracy of ``num_images`` samples, with the sampling time per image (and the
-    memorisation rate, ``eval.memorisation``, when asked)."""
+    memorisation rate, ``eval.memorisation``, against ``trained_on`` (default: the training split) when asked)."""
     from eval.generate import yardstick_metrics
 
     timed = Timed(generate_fn)
     t0 = time.perf_counter()
-    m = yardstick_metrics(timed, num_images, dataset, cache_dir, batch_size, seed_offset, memorisation)
+    m = yardstick_metrics(timed, num_images, dataset, cache_dir, batch_size, seed_offset, memorisation, trained_on)
     extra = {k: float(m[k]) for k in ("memorisation_rate", "sample_nn_median", "heldout_nn_median") if k in m}
     return {
         **extra, "fid": float(m["fid"]), "class_accuracy": float(m.get("class_accuracy", float("nan"))),
@@ -620,7 +620,8 @@ def run_worker(bench: Bench, args: argparse.Namespace, row: Row, seed: int) -> N
         spec = SamplerSpec.from_config(sampler)
         print(f"[eval] {row.method}-s{seed} {k:g} kimg {v.name} ...", flush=True)
         m = evaluate(lambda seeds, gen=gen, spec=spec: gen.generate(seeds, spec), args.num_images,
-                     _dataset(snap), args.cache, args.batch_size, memorisation=bench.memorisation)
+                     _dataset(snap), args.cache, args.batch_size, memorisation=bench.memorisation,
+                     trained_on=_trained_on(snap) if bench.memorisation else None)
         nimg = int(snap.name.split("-")[1].split(".")[0])
         record = {
             "kind": "eval", "key": _eval_key(bench.name, row, seed, k, v, args.num_images), "bench": bench.name,
@@ -683,6 +684,16 @@ def _portable(sampler: dict[str, Any]) -> dict[str, Any]:
 
 def _dataset(snapshot: Path) -> str:
     return load_snapshot_config(snapshot)["data"]["name"]
+
+
+def _trained_on(snapshot: Path) -> torch.Tensor | None:
+    """The images the snapshot's run trained on (a row on a subset of the data measures memorisation against it);
+    ``None`` (the data set's training split) for a snapshot written before snapshots carried ``data.dataset``, which
+    is exact: the subset option came with that key, so such a run trained on the whole split."""
+    from gen.data.base import run_training_tensors
+
+    data = load_snapshot_config(snapshot)["data"]
+    return run_training_tensors(data)[0] if "dataset" in data else None
 
 
 def utc_now() -> str:

@@ -117,24 +117,19 @@ def draw_real_pairs(teacher: Teacher, images: Tensor, labels: Tensor, index: Seq
 
 
 def real_images(name: str, teacher: Teacher) -> tuple[Tensor, Tensor]:
-    """The built-in training split ``name`` (uint8 images, labels) the teacher was trained on; refuses another."""
+    """The built-in training images ``name`` (uint8 images, labels) the teacher was trained on, rebuilt from its
+    config (a teacher trained on a subset inverts that subset); refuses another data set."""
+    from gen.data.base import run_training_tensors
+
     data = teacher.config.get("data") or {}
     if name != data.get("name"):
         raise ValueError(f"real={name}: the teacher was trained on {data.get('name')!r}; real-data pairs invert images "
                          "of the teacher's own data")
     if (teacher.config.get("tokenizer") or {}).get("_target_") != "tokenizers.pixels.PixelTokenizer":
         raise ValueError("real=...: real-data pairs are implemented for pixel-space teachers only")
-    if name == "mnist5k":
-        from gen.data.builtin import MNIST5k
-
-        ds = MNIST5k(split="train", resolution=int(data["resolution"]))
-    elif name == "shapes":
-        from gen.data.shapes import Shapes
-
-        ds = Shapes(resolution=int(data["resolution"]))
-    else:
+    if name not in ("mnist5k", "shapes"):
         raise ValueError(f"real={name}: real-data pairs read the built-in data (mnist5k, shapes)")
-    return ds.tensors()
+    return run_training_tensors(data)
 
 
 @dataclass

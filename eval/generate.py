@@ -332,12 +332,15 @@ def yardstick_metrics(
     batch_size: int = 250,
     seed_offset: int = 0,
     memorisation: bool = False,
+    trained_on: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Yardstick FID (and class accuracy when labels are returned) of ``num_images`` generated images.
 
     Seeds are ``seed_offset .. seed_offset + num_images - 1``. Reference: the dataset's training split.
-    ``memorisation``: also the memorisation rate of the samples against the training split, calibrated by the
-    held-out split (``eval.memorisation``), in the yardstick's features.
+    ``memorisation``: also the memorisation rate of the samples against the images the generator trained on
+    (``trained_on``, uint8 (N, C, H, W); default the training split, which a run on a subset of it must not use:
+    ``gen.data.base.run_training_tensors`` rebuilds them from its config), calibrated by the held-out split
+    (``eval.memorisation``), in the yardstick's features.
 
     Returns:
         ``{"fid": ..., "class_accuracy": ...}`` (the latter only for labelled samples), plus
@@ -354,11 +357,12 @@ def yardstick_metrics(
         from eval.classifier import load_dataset_tensors
         from eval.memorisation import memorisation_rate
 
-        def features(split: str) -> torch.Tensor:
-            images, _ = load_dataset_tensors(dataset_name, split)
+        def features(images: torch.Tensor) -> torch.Tensor:
             return torch.cat([ext(b) for b in images.split(500)]).float()
 
-        out.update(memorisation_rate(all_features(got, num_images), features("train"), features("heldout")))
+        train = trained_on if trained_on is not None else load_dataset_tensors(dataset_name, "train")[0]
+        heldout = load_dataset_tensors(dataset_name, "heldout")[0]
+        out.update(memorisation_rate(all_features(got, num_images), features(train), features(heldout)))
     return out
 
 

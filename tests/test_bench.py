@@ -485,3 +485,19 @@ def test_a_student_of_another_training_of_its_teacher_is_named_in_its_claim() ->
     moved = teacher + [students[0], {**students[1], "init_sha256": "retrained"}]
     assert "; seed 1: the student started from another training of the teacher than its records measured" in line(moved)
     assert "another training" not in line(teacher + [{k: v for k, v in r.items() if k != "init_sha256"} for r in students])
+
+
+def test_memorisation_reference_follows_a_run_on_a_subset(tmp_path: Path) -> None:
+    """A run on ``data.dataset.subset`` writes its data spec into the snapshot, and the bench measures memorisation
+    against exactly those training digits; a bad subset is refused before training, naming the key."""
+    from gen.data import MNIST5k
+    from tests.conftest import run_train
+
+    run_train(tmp_path, "sub", ["data.dataset.subset=30", "trainer.total_kimg=0.064", "trainer.snapshot_kimg=0.064",
+                                "trainer.checkpoint_kimg=0.064", "trainer.status_kimg=0.032"])
+    snap = sorted((tmp_path / "sub").glob("snapshot-*.safetensors"))[-1]
+    trained_on = yardstick._trained_on(snap)
+    assert trained_on is not None and torch.equal(trained_on, MNIST5k(subset=30).tensors()[0])
+    bad = run_train(tmp_path, "bad", ["data.dataset.subset=4501"], check=False)
+    assert bad.returncode != 0 and "data.dataset" in bad.stderr and "subset=4501" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()

@@ -139,6 +139,40 @@ def test_mnist5k_splits(mnist_all: MNIST5k) -> None:
     assert torch.equal(MNIST5k(split="heldout").tensors()[0], held.tensors()[0])
 
 
+def test_mnist5k_subset_is_a_fixed_stratified_part_of_the_training_split() -> None:
+    train = MNIST5k(split="train").tensors()[0].flatten(1)
+    sub = MNIST5k(subset=500)
+    images, labels = sub.tensors()
+    assert len(sub) == 500 and torch.bincount(labels, minlength=10).tolist() == [50] * 10
+    rows = {tuple(r.tolist()) for r in train}
+    assert all(tuple(r.tolist()) in rows for r in images.flatten(1))  # never a held-out digit
+    assert torch.equal(MNIST5k(subset=500).tensors()[0], images)  # the same choice on every construction
+    assert torch.bincount(MNIST5k(subset=13).tensors()[1], minlength=10).tolist() == [2, 2, 2] + [1] * 7
+    assert torch.equal(MNIST5k(subset=4500).tensors()[0], MNIST5k(split="train").tensors()[0])
+    for bad in (0, 9, 4501, 2.5, True, "500"):
+        with pytest.raises(ValueError, match=r"subset=.*whole number of training items from 10 .* to 4500"):
+            MNIST5k(subset=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="takes part of the training split.*split='heldout'"):
+        MNIST5k(split="heldout", subset=50)
+
+
+def test_run_training_tensors_rebuild_what_a_run_trained_on(tmp_path) -> None:  # noqa: ANN001
+    from gen.data.base import run_training_tensors
+
+    spec = {"_target_": "gen.data.builtin.MNIST5k", "split": "train", "resolution": 32, "subset": 40}
+    images, labels = run_training_tensors({"name": "mnist5k", "dataset": spec})
+    assert torch.equal(images, MNIST5k(subset=40).tensors()[0]) and torch.equal(labels, MNIST5k(subset=40).labels)
+    shapes = {"_target_": "gen.data.shapes.Shapes", "count": 12, "resolution": 32}
+    assert run_training_tensors({"dataset": shapes})[0].shape == (12, 3, 32, 32)
+    with pytest.raises(ValueError, match="no dataset spec"):
+        run_training_tensors({"name": "mnist5k"})
+    with pytest.raises(ValueError, match="cannot rebuild the run's training data from data.dataset.*os.system"):
+        run_training_tensors({"dataset": {"_target_": "os.system", "command": "true"}})  # a snapshot names project code only
+    _write_class_folders(tmp_path)
+    with pytest.raises(ValueError, match="ImageFolder, which is not held in memory"):
+        run_training_tensors({"dataset": {"_target_": "gen.data.folder.ImageFolder", "root": str(tmp_path)}})
+
+
 def test_mnist5k_resize_mode(mnist_all: MNIST5k) -> None:
     ds = MNIST5k(split="heldout", mode="resize", resolution=32)
     assert ds.tensors()[0].shape == (500, 1, 32, 32)

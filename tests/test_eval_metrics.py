@@ -200,8 +200,9 @@ def test_eval_configs_match_the_functions_they_wire() -> None:
     root = Path(__file__).resolve().parents[1] / "configs" / "eval"
     hook_keys = {"enabled", "metric", "interval_kimg"}
     ys = OmegaConf.load(root / "yardstick.yaml")
-    # memorisation is a bench option (bench/yardstick_scoreaug.py), not a training-time eval setting
-    params = set(inspect.signature(yardstick_metrics).parameters) - {"generate_fn", "memorisation"}
+    # memorisation (and the images it compares with) is a bench option (bench/yardstick_scoreaug.py), not a
+    # training-time eval setting
+    params = set(inspect.signature(yardstick_metrics).parameters) - {"generate_fn", "memorisation", "trained_on"}
     assert set(ys.keys()) - hook_keys == params
     for name in ("fid5k", "fid10k", "fid50k"):
         cfg = OmegaConf.load(root / f"{name}.yaml")

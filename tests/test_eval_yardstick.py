@@ -141,6 +141,31 @@ def test_memorisation_rate_tells_copies_from_fresh_digits(cache) -> None:
     assert copies["heldout_nn_median"] == fresh["heldout_nn_median"] > 0
 
 
+def test_memorisation_follows_the_images_a_run_trained_on(cache) -> None:
+    """A run on a subset of the training split is measured against that subset: copies of digits outside it are not
+    copies of its training data, and the held-out threshold is the distance to the subset."""
+    from gen.data.base import run_training_tensors
+
+    data = {"name": "mnist5k", "dataset": {"_target_": "gen.data.builtin.MNIST5k", "split": "train", "subset": 100}}
+    subset, _ = run_training_tensors(data)
+    train, labels = load_dataset_tensors("mnist5k", "train")
+    rows = {bytes(r) for r in subset.flatten(1).numpy()}
+    outside = train[torch.tensor([bytes(r) not in rows for r in train.flatten(1).numpy()])]
+    assert len(subset) == 100 and len(outside) == 4400
+
+    def source(images: torch.Tensor) -> Callable:
+        return lambda seeds: (images[torch.tensor(seeds) % len(images)], labels[torch.tensor(seeds) % len(labels)])
+
+    kw = dict(num_images=200, dataset_name="mnist5k", cache_dir=cache, batch_size=100, memorisation=True)
+    whole = yardstick_metrics(source(outside), **kw)  # against the whole split (the default): all copies
+    mine = yardstick_metrics(source(outside), **kw, trained_on=subset)
+    assert whole["memorisation_rate"] == 1.0
+    assert mine["memorisation_rate"] < 0.8 and mine["sample_nn_median"] > 0.1 * mine["heldout_nn_median"]
+    assert mine["heldout_nn_median"] > whole["heldout_nn_median"]  # 100 digits lie farther from held-out ones
+    assert yardstick_metrics(source(subset), **kw, trained_on=subset)["memorisation_rate"] == 1.0
+    assert mine["fid"] == whole["fid"]  # FID's reference stays the whole training split
+
+
 def test_nearest_distances_equal_brute_force() -> None:
     from eval.memorisation import memorisation_rate, nearest_distances
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from gen.utils.build import BuildError, build
 from gen.utils.seed import derive_seed
 
 Split = Literal["train", "heldout", "all"]
@@ -112,3 +113,40 @@ def select_split(labels: np.ndarray, split: Split, heldout: int, key: str) -> np
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
     train, held = stratified_split(labels, heldout, key)
     return train if split == "train" else held
+
+
+def stratified_subset(idx: np.ndarray, labels: np.ndarray, size: int, split: str, key: str) -> np.ndarray:
+    """A fixed class-stratified choice of ``size`` of the training indices ``idx`` (sorted int64).
+
+    Each class keeps ``size // K`` items (the first ``size % K`` classes one more), drawn as ``stratified_split``
+    draws its held-out items, with its own ``key``, so the subset never changes between runs or machines.
+    """
+    if split != "train":
+        raise ValueError(f"subset={size} takes part of the training split; it cannot apply to split={split!r} "
+                         "(set split=train, or subset=null)")
+    num_classes = len(np.unique(labels[idx]))
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not num_classes <= size <= len(idx):
+        raise ValueError(f"subset={size!r}: give a whole number of training items from {num_classes} (one per "
+                         f"class) to {len(idx)} (all), or subset=null for all of them")
+    _, kept = stratified_split(labels[idx], int(size), key)
+    return idx[kept]
+
+
+def run_training_tensors(data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uint8 images (N, C, H, W) and labels (N,) a run trained on, rebuilt from the ``data`` section of its
+    config (a snapshot's metadata): ``data.dataset`` as the run built it, subset included.
+
+    Only in-memory datasets (the built-in ones) are rebuilt; the spec may name the project's packages only, since a
+    snapshot may come from anywhere.
+    """
+    spec = data.get("dataset") if isinstance(data, Mapping) else None
+    if not isinstance(spec, Mapping) or "_target_" not in spec:
+        raise ValueError(f"the config's data section has no dataset spec (data.dataset with a _target_); got {spec!r}")
+    try:
+        dataset = build(spec)
+    except BuildError as e:
+        raise ValueError(f"cannot rebuild the run's training data from data.dataset: {e}") from e
+    if not hasattr(dataset, "tensors"):
+        raise ValueError(f"the run trained on {type(dataset).__name__}, which is not held in memory; the training "
+                         "images are rebuilt for the built-in data sets only")
+    return dataset.tensors()

@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from gen.data.base import Split, TensorImageDataset, select_split
+from gen.data.base import Split, TensorImageDataset, select_split, stratified_subset
 from gen.data.transforms import pad_or_resize
 
 
@@ -38,6 +38,9 @@ class MNIST5k(TensorImageDataset):
         resolution: output side; 32 by default so patch sizes 2/4/8 divide it.
         mode: "pad" centres the 28x28 digit on a zero canvas (pixels unchanged); "resize" resamples.
         heldout: held-out size, split evenly over the classes.
+        subset: train on this many of the training digits only (a fixed class-stratified choice, the same on every
+            machine; ``None``: all of them). A small training set is where a generator overfits within a CPU
+            budget (ScoreAug's yardstick); the held-out split is unchanged, so evaluation stays comparable.
     """
 
     def __init__(
@@ -46,9 +49,12 @@ class MNIST5k(TensorImageDataset):
         resolution: int = 32,
         mode: Literal["pad", "resize"] = "pad",
         heldout: int = 500,
+        subset: int | None = None,
     ) -> None:
         images, labels = _mnist_arrays()
         idx = select_split(labels, split, heldout, key="mnist5k")
+        if subset is not None:
+            idx = stratified_subset(idx, labels, subset, split, key="mnist5k/subset")
         x = pad_or_resize(torch.from_numpy(images[idx]), resolution, mode)
         super().__init__(x, torch.from_numpy(labels[idx]), num_classes=10, name="mnist5k")
         self.split = split
