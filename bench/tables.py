@@ -109,14 +109,20 @@ def _params(records: Sequence[dict[str, Any]], method: str) -> str:
 # Yardstick tables (any bench declared through bench/yardstick.py)
 
 
-def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20") -> str:
-    """FID at every kimg point (mean and both seeds), class accuracy and train speed at the last point."""
-    spec = bench_spec(bench)
-    recs = records.get(bench, [])
+def _rows(bench: str, methods: Sequence[str] | None) -> list[Any]:
+    """The bench's rows, or those named in ``methods`` (a table of rows with their own points, e.g. another data set)."""
+    return [row for row in bench_spec(bench).rows if methods is None or row.method in methods]
+
+
+def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20", methods: Sequence[str] | None = None) -> str:
+    """FID at every kimg point (mean and both seeds), class accuracy and train speed at the last point; the rows in
+    ``methods`` only, when given."""
+    rows_ = _rows(bench, methods)
+    recs = [r for r in records.get(bench, []) if r.get("method") in {row.method for row in rows_}]
     points = sorted({r["kimg"] for r in evals(recs, variant=variant)})
     header = ["row", "params", *[f"FID @ {k:g} kimg" for k in points], "class acc. (last)", "train s/kimg"]
     rows = []
-    for row in spec.rows:
+    for row in rows_:
         mine = evals(recs, method=row.method, variant=variant)
         if not mine:
             continue
@@ -128,14 +134,16 @@ def fid_vs_kimg(records: Records, bench: str, variant: str = "euler20") -> str:
     return table(header, rows)
 
 
-def memorisation(records: Records, bench: str, variant: str = "euler20") -> str:
+def memorisation(records: Records, bench: str, variant: str = "euler20", methods: Sequence[str] | None = None) -> str:
     """The memorisation rate (``eval.memorisation``: share of samples nearer to a training image than the median
-    held-out image is; ~0.5 for samples like fresh data, towards 1 for copies) at every kimg point, mean and seeds."""
-    spec = bench_spec(bench)
-    recs = [r for r in evals(records.get(bench, []), variant=variant) if "memorisation_rate" in r]
+    held-out image is; ~0.5 for samples like fresh data, towards 1 for copies) at every kimg point, mean and seeds;
+    the rows in ``methods`` only, when given."""
+    rows_ = _rows(bench, methods)
+    recs = [r for r in evals(records.get(bench, []), variant=variant)
+            if "memorisation_rate" in r and r["method"] in {row.method for row in rows_}]
     points = sorted({r["kimg"] for r in recs})
     rows = []
-    for row in spec.rows:
+    for row in rows_:
         mine = [r for r in recs if r["method"] == row.method]
         if mine:
             rows.append([_label(row), *[fmt_seeds(by_seed([r for r in mine if r["kimg"] == k], "memorisation_rate"), 3)
@@ -571,43 +579,49 @@ def rate_at_fid(curve: Sequence[tuple[float, float]], fid: float) -> float | Non
     return None
 
 
-def _scoreaug_matched(recs: Sequence[dict[str, Any]]) -> str:
-    """Memorisation at matched FID, per seed: ScoreAug's at its last point against the plain run's when the plain run
-    had the same FID (interpolated between its points), which separates holding memorisation down from learning
-    slower; empty where a seed's plain run never had that FID."""
+def _scoreaug_matched(recs: Sequence[dict[str, Any]], aug: str = "scoreaug", base: str = "dit") -> str:
+    """Memorisation at matched FID, per seed: ScoreAug's (row ``aug``) at its last point against the plain run's
+    (``base``) when the plain run had the same FID (interpolated between its points), which separates holding
+    memorisation down from learning slower; empty where a seed's plain run never had that FID."""
     out = []
     for s in sorted({int(r["seed"]) for r in recs}):
         mine = {m: sorted((r for r in recs if r["method"] == m and int(r["seed"]) == s), key=lambda r: r["kimg"])
-                for m in ("scoreaug", "dit")}
-        if not mine["scoreaug"] or not mine["dit"]:
+                for m in (aug, base)}
+        if not mine[aug] or not mine[base]:
             continue
-        end = mine["scoreaug"][-1]
-        plain = rate_at_fid([(r["fid"], r["memorisation_rate"]) for r in mine["dit"]], end["fid"])
+        end = mine[aug][-1]
+        plain = rate_at_fid([(r["fid"], r["memorisation_rate"]) for r in mine[base]], end["fid"])
         if plain is not None:
             out.append(f"{end['memorisation_rate']:.3f} vs {plain:.3f}")
     return (f"; memorisation at matched FID (ScoreAug's final FID, the plain run interpolated to it): {' / '.join(out)}"
             if out else "")
 
 
-def _scoreaug(records: Records) -> tuple[str, str] | None:
-    """ScoreAug against the plain run at the last point: memorisation rate (lower is better) and FID."""
+def _scoreaug(aug: str, base: str) -> Callable[[Records], tuple[str, str] | None]:
+    """ScoreAug (row ``aug``) against the plain run (``base``) at their last point: memorisation rate (lower is
+    better) and FID."""
+    return lambda records: _scoreaug_claim(records, aug, base)
+
+
+def _scoreaug_claim(records: Records, aug: str, base: str) -> tuple[str, str] | None:
     recs = evals(records.get("scoreaug", []), variant="euler20")
+    recs = [r for r in recs if r["method"] in (aug, base)]
     if not recs:
         return None
     last = max(r["kimg"] for r in recs)
     rate = {m: by_seed([r for r in recs if r["method"] == m and r["kimg"] == last], "memorisation_rate")
-            for m in ("scoreaug", "dit")}
-    fid = compare(final_fids(records, "scoreaug", "scoreaug"), final_fids(records, "scoreaug", "dit"))
-    mem = compare(rate["scoreaug"], rate["dit"])
+            for m in (aug, base)}
+    fid = compare(final_fids(records, "scoreaug", aug), final_fids(records, "scoreaug", base))
+    mem = compare(rate[aug], rate[base])
     if fid is None or mem is None:
         return None
-    a, b = rate["scoreaug"], rate["dit"]
+    a, b = rate[aug], rate[base]
     mem_text = (f"{statistics.mean(a.values()):.3f} ({min(a.values()):.3f}-{max(a.values()):.3f}) vs "
                 f"{statistics.mean(b.values()):.3f} ({min(b.values()):.3f}-{max(b.values()):.3f})")
     verdict = (PENDING if PENDING in (mem[1], fid[1]) else
                "yes" if mem[1] == "yes" and fid[1] != "no" else "no" if mem[1] == "no" or fid[1] == "no" else
                "within seed spread")
-    matched = _scoreaug_matched([r for r in recs if "memorisation_rate" in r])
+    matched = _scoreaug_matched([r for r in recs if "memorisation_rate" in r], aug, base)
     return f"at {last:g}k: memorisation {mem_text}; FID {fid[0]}{matched}", verdict
 
 
@@ -941,8 +955,12 @@ CLAIMS: tuple[Claim, ...] = (
           "the SLAM row's reason: at this size and budget the sub-path points (gamma < 1) move the sampled gamma = 1 "
           "function away from the trajectory's end at every level, where LCM moves it towards it (bench/README.md, "
           "'Why SLAM falls short here'); the paper's comparison is SD-v1.5 after days of A100 training"),
+    Claim("ScoreAug, 500 digits", "Hou et al. 2025", "augmenting the noisy input and the target together (the network "
+          "told the transform) keeps a small data set from being memorised, at equal or better FID (here: 500 of the "
+          "digits, 192k images, 384 passes)", _scoreaug("scoreaug_500", "dit_500")),
     Claim("ScoreAug", "Hou et al. 2025", "augmenting the noisy input and the target together (the network told the "
-          "transform) keeps a small data set from being memorised, at equal or better FID", _scoreaug,
+          "transform) keeps a small data set from being memorised, at equal or better FID (here: mnist5k's 4,500 "
+          "training digits, 384k images)", _scoreaug("scoreaug", "dit"),
           "the plain run has not overfitted mnist5k by 384k images (85 passes): its memorisation rate stays below the "
           "held-out level 0.5 (0.15, 0.28, 0.35 at 96, 192, 384k) and its FID still falls (10.8 -> 6.2 from 192 to "
           "384k), so there is no overfitting yet for ScoreAug to prevent, and its harder task costs learning speed; "
@@ -1021,8 +1039,10 @@ TABLES: dict[str, Callable[[Records], str]] = {
     "curriculum/reach": lambda r: reach(r, "curriculum", "dit"),
     "curriculum/quickstart": lambda r: at_last_point(r, "curriculum", "qs"),
     "averaging": averaging,
-    "scoreaug/fid_vs_kimg": lambda r: fid_vs_kimg(r, "scoreaug"),
-    "scoreaug/memorisation": lambda r: memorisation(r, "scoreaug"),
+    "scoreaug/fid_vs_kimg": lambda r: fid_vs_kimg(r, "scoreaug", methods=("dit", "scoreaug")),
+    "scoreaug/memorisation": lambda r: memorisation(r, "scoreaug", methods=("dit", "scoreaug")),
+    "scoreaug/fid_vs_kimg_500": lambda r: fid_vs_kimg(r, "scoreaug", methods=("dit_500", "scoreaug_500")),
+    "scoreaug/memorisation_500": lambda r: memorisation(r, "scoreaug", methods=("dit_500", "scoreaug_500")),
     "scoreaug/quickstart": lambda r: at_last_point(r, "scoreaug", "qs"),
 }
 
@@ -1130,15 +1150,16 @@ def plot(records: Records, out_dir: Path) -> list[Path]:
         # a bench with a cost plot has rows of several solvers: its NFE axis is drawn there, one curve per solver
         for kind in ("kimg",) if bench in COST_PLOTS else ("kimg", "nfe"):
             fig, ax = plt.subplots(figsize=(5.5, 4))
-            drawn = False
+            drawn, lasts = False, set()
             for i, row in enumerate(spec.rows):
                 if kind == "kimg":
                     rs = [r for r in recs if main is not None and r["method"] == row.method and r["variant"] == main.name]
                     pts = [(r["kimg"], r["fid"]) for r in rs]
-                else:
-                    last = max((r["kimg"] for r in recs if r["variant"] in plain), default=None)
-                    rs = [r for r in recs if r["method"] == row.method and r["variant"] in plain and r["kimg"] == last]
-                    pts = [(plain[r["variant"]].steps, r["fid"]) for r in rs]
+                else:  # each row at its own last point (rows may have their own points)
+                    mine = [r for r in recs if r["method"] == row.method and r["variant"] in plain]
+                    last = max((r["kimg"] for r in mine), default=None)
+                    pts = [(plain[r["variant"]].steps, r["fid"]) for r in mine if r["kimg"] == last]
+                    lasts.update({last} if pts else set())
                 if not pts:
                     continue
                 xs = sorted({x for x, _ in pts})
@@ -1156,7 +1177,7 @@ def plot(records: Records, out_dir: Path) -> list[Path]:
             counts = sorted({r["num_images"] for r in recs})
             ax.set_ylabel(f"yardstick FID ({', '.join(f'{n:,}' for n in counts)} samples)")
             title = f"{bench}: FID vs training images ({main.label if main else ''})" if kind == "kimg" else (
-                f"{bench}: FID vs NFE at {last:g} kimg")
+                f"{bench}: FID vs NFE at " + (f"{next(iter(lasts)):g} kimg" if len(lasts) == 1 else "each row's last point"))
             ax.set_title(title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)

@@ -435,6 +435,19 @@ def test_scoreaug_memorisation_table_and_claim() -> None:
     line = next(x for x in tables.claims(slower).splitlines() if x.startswith("| ScoreAug |"))
     assert "memorisation at matched FID (ScoreAug's final FID, the plain run interpolated to it): 0.250 vs 0.300 / " \
            "0.250 vs 0.300" in line and line.split(" | ")[4] == "no"  # lower memorisation, worse FID at 384k
+    # The 500-digit rows have their own points and claim row; the 4,500-digit tables and claim do not mix them in.
+    small = {"scoreaug": records["scoreaug"] + [rec("dit_500", s, k, 10.0 + k / 10, 0.4 + k / 400) for s in (0, 1)
+                                                for k in (24, 192)]
+             + [rec("scoreaug_500", s, k, 12.0, 0.45) for s in (0, 1) for k in (24, 192)]}
+    assert tables.memorisation(small, "scoreaug", methods=("dit", "scoreaug")) == tables.memorisation(records, "scoreaug")
+    assert "@ 24 kimg" not in tables.fid_vs_kimg(small, "scoreaug", methods=("dit", "scoreaug"))
+    text = tables.memorisation(small, "scoreaug", methods=("dit_500", "scoreaug_500"))
+    assert "memorisation @ 24 kimg | memorisation @ 192 kimg |" in text and "@ 384" not in text
+    assert "**0.880** (0.880 / 0.880)" in text and "**0.450** (0.450 / 0.450)" in text
+    claims = {x.split(" | ")[0][2:]: x for x in tables.claims(small).splitlines() if x.startswith("| ScoreAug")}
+    assert "at 192k: memorisation 0.450 (0.450-0.450) vs 0.880 (0.880-0.880); FID" in claims["ScoreAug, 500 digits"]
+    assert claims["ScoreAug, 500 digits"].split(" | ")[4] == "yes"  # 12 against 29.2: better FID, less memorised
+    assert claims["ScoreAug"] == next(x for x in tables.claims(records).splitlines() if x.startswith("| ScoreAug |"))
     assert tables.rate_at_fid([(30.0, 0.1), (20.0, 0.3), (10.0, 0.5)], 15.0) == pytest.approx(0.4)
     assert tables.rate_at_fid([(30.0, 0.1), (20.0, 0.3)], 15.0) is None
 
