@@ -686,14 +686,11 @@ def _dataset(snapshot: Path) -> str:
     return load_snapshot_config(snapshot)["data"]["name"]
 
 
-def _trained_on(snapshot: Path) -> torch.Tensor | None:
-    """The images the snapshot's run trained on (a row on a subset of the data measures memorisation against it);
-    ``None`` (the data set's training split) for a snapshot written before snapshots carried ``data.dataset``, which
-    is exact: the subset option came with that key, so such a run trained on the whole split."""
+def _trained_on(snapshot: Path) -> torch.Tensor:
+    """The images the snapshot's run trained on (a row on a subset of the data measures memorisation against it)."""
     from gen.data.base import run_training_tensors
 
-    data = load_snapshot_config(snapshot)["data"]
-    return run_training_tensors(data)[0] if "dataset" in data else None
+    return run_training_tensors(load_snapshot_config(snapshot)["data"])[0]
 
 
 def utc_now() -> str:

@@ -164,8 +164,12 @@ def test_run_training_tensors_rebuild_what_a_run_trained_on(tmp_path) -> None:  
     assert torch.equal(images, MNIST5k(subset=40).tensors()[0]) and torch.equal(labels, MNIST5k(subset=40).labels)
     shapes = {"_target_": "gen.data.shapes.Shapes", "count": 12, "resolution": 32}
     assert run_training_tensors({"dataset": shapes})[0].shape == (12, 3, 32, 32)
-    with pytest.raises(ValueError, match="no dataset spec"):
-        run_training_tensors({"name": "mnist5k"})
+    # a snapshot written before snapshots carried data.dataset trained on a built-in data set's whole training split
+    old = run_training_tensors({"name": "mnist5k", "channels": 1, "resolution": 32, "num_classes": 10})
+    assert torch.equal(old[0], MNIST5k(split="train").tensors()[0])
+    assert run_training_tensors({"name": "shapes", "resolution": 16})[0].shape == (5000, 3, 16, 16)
+    with pytest.raises(ValueError, match="no dataset spec .* names no built-in data set"):
+        run_training_tensors({"name": "imagenet", "resolution": 256})
     with pytest.raises(ValueError, match="cannot rebuild the run's training data from data.dataset.*os.system"):
         run_training_tensors({"dataset": {"_target_": "os.system", "command": "true"}})  # a snapshot names project code only
     _write_class_folders(tmp_path)

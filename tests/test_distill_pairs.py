@@ -194,3 +194,17 @@ def test_real_data_pairs_invert_the_teacher(tmp_path: Path, teacher_snapshot: Pa
         PairShards(str(synth), real_root=str(synth))
     with pytest.raises(ValueError, match="teacher was trained on 'mnist5k'"):
         _pairs(teacher_snapshot, tmp_path / "shapes", real="shapes")
+    # A teacher trained on a subset inverts that subset; one written before snapshots carried data.dataset, the
+    # whole training split (what it trained on).
+    def with_data(dataset: dict | None):  # noqa: ANN202
+        def edit(config: dict) -> dict:
+            data = {k: v for k, v in config["data"].items() if k != "dataset"}
+            return {**config, "data": data if dataset is None else {**data, "dataset": dataset}}
+        return edit
+
+    sub = edited_teacher(teacher_snapshot, tmp_path / "sub.safetensors", config_fn=with_data(
+        {"_target_": "gen.data.builtin.MNIST5k", "split": "train", "subset": 20}))
+    assert torch.equal(_shards(_pairs(sub, tmp_path / "sub", num=3, steps=2, real="mnist5k"))["x"],
+                       MNIST5k(subset=20).images[:3].float() / 127.5 - 1)
+    old = edited_teacher(teacher_snapshot, tmp_path / "old.safetensors", config_fn=with_data(None))
+    assert torch.equal(_shards(_pairs(old, tmp_path / "old", num=3, steps=2, real="mnist5k"))["x"], got["x"][:3])

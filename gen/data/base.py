@@ -132,16 +132,28 @@ def stratified_subset(idx: np.ndarray, labels: np.ndarray, size: int, split: str
     return idx[kept]
 
 
+# The training split of each built-in data set as a run built it before snapshots carried ``data.dataset``: such a
+# run trained on the whole split (the subset option came with that key), so rebuilding it this way is exact.
+_BUILTIN_TRAIN = {"mnist5k": {"_target_": "gen.data.builtin.MNIST5k", "split": "train"},
+                  "shapes": {"_target_": "gen.data.shapes.Shapes"}}
+
+
 def run_training_tensors(data: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """The uint8 images (N, C, H, W) and labels (N,) a run trained on, rebuilt from the ``data`` section of its
-    config (a snapshot's metadata): ``data.dataset`` as the run built it, subset included.
+    config (a snapshot's metadata): ``data.dataset`` as the run built it, subset included (a snapshot written before
+    it carried ``data.dataset``: the built-in data set's whole training split at its resolution).
 
     Only in-memory datasets (the built-in ones) are rebuilt; the spec may name the project's packages only, since a
     snapshot may come from anywhere.
     """
-    spec = data.get("dataset") if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping):
+        raise ValueError(f"need the config's data section (a mapping), got {type(data).__name__}")
+    spec = data.get("dataset")
+    if spec is None and data.get("name") in _BUILTIN_TRAIN and "resolution" in data:
+        spec = {**_BUILTIN_TRAIN[str(data["name"])], "resolution": data["resolution"]}
     if not isinstance(spec, Mapping) or "_target_" not in spec:
-        raise ValueError(f"the config's data section has no dataset spec (data.dataset with a _target_); got {spec!r}")
+        raise ValueError(f"the config's data section has no dataset spec (data.dataset with a _target_) and names no "
+                         f"built-in data set ({sorted(_BUILTIN_TRAIN)}); got {dict(data)!r}")
     try:
         dataset = build(spec)
     except BuildError as e:
