@@ -170,6 +170,11 @@ def test_reach_table_counts_against_the_baselines_final_fid() -> None:
     repa = next(line for line in text.splitlines() if line.startswith("| DiT + REPA"))
     assert "| 8.0 |" in dit and "1.00x" in dit
     assert "| 4.0 |" in repa and "0.50x" in repa
+    # A third baseline seed (protocol v2 adds one where ranges overlap): a two-seed row is read over its own seeds,
+    # and the seed it has no run for says so (not "-", which means "not reached").
+    recs += [rec("dit", 2, k, f) for k, f in ((4.0, 80.0), (8.0, 40.0))]
+    repa = next(x for x in tables.reach({"alignment": recs}, "alignment", "dit").splitlines() if x.startswith("| DiT + REPA"))
+    assert repa.split(" | ")[1:4] == ["4.0", "4.0 / 4.0 / no run", "0.50x |"]
 
 
 def test_yardstick_all_plans_what_is_left_and_never_runs_a_shared_folder_twice(tmp_path: Path) -> None:
