@@ -943,7 +943,12 @@ CLAIMS: tuple[Claim, ...] = (
           "NFE on the mean (12.9 and 9.2). The paper compares with human preference at 1024 px, not FID against the teacher"),
     Claim("TDM-unify", "Luo et al. 2025", "one student for any step count, as good at 4 steps",
           _near_best("distill", "tdm_unify", "tdmu4", "dit", 1.1),
-          "its seeds fall on both sides of the aim (1.16 / 0.96), as TDM's did: its third seed is queued"),
+          "its seeds fall on both sides of the aim, as TDM's did: 1.09x on the mean of 3 seeds (1.16 / 0.96 / 1.15), "
+          "two of them above. The third seed's student started from a re-training of its teacher (same config and "
+          "seed; the first training's folder was lost with a checkout, and the two differ in float rounding), so "
+          "its ratio is against the recorded teacher's best of seed 2, not its own teacher's (flagged); re-measuring "
+          "that teacher would put TDM's seed-2 student on another teacher in turn, so the clean fix is TDM and "
+          "TDM-unify seed 2 both from one training (about 1.2 h)"),
     Claim("SLAM", "Xu et al. 2024", "a 4-step student near its teacher's quality (aim as issue 20's: within 1.1x of "
           "the teacher's best)", _near_best("distill", "slam", "slam4", "dit", 1.1),
           "the sub-path part, measured: LCM, the same run with gamma = 1 only, reaches 47.5 / 16.3 / 10.8 at 1 / 2 / 4 "
