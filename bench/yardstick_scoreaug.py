@@ -6,7 +6,7 @@ DiT (``yardstick_dit``) and the same recipe with ScoreAug (``yardstick_scoreaug`
 96, 192 and 384k images (1,000 samples, Euler 20 without guidance at every point, the quick start's sampler at the
 last), each evaluation with the memorisation rate (``eval.memorisation``: the share of samples nearer to a training
 digit, in yardstick features, than the median held-out digit is; ~0.5 for fresh-data-like samples, towards 1 for
-copies). Where the plain row's rate climbs while its FID stops improving is where the digits are overfitted; the
+copies). A rate above 0.5 is where the digits are overfitted by memorisation (the FID turning up, the later sign); the
 question is whether ScoreAug holds the rate down there at an equal or better FID. The rows ``dit_500`` and
 ``scoreaug_500`` train on 500 of the 4,500 digits (``data.dataset.subset=500``) to 384k images (24-384k),
 their memorisation measured against those 500 (the FID reference stays the whole training split).
