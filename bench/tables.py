@@ -763,13 +763,16 @@ def _dilemma(records: Records, bench: str = "yardstick_tokenizers") -> tuple[str
     gen = compare(final_fids(records, bench, "kl_f4d4"), final_fids(records, bench, "kl_f4d64"))
     assert gen is not None
     means = {m: statistics.mean(final_fids(records, bench, m).values()) for m in sweep}
-    rfid = " / ".join(f"{recon[m]['rfid']:.1f}" for m in sweep)
+    rfid = " / ".join(f"{recon[m]['rfid']:.2f}" for m in sweep)
     text = (f"rFID {rfid}, generation FID "
             f"{' / '.join(f'{means[m]:.1f}' for m in sweep)} at {' / '.join(str(recon[m]['channels']) for m in sweep)} "
             f"channels; generation 4 vs 64 channels: {gen[0]}")
     recon_better = recon["kl_f4d64"]["rfid"] < recon["kl_f4d4"]["rfid"]
-    verdict = (gen[1] if gen[1] == PENDING else "no" if not recon_better or gen[1] == "no" else
-               "yes" if gen[1] == "yes" else "reconstruction only; generation within seed spread")
+    # Each half on its own: a "no" only where neither holds or generation goes the other way.
+    verdict = (gen[1] if gen[1] == PENDING else "no" if gen[1] == "no" or (not recon_better and gen[1] != "yes")
+               else "yes" if recon_better and gen[1] == "yes"
+               else "generation only; reconstruction not better" if gen[1] == "yes"
+               else "reconstruction only; generation within seed spread")
     return text, verdict
 
 
