@@ -1008,31 +1008,42 @@ CLAIMS: tuple[Claim, ...] = (
 
 
 
+def _evaluation(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes an evaluation record one evaluation: a re-evaluation of the same snapshot has the same FID (the
+    sampling is seeded) but its own timing; a copy has both."""
+    return r["snapshot"], r["variant"], r["num_images"], r["fid"], r.get("eval_seconds")
+
+
 def cost(records: Records) -> str:
-    """What the harness benches' stored records cost on this machine, in single-thread process-hours: training (each
-    run once, however many benches share it: its last point's images at its median s/kimg) and evaluation (every
-    stored FID's ``eval_seconds``). The yardstick runs two such processes at a time (``--jobs 2``), so its wall time on
-    2 cores is about half the total. Pair drawing (2-RF++) and the own-driver benches (tokenizers, averaging) are
-    not in the records and not counted."""
+    """What the stored records cost on this machine, in single-thread process-hours: training (each run once, however
+    many benches share it: its last point's images at its median s/kimg; the tokenizer table adds its tokenizers'
+    training from their ``recon`` records) and evaluation (every stored FID's ``eval_seconds`` once: a record another
+    bench adopted as it was, the tokenizer table's pixels row, is not counted again; rFID's ``seconds``). The
+    yardstick runs two such processes at a time (``--jobs 2``), so its wall time on 2 cores is about half the total.
+    Pair drawing (2-RF++), latent extraction and the averaging bench are not in these records and not counted."""
     seen: set[str] = set()
+    counted: set[tuple[Any, ...]] = set()  # evaluations already counted (an adopted record is a copy, timing included)
     rows, totals = [], [0, 0.0, 0.0, 0, 0.0]
-    for bench in BENCH_MODULES:
-        recs = evals(records.get(bench, []))
-        if not recs:
+    for bench, label in [(b, b) for b in BENCH_MODULES] + [("yardstick_tokenizers", "tokenizers")]:
+        recs = [r for r in evals(records.get(bench, []))
+                if _evaluation(r) not in counted]
+        recon = [r for r in records.get(bench, []) if r.get("kind") == "recon"]
+        if not recs and not recon:
             continue
+        counted.update(_evaluation(r) for r in recs)
         runs: dict[str, dict[str, Any]] = {}
-        for r in recs:
+        for r in recs + recon:
             run = str(Path(r["snapshot"]).parent)
             if run not in seen and (run not in runs or r["kimg"] > runs[run]["kimg"]):
                 runs[run] = r
         seen.update(runs)
         kimg = sum(r["kimg"] for r in runs.values())
         train_h = sum(r["kimg"] * r.get("train", {}).get("sec_per_kimg", 0.0) for r in runs.values()) / 3600
-        eval_h = sum(float(r.get("eval_seconds", 0.0)) for r in recs) / 3600
-        for i, v in enumerate((len(runs), kimg, train_h, len(recs), eval_h)):
+        eval_h = (sum(float(r.get("eval_seconds", 0.0)) for r in recs) + sum(float(r["seconds"]) for r in recon)) / 3600
+        for i, v in enumerate((len(runs), kimg, train_h, len(recs) + len(recon), eval_h)):
             totals[i] += v
-        rows.append([bench, str(len(runs)), f"{kimg:,.0f}k", f"{train_h:.1f}", str(len(recs)), f"{eval_h:.1f}",
-                     f"{train_h + eval_h:.1f}"])
+        rows.append([label, str(len(runs)), f"{kimg:,.0f}k", f"{train_h:.1f}", str(len(recs) + len(recon)),
+                     f"{eval_h:.1f}", f"{train_h + eval_h:.1f}"])
     n, kimg, train_h, fids, eval_h = totals
     rows.append(["**all**", str(n), f"{kimg:,.0f}k", f"{train_h:.1f}", str(fids), f"{eval_h:.1f}",
                  f"**{train_h + eval_h:.1f}** (wall at 2 jobs: about {(train_h + eval_h) / 2:.1f})"])

@@ -261,13 +261,14 @@ class Run:
         """Training numbers up to ``kimg``: median s/kimg (load-dependent), last logged loss, batch, parameters."""
         stats = self.run_dir / "stats.jsonl"
         rows = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()] if stats.exists() else []
-        rows = [r for r in rows if "loss" in r and r["kimg"] <= kimg + 1e-9]
+        # Training lines are those with a speed (a tokenizer's loss is logged as "autoencoder/loss", not "loss").
+        rows = [r for r in rows if "sec_per_kimg" in r and r["kimg"] <= kimg + 1e-9]
         out: dict[str, Any] = {}
         if rows:
             out["sec_per_kimg"] = statistics.median(r["sec_per_kimg"] for r in rows)
-            out["loss"] = rows[-1]["loss"]
-            if "mse" in rows[-1]:
-                out["mse"] = rows[-1]["mse"]
+            for key in ("loss", "mse", "autoencoder/loss"):
+                if key in rows[-1]:
+                    out[key] = rows[-1][key]
         cfg = self.run_dir / "config.yaml"
         if cfg.exists():
             import yaml

@@ -29,6 +29,22 @@ def test_snapshot_interval_covers_every_point() -> None:
     assert yardstick.snapshot_interval((0.064, 0.128)) == pytest.approx(0.064)
 
 
+def test_train_summary_reads_generator_and_tokenizer_logs(tmp_path: Path) -> None:
+    """Speed is the median over the training lines up to ``kimg``, whichever loss a trainer logs (a tokenizer's
+    is ``autoencoder/loss``); lines past ``kimg`` and lines without a speed are left out."""
+    import json
+
+    for name, loss_key in (("gen", "loss"), ("tok", "autoencoder/loss")):
+        run = yardstick.Run("b", yardstick.Row(name, ()), 0, (4.0,), tmp_path)
+        run.run_dir.mkdir(parents=True)
+        lines = [{"kimg": k, "sec_per_kimg": v, loss_key: 1.0 / k} for k, v in ((1.0, 3.0), (2.0, 5.0), (3.0, 4.0),
+                                                                             (5.0, 100.0))]
+        lines.insert(1, {"kimg": 1.5, "fid": 9.0})  # an evaluation line: no speed
+        (run.run_dir / "stats.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        out = run.train_summary(4.0)
+        assert out["sec_per_kimg"] == 4.0 and out[loss_key] == pytest.approx(1.0 / 3.0)
+
+
 def test_train_command_resumes_in_its_own_folder(tmp_path: Path) -> None:
     row = yardstick.Row("dit", ("experiment=yardstick_dit",))
     run = yardstick.Run("b", row, 1, (8.0, 16.0, 32.0, 64.0), tmp_path)
@@ -350,11 +366,18 @@ def test_cost_counts_each_training_run_once_at_its_last_point_and_every_evaluati
     dit = [rec("dit", 0, k, "backbones/dit-s0", 360.0) for k in (16, 64, 96)]  # 96k images at 30 s/kimg: 0.8 h
     records = {"backbones": dit,
                # the curriculum table reads the same plain run (not trained again) and trains its own row
-               "curriculum": [rec("dit", 0, 96, "backbones/dit-s0", 360.0), rec("curriculum", 0, 96, "curriculum/c-s0", 0)]}
+               # and evaluates its snapshot again (same FID, its own timing)
+               "curriculum": [rec("dit", 0, 96, "backbones/dit-s0", 350.0), rec("curriculum", 0, 96, "curriculum/c-s0", 0)]}
     lines = tables.cost(records).splitlines()
     assert lines[2] == "| backbones | 1 | 96k | 0.8 | 3 | 0.3 | 1.1 |"
     assert lines[3] == "| curriculum | 1 | 96k | 0.8 | 2 | 0.1 | 0.9 |"
     assert lines[4].startswith("| **all** | 2 | 192k | 1.6 | 5 | 0.4 | **2.0** (wall at 2 jobs: about 1.0)")
+    # The tokenizer table: a record adopted as it was is not counted again; its tokenizers' training and rFID are.
+    tok = {"kind": "recon", "method": "kl", "kimg": 64.0, "snapshot": "runs/yardstick/tokenizers/tok-kl-s0/s.safetensors",
+           "seconds": 36.0, "train": {"sec_per_kimg": 56.25}}  # 64k images at 56.25 s/kimg: 1.0 h
+    lines = tables.cost({**records, "yardstick_tokenizers": [dit[-1], tok]}).splitlines()
+    assert lines[4] == "| tokenizers | 1 | 64k | 1.0 | 1 | 0.0 | 1.0 |"
+    assert lines[5].startswith("| **all** | 3 | 256k | 2.6 | 6 | 0.4 | **3.0**")
 
 
 def test_faster_claim_reads_every_seed_against_its_own_target() -> None:
