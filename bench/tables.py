@@ -1025,8 +1025,7 @@ def cost(records: Records) -> str:
     counted: set[tuple[Any, ...]] = set()  # evaluations already counted (an adopted record is a copy, timing included)
     rows, totals = [], [0, 0.0, 0.0, 0, 0.0]
     for bench, label in [(b, b) for b in BENCH_MODULES] + [("yardstick_tokenizers", "tokenizers")]:
-        recs = [r for r in evals(records.get(bench, []))
-                if _evaluation(r) not in counted]
+        recs = [r for r in evals(records.get(bench, [])) if _evaluation(r) not in counted]
         recon = [r for r in records.get(bench, []) if r.get("kind") == "recon"]
         if not recs and not recon:
             continue

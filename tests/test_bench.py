@@ -8,6 +8,7 @@ schedule read back through ``sampler.sharing`` runs exactly the planned encoder 
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import sys
 from pathlib import Path
@@ -32,8 +33,6 @@ def test_snapshot_interval_covers_every_point() -> None:
 def test_train_summary_reads_generator_and_tokenizer_logs(tmp_path: Path) -> None:
     """Speed is the median over the training lines up to ``kimg``, whichever loss a trainer logs (a tokenizer's
     is ``autoencoder/loss``); lines past ``kimg`` and lines without a speed are left out."""
-    import json
-
     for name, loss_key in (("gen", "loss"), ("tok", "autoencoder/loss")):
         run = yardstick.Run("b", yardstick.Row(name, ()), 0, (4.0,), tmp_path)
         run.run_dir.mkdir(parents=True)
