@@ -170,12 +170,13 @@ def fid(snapshot: Path, args: argparse.Namespace, sampler: dict[str, Any] | str 
 
 
 def planned_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
-    """(method, kimg) of every row of one seed, in the order they are computed."""
+    """(method, kimg) of every row of one seed, in the order they are computed (the 20-step searches last: they
+    take most of the time)."""
     return ([("raw", args.kimg)] + [(f"ema-hl{h:g}k", args.kimg) for h in HALFLIVES]
             + [(f"posthoc-{float(v):g}", args.kimg) for v in args.sigma_rel.split(",")]
-            + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")]
             + ([(m, args.ect_kimg) for m in ("ect-raw", "ect-ema", "ect-ema-2step", "ect-lcsc")]
-               if args.ect_kimg > 0 else []))
+               if args.ect_kimg > 0 else [])
+            + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")])
 
 
 def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
@@ -241,12 +242,7 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
     for sigma in sigmas:
         add(f"posthoc-{sigma:g}", args.kimg, phema,
             lambda sigma=sigma: phema / f"posthoc-{last:09d}-sigma{sigma:g}.safetensors")
-    for k in [float(v) for v in args.lcsc_kimg.split(",")]:
-        old = stored("lcsc", k, phema)
-        if old is not None:
-            rows.append(old)
-            continue
-        new({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER), "run_sha256": identity(phema)})
+    # The 1-step rows first: their search samples one step, not 20, so a stopped bench has them early.
     if args.ect_kimg > 0:
         from yardstick_consistency import consistency_sampler  # the consistency table's samplers
 
@@ -260,6 +256,12 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
             rows.append(old)
         else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
             new({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, []), "run_sha256": identity(ect)})
+    for k in [float(v) for v in args.lcsc_kimg.split(",")]:
+        old = stored("lcsc", k, phema)
+        if old is not None:
+            rows.append(old)
+            continue
+        new({"method": "lcsc", "kimg": k, **lcsc(phema, k, args, SAMPLER), "run_sha256": identity(phema)})
     return [{"seed": seed, **r} for r in rows]
 
 
