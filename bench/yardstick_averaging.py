@@ -75,8 +75,11 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 KINDS = ("ema", "phema")
-SETTINGS = ("kimg", "snapshot_kimg", "sigma_rel", "lcsc_kimg", "last", "population", "generations", "fitness_images",
-            "num_images", "smoke", "ect_kimg")  # what a stored row depends on: rows stored under other values are recomputed
+# What a stored row depends on: rows stored under other values are recomputed. The grids (--sigma-rel, --lcsc-kimg)
+# are not in it: they only choose which rows exist (a row is keyed by its method and time), so a grid extended keeps
+# the rows already made and a grid narrowed drops the rows outside it.
+SETTINGS = ("kimg", "snapshot_kimg", "last", "population", "generations", "fitness_images", "num_images", "smoke",
+            "ect_kimg")
 ECT_STATE_KIMG = 2.0  # the ECT run's raw training states, LCSC's candidates (every 64 steps at batch 32)
 
 
@@ -180,14 +183,17 @@ def planned_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 
 def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
-    """Rows already in the records file, by (seed, method, kimg), if they were computed with the same settings."""
+    """Rows already in the records file, by (seed, method, kimg), if they were computed with the same settings and
+    are among the rows ``args`` plans."""
     if not out.exists():
         return {}
     data = json.loads(out.read_text())
     settings = data.get("settings", {})
     if any(settings.get(k) != getattr(args, k) for k in SETTINGS):
         return {}
-    return {(int(r["seed"]), r["method"], float(r["kimg"])): r for r in data.get("records", [])}
+    planned = {(m, float(k)) for m, k in planned_rows(args)}
+    return {(int(r["seed"]), r["method"], float(r["kimg"])): r for r in data.get("records", [])
+            if (r["method"], float(r["kimg"])) in planned}
 
 
 def rows_for_seed(args: argparse.Namespace, seed: int,
@@ -346,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--kimg", type=float, default=96.0)
     p.add_argument("--snapshot-kimg", type=float, default=4.0)
-    p.add_argument("--sigma-rel", default="0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2")
+    p.add_argument("--sigma-rel", default="0.01,0.015,0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25")
     p.add_argument("--lcsc-kimg", default="24,48,72,96", help="times at which LCSC searches (images-saved curve)")
     p.add_argument("--ect-kimg", type=float, default=32.0,
                    help="the 1-step part: ECT tuned this long from each seed's classic run (0 skips it)")

@@ -512,7 +512,7 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
             "--generations", "2", "--fitness-images", "500", "--sec-per-kimg", "10", "--sec-per-eval", "60"]
     ya.main([*argv, "--estimate"])
     # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times; ECT raw, EMA (1 and 2 steps), LCSC
-    rows_per_seed = 1 + len(ya.HALFLIVES) + 8 + 4 + 4
+    rows_per_seed = 1 + len(ya.HALFLIVES) + 11 + 4 + 4  # raw, the EMAs, the post-hoc widths, LCSC, ECT
     train_s = 2 * (2 * 96 + 32) * 10 / 2  # 2 seeds x (2 runs of 96k + ECT's 32k) at 10 s/kimg, 2 at a time
     eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30) / 2  # each row one FID; each search population x
     # generations; the 2 seeds evaluate in parallel (--jobs 2)
@@ -530,6 +530,12 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
                                "settings": settings}))
     assert list(ya.stored_rows(out, args)) == [(0, "raw", 96.0)]
     assert ya.stored_rows(out, ya.parse_args([*argv, "--num-images", "2000"])) == {}
+    # The grids only choose which rows exist: one extended keeps the rows made, one narrowed drops those outside it.
+    out.write_text(json.dumps({"records": [{"seed": 0, "method": m, "kimg": 96.0, "fid": 9.0}
+                                           for m in ("posthoc-0.02", "posthoc-0.2")], "settings": settings}))
+    wider = ya.parse_args([*argv, "--sigma-rel", "0.01,0.02,0.2"])
+    assert sorted(ya.stored_rows(out, wider)) == [(0, "posthoc-0.02", 96.0), (0, "posthoc-0.2", 96.0)]
+    assert list(ya.stored_rows(out, ya.parse_args([*argv, "--sigma-rel", "0.02"]))) == [(0, "posthoc-0.02", 96.0)]
 
 
 @pytest.mark.slow
