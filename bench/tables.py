@@ -476,28 +476,37 @@ def _averaging_rows(records: Records, method: str, kimg: float | None = None) ->
     return {int(r["seed"]): r for r in rs if float(r["kimg"]) == kimg}
 
 
-def _averaging_complete(records: Records, prefix: str) -> set[int]:
-    """Seeds that hold every row the bench plans (its default settings) whose method starts with ``prefix``.
+def _averaging_end() -> float:
+    """The averaging bench's run length (its default settings), in kimg."""
+    return float(bench_module("yardstick_averaging").parse_args([]).kimg)
+
+
+def _averaging_complete(records: Records, prefix: str, kimg: float | None = None) -> set[int]:
+    """Seeds that hold every row the bench plans (its default settings) whose method starts with ``prefix`` (at
+    ``kimg``, where given).
 
     The bench stores each row as it comes, so a best-of or a first-to-reach over a seed's partial set would be
     drawn from the rows that happened to finish first.
     """
     ya = bench_module("yardstick_averaging")
-    planned = {(m, float(k)) for m, k in ya.planned_rows(ya.parse_args([])) if m.startswith(prefix)}
+    planned = {(m, float(k)) for m, k in ya.planned_rows(ya.parse_args([]))
+               if m.startswith(prefix) and (kimg is None or float(k) == kimg)}
     have: dict[int, set[tuple[str, float]]] = {}
     for r in records.get("averaging", []):
         have.setdefault(int(r["seed"]), set()).add((r["method"], float(r["kimg"])))
     return {s for s, got in have.items() if planned <= got}
 
 
-def _averaging_best(records: Records, prefix: str) -> dict[int, dict[str, Any]]:
-    """Per seed, the row of lowest FID among the methods named ``prefix...`` (picked per seed, as a user would pick
-    the EMA length on their own run), for the seeds that hold all of them."""
+def _averaging_best(records: Records, prefix: str, kimg: float | None = None) -> dict[int, dict[str, Any]]:
+    """Per seed, the row of lowest FID among the methods named ``prefix...`` at ``kimg`` (default: the run's end;
+    picked per seed, as a user would pick the EMA length on their own run), for the seeds that hold all of them."""
+    kimg = _averaging_end() if kimg is None else kimg
     out: dict[int, dict[str, Any]] = {}
-    complete = _averaging_complete(records, prefix)
+    complete = _averaging_complete(records, prefix, kimg)
     for r in records.get("averaging", []):
         s = int(r["seed"])
-        if s in complete and r["method"].startswith(prefix) and (s not in out or r["fid"] < out[s]["fid"]):
+        if (s in complete and r["method"].startswith(prefix) and float(r["kimg"]) == kimg
+                and (s not in out or r["fid"] < out[s]["fid"])):
             out[s] = r
     return out
 
@@ -538,6 +547,7 @@ def averaging(records: Records) -> str:
             rows.append([label, f"{max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
 
     methods = sorted({r["method"] for r in recs})
+    end = _averaging_end()
     add("raw weights (last training state)", "raw")
     for m in sorted((m for m in methods if m.startswith("ema-")), key=lambda m: float(m[6:-1])):
         add(f"classic EMA, half-life {m[6:-1]}k images", m)
@@ -546,12 +556,16 @@ def averaging(records: Records) -> str:
         rows.append(["best classic EMA, per seed", f"{max(float(r['kimg']) for r in best.values()):g}k", fids(best),
                      " / ".join(r["method"][4:] for _, r in sorted(best.items()))])
     for m in sorted((m for m in methods if m.startswith("posthoc-")), key=lambda m: float(m[8:])):
-        add(f"post-hoc EMA, sigma_rel {m[8:]}", m)
+        add(f"post-hoc EMA, sigma_rel {m[8:]}", m, kimg=end)
     best = _averaging_best(records, "posthoc-")
     if best:
         rows.append(["best post-hoc EMA, per seed", f"{max(float(r['kimg']) for r in best.values()):g}k", fids(best),
                      " / ".join(f"sigma_rel {r['method'][8:]}" for _, r in sorted(best.items()))])
     for k in sorted({float(r["kimg"]) for r in recs if r["method"] == "lcsc"}):
+        best = _averaging_best(records, "posthoc-", k) if k < end else {}
+        if best:  # LCSC's baseline at equal training
+            rows.append([f"best post-hoc EMA at {k:g}k, per seed", f"{k:g}k", fids(best),
+                         " / ".join(f"sigma_rel {r['method'][8:]}" for _, r in sorted(best.items()))])
         got = _averaging_rows(records, "lcsc", k)
         note = (f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
                 f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "

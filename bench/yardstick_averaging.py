@@ -10,6 +10,8 @@ fitness never sees (its fitness uses seeds 0..); EMA widths and post-hoc widths 
 * ``raw``: the last training state's raw weights (the combiner with coefficient 1);
 * ``ema-hl<h>k``: the classic EMAs at the end; the best of them is the baseline;
 * ``posthoc-<width>``: the reconstructions of ``--sigma-rel`` at the end (``scripts.posthoc_ema``); the best is kept;
+* ``posthoc-<width>@<kimg>``: at each earlier LCSC time, the reconstructions of ``--same-time-sigma-rel`` there:
+  LCSC's baseline at equal training;
 * ``lcsc@<kimg>``: ``scripts.lcsc`` over the last ``--last`` raw states up to each of ``--lcsc-kimg`` (fitness on
   ``--fitness-images`` samples; the row's FID is the independent re-score on the row's seed set), with the search's
   cost (evaluations, seconds) and its overfitting to the fitness seeds: the winner's gap between fitness FID and
@@ -75,8 +77,8 @@ def _run(cmd: list[str], log: Path) -> None:
 
 
 KINDS = ("ema", "phema")
-# What a stored row depends on: rows stored under other values are recomputed. The grids (--sigma-rel, --lcsc-kimg)
-# are not in it: they only choose which rows exist (a row is keyed by its method and time), so a grid extended keeps
+# What a stored row depends on: rows stored under other values are recomputed. The grids (--sigma-rel, --lcsc-kimg,
+# --same-time-sigma-rel) are not in it: they only choose which rows exist (a row is keyed by its method and time), so a grid extended keeps
 # the rows already made and a grid narrowed drops the rows outside it.
 SETTINGS = ("kimg", "snapshot_kimg", "last", "population", "generations", "fitness_images", "num_images", "smoke",
             "ect_kimg")
@@ -179,7 +181,17 @@ def planned_rows(args: argparse.Namespace) -> list[tuple[str, float]]:
             + [(f"posthoc-{float(v):g}", args.kimg) for v in args.sigma_rel.split(",")]
             + ([(m, args.ect_kimg) for m in ("ect-raw", "ect-ema", "ect-ema-2step", "ect-lcsc")]
                if args.ect_kimg > 0 else [])
+            + [(f"posthoc-{w:g}", k) for k in earlier_lcsc_kimg(args) for w in same_time_widths(args)]
             + [("lcsc", float(v)) for v in args.lcsc_kimg.split(",")])
+
+
+def earlier_lcsc_kimg(args: argparse.Namespace) -> list[float]:
+    """LCSC's search times before the run's end: each gets post-hoc EMAs of its own time as LCSC's baseline there."""
+    return [float(v) for v in args.lcsc_kimg.split(",") if float(v) < args.kimg]
+
+
+def same_time_widths(args: argparse.Namespace) -> list[float]:
+    return [float(v) for v in args.same_time_sigma_rel.split(",") if v.strip()]
 
 
 def stored_rows(out: Path, args: argparse.Namespace) -> dict[tuple[int, str, float], dict[str, Any]]:
@@ -262,6 +274,15 @@ def rows_for_seed(args: argparse.Namespace, seed: int,
             rows.append(old)
         else:  # no sampler flags: the snapshot's own, 1-step consistency sampling
             new({"method": "ect-lcsc", "kimg": k, **lcsc(ect, k, args, []), "run_sha256": identity(ect)})
+    # LCSC's baseline at each earlier search time: the post-hoc EMAs of that time (the run's end has the full grid).
+    earlier, widths = earlier_lcsc_kimg(args), same_time_widths(args)
+    if any(stored(f"posthoc-{w:g}", k, phema) is None for k in earlier for w in widths):
+        _run([sys.executable, "-m", "scripts.posthoc_ema", str(phema), "--sigma-rel", args.same_time_sigma_rel,
+              "--at-kimg", ",".join(f"{k:g}" for k in earlier)], phema / "bench.log")
+    for k in earlier:
+        for w in widths:
+            add(f"posthoc-{w:g}", k, phema,
+                lambda w=w, k=k: phema / f"posthoc-{round(k * 1000):09d}-sigma{w:g}.safetensors")
     for k in [float(v) for v in args.lcsc_kimg.split(",")]:
         old = stored("lcsc", k, phema)
         if old is not None:
@@ -315,8 +336,9 @@ def summary(rows: list[dict[str, Any]], kimg: float) -> list[str]:
     for seed in sorted({r["seed"] for r in rows}):
         mine = [r for r in rows if r["seed"] == seed]
 
-        def best(prefix: str, mine: list[dict[str, Any]] = mine) -> dict[str, Any]:
-            return min((r for r in mine if r["method"].startswith(prefix)), key=lambda r: r["fid"])
+        def best(prefix: str, mine: list[dict[str, Any]] = mine) -> dict[str, Any]:  # at the run's end
+            return min((r for r in mine if r["method"].startswith(prefix) and float(r["kimg"]) == kimg),
+                       key=lambda r: r["fid"])
 
         ema, post = best("ema-"), best("posthoc-")
         lcsc = sorted((r for r in mine if r["method"] == "lcsc"), key=lambda r: r["kimg"])
@@ -354,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshot-kimg", type=float, default=4.0)
     p.add_argument("--sigma-rel", default="0.01,0.015,0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25")
     p.add_argument("--lcsc-kimg", default="24,48,72,96", help="times at which LCSC searches (images-saved curve)")
+    p.add_argument("--same-time-sigma-rel", default="0.01,0.02,0.05,0.1",
+                   help="post-hoc widths reconstructed at each earlier LCSC time (LCSC's baseline at equal training; "
+                        "0.05 and 0.1 are the tracked profiles themselves)")
     p.add_argument("--ect-kimg", type=float, default=32.0,
                    help="the 1-step part: ECT tuned this long from each seed's classic run (0 skips it)")
     p.add_argument("--last", type=int, default=6)
@@ -375,7 +400,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         args.kimg, args.snapshot_kimg, args.lcsc_kimg, args.last = 1.024, 0.128, "0.512,1.024", 3
         args.population, args.generations, args.fitness_images, args.num_images = 4, 1, 160, 200
-        args.sigma_rel, args.runs = "0.05,0.15", str(Path(args.runs) / "smoke")
+        args.sigma_rel, args.same_time_sigma_rel, args.runs = "0.05,0.15", "0.05", str(Path(args.runs) / "smoke")
         args.ect_kimg = 0.512 if args.ect_kimg > 0 else 0.0
     return args
 

@@ -486,7 +486,8 @@ def test_bench_summary_picks_the_best_rows_and_the_images_lcsc_saves() -> None:
             {"seed": 0, "method": "ema-hl2k", "kimg": 96, "fid": 6.0},
             {"seed": 0, "method": "ema-hl8k", "kimg": 96, "fid": 7.0},
             {"seed": 0, "method": "posthoc-0.05", "kimg": 96, "fid": 5.5},
-            {"seed": 0, "method": "posthoc-0.1", "kimg": 96, "fid": 5.8}]
+            {"seed": 0, "method": "posthoc-0.1", "kimg": 96, "fid": 5.8},
+            {"seed": 0, "method": "posthoc-0.05", "kimg": 48, "fid": 5.0}]  # a same-time baseline: not the end's
     rows += [{"seed": 0, "method": "lcsc", "kimg": k, "fid": f, "fitness_fid": f + 3.5, "last_alone_fid": 7.0,
               "last_alone_fitness_fid": 11.0} for k, f in [(24, 8.0), (48, 5.9), (72, 5.0), (96, 4.5)]]
     line = yardstick_averaging.summary(rows, 96)[-1]
@@ -512,7 +513,8 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
             "--generations", "2", "--fitness-images", "500", "--sec-per-kimg", "10", "--sec-per-eval", "60"]
     ya.main([*argv, "--estimate"])
     # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times; ECT raw, EMA (1 and 2 steps), LCSC
-    rows_per_seed = 1 + len(ya.HALFLIVES) + 11 + 4 + 4  # raw, the EMAs, the post-hoc widths, LCSC, ECT
+    rows_per_seed = 1 + len(ya.HALFLIVES) + 11 + 3 * 4 + 4 + 4  # raw, EMAs, post-hoc at the end and at 3 LCSC
+    # times, LCSC, ECT
     train_s = 2 * (2 * 96 + 32) * 10 / 2  # 2 seeds x (2 runs of 96k + ECT's 32k) at 10 s/kimg, 2 at a time
     eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30) / 2  # each row one FID; each search population x
     # generations; the 2 seeds evaluate in parallel (--jobs 2)
@@ -634,3 +636,34 @@ def test_bench_rows_are_read_back_only_for_the_training_they_were_made_from(tmp_
     assert {r["run_sha256"] for r in again if not r["method"].startswith("ema-")} == {ya.run_identity(phema)}
     # Seeds whose rows are all stored need no training.
     assert ya.seeds_left(args, [0, 1], done) == [1]
+
+
+def test_bench_computes_lcsc_baseline_at_each_earlier_search_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the searches, each earlier LCSC time gets the post-hoc EMAs of that time (one reconstruction command
+    for every time and width), read back like any row on a re-run."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import yardstick_averaging as ya
+
+    args = ya.parse_args(["--runs", str(tmp_path / "runs"), "--sigma-rel", "0.05", "--lcsc-kimg", "48,72,96",
+                          "--same-time-sigma-rel", "0.02,0.05", "--ect-kimg", "0"])
+    for run in (ya.train_command(args, 0, kind)[0] for kind in ya.KINDS):
+        run.mkdir(parents=True)
+        (run / "snapshot-000096000.safetensors").write_bytes(run.name.encode())
+    made: list[str] = []
+    commands: list[list[str]] = []
+    monkeypatch.setattr(ya, "fid", lambda snap, args, sampler="euler20": made.append(Path(snap).name) or 10.0)
+    monkeypatch.setattr(ya, "lcsc", lambda run, k, args, sampler: made.append(f"lcsc@{k:g}") or {"fid": 9.0})
+    monkeypatch.setattr(ya, "raw_weights", lambda run: run / "raw.safetensors")
+    monkeypatch.setattr(ya, "_run", lambda cmd, log: commands.append(cmd[cmd.index("--sigma-rel"):]))
+
+    rows = ya.rows_for_seed(args, 0, {})
+    assert commands == [["--sigma-rel", "0.05"], ["--sigma-rel", "0.02,0.05", "--at-kimg", "48,72"]]
+    assert made[-7:] == ["posthoc-000048000-sigma0.02.safetensors", "posthoc-000048000-sigma0.05.safetensors",
+                         "posthoc-000072000-sigma0.02.safetensors", "posthoc-000072000-sigma0.05.safetensors",
+                         "lcsc@48", "lcsc@72", "lcsc@96"]
+    assert [(r["method"], r["kimg"]) for r in rows] == ya.planned_rows(args)
+    done = {(0, r["method"], float(r["kimg"])): r for r in rows}
+    made.clear(), commands.clear()
+    ya.rows_for_seed(args, 0, {k: v for k, v in done.items() if k[1:] != ("posthoc-0.02", 72.0)})
+    assert commands == [["--sigma-rel", "0.02,0.05", "--at-kimg", "48,72"]]
+    assert made == ["posthoc-000072000-sigma0.02.safetensors"]

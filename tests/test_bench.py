@@ -411,9 +411,12 @@ def test_averaging_table_and_claims_read_the_averaging_records() -> None:
         recs += [search(s, "lcsc", k, f, f - 1) for k, f in ((24, 40), (48, 20 if s == 0 else 30), (72, 19.5), (96, 18.5))]
         recs += [row(s, "ect-raw", 32, 70), row(s, "ect-ema", 32, 65), row(s, "ect-ema-2step", 32, 40),
                  search(s, "ect-lcsc", 32, 50 + s, 48)]  # fitness 48: 2 / 3 better than its row FID
+        # LCSC's baseline at 48k: the post-hoc EMAs of 48k, best at 0.02 (25 / 26); 0.05 only at the earlier times
+        recs += [row(s, "posthoc-0.02", 48, 25 + s), row(s, "posthoc-0.05", 48, 27)]
     # The bench's other EMA half-lives and post-hoc widths, none of them the best.
-    planned = [m for m, _ in ya.planned_rows(ya.parse_args([])) if m.startswith(("ema-", "posthoc-"))]
-    recs += [row(s, m, 96, 99.0) for s in (0, 1) for m in planned if m not in {r["method"] for r in recs}]
+    planned = [(m, k) for m, k in ya.planned_rows(ya.parse_args([])) if m.startswith(("ema-", "posthoc-"))]
+    recs += [row(s, m, k, 99.0) for s in (0, 1) for m, k in planned
+             if (m, k) not in {(r["method"], r["kimg"]) for r in recs}]
     records = {"averaging": recs}
     assert tables.lcsc_saved(records) == {0: 0.5, 1: 0.0}
     # Rows land one at a time: a seed without every search time, or without every EMA, takes no part in the bests
@@ -427,6 +430,9 @@ def test_averaging_table_and_claims_read_the_averaging_records() -> None:
     text = tables.averaging(records)
     assert "| best classic EMA, per seed | 96k | **19.50** (20.00 / 19.00) | hl2k / hl2k |" in text
     assert "| best post-hoc EMA, per seed | 96k | **19.50** (19.00 / 20.00) | sigma_rel 0.1 / sigma_rel 0.1 |" in text
+    assert "| post-hoc EMA, sigma_rel 0.02 | 48k" not in text  # the earlier times' widths: only their best
+    assert ("| best post-hoc EMA at 48k, per seed | 48k | **25.50** (25.00 / 26.00) | sigma_rel 0.02 / sigma_rel 0.02 |\n"
+            "| LCSC over the last raw states | 48k | **25.00** (20.00 / 30.00) |") in text
     assert "| images LCSC saves to the best EMA's final FID |  | 50% / 0% | per seed; aim: 50% |" in text
     # winner: fitness - row = -1; last alone: -1 -> gap 0 on every search
     assert "| 96k | **18.50** (18.50 / 18.50) | fitness FID 17.50; fitness gap +0.00 / +0.00; 60 evaluations, 10 min" in text
