@@ -528,6 +528,11 @@ def lcsc_saved(records: Records) -> dict[int, float | None]:
     return out
 
 
+def search_minutes(seconds: list[float | None]) -> str:
+    """The searches' wall time per seed ("untimed" for one resumed from a state written without its time)."""
+    return " / ".join("untimed" if v is None else f"{v / 60:.0f}" for v in seconds) + " min"
+
+
 def averaging(records: Records) -> str:
     """``bench/yardstick_averaging.py``: FID of each averaging at the run's end (the classic EMAs and post-hoc widths
     one row each, then the best per seed), LCSC at each search time with its search cost and fitness gap, and the
@@ -570,7 +575,7 @@ def averaging(records: Records) -> str:
         note = (f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
                 f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
                 f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
-                f"{statistics.mean(r['search_seconds'] for r in got.values()) / 60:.0f} min")
+                + search_minutes([r.get("search_seconds") for _, r in sorted(got.items())]))
         add("LCSC over the last raw states", "lcsc", note, k)
     saved = lcsc_saved(records)
     if saved:
@@ -582,7 +587,9 @@ def averaging(records: Records) -> str:
     for label, m in ect:
         got = _averaging_rows(records, m)
         note = "" if m != "ect-lcsc" or not got else (
-            f"fitness gap {' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}")
+            f"fitness gap {' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
+            f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
+            + search_minutes([r.get("search_seconds") for _, r in sorted(got.items())]))
         if got:
             rows.append([label, f"{start:g}k + {max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
     return table(["averaging", "training images", "FID (seeds)", "notes"], rows)

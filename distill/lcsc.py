@@ -29,6 +29,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class SearchResult:
     evaluations: int
     history: list[dict[str, Any]] = field(default_factory=list)
     scores: dict[str, float] = field(default_factory=dict)
+    seconds: float | None = None  # wall time of the generations (None: resumed from a state that did not time them)
 
     def score_of(self, alpha: np.ndarray) -> float | None:
         """The fitness of a vector the search evaluated (e.g. the last checkpoint alone), else None."""
@@ -174,9 +176,10 @@ class _Cache:
 
 
 def _save(path: Path, s: SearchSettings, n: int, context: dict[str, Any], g: int, pop: list[np.ndarray],
-          fit: list[float], cache: _Cache, history: list[dict[str, Any]]) -> None:
+          fit: list[float], cache: _Cache, history: list[dict[str, Any]], seconds: float | None) -> None:
     state = {"format": STATE_FORMAT, "settings": dataclasses.asdict(s), "n": n, "context": context, "generation": g,
-             "population": [p.tolist() for p in pop], "fitness": fit, "cache": cache.items, "history": history}
+             "population": [p.tolist() for p in pop], "fitness": fit, "cache": cache.items, "history": history,
+             "seconds": seconds}
     text = json.dumps(state, allow_nan=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
@@ -221,18 +224,23 @@ def search(n: int, fitness: Fitness, settings: SearchSettings = SearchSettings()
         pop = [np.asarray(p, dtype=np.float64) for p in state["population"]]
         fit, history = [float(f) for f in state["fitness"]], list(state["history"])
         cache = _Cache(fitness, {k: float(v) for k, v in state["cache"].items()})
+        seconds = state.get("seconds")  # None where an earlier version wrote the state without timing it
     else:
-        start, history, cache = 0, [], _Cache(fitness)
+        start, history, cache, seconds = 0, [], _Cache(fitness), 0.0
         pop, fit = [], []
     for g in range(start, s.generations + 1):
+        # Timed per finished generation (the state's): a killed generation's evaluations are lost, and so is its time,
+        # so the cost is that of the search run straight.
+        t0 = time.perf_counter()
         pop = initial_population(n, s) if g == 0 else _children(pop, fit, s, g)
         fit = [cache(a) for a in pop]
+        seconds = None if seconds is None else seconds + time.perf_counter() - t0
         record = {"generation": g, "best": min(fit), "mean": float(np.mean([f for f in fit if math.isfinite(f)] or
                                                                          [math.inf])), "evaluations": len(cache.items)}
         history.append(record)
         if path is not None and write:
-            _save(path, s, n, context or {}, g, pop, fit, cache, history)
+            _save(path, s, n, context or {}, g, pop, fit, cache, history, seconds)
         if log is not None:
             log(record)
     best = int(np.argmin(np.asarray(fit)))
-    return SearchResult(pop[best], fit[best], len(cache.items), history, dict(cache.items))
+    return SearchResult(pop[best], fit[best], len(cache.items), history, dict(cache.items), seconds)

@@ -29,7 +29,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,7 +91,6 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                                 ("population", "generations", "elite", "mutation_std", "max_norm")})
     score = make_scorer(reference, args, {"--fitness-images": args.fitness_images,
                                           "--rescore-images": args.rescore_images})
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
         fitness = fitness_of(paths, reference, args, score, Path(tmp), 0, args.fitness_images)
         context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
@@ -101,7 +99,6 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                        lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
                                         f"{r['mean']:.3f}, {r['evaluations']} evaluated"), context, dist.is_main())
         dist.barrier()  # the state is written before any process starts the next step
-        search_s = time.perf_counter() - t0
         rescore = fitness_of(paths, reference, args, score, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
         last_alone = np.eye(len(paths))[-1]
         # The last checkpoint alone is in the first population, so its fitness is known: the gap between fitness and
@@ -111,7 +108,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                   "rescore_fid": rescore(found.alpha), "last_fitness_fid": found.score_of(last_alone),
                   "last_rescore_fid": rescore(last_alone),
                   "fitness_images": args.fitness_images, "rescore_images": args.rescore_images,
-                  "evaluations": found.evaluations, "search_seconds": search_s, "history": found.history,
+                  "evaluations": found.evaluations, "search_seconds": found.seconds, "history": found.history,
                   "settings": dataclasses.asdict(settings),
                   "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "metric": metric_name(args)}
     if dist.is_main():
@@ -123,7 +120,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     dist.barrier()
     print0(f"LCSC over {len(paths)} {args.source}: fitness FID {found.fitness:.3f}, re-scored {record['rescore_fid']:.3f} "
           f"(last checkpoint alone {record['last_rescore_fid']:.3f}), {found.evaluations} evaluations in "
-          f"{search_s:.0f} s -> {printable(out)}")
+          f"{'an untimed resume' if found.seconds is None else f'{found.seconds:.0f} s'} -> {printable(out)}")
     return record
 
 

@@ -307,6 +307,12 @@ def test_lcsc_killed_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     assert resumed.history == straight.history and resumed.evaluations == straight.evaluations
     assert len(calls) < straight.evaluations  # it continued; it did not start over
     assert not list(tmp_path.glob(".tmp-*"))
+    # The cost: the finished generations' time summed over the resumes; a state written without it stays untimed.
+    assert straight.seconds is not None and resumed.seconds is not None and 0 < resumed.seconds < 60
+    untimed = json.loads(state.read_text())
+    untimed.pop("seconds"), untimed.update(generation=3, history=untimed["history"][:4])
+    state.write_text(json.dumps(untimed))
+    assert search(5, _quadratic(), s, state).seconds is None
     with pytest.raises(ValueError, match=r"killed.json belongs to another search .* delete it"):
         search(5, _quadratic(), dataclasses.replace(s, population=9), state)
 
