@@ -572,7 +572,9 @@ def averaging(records: Records) -> str:
             rows.append([f"best post-hoc EMA at {k:g}k, per seed", f"{k:g}k", fids(best),
                          " / ".join(f"sigma_rel {r['method'][8:]}" for _, r in sorted(best.items()))])
         got = _averaging_rows(records, "lcsc", k)
-        note = (f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
+        alone = " / ".join(f"{r['last_alone_fid']:.2f}" for _, r in sorted(got.items()))
+        note = (f"last state alone {alone}; "
+                f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
                 f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
                 f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
                 + search_minutes([r.get("search_seconds") for _, r in sorted(got.items())]))

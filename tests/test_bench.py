@@ -435,8 +435,8 @@ def test_averaging_table_and_claims_read_the_averaging_records() -> None:
             "| LCSC over the last raw states | 48k | **25.00** (20.00 / 30.00) |") in text
     assert "| images LCSC saves to the best EMA's final FID |  | 50% / 0% | per seed; aim: 50% |" in text
     # winner: fitness - row = -1; last alone: -1 -> gap 0 on every search
-    assert "| 96k | **18.50** (18.50 / 18.50) | fitness FID 17.50; fitness gap +0.00 / +0.00; 60 evaluations, untimed / untimed min" in text
-    assert "| 48k | **25.00** (20.00 / 30.00) | fitness FID 24.00; fitness gap +0.00 / +0.00; 60 evaluations, 10 / 10 min" in text
+    assert "| 96k | **18.50** (18.50 / 18.50) | last state alone 20.50 / 20.50; fitness FID 17.50; fitness gap +0.00 / +0.00; 60 evaluations, untimed / untimed min" in text
+    assert "| 48k | **25.00** (20.00 / 30.00) | last state alone 22.00 / 32.00; fitness FID 24.00; fitness gap +0.00 / +0.00; 60 evaluations, 10 / 10 min" in text
     # ECT's winner is 2 / 3 better on its fitness seeds where the last state alone is 1 better: it fitted them
     assert "| ECT LCSC, 1 step | 96k + 32k | **50.50** (50.00 / 51.00) | fitness gap -1.00 / -2.00; 60 evaluations, 10 / 10 min |" in text
     claims = {line.split(" | ")[0][2:]: line for line in tables.claims(records).splitlines() if line.startswith("| ")}
