@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from gen.utils.ckpt import (
 )
 from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
-__all__ = ["combine", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
+__all__ = ["combine", "CheckpointSet", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
            "phema_snapshots"]
 
 
@@ -102,7 +102,82 @@ def _check_coefficients(coefficients: Sequence[float], paths: Sequence[Path]) ->
     return out
 
 
-@torch.no_grad()
+class CheckpointSet:
+    """n checkpoints of one model, each checked against a reference snapshot (same tensors and shapes, finite).
+
+    Streamed (the default) a combination reads the sources one file at a time: memory of two models, not n. Held
+    (``in_memory=True``) each source is read and checked once and its averaged tensors kept (n models of memory):
+    for many combinations of the same sources (LCSC's ~100 fitness evaluations), where reading n training states per
+    combination would cost more than the combination. Both give the same tensors, bit for bit (one code path).
+    """
+
+    def __init__(self, sources: Sequence[str | os.PathLike], reference: str | os.PathLike,
+                 state_key: str = "module.net", buffers: Sequence[str] = (), in_memory: bool = False) -> None:
+        self.paths = [Path(s) for s in sources]
+        if not self.paths:
+            raise ValueError("combine: no checkpoints given; give at least one")
+        self.reference = Path(reference)
+        self.state_key = state_key
+        self.ref_tensors, self.ref_config = load_snapshot(self.reference)
+        self.keys = averaged_keys(self.ref_tensors, buffers)
+        self._held: list[tuple[dict[str, Tensor], str]] | None = None
+        if in_memory:
+            self.hold()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of one source's averaged tensors (in the reference's dtypes): what holding costs per source."""
+        return sum(self.ref_tensors[k].numel() * self.ref_tensors[k].element_size() for k in self.keys)
+
+    def hold(self) -> None:
+        """Read and check every source now and keep its averaged tensors: later combinations read no file."""
+        if self._held is None:
+            self._held = [self._read(p) for p in self.paths]
+
+    def _read(self, path: Path) -> tuple[dict[str, Tensor], str]:
+        """The averaged tensors of one source, checked, and the file's SHA-256."""
+        weights = read_weights(path, self.state_key)
+        _check_same_model(self.ref_tensors, weights, path, self.reference)
+        kept = {k: weights[k] for k in self.keys}
+        bad = non_finite_tensors(kept)
+        if bad:
+            raise NonFiniteError(f"{path} holds non-finite weights ({shorten(bad)}); leave it out of the combination")
+        return kept, file_sha256(path)
+
+    def _sources(self) -> Iterator[tuple[Path, dict[str, Tensor], str]]:
+        if self._held is not None:
+            yield from ((p, w, sha) for p, (w, sha) in zip(self.paths, self._held))
+        else:
+            for p in self.paths:
+                yield p, *self._read(p)
+
+    @torch.no_grad()
+    def combine(self, coefficients: Sequence[float], out: str | os.PathLike | None = None,
+                averaging: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+        """``sum_i coefficients[i] * weights_i`` in float64, cast to the reference's dtypes (see :func:`combine`)."""
+        alphas = _check_coefficients(coefficients, self.paths)
+        acc = {k: torch.zeros(self.ref_tensors[k].shape, dtype=torch.float64) for k in self.keys}
+        records = []
+        for alpha, (path, weights, sha) in zip(alphas, self._sources()):
+            for k in self.keys:
+                acc[k].add_(weights[k].to(torch.float64), alpha=alpha)
+            records.append({"name": path.name, "sha256": sha, "coefficient": alpha})
+            del weights  # streamed: one source in memory at a time
+        result = {k: acc.pop(k).to(v.dtype) if k in self.keys else v for k, v in list(self.ref_tensors.items())}
+        bad = non_finite_tensors({k: result[k] for k in self.keys})
+        if bad:
+            raise NonFiniteError(f"the combination of {len(self.paths)} checkpoints has non-finite weights "
+                                 f"({shorten(bad)}); the coefficients are too large for float32. Bound them (smaller "
+                                 "--max-norm)")
+        if out is not None:
+            meta = {k: v for k, v in self.ref_config.items() if k not in ("ema", "ema_spec", "averaging")}
+            meta["ema"] = str((averaging or {}).get("name", "combined"))
+            meta["averaging"] = {**dict(averaging or {}), "sources": records, "state_key": self.state_key,
+                                 "reference": {"name": self.reference.name, "sha256": file_sha256(self.reference)}}
+            save_snapshot(out, result, meta)
+        return result
+
+
 def combine(
     sources: Sequence[str | os.PathLike],
     coefficients: Sequence[float],
@@ -131,34 +206,8 @@ def combine(
         missing coefficient. NonFiniteError: a source or the result holds NaN/inf.
     """
     paths = [Path(s) for s in sources]
-    alphas = _check_coefficients(coefficients, paths)
-    ref_path = Path(reference)
-    ref_tensors, ref_config = load_snapshot(ref_path)
-    keys = averaged_keys(ref_tensors, buffers)
-    acc = {k: torch.zeros(ref_tensors[k].shape, dtype=torch.float64) for k in keys}
-    records = []
-    for alpha, path in zip(alphas, paths):
-        weights = read_weights(path, state_key)
-        _check_same_model(ref_tensors, weights, path, ref_path)
-        bad = non_finite_tensors({k: weights[k] for k in keys})
-        if bad:
-            raise NonFiniteError(f"{path} holds non-finite weights ({shorten(bad)}); leave it out of the combination")
-        for k in keys:
-            acc[k].add_(weights[k].to(torch.float64), alpha=alpha)
-        records.append({"name": path.name, "sha256": file_sha256(path), "coefficient": alpha})
-        del weights  # one source in memory at a time
-    result = {k: acc.pop(k).to(ref_tensors[k].dtype) if k in keys else v for k, v in list(ref_tensors.items())}
-    bad = non_finite_tensors({k: result[k] for k in keys})
-    if bad:
-        raise NonFiniteError(f"the combination of {len(paths)} checkpoints has non-finite weights ({shorten(bad)}); "
-                             "the coefficients are too large for float32. Bound them (smaller --max-norm)")
-    if out is not None:
-        meta = {k: v for k, v in ref_config.items() if k not in ("ema", "ema_spec", "averaging")}
-        meta["ema"] = str((averaging or {}).get("name", "combined"))
-        meta["averaging"] = {**dict(averaging or {}), "sources": records, "state_key": state_key,
-                             "reference": {"name": ref_path.name, "sha256": file_sha256(ref_path)}}
-        save_snapshot(out, result, meta)
-    return result
+    _check_coefficients(coefficients, paths)  # before any file is read
+    return CheckpointSet(paths, reference, state_key, buffers).combine(coefficients, out, averaging)
 
 
 @dataclass(frozen=True)

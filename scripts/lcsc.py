@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from distill.lcsc import SearchSettings, search
-from gen.averaging import buffer_names, combine
+from gen.averaging import CheckpointSet, buffer_names
 from gen.utils import dist
 from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
 from gen.utils.cli import CommandError, check_writable_file, float_arg, int_arg, printable, run_main
@@ -64,14 +64,26 @@ def checkpoints(run: Path, source: str, last: int, at_kimg: float | None = None)
     return found[-last:], snaps[-1]
 
 
-def fitness_of(paths: list[Path], reference: Path, args: argparse.Namespace, score: Scorer, work: Path,
-               seed_offset: int, num_images: int) -> Callable[[np.ndarray], float]:
+HOLD_LIMIT_BYTES = 8 * 2**30  # sources held in memory up to this total (see checkpoint_set)
+
+
+def checkpoint_set(paths: list[Path], reference: Path, args: argparse.Namespace) -> CheckpointSet:
+    """The sources of every combination of the search, held in memory where they total under ``HOLD_LIMIT_BYTES``
+    and ``--stream`` is not given: a fitness evaluation then reads no checkpoint (each is read once), where streaming
+    reads the n training states at each of the ~100 evaluations. The combinations are the same, bit for bit."""
+    sources = CheckpointSet(paths, reference, args.state_key, buffer_names(reference))
+    if not args.stream and len(paths) * sources.nbytes <= HOLD_LIMIT_BYTES:
+        sources.hold()
+    return sources
+
+
+def fitness_of(sources: CheckpointSet, score: Scorer, work: Path, seed_offset: int,
+               num_images: int) -> Callable[[np.ndarray], float]:
     """FID of the combination ``alpha`` on a fixed seed set (the combined snapshot is written into ``work``)."""
-    buffers = buffer_names(reference)
     candidate = work / "candidate.safetensors"
 
     def fitness(alpha: np.ndarray) -> float:
-        combine(paths, alpha.tolist(), reference, candidate, {"method": "lcsc_candidate"}, args.state_key, buffers)
+        sources.combine(alpha.tolist(), candidate, {"method": "lcsc_candidate"})
         return score(candidate, num_images, seed_offset)
 
     return fitness
@@ -92,14 +104,15 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     score = make_scorer(reference, args, {"--fitness-images": args.fitness_images,
                                           "--rescore-images": args.rescore_images})
     with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
-        fitness = fitness_of(paths, reference, args, score, Path(tmp), 0, args.fitness_images)
+        sources = checkpoint_set(paths, reference, args)
+        fitness = fitness_of(sources, score, Path(tmp), 0, args.fitness_images)
         context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
                    **scoring_context(args), "state_key": args.state_key}
         found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
                        lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
                                         f"{r['mean']:.3f}, {r['evaluations']} evaluated"), context, dist.is_main())
         dist.barrier()  # the state is written before any process starts the next step
-        rescore = fitness_of(paths, reference, args, score, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
+        rescore = fitness_of(sources, score, Path(tmp), RESCORE_SEED_OFFSET, args.rescore_images)
         last_alone = np.eye(len(paths))[-1]
         # The last checkpoint alone is in the first population, so its fitness is known: the gap between fitness and
         # re-score of the winner, against the same gap of the last checkpoint, is the overfitting to the fitness seeds
@@ -112,9 +125,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
                   "settings": dataclasses.asdict(settings),
                   "sampler": {"kind": args.kind, "steps": args.steps, "cfg": args.cfg}, "metric": metric_name(args)}
     if dist.is_main():
-        combine(paths, found.alpha.tolist(), reference, out,
-                {"method": "lcsc", "name": "lcsc", **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}},
-                args.state_key, buffer_names(reference))
+        sources.combine(found.alpha.tolist(), out, {"method": "lcsc", "name": "lcsc",
+                                                    **{k: record[k] for k in ("fitness_fid", "rescore_fid", "settings")}})
         text = json.dumps(record, indent=1)
         atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text))
     dist.barrier()
@@ -132,6 +144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", choices=["snapshots", "states"], default="snapshots")
     p.add_argument("--at-kimg", type=float_arg(0), default=None, help="use the checkpoints up to this time (default: all)")
     p.add_argument("--state-key", default="module.net", help="weights read from training states (--source states)")
+    p.add_argument("--stream", action="store_true",
+                   help="read the checkpoints at every fitness evaluation (memory of two models) instead of holding "
+                        "them in memory (the default where they total under 8 GiB)")
     p.add_argument("--out", default=None, help="the snapshot to write (default RUN/lcsc.safetensors)")
     p.add_argument("--fitness-images", type=int_arg(2, MAX_IMAGES), default=500)
     p.add_argument("--rescore-images", type=int_arg(2, MAX_IMAGES), default=2000)

@@ -19,7 +19,7 @@ import torch
 from scipy.integrate import quad
 
 from distill.lcsc import SearchSettings, constrain, ema_coefficients, initial_population, search
-from gen.averaging import combine, read_weights
+from gen.averaging import CheckpointSet, combine, read_weights
 from gen.ema import (
     PowerFunctionEMA,
     gamma_to_sigma_rel,
@@ -75,6 +75,29 @@ def test_streamed_sum_equals_in_memory_sum_and_records_sources(tmp_path: Path) -
     assert [s["sha256"] for s in rec["sources"]] == [file_sha256(p) for p in paths]
     assert rec["reference"]["sha256"] == file_sha256(paths[-1]) and rec["method"] == "test"
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_held_sources_combine_like_streamed_ones_reading_each_file_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import gen.averaging as averaging
+
+    paths = _snapshots(tmp_path, 4)
+    reads: list[str] = []
+    real = averaging.read_weights
+    monkeypatch.setattr(averaging, "read_weights", lambda p, key="module.net": reads.append(Path(p).name) or real(p, key))
+    held = CheckpointSet(paths, paths[-1], buffers=["norm.scale"], in_memory=True)
+    assert reads == [p.name for p in paths] and held.nbytes == 4 * (12 + 3)  # w and b, float32; buffers not held
+    for i, alphas in enumerate(([0.7, -0.4, 1.5, -0.8], [0.25] * 4)):
+        got = held.combine(alphas, tmp_path / f"held{i}.safetensors", {"method": "test"})
+        want = combine(paths, alphas, paths[-1], tmp_path / f"streamed{i}.safetensors", {"method": "test"},
+                       buffers=["norm.scale"])
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        assert load_snapshot(tmp_path / f"held{i}.safetensors")[1] == load_snapshot(tmp_path / f"streamed{i}.safetensors")[1]
+    assert reads[4:] == [p.name for p in paths] * 2  # the held set read nothing more; combine() streamed each time
+    other = tmp_path / "other.safetensors"
+    save_snapshot(other, _weights(5, {**SHAPES, "w": (4, 4)}), META)
+    with pytest.raises(CheckpointError, match=r"other.safetensors is a checkpoint of another model"):
+        CheckpointSet([paths[0], other], paths[0], in_memory=True)  # checked when held
 
 
 def test_training_states_are_sources_too(tmp_path: Path) -> None:
@@ -474,7 +497,8 @@ def test_lcsc_command_sigkilled_and_rerun_equals_uninterrupted(four_snapshots: P
     assert alive, "the search ended before it could be killed"
     assert json.loads(state.read_text())["generation"] < 3 and not killed.exists()
     straight.wait()
-    rerun = subprocess.run(command(killed), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    # The rerun streams its checkpoints (--stream) where the others hold them: the same numbers either way.
+    rerun = subprocess.run([*command(killed), "--stream"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     a = json.loads((tmp_path / "straight.json").read_text())
     b = json.loads((tmp_path / "killed.json").read_text())
