@@ -555,3 +555,18 @@ def test_memorisation_reference_follows_a_run_on_a_subset(tmp_path: Path) -> Non
     bad = run_train(tmp_path, "bad", ["data.dataset.subset=4501"], check=False)
     assert bad.returncode != 0 and "data.dataset" in bad.stderr and "subset=4501" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_lcsc_sources_bench_times_held_and_streamed_combinations_that_agree(tmp_path: Path) -> None:
+    import lcsc_sources
+
+    paths, ref = lcsc_sources.synthetic_sources(tmp_path, 3, 0.001)
+    rec = lcsc_sources.measure(paths, ref, [], rounds=2, evals=1, work=tmp_path)
+    assert rec["identical"] is True and len(rec["rounds"]["held"]) == len(rec["rounds"]["streamed"]) == 2
+    assert rec["speedup_median"] > 0 and (tmp_path / "candidate.safetensors").is_file()
+    out = tmp_path / "records.json"
+    lcsc_sources.main(["--synthetic-mparams", "0.001", "--last", "2", "--rounds", "1", "--evals", "1", "--out", str(out)])
+    lcsc_sources.main(["--synthetic-mparams", "0.001", "--last", "2", "--rounds", "1", "--evals", "1", "--out", str(out)])
+    assert [r["n"] for r in json.loads(out.read_text())["records"]] == [2, 2]  # appended
+    with pytest.raises(SystemExit):
+        lcsc_sources.main(["--out", str(out)])  # neither --run nor --synthetic-mparams
