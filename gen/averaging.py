@@ -4,7 +4,8 @@ Classic EMA, EDM2's post-hoc EMA and LCSC all produce weights of this form and d
 coefficients ``alpha`` are chosen ("Analyzing and Improving the Training Dynamics of Diffusion Models", Karras
 et al. 2024, NVlabs/edm2 ``reconstruct_phema.py``; "Linear Combination of Saved Checkpoints Makes Consistency and
 Diffusion Models Better", Liu et al. 2024). The sources are read one file at a time and accumulated in float64,
-so combining n checkpoints holds two models in memory, not n. Buffers (non-float tensors and module buffers such
+so combining n checkpoints holds two models in memory, not n; a search that combines the same sources many times
+(LCSC) holds them instead (:class:`CheckpointSet`), with the same result. Buffers (non-float tensors and module buffers such
 as normalisation statistics) are not averaged: they are copied from a reference snapshot, whose metadata (model,
 prediction, data, tokenizer, sampler) the result also takes, so ``sample.py`` and the evaluation jobs load it with
 no flags. The result's metadata records every source (name, SHA-256) and its coefficient.
@@ -37,8 +38,8 @@ from gen.utils.ckpt import (
 )
 from gen.utils.finite import NonFiniteError, non_finite_tensors, shorten
 
-__all__ = ["combine", "CheckpointSet", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names", "StoredAverage",
-           "phema_snapshots"]
+__all__ = ["combine", "CheckpointSet", "read_weights", "snapshot_metadata", "averaged_keys", "buffer_names",
+           "StoredAverage", "phema_snapshots"]
 
 
 def buffer_names(reference: str | os.PathLike) -> list[str]:
