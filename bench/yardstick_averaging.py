@@ -78,8 +78,8 @@ def _run(cmd: list[str], log: Path) -> None:
 
 KINDS = ("ema", "phema")
 # What a stored row depends on: rows stored under other values are recomputed. The grids (--sigma-rel, --lcsc-kimg,
-# --same-time-sigma-rel) are not in it: they only choose which rows exist (a row is keyed by its method and time), so a grid extended keeps
-# the rows already made and a grid narrowed drops the rows outside it.
+# --same-time-sigma-rel) are not in it: they only choose which rows exist (a row is keyed by its method and time),
+# so a grid extended keeps the rows already made and a grid narrowed drops the rows outside it.
 SETTINGS = ("kimg", "snapshot_kimg", "last", "population", "generations", "fitness_images", "num_images", "smoke",
             "ect_kimg")
 ECT_STATE_KIMG = 2.0  # the ECT run's raw training states, LCSC's candidates (every 64 steps at batch 32)
@@ -191,6 +191,7 @@ def earlier_lcsc_kimg(args: argparse.Namespace) -> list[float]:
 
 
 def same_time_widths(args: argparse.Namespace) -> list[float]:
+    """The post-hoc widths reconstructed at each of :func:`earlier_lcsc_kimg`."""
     return [float(v) for v in args.same_time_sigma_rel.split(",") if v.strip()]
 
 
