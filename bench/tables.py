@@ -528,9 +528,12 @@ def lcsc_saved(records: Records) -> dict[int, float | None]:
     return out
 
 
-def search_minutes(seconds: list[float | None]) -> str:
-    """The searches' wall time per seed ("untimed" for one resumed from a state written without its time)."""
-    return " / ".join("untimed" if v is None else f"{v / 60:.0f}" for v in seconds) + " min"
+def search_cost(by_seed: dict[int, dict[str, Any]]) -> str:
+    """LCSC searches' mean evaluations and each seed's wall time ("untimed": resumed from a state written without
+    its time)."""
+    minutes = [r.get("search_seconds") for _, r in sorted(by_seed.items())]
+    return (f"{statistics.mean(r['evaluations'] for r in by_seed.values()):.0f} evaluations, "
+            + " / ".join("untimed" if v is None else f"{v / 60:.0f}" for v in minutes) + " min")
 
 
 def averaging(records: Records) -> str:
@@ -575,9 +578,7 @@ def averaging(records: Records) -> str:
         alone = " / ".join(f"{r['last_alone_fid']:.2f}" for _, r in sorted(got.items()))
         note = (f"last state alone {alone}; "
                 f"fitness FID {statistics.mean(r['fitness_fid'] for r in got.values()):.2f}; fitness gap "
-                f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
-                f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
-                + search_minutes([r.get("search_seconds") for _, r in sorted(got.items())]))
+                f"{' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; " + search_cost(got))
         add("LCSC over the last raw states", "lcsc", note, k)
     saved = lcsc_saved(records)
     if saved:
@@ -589,9 +590,7 @@ def averaging(records: Records) -> str:
     for label, m in ect:
         got = _averaging_rows(records, m)
         note = "" if m != "ect-lcsc" or not got else (
-            f"fitness gap {' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; "
-            f"{statistics.mean(r['evaluations'] for r in got.values()):.0f} evaluations, "
-            + search_minutes([r.get("search_seconds") for _, r in sorted(got.items())]))
+            f"fitness gap {' / '.join(f'{fitness_gap(r):+.2f}' for _, r in sorted(got.items()))}; " + search_cost(got))
         if got:
             rows.append([label, f"{start:g}k + {max(float(r['kimg']) for r in got.values()):g}k", fids(got), note])
     return table(["averaging", "training images", "FID (seeds)", "notes"], rows)

@@ -135,6 +135,10 @@ class CheckpointSet:
         if self._held is None:
             self._held = [self._read(p) for p in self.paths]
 
+    def digests(self) -> list[str]:
+        """The SHA-256 of every source, in order (held: those taken when read)."""
+        return [sha for _, sha in self._held] if self._held is not None else [file_sha256(p) for p in self.paths]
+
     def _read(self, path: Path) -> tuple[dict[str, Tensor], str]:
         """The averaged tensors of one source, checked, and the file's SHA-256."""
         weights = read_weights(path, self.state_key)

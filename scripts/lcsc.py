@@ -38,7 +38,7 @@ import numpy as np
 from distill.lcsc import SearchSettings, search
 from gen.averaging import CheckpointSet, buffer_names
 from gen.utils import dist
-from gen.utils.ckpt import atomic_write, file_sha256, list_snapshots, list_training_states
+from gen.utils.ckpt import atomic_write, list_snapshots, list_training_states
 from gen.utils.cli import CommandError, check_writable_file, float_arg, int_arg, printable, run_main
 from gen.utils.dist import print0
 from scripts.scoring import MAX_IMAGES, Scorer, add_scoring_args, make_scorer, metric_name, scoring_context
@@ -106,7 +106,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="lcsc-") as tmp:
         sources = checkpoint_set(paths, reference, args)
         fitness = fitness_of(sources, score, Path(tmp), 0, args.fitness_images)
-        context = {"sources": [[p.name, file_sha256(p)] for p in paths], "fitness_images": args.fitness_images,
+        context = {"sources": [[p.name, d] for p, d in zip(paths, sources.digests())],
+                   "fitness_images": args.fitness_images,
                    **scoring_context(args), "state_key": args.state_key}
         found = search(len(paths), fitness, settings, out.with_suffix(".search.json"),
                        lambda r: print0(f"generation {r['generation']}: best FID {r['best']:.3f}, mean "
