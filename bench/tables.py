@@ -528,6 +528,28 @@ def lcsc_saved(records: Records) -> dict[int, float | None]:
     return out
 
 
+def lcsc_equivalent(records: Records) -> dict[float, dict[int, float]]:
+    """Per LCSC search time k and seed, the training images at which the seed's best post-hoc EMA (the best width at
+    each of the bench's times, linear in FID between them, as ``images_to_reach``) reaches LCSC's FID at k: the
+    training LCSC's combination is worth at equal FID: ``inf`` beyond the run's end, ``-inf`` worse than the post-hoc
+    EMA at the first time (the curve starts there). Seeds with every planned LCSC and post-hoc row only."""
+    searched = _averaging_complete(records, "lcsc") & _averaging_complete(records, "posthoc-")
+    times = sorted({float(r["kimg"]) for r in records.get("averaging", []) if r["method"] == "lcsc"} | {_averaging_end()})
+    curves: dict[int, list[tuple[float, float]]] = {s: [] for s in searched}
+    for k in times:
+        for s, r in _averaging_best(records, "posthoc-", k).items():
+            if s in curves:
+                curves[s].append((k, float(r["fid"])))
+    out: dict[float, dict[int, float]] = {}
+    for r in records.get("averaging", []):
+        s, fid = int(r["seed"]), float(r["fid"])
+        if r["method"] == "lcsc" and s in searched:
+            k = images_to_reach(curves[s], fid)
+            out.setdefault(float(r["kimg"]), {})[s] = (math.inf if k is None else -math.inf if fid > curves[s][0][1]
+                                                       else k)
+    return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
+
+
 def search_cost(by_seed: dict[int, dict[str, Any]]) -> str:
     """LCSC searches' mean evaluations and each seed's wall time ("untimed": resumed from a state written without
     its time)."""
@@ -584,6 +606,10 @@ def averaging(records: Records) -> str:
     if saved:
         rows.append(["images LCSC saves to the best EMA's final FID", "", " / ".join(
             "not reached" if v is None else f"{v:.0%}" for _, v in sorted(saved.items())), "per seed; aim: 50%"])
+    worth = lcsc_equivalent(records)
+    if worth:
+        rows.append(["training images the best post-hoc EMA needs to LCSC's FID", "", "; ".join(
+            f"{k:g}k: {_worth(v, min(worth))}" for k, v in worth.items()), "per seed, linear between its times"])
     start = max((float(r["kimg"]) for r in recs if r["method"] == "raw"), default=0.0)  # ECT tunes the run's end
     ect = [("ECT raw weights, 1 step", "ect-raw"), ("ECT EMA (half-life 2k), 1 step", "ect-ema"),
            ("ECT EMA, 2 steps", "ect-ema-2step"), ("ECT LCSC, 1 step", "ect-lcsc")]
@@ -657,6 +683,12 @@ def _posthoc_vs_ema(records: Records) -> tuple[str, str] | None:
     return None if out is None else (f"FID {out[0]} (best post-hoc vs best classic EMA, per seed)", _as_good(out[1]))
 
 
+def _worth(by_seed: dict[int, float], first: float) -> str:
+    """``lcsc_equivalent``'s images per seed (its curve starting at ``first`` kimg)."""
+    return " / ".join("beyond the run" if v == math.inf else f"under {first:g}k" if v == -math.inf else f"{v:.1f}k"
+                      for _, v in sorted(by_seed.items()))
+
+
 def _lcsc_saves(records: Records) -> tuple[str, str] | None:
     saved = lcsc_saved(records)
     if not saved:
@@ -667,6 +699,10 @@ def _lcsc_saves(records: Records) -> tuple[str, str] | None:
     verdict = PENDING if len(saved) < MIN_SEEDS else verdict
     text = (f"saves {' / '.join('none (not reached)' if v is None else f'{v:.0%}' for _, v in sorted(saved.items()))} "
             "of the images to the best classic EMA's final FID (aim: 50%)")
+    worth = lcsc_equivalent(records)
+    if worth:  # how far it got: the training its FID is worth on the same run's post-hoc EMA
+        text += "; at equal FID the post-hoc EMA needs " + "; ".join(
+            f"{_worth(v, min(worth))} where LCSC has {k:g}k" for k, v in worth.items())
     return text, verdict
 
 

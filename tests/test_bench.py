@@ -9,6 +9,7 @@ schedule read back through ``sampler.sharing`` runs exactly the planned encoder 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import sys
 from pathlib import Path
@@ -442,6 +443,19 @@ def test_averaging_table_and_claims_read_the_averaging_records() -> None:
     claims = {line.split(" | ")[0][2:]: line for line in tables.claims(records).splitlines() if line.startswith("| ")}
     assert claims["Post-hoc EMA"].endswith("| yes |  |")  # level within the seeds: as good as
     assert "saves 50% / 0% of the images" in claims["LCSC"] and claims["LCSC"].endswith("| direction only |  |")
+    # LCSC's FID at each time against the seed's best post-hoc curve (24k: 99, the planned rows' filler; 48k: 25 / 26;
+    # 72k: 99; 96k: 19 / 20), linear in FID: seed 0's 40 at 24k is reached at 24 + 24 * (99 - 40) / (99 - 25) kimg.
+    worth = tables.lcsc_equivalent(records)
+    assert worth == {24: {0: pytest.approx(24 + 24 * 59 / 74), 1: pytest.approx(24 + 24 * 59 / 73)},
+                     48: {0: pytest.approx(72 + 24 * 79 / 80), 1: pytest.approx(24 + 24 * 69 / 73)},
+                     72: {0: pytest.approx(72 + 24 * 79.5 / 80), 1: math.inf}, 96: {0: math.inf, 1: math.inf}}
+    assert "| 24k: 43.1k / 43.4k; 48k: 95.7k / 46.7k; 72k: " in text
+    assert "96k: beyond the run / beyond the run | per seed, linear between its times |" in text
+    assert "at equal FID the post-hoc EMA needs 43.1k / 43.4k where LCSC has 24k;" in claims["LCSC"]
+    worse = {"averaging": [{**r, "fid": 120.0} if (r["seed"], r["method"], r["kimg"]) == (1, "lcsc", 24) else r
+                           for r in recs]}  # worse than the curve's first point: not interpolated to it
+    assert tables.lcsc_equivalent(worse)[24][1] == -math.inf
+    assert "| 24k: 43.1k / under 24k; " in tables.averaging(worse)
     assert "| no | the step gap: " in claims["LCSC, 1 step"]  # 50.5 at 1 step against 40 at 2 steps; its reason
 
 
