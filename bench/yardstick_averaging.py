@@ -377,7 +377,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshot-kimg", type=float, default=4.0)
     p.add_argument("--sigma-rel", default="0.01,0.015,0.02,0.04,0.06,0.08,0.1,0.13,0.16,0.2,0.25")
     p.add_argument("--lcsc-kimg", default="24,48,72,96", help="times at which LCSC searches (images-saved curve)")
-    p.add_argument("--same-time-sigma-rel", default="0.01,0.02,0.05,0.1",
+    p.add_argument("--same-time-sigma-rel", default="0.005,0.01,0.02,0.05,0.1",
                    help="post-hoc widths reconstructed at each earlier LCSC time (LCSC's baseline at equal training; "
                         "0.05 and 0.1 are the tracked profiles themselves)")
     p.add_argument("--ect-kimg", type=float, default=32.0,

@@ -542,9 +542,9 @@ def test_bench_estimate_and_stored_rows_follow_the_settings(tmp_path: Path, caps
     argv = ["--runs", str(tmp_path / "runs"), "--out", str(out), "--jobs", "2", "--population", "4",
             "--generations", "2", "--fitness-images", "500", "--sec-per-kimg", "10", "--sec-per-eval", "60"]
     ya.main([*argv, "--estimate"])
-    # raw, the EMAs, 8 post-hoc widths, LCSC at 4 times; ECT raw, EMA (1 and 2 steps), LCSC
-    rows_per_seed = 1 + len(ya.HALFLIVES) + 11 + 3 * 4 + 4 + 4  # raw, EMAs, post-hoc at the end and at 3 LCSC
-    # times, LCSC, ECT
+    # raw, the EMAs, 11 post-hoc widths at the end and 5 at each of the 3 earlier LCSC times, LCSC at 4 times; ECT
+    # raw, EMA (1 and 2 steps), LCSC
+    rows_per_seed = 1 + len(ya.HALFLIVES) + 11 + 3 * 5 + 4 + 4
     train_s = 2 * (2 * 96 + 32) * 10 / 2  # 2 seeds x (2 runs of 96k + ECT's 32k) at 10 s/kimg, 2 at a time
     eval_s = 2 * (rows_per_seed * 60 + 5 * 4 * 2 * 30) / 2  # each row one FID; each search population x
     # generations; the 2 seeds evaluate in parallel (--jobs 2)
