@@ -1058,7 +1058,17 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("Post-hoc EMA", "Karras et al. 2024", "the EMA length can be chosen after training: the best post-hoc "
           "reconstruction is as good as the best of the EMAs tracked during training", _posthoc_vs_ema),
     Claim("LCSC", "Liu et al. 2024", "a searched combination of saved checkpoints reaches the best EMA's quality with "
-          "far less training (issue 21's aim: half the images)", _lcsc_saves),
+          "far less training (issue 21's aim: half the images)", _lcsc_saves,
+          "the run is far from converged: its FID still halves every 24k images (the best post-hoc EMA at 24, 48, 72, "
+          "96k: 134, 89, 46, 26), so no combination of the states up to 72k comes near the end's 25.7 (LCSC at 72k: "
+          "41.1 / 40.4). It does buy training, on one seed at 24 and 48k and on both from 72k: at equal FID the "
+          "post-hoc EMA needs 30k for seed 1's LCSC at 24k, 58k for seed 0's at 48k (47k on seed 1) and 81k / 75k "
+          "for LCSC's 72k (11% / 4% saved there), "
+          "and at 96k LCSC beats the best EMA of the whole run by 10% on both seeds (27.4 -> 24.5, 24.0 -> 21.8; fit "
+          "to its fitness seeds at most 1.3). The paper's 23x / 15x are consistency training run to convergence "
+          "(its weights at 830k-1,000k iterations), where the late checkpoints scatter around a plateau whose level "
+          "a combination can reach early; here the states it combines (the last 20k images) still improve fast, so it "
+          "gains on them (last state alone at 96k: 36.0 / 29.1) but cannot move far ahead of their training"),
     Claim("LCSC, 1 step", "Liu et al. 2024", "on a consistency model, LCSC at 1 NFE beats the EMA at 2 NFE",
           _lcsc_one_step,
           "the step gap: after 32k images of ECT tuning the second step nearly halves the EMA's FID (57.4 -> 31.4), "
