@@ -1064,7 +1064,7 @@ CLAIMS: tuple[Claim, ...] = (
           "41.1 / 40.4). It does buy training, on one seed at 24 and 48k and on both from 72k: at equal FID the "
           "post-hoc EMA needs 30k for seed 1's LCSC at 24k, 58k for seed 0's at 48k (47k on seed 1) and 81k / 75k "
           "for LCSC's 72k (11% / 4% saved there), "
-          "and at 96k LCSC beats the best EMA of the whole run by 10% on both seeds (27.4 -> 24.5, 24.0 -> 21.8; fit "
+          "and at 96k LCSC beats the best EMA of the whole run on both seeds (by 11% / 9%: 27.4 -> 24.5, 24.0 -> 21.8; fit "
           "to its fitness seeds at most 1.3). The paper's 23x / 15x are consistency training run to convergence "
           "(its weights at 830k-1,000k iterations), where the late checkpoints scatter around a plateau whose level "
           "a combination can reach early; here the states it combines (the last 20k images) still improve fast, so it "
