@@ -534,14 +534,12 @@ def lcsc_equivalent(records: Records) -> dict[float, dict[int, float]]:
     training LCSC's combination is worth at equal FID: ``inf`` beyond the run's end, ``-inf`` worse than the post-hoc
     EMA at the first time (the curve starts there). Seeds with every planned LCSC and post-hoc row only."""
     searched = _averaging_complete(records, "lcsc") & _averaging_complete(records, "posthoc-")
-    times = sorted({float(r["kimg"]) for r in records.get("averaging", []) if r["method"] == "lcsc"} | {_averaging_end()})
-    curves: dict[int, list[tuple[float, float]]] = {s: [] for s in searched}
-    for k in times:
-        for s, r in _averaging_best(records, "posthoc-", k).items():
-            if s in curves:
-                curves[s].append((k, float(r["fid"])))
+    recs = records.get("averaging", [])
+    times = sorted({float(r["kimg"]) for r in recs if r["method"] == "lcsc"} | {_averaging_end()})
+    best = {k: _averaging_best(records, "posthoc-", k) for k in times}  # every searched seed has each time's rows
+    curves = {s: [(k, float(best[k][s]["fid"])) for k in times] for s in searched}
     out: dict[float, dict[int, float]] = {}
-    for r in records.get("averaging", []):
+    for r in recs:
         s, fid = int(r["seed"]), float(r["fid"])
         if r["method"] == "lcsc" and s in searched:
             k = images_to_reach(curves[s], fid)
@@ -1063,9 +1061,8 @@ CLAIMS: tuple[Claim, ...] = (
           "96k: 134, 89, 46, 26), so no combination of the states up to 72k comes near the end's 25.7 (LCSC at 72k: "
           "41.1 / 40.4). It does buy training, on one seed at 24 and 48k and on both from 72k: at equal FID the "
           "post-hoc EMA needs 30k for seed 1's LCSC at 24k, 58k for seed 0's at 48k (47k on seed 1) and 81k / 75k "
-          "for LCSC's 72k (11% / 4% saved there), "
-          "and at 96k LCSC beats the best EMA of the whole run on both seeds (by 11% / 9%: 27.4 -> 24.5, 24.0 -> 21.8; fit "
-          "to its fitness seeds at most 1.3). The paper's 23x / 15x are consistency training run to convergence "
+          "for LCSC's 72k (11% / 4% saved there), and at 96k LCSC beats the best EMA of the whole run on both seeds "
+          "(by 11% / 9%: 27.4 -> 24.5, 24.0 -> 21.8; fit to its fitness seeds at most 1.3). The paper's 23x / 15x are consistency training run to convergence "
           "(its weights at 830k-1,000k iterations), where the late checkpoints scatter around a plateau whose level "
           "a combination can reach early; here the states it combines (the last 20k images) still improve fast, so it "
           "gains on them (last state alone at 96k: 36.0 / 29.1) but cannot move far ahead of their training"),
